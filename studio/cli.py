@@ -1,0 +1,141 @@
+"""`finetune-studio train | export | ui | prepare-model` — the page's journey without a browser.
+
+Every config field is also a flag (``--learning-rate``, ``--lora-r``...), generated from
+``RunConfig`` so the CLI, the YAML file and the UI can never drift apart. Flags override the
+YAML given with ``--config``.
+
+Example:
+    finetune-studio train --data train.csv --model default --method lora --max-steps 50
+    finetune-studio export 20261122-153000-lora-train --out adapter.zip
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from studio.config import ConfigError, RunConfig, field_help, leaf_fields
+
+# Short flag names for nested fields; every other field is --<section>-<name>.
+_FLAG_ALIASES = {
+    "data.path": "data", "data.eval_fraction": "eval-fraction", "data.max_length": "max-length",
+    "lora.targets": "lora-targets", "training.epochs": "epochs", "training.max_steps": "max-steps",
+    "training.learning_rate": "learning-rate", "training.batch_size": "batch-size",
+    "training.gradient_accumulation": "gradient-accumulation", "training.warmup_ratio": "warmup-ratio",
+    "training.weight_decay": "weight-decay", "training.precision": "precision",
+    "training.eval_steps": "eval-steps", "training.save_steps": "save-steps", "training.seed": "seed",
+}
+
+
+def _flag(dotted: str) -> str:
+    return _FLAG_ALIASES.get(dotted, dotted.replace(".", "-").replace("_", "-"))
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    for dotted, ftype, default in leaf_fields():
+        p.add_argument(f"--{_flag(dotted)}", dest=dotted, default=None, metavar=ftype.__name__.upper(),
+                       type=_bool if ftype is bool else ftype,
+                       help=f"{field_help(dotted)} (default: {default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune-studio", description="No-code fine-tuning, from the command line.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="Train a model on a dataset file and save the run.")
+    train.add_argument("--config", help="YAML run config; flags override its values.")
+    train.add_argument("--runs-dir", help="Folder that holds runs (default ./runs or $FINETUNE_STUDIO_RUNS_DIR).")
+    _add_config_flags(train)
+
+    export = sub.add_parser("export", help="Zip a finished run's adapter with its tokenizer, config and model card.")
+    export.add_argument("run", help="Run id (folder name under the runs folder) or run folder path.")
+    export.add_argument("--out", help="Where to write the zip (default: inside the run folder).")
+    export.add_argument("--runs-dir")
+
+    ui = sub.add_parser("ui", help="Start the web studio (same as python app.py).")
+    from studio.server_args import add_server_args
+
+    add_server_args(ui)
+
+    sub.add_parser("prepare-model", help="Convert the bundled default model once (make install runs this).")
+    return parser
+
+
+def _train(args) -> int:
+    from studio.runs import RunRegistry
+    from studio.training import run_training
+
+    try:
+        cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig()
+        overrides = {dotted: getattr(args, dotted) for dotted, _, _ in leaf_fields()}
+        cfg = cfg.with_overrides(overrides).check()
+    except ConfigError as exc:
+        print("The run config has problems:", file=sys.stderr)
+        for p in exc.problems:
+            print(f"  - {p}", file=sys.stderr)
+        return 2
+    registry = RunRegistry(args.runs_dir)
+    run = registry.create(cfg)
+    print(f"Run folder: {run.path}", flush=True)
+
+    def progress(m: dict) -> None:
+        if m["kind"] == "train":
+            print(f"step {m['step']}/{m['total_steps']}  loss {m['loss']:.4f}  "
+                  f"{m['tokens_per_s']:.0f} tok/s  rss {m['rss_mib']:.0f} MiB", flush=True)
+        else:
+            print(f"eval at step {m['step']}: loss {m['eval_loss']:.4f}", flush=True)
+
+    status = run_training(cfg, run, on_metrics=progress)
+    print(status.get("message", ""))
+    if status["state"] != "finished":
+        print(f"Details: {run.log_path}", file=sys.stderr)
+        return 1
+    print(f"Saved: {run.weights_dir()}")
+    return 0
+
+
+def _export(args) -> int:
+    from studio.export import ExportError, export_zip
+    from studio.runs import RunRegistry
+
+    try:
+        registry = RunRegistry(args.runs_dir)
+        out = export_zip(registry.get(args.run), args.out)
+    except (LookupError, ExportError) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"Wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        return _train(args)
+    if args.command == "export":
+        return _export(args)
+    if args.command == "prepare-model":
+        from studio.models import prepare_default_model
+
+        print(f"Default model ready in {prepare_default_model()}")
+        return 0
+    if args.command == "ui":
+        from app import serve
+
+        return serve(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

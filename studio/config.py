@@ -1,0 +1,288 @@
+"""The one run configuration shared by the UI, the CLI and YAML files.
+
+Each field is followed by a docstring; that docstring is the single source for the CLI's
+``--help`` text and the UI's tooltips (see :func:`field_help`). ``RunConfig.validate()``
+returns every problem at once, each naming the field as the user sees it and the fix.
+
+Example:
+    >>> cfg = RunConfig.from_dict({"data": {"path": "train.csv"}, "method": "lora"})
+    >>> cfg.validate()
+    []
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("full", "lora", "qlora")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+class ConfigError(ValueError):
+    """Raised when a config cannot be used; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """CSV, JSONL, JSON or Parquet file with instruction/output or prompt/completion columns."""
+    eval_fraction: float = 0.1
+    """Share of rows held out to measure eval loss (0 turns evaluation off)."""
+    max_length: int = 512
+    """Longest example in tokens; longer examples are cut from the end."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    """LoRA rank; higher learns more and costs more memory."""
+    alpha: int = 32
+    """LoRA scaling numerator; the update is scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input during training."""
+    targets: str = "all-linear"
+    """Modules that get adapters: a comma list such as q_proj,v_proj, or all-linear."""
+
+    def target_modules(self) -> str | list[str]:
+        """The value PEFT's ``LoraConfig.target_modules`` expects."""
+        if self.targets.strip() == "all-linear":
+            return "all-linear"
+        return [t.strip() for t in self.targets.split(",") if t.strip()]
+
+
+@dataclass
+class TrainingConfig:
+    epochs: float = 1.0
+    """Passes over the training rows (ignored when max_steps is above 0)."""
+    max_steps: int = 0
+    """Optimizer steps to run; 0 means use epochs."""
+    learning_rate: float = 2e-4
+    """Peak learning rate (2e-4 suits LoRA; use about 2e-5 for full fine-tuning)."""
+    batch_size: int = 4
+    """Examples per optimizer step on one device."""
+    gradient_accumulation: int = 1
+    """Micro-batches summed into one optimizer step (effective batch = batch_size x this)."""
+    warmup_ratio: float = 0.05
+    """Share of steps over which the learning rate ramps up from 0."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    precision: str = "auto"
+    """auto (bf16 autocast where the device supports it), bf16 or fp32."""
+    eval_steps: int = 0
+    """Measure eval loss every N steps (0 = only at the end)."""
+    save_steps: int = 0
+    """Save a checkpoint adapter every N steps (0 = only at the end)."""
+    seed: int = 42
+    """Random seed for the split, shuffling and adapter initialisation."""
+
+
+@dataclass
+class RunConfig:
+    model: str = "default"
+    """Base model: default (bundled SmolLM2-135M-Instruct), a hub id, or a local folder."""
+    method: str = "lora"
+    """full (all weights), lora (adapters on a 16/32-bit base) or qlora (adapters on a 4-bit NF4 base)."""
+    trust_remote_code: bool = False
+    """Run code shipped with the model; only for models you trust."""
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    # ---- (de)serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> "RunConfig":
+        """Build a config from nested dicts; unknown keys raise ConfigError naming them."""
+        problems: list[str] = []
+        cfg = _build(cls, raw or {}, "", problems)
+        if problems:
+            raise ConfigError(problems)
+        return cfg
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "RunConfig":
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"Config file {p} does not exist; pass the path of a YAML file."])
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"{p} is not valid YAML: {exc}"]) from None
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError([f"{p} must hold a mapping of settings, found {type(raw).__name__}."])
+        return cls.from_dict(raw)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "RunConfig":
+        """A copy with dotted keys (``training.epochs``) replaced; None values are skipped."""
+        merged = self.to_dict()
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            node = merged
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        return RunConfig.from_dict(merged)
+
+    # ---- validation ----------------------------------------------------------------------
+    def validate(self, check_data_file: bool = True) -> list[str]:
+        """Every problem with this config, as sentences that name the field and the fix."""
+        p: list[str] = []
+        if not self.model.strip():
+            p.append("`model` is empty: use default, a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct, or a local folder.")
+        if self.method not in METHODS:
+            p.append(f"`method` must be one of {', '.join(METHODS)} (got {self.method!r}).")
+        d, lo, t = self.data, self.lora, self.training
+        if check_data_file:
+            if not d.path:
+                p.append("`data.path` is empty: choose a CSV, JSONL, JSON or Parquet file.")
+            elif not Path(d.path).is_file():
+                p.append(f"`data.path` {d.path} does not exist; check the path.")
+        if not 0 <= d.eval_fraction < 0.5:
+            p.append(f"`data.eval_fraction` must be at least 0 and below 0.5 (got {d.eval_fraction}).")
+        if not 16 <= d.max_length <= 32768:
+            p.append(f"`data.max_length` must be between 16 and 32768 tokens (got {d.max_length}).")
+        if self.method in ("lora", "qlora"):
+            if not 1 <= lo.r <= 256:
+                p.append(f"`lora.r` must be between 1 and 256 (got {lo.r}).")
+            if lo.alpha < 1:
+                p.append(f"`lora.alpha` must be at least 1 (got {lo.alpha}).")
+            if not 0 <= lo.dropout < 1:
+                p.append(f"`lora.dropout` must be at least 0 and below 1 (got {lo.dropout}).")
+            if not lo.target_modules():
+                p.append("`lora.targets` is empty: use all-linear or a comma list such as q_proj,v_proj.")
+        if t.max_steps < 0:
+            p.append(f"`training.max_steps` must be 0 (use epochs) or more (got {t.max_steps}).")
+        if t.max_steps == 0 and not 0 < t.epochs <= 100:
+            p.append(f"`training.epochs` must be above 0 and at most 100 (got {t.epochs}).")
+        if not 0 < t.learning_rate <= 1e-2:
+            p.append(f"`training.learning_rate` must be above 0 and at most 0.01 (got {t.learning_rate}).")
+        if not 1 <= t.batch_size <= 1024:
+            p.append(f"`training.batch_size` must be between 1 and 1024 (got {t.batch_size}).")
+        if not 1 <= t.gradient_accumulation <= 1024:
+            p.append(f"`training.gradient_accumulation` must be between 1 and 1024 (got {t.gradient_accumulation}).")
+        if not 0 <= t.warmup_ratio < 1:
+            p.append(f"`training.warmup_ratio` must be at least 0 and below 1 (got {t.warmup_ratio}).")
+        if t.weight_decay < 0:
+            p.append(f"`training.weight_decay` must be 0 or more (got {t.weight_decay}).")
+        if t.precision not in PRECISIONS:
+            p.append(f"`training.precision` must be one of {', '.join(PRECISIONS)} (got {t.precision!r}).")
+        if t.eval_steps < 0 or t.save_steps < 0:
+            p.append("`training.eval_steps` and `training.save_steps` must be 0 (only at the end) or more.")
+        return p
+
+    def check(self, check_data_file: bool = True) -> "RunConfig":
+        """Raise ConfigError listing every problem; return self when there are none."""
+        problems = self.validate(check_data_file)
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+
+def _build(cls, raw: Any, prefix: str, problems: list[str]):
+    if not isinstance(raw, dict):
+        problems.append(f"`{prefix.rstrip('.') or 'config'}` must be a mapping of settings.")
+        return cls()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            problems.append(f"`{prefix}{key}` is not a setting; known settings: {', '.join(fields)}.")
+            continue
+        ftype = _field_type(cls, key)
+        if dataclasses.is_dataclass(ftype):
+            kwargs[key] = _build(ftype, value, f"{prefix}{key}.", problems)
+            continue
+        try:
+            kwargs[key] = _coerce(value, ftype)
+        except (TypeError, ValueError):
+            problems.append(f"`{prefix}{key}` must be {ftype.__name__} (got {value!r}).")
+    return cls(**kwargs)
+
+
+def _field_type(cls, name: str):
+    hints = {"str": str, "int": int, "float": float, "bool": bool,
+             "DataConfig": DataConfig, "LoraConfig": LoraConfig, "TrainingConfig": TrainingConfig}
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return hints[f.type] if isinstance(f.type, str) else f.type
+
+
+def _coerce(value: Any, ftype: type):
+    if ftype is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ValueError(value)
+    if ftype is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(value)
+        return int(value)
+    if ftype is float:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        return float(value)
+    if ftype is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(value)
+        return str(value)
+    return value
+
+
+@functools.cache
+def _docstrings(cls) -> dict[str, str]:
+    """Attribute docstrings (a string literal right after ``name: type = value``)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def field_help(dotted: str) -> str:
+    """The docstring of a config field, by dotted name (``lora.r``)."""
+    cls = RunConfig
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        cls = _field_type(cls, part)
+    return _docstrings(cls).get(leaf, "")
+
+
+def leaf_fields() -> list[tuple[str, type, Any]]:
+    """(dotted name, type, default) for every scalar setting, in declaration order."""
+    out = []
+
+    def walk(cls, prefix):
+        default = cls()
+        for f in dataclasses.fields(cls):
+            ftype = _field_type(cls, f.name)
+            if dataclasses.is_dataclass(ftype):
+                walk(ftype, f"{prefix}{f.name}.")
+            else:
+                out.append((f"{prefix}{f.name}", ftype, getattr(default, f.name)))
+
+    walk(RunConfig, "")
+    return out

