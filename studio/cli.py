@@ -33,6 +33,26 @@ def _flag(dotted: str) -> str:
     return _FLAG_ALIASES.get(dotted, dotted.replace(".", "-").replace("_", "-"))
 
 
+def command_for(config: RunConfig) -> str:
+    """The `finetune-studio train` command that builds this same config (for "copy as CLI")."""
+    import shlex
+
+    defaults = dict(_walk(RunConfig().to_dict()))
+    parts = ["finetune-studio", "train"]
+    for dotted, value in _walk(config.to_dict()):
+        if dotted == "data.path" or value != defaults.get(dotted):
+            parts += [f"--{_flag(dotted)}", shlex.quote(str(value))]
+    return " ".join(parts)
+
+
+def _walk(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
 def _bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True

@@ -6,6 +6,9 @@ It holds the run registry, the background training job and the playground. Handl
 
 from __future__ import annotations
 
+import hashlib
+import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +83,21 @@ class Studio:
         table = load_table(path)
         mapping = detect_format(table)
         return DatasetView(str(path), table.head(PREVIEW_ROWS), build_report(table, mapping))
+
+    def import_dataset(self, uploaded: str | Path) -> DatasetView:
+        """Copy an upload next to the runs (named by content hash, so runs keep pointing at the
+        exact bytes they trained on even after the browser's temp file is gone), then inspect it."""
+        src = Path(uploaded)
+        view = self.inspect_dataset(src)  # fail before copying anything unusable
+        digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
+        dest_dir = self.registry.root / "datasets"
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", src.name)[-80:]
+        dest = dest_dir / f"{digest}-{safe}"
+        if not dest.exists():
+            shutil.copyfile(src, dest)
+        view.path = str(dest.resolve())
+        return view
 
     # ---- training ---------------------------------------------------------------------------
     def start_training(self, config: RunConfig) -> Job:

@@ -1,0 +1,41 @@
+"""The web UI (the only package that imports gradio): one builder per tab."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from studio.service import Studio
+from studio.ui.chat_tab import build_chat_tab, run_choices
+from studio.ui.data_tab import build_data_tab
+from studio.ui.export_tab import build_export_tab
+from studio.ui.train_tab import build_train_tab
+
+CSS = (Path(__file__).resolve().parents[2] / "assets" / "studio.css")
+
+
+def build_app(studio: Studio) -> gr.Blocks:
+    """The whole page. Server-owned state lives in ``studio``; per-tab state in gr.State."""
+    with gr.Blocks(title="Finetune Studio") as demo:
+        gr.Markdown("# Finetune Studio\nUpload examples, train, compare, download.")
+        dataset_path = gr.State(None)  # per browser tab: the dataset this person picked
+        with gr.Tabs():
+            with gr.Tab("Data", elem_id="tab-data"):
+                build_data_tab(studio, dataset_path)
+            with gr.Tab("Train", elem_id="tab-train"):
+                build_train_tab(studio, dataset_path)
+            with gr.Tab("Chat", elem_id="tab-chat") as chat_tab:
+                chat_run = build_chat_tab(studio)
+            with gr.Tab("Export", elem_id="tab-export") as export_tab:
+                export_run = build_export_tab(studio)
+        # Runs finish while the page is open: refresh the run lists whenever their tab opens.
+        chat_tab.select(lambda: gr.Dropdown(choices=run_choices(studio)), outputs=chat_run)
+        export_tab.select(lambda: gr.Dropdown(choices=run_choices(studio)), outputs=export_run)
+    return demo
+
+
+def launch_kwargs(studio: Studio) -> dict:
+    """Options for ``demo.launch``: files under the runs folder may be downloaded, nothing else."""
+    return {"css": CSS.read_text(encoding="utf-8"), "allowed_paths": [str(studio.registry.root.resolve())],
+            "theme": gr.themes.Soft(), "footer_links": []}
