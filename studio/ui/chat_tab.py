@@ -24,8 +24,9 @@ def _text(content) -> str:
     return str(content or "")
 
 
-def _messages(history: list[dict], system: str) -> list[dict[str, str]]:
-    msgs = [{"role": "system", "content": system.strip()}] if system.strip() else []
+def _messages(history: list[dict], system: str | None) -> list[dict[str, str]]:
+    system = (system or "").strip()  # components in a closed accordion can arrive as None
+    msgs = [{"role": "system", "content": system}] if system else []
     return msgs + [{"role": m["role"], "content": _text(m["content"])} for m in history]
 
 

@@ -1,0 +1,158 @@
+"""The whole journey in a real browser (headless Debian Chromium driven by playwright):
+upload -> train (live plots) -> second tab reattaches and stops it -> chat in both panes ->
+download the zip, which loads in plain PEFT. Uses the real default model."""
+
+from __future__ import annotations
+
+import os
+import socket
+import zipfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = "/usr/bin/chromium"
+SAMPLE = Path(__file__).resolve().parents[1] / "templates" / "samples" / "instructions.csv"
+SCREENSHOTS = os.environ.get("FS_SCREENSHOTS")  # set to a folder to refresh the README's images
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from studio.service import Studio
+    from studio.ui import build_app, launch_kwargs
+
+    runs = tmp_path_factory.mktemp("browser-runs")
+    studio = Studio(runs)
+    demo = build_app(studio)
+    port = _free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                        **launch_kwargs(studio))
+    yield f"http://127.0.0.1:{port}", studio
+    studio.stop_training()
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian chromium is missing: run `make browser-deps` (make test does it).")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--disable-gpu", "--disable-quic"])
+        yield b
+        b.close()
+
+
+def _page(browser, url):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    page.wait_for_selector("#data-upload", timeout=60_000)  # hydration, not the load event
+    return page, errors
+
+
+def _shot(page, name):
+    if SCREENSHOTS:
+        Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SCREENSHOTS) / f"{name}.png"), full_page=True)
+
+
+def _points(page, plot: str) -> int:
+    return page.evaluate(f"""() => {{
+        const el = document.querySelector('#{plot} .js-plotly-plot');
+        return el && el.data && el.data[0] ? el.data[0].x.length : 0; }}""")
+
+
+def test_upload_train_chat_export(server, browser, tmp_path):
+    from playwright.sync_api import expect
+
+    url, studio = server
+    page, errors = _page(browser, url)
+
+    # A CSV it cannot use gets a sentence, not a traceback; the app stays up.
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,age\nann,3\nbob,4\n", encoding="utf-8")
+    page.set_input_files("#data-upload input[type=file]", str(bad))
+    expect(page.locator("#data-report")).to_contain_text("No usable columns found", timeout=30_000)
+    expect(page.locator("#data-report")).not_to_contain_text("Traceback")
+
+    page.locator("#data-upload button[aria-label='Clear']").first.click()
+    page.set_input_files("#data-upload input[type=file]", str(SAMPLE))
+    expect(page.locator("#data-report")).to_contain_text("instruction / input / output", timeout=30_000)
+    expect(page.locator("#data-report")).to_contain_text("80")
+    expect(page.locator("#data-preview")).to_contain_text("What is")
+    _shot(page, "data")
+
+    # Train a long run so that it is still going when a second tab attaches and stops it.
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train-max-steps input").fill("200")
+    page.locator("#train-max-steps input").press("Tab")
+    page.locator("#train-button").click()
+    page.wait_for_function("""() => { const el = document.querySelector('#loss-plot .js-plotly-plot');
+        return el && el.data && el.data[0] && el.data[0].x.length >= 2; }""", timeout=180_000)
+    expect(page.locator("#train-status")).to_contain_text("Running")
+    assert _points(page, "memory-plot") >= 2
+    _shot(page, "train")
+
+    run_id = studio.jobs.current.run.id
+    second, errors2 = _page(browser, url)
+    second.get_by_role("tab", name="Train").click()
+    expect(second.locator("#train-status")).to_contain_text(run_id, timeout=20_000)
+    expect(second.locator("#stop-button")).to_be_enabled(timeout=20_000)
+    second.locator("#stop-button").click()
+    expect(second.locator("#train-status")).to_contain_text("Stopped at step", timeout=120_000)
+    expect(page.locator("#train-status")).to_contain_text("Finished", timeout=30_000)
+    second.close()
+    assert studio.registry.get(run_id).status()["stopped"] is True
+
+    # Chat: both panes answer the same prompt.
+    page.get_by_role("tab", name="Chat").click()
+    page.locator("#chat-run input").click()
+    page.get_by_role("option").filter(has_text=run_id).first.click()
+    expect(page.locator("#chat-status")).to_contain_text("adapter disabled", timeout=60_000)
+    page.locator("#chat-input textarea").fill("What is the capital of Italy?")
+    page.locator("#chat-send").click()
+    for pane in ("#chat-base", "#chat-adapted"):
+        expect(page.locator(f"{pane} [data-testid=bot]").last).not_to_be_empty(timeout=120_000)
+    page.wait_for_function("""() => ['chat-base', 'chat-adapted'].every(id => {
+        const t = document.querySelector('#' + id + ' [data-testid=status-tracker]');
+        return !t || t.classList.contains('hide'); })""", timeout=120_000)
+    assert page.locator("#chat-base [data-testid=user]").count() == 1
+    assert page.locator("#chat-adapted [data-testid=user]").count() == 1
+    _shot(page, "chat")
+
+    # Export: pick the run, download, and the zip has what the card promises.
+    page.get_by_role("tab", name="Export").click()
+    page.locator("#export-run input").click()
+    page.get_by_role("option").filter(has_text=run_id).first.click()
+    expect(page.locator("#export-button")).to_be_enabled(timeout=60_000)
+    _shot(page, "export")
+    with page.expect_download(timeout=60_000) as dl:
+        page.locator("#export-button").click()
+    zpath = tmp_path / "adapter.zip"
+    dl.value.save_as(zpath)
+    names = set(zipfile.ZipFile(zpath).namelist())
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "config.yaml",
+            "README.md"} <= names
+    assert not errors and not errors2, errors + errors2
+
+    # The downloaded adapter loads in plain PEFT on the base model.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from studio.models import resolve
+
+    out = tmp_path / "unzipped"
+    zipfile.ZipFile(zpath).extractall(out)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve("default")), str(out))
+    assert model.active_adapter == "default"
