@@ -16,10 +16,12 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network here, a
 
 def serve(args: argparse.Namespace) -> int:
     from studio.server_args import resolve_auth
+
+    auth = resolve_auth(args.host, args.auth)  # refuse an unsafe bind before loading anything heavy
+
     from studio.service import Studio
     from studio.ui import build_app, launch_kwargs
 
-    auth = resolve_auth(args.host, args.auth)
     studio = Studio(args.runs_dir)
     demo = build_app(studio)
     print(f"Finetune Studio on http://{args.host}:{args.port}  (runs in {studio.registry.root.resolve()})", flush=True)

@@ -174,8 +174,8 @@ class RunConfig:
             p.append(f"`training.max_steps` must be 0 (use epochs) or more (got {t.max_steps}).")
         if t.max_steps == 0 and not 0 < t.epochs <= 100:
             p.append(f"`training.epochs` must be above 0 and at most 100 (got {t.epochs}).")
-        if not 0 < t.learning_rate <= 1e-2:
-            p.append(f"`training.learning_rate` must be above 0 and at most 0.01 (got {t.learning_rate}).")
+        if not 0 < t.learning_rate <= 0.1:
+            p.append(f"`training.learning_rate` must be above 0 and at most 0.1 (typical: 2e-4 for LoRA, 2e-5 for full; got {t.learning_rate}).")
         if not 1 <= t.batch_size <= 1024:
             p.append(f"`training.batch_size` must be between 1 and 1024 (got {t.batch_size}).")
         if not 1 <= t.gradient_accumulation <= 1024:

@@ -44,7 +44,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
-                         pad_token_id=fast.pad_token_id, tie_word_embeddings=False)
+                         pad_token_id=fast.pad_token_id, tie_word_embeddings=False,
+                         initializer_range=0.1)  # big enough that LoRA moves the logits in a few steps
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
     return out
 

@@ -59,7 +59,9 @@ def load_table(path: str | Path, max_bytes: int = MAX_BYTES) -> pd.DataFrame:
 
 def _read_delimited(p: Path) -> pd.DataFrame:
     raw = p.read_bytes()
-    for encoding in ("utf-8-sig", "utf-16", "cp1252", "latin-1"):
+    # UTF-16 only with its BOM: without one, almost any byte string "decodes" as UTF-16.
+    encodings = ("utf-16",) if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ("utf-8-sig", "cp1252", "latin-1")
+    for encoding in encodings:
         try:
             text = raw.decode(encoding)
             break

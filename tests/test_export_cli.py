@@ -1,0 +1,105 @@
+"""Export zips and the command line: the same journey as the page, without a browser."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from studio.cli import build_parser, command_for, main
+from studio.config import RunConfig
+from studio.export import ExportError, export_zip
+from studio.runs import RunRegistry
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train(tiny_model_dir, data, runs_dir, *extra):
+    return main(["train", "--data", str(data), "--model", str(tiny_model_dir), "--runs-dir", str(runs_dir),
+                 "--max-steps", "4", "--learning-rate", "0.01", "--max-length", "64", *extra])
+
+
+def test_cli_train_then_export(tiny_model_dir, instruction_csv, runs_dir, tmp_path, capsys):
+    assert _train(tiny_model_dir, instruction_csv, runs_dir, "--lora-r", "4", "--lora-targets", "q_proj,v_proj",
+                  "--seed", "3", "--eval-fraction", "0.2", "--save-steps", "2") == 0
+    out = capsys.readouterr().out
+    assert "Run folder:" in out and "step 4/4" in out and "Finished 4 steps" in out
+    run = RunRegistry(runs_dir).list()[0]
+    cfg = run.config()
+    assert (cfg.lora.r, cfg.lora.targets, cfg.training.seed, cfg.data.eval_fraction) == (4, "q_proj,v_proj", 3, 0.2)
+    assert (run.path / "checkpoints" / "step-2").is_dir()
+
+    zpath = tmp_path / "adapter.zip"
+    assert main(["export", run.id, "--runs-dir", str(runs_dir), "--out", str(zpath)]) == 0
+    zf = zipfile.ZipFile(zpath)
+    names = set(zf.namelist())
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+            "config.yaml", "metrics.csv", "README.md"} <= names
+    assert len(names) == len(zf.namelist())  # no duplicate entries
+    card = zf.read("README.md").decode()
+    for expected in ("lora", "PeftModel.from_pretrained", "`lora.r` | 4", "Final training loss", instruction_csv.name):
+        assert expected in card, expected
+    assert yaml.safe_load(zf.read("config.yaml"))["lora"]["r"] == 4
+    # The run folder path works as RUN too.
+    assert main(["export", str(run.path), "--out", str(tmp_path / "b.zip")]) == 0
+
+
+def test_yaml_config_with_flag_overrides(tiny_model_dir, instruction_csv, runs_dir, tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump({"method": "lora", "lora": {"r": 2, "alpha": 8},
+                                        "training": {"max_steps": 99, "batch_size": 2}}))
+    assert _train(tiny_model_dir, instruction_csv, runs_dir, "--config", str(cfg_file)) == 0
+    cfg = RunRegistry(runs_dir).list()[0].config()
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.training.batch_size) == (2, 8, 2)  # from the YAML
+    assert cfg.training.max_steps == 4  # the flag wins
+
+
+def test_bad_config_prints_every_problem(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "none.csv"), "--learning-rate", "5", "--runs-dir",
+                 str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "`data.path`" in err and "`training.learning_rate`" in err
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def test_export_refuses_unfinished_runs(runs_dir, capsys):
+    run = RunRegistry(runs_dir).create(RunConfig())
+    with pytest.raises(ExportError, match="no finished"):
+        export_zip(run)
+    assert main(["export", "missing-run", "--runs-dir", str(runs_dir)]) == 1
+    assert "No run called" in capsys.readouterr().err
+
+
+def test_every_config_field_has_a_flag_and_copy_as_cli_round_trips(tmp_path):
+    cfg = RunConfig.from_dict({"method": "qlora", "data": {"path": "my data.csv", "max_length": 256},
+                               "lora": {"targets": "q_proj,v_proj"}, "training": {"epochs": 2.0}})
+    cmd = command_for(cfg)
+    assert "--method qlora" in cmd and "--max-length 256" in cmd and "'my data.csv'" in cmd
+    import shlex
+
+    args = build_parser().parse_args(shlex.split(cmd)[1:])
+    overrides = {k: v for k, v in vars(args).items() if "." in k or k in ("model", "method", "trust_remote_code")}
+    assert RunConfig().with_overrides(overrides) == cfg
+
+
+def test_core_never_imports_gradio():
+    code = ("import sys, studio.service, studio.cli, studio.export, studio.playground, studio.training; "
+            "print('gradio' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_public_bind_requires_auth():
+    from studio.server_args import resolve_auth
+
+    assert resolve_auth("127.0.0.1", None) is None
+    assert resolve_auth("0.0.0.0", "ann:secret") == ("ann", "secret")
+    with pytest.raises(SystemExit, match="without a password"):
+        resolve_auth("0.0.0.0", None)
+    with pytest.raises(SystemExit, match="user:password"):
+        resolve_auth("127.0.0.1", "nocolon")
+    proc = subprocess.run([sys.executable, "app.py", "--host", "0.0.0.0", "--port", "1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode != 0 and "without a password" in proc.stderr

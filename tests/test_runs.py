@@ -1,0 +1,44 @@
+import json
+import os
+
+import pytest
+
+from studio.config import RunConfig
+from studio.runs import RunRegistry
+
+
+def test_create_list_get_and_status(runs_dir):
+    reg = RunRegistry(runs_dir)
+    cfg = RunConfig.from_dict({"data": {"path": "/x/my data.csv"}})
+    a, b = reg.create(cfg), reg.create(cfg)
+    assert a.id != b.id and "my-data" in a.id
+    assert a.status()["state"] == "queued"
+    assert a.config() == cfg
+    assert {r.id for r in reg.list()} == {a.id, b.id}
+    assert reg.get(a.id).path == a.path and reg.get(str(a.path)).path == a.path
+    with pytest.raises(LookupError, match="No run called"):
+        reg.get("nope")
+    a.set_status("running", step=3)
+    assert a.status()["step"] == 3 and a.status()["state"] == "running"
+    assert not any(p.name.endswith(".tmp") for p in a.path.iterdir())
+    assert reg.trained() == []  # nothing saved yet
+
+
+def test_metrics_survive_a_cut_last_line(runs_dir):
+    run = RunRegistry(runs_dir).create(RunConfig())
+    run.append_metrics({"kind": "train", "step": 1, "loss": 2.0})
+    with run.metrics_path.open("a") as f:
+        f.write('{"kind": "train", "st')  # a crash mid-write
+    assert run.metrics() == [{"kind": "train", "step": 1, "loss": 2.0}]
+
+
+def test_orphaned_running_runs_become_interrupted(runs_dir):
+    reg = RunRegistry(runs_dir)
+    run = reg.create(RunConfig())
+    run.set_status("running", pid=2**22 + 12345)  # no such process
+    alive = reg.create(RunConfig())
+    alive.set_status("running", pid=os.getpid())
+    reg.mark_orphans_interrupted()
+    assert run.status()["state"] == "interrupted"
+    assert alive.status()["state"] == "running"
+    assert json.loads((run.path / "status.json").read_text())["state"] == "interrupted"

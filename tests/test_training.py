@@ -1,0 +1,100 @@
+"""Integration: train the tiny model for real, save, reload with plain PEFT."""
+
+import threading
+
+import torch
+
+from studio.config import RunConfig
+from studio.runs import RunRegistry
+from studio.training import Trainer, run_training
+
+
+def _cfg(model_dir, data, method="lora", **training):
+    return RunConfig.from_dict({
+        "model": str(model_dir), "method": method,
+        "data": {"path": str(data), "max_length": 64, "eval_fraction": 0.1},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "training": {"max_steps": 30, "learning_rate": 1e-2, "batch_size": 4, **training},
+    }).check()
+
+
+def test_lora_training_learns_saves_and_reloads_in_plain_peft(tiny_model_dir, instruction_csv, runs_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = _cfg(tiny_model_dir, instruction_csv, save_steps=10, eval_steps=10)
+    run = RunRegistry(runs_dir).create(cfg)
+    status = run_training(cfg, run)
+    assert status["state"] == "finished", status
+    train = [m for m in run.metrics() if m["kind"] == "train"]
+    evals = [m for m in run.metrics() if m["kind"] == "eval"]
+    assert [m["step"] for m in train] == list(range(1, 31))
+    assert all({"loss", "lr", "grad_norm", "tokens_per_s", "rss_mib", "time"} <= m.keys() for m in train)
+    first, last = sum(m["loss"] for m in train[:3]) / 3, sum(m["loss"] for m in train[-3:]) / 3
+    assert last < 0.7 * first, (first, last)
+    assert [m["step"] for m in evals] == [10, 20, 30]
+    assert (run.path / "checkpoints" / "step-10" / "adapter_model.safetensors").exists()
+    assert (run.adapter_dir / "adapter_model.safetensors").exists()
+    assert run.is_trained()
+
+    # Plain PEFT reload gives the same logits as the model the studio's playground serves.
+    from studio.playground import Playground
+
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run.adapter_dir).eval()
+    pg = Playground()
+    pg.activate(run)
+    with torch.no_grad():
+        ours, theirs = pg.model(input_ids=ids).logits, peft_model(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs)
+    assert not torch.allclose(ours, base, atol=1e-3)  # the adapter really changes the model
+
+
+def test_stop_saves_adapter_and_reports_stopped(tiny_model_dir, instruction_csv, runs_dir):
+    cfg = _cfg(tiny_model_dir, instruction_csv, max_steps=10_000)
+    run = RunRegistry(runs_dir).create(cfg)
+    stop = threading.Event()
+
+    def on_metrics(m):
+        if m["kind"] == "train" and m["step"] == 3:
+            stop.set()
+
+    status = run_training(cfg, run, stop, on_metrics)
+    assert status["state"] == "finished" and status["stopped"] is True
+    assert status["step"] == 3 and "Stopped at step 3" in status["message"]
+    assert run.is_trained()
+
+
+def test_full_fine_tuning_saves_a_model(tiny_model_dir, instruction_csv, runs_dir):
+    cfg = _cfg(tiny_model_dir, instruction_csv, method="full", max_steps=3, learning_rate=1e-4)
+    run = RunRegistry(runs_dir).create(cfg)
+    assert run_training(cfg, run)["state"] == "finished"
+    assert (run.model_dir / "model.safetensors").exists() and run.weights_dir() == run.model_dir
+
+
+def test_qlora_trains_and_keeps_gradients_after_an_inference_pass(tiny_model_dir, instruction_csv, runs_dir):
+    """Guards the bitsandbytes CPU trap: after eval/generate, LoRA grads silently became None."""
+    import bitsandbytes as bnb
+
+    cfg = _cfg(tiny_model_dir, instruction_csv, method="qlora", max_steps=2)
+    trainer = Trainer(cfg, RunRegistry(runs_dir).create(cfg))
+    trainer.setup()
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules())
+    trainer.evaluate()  # an inference pass
+    batch = trainer._collate(trainer.train_examples[:2])
+    trainer.model(**batch).loss.backward()
+    lora = [p for n, p in trainer.model.named_parameters() if "lora_" in n and p.requires_grad]
+    assert lora and all(p.grad is not None for p in lora)
+    assert sum(float(p.grad.abs().sum()) for p in lora) > 0
+
+
+def test_bad_data_fails_with_a_sentence(tiny_model_dir, tmp_path, runs_dir):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,age\nann,3\n")
+    cfg = _cfg(tiny_model_dir, bad)
+    run = RunRegistry(runs_dir).create(cfg)
+    status = run_training(cfg, run)
+    assert status["state"] == "failed"
+    assert "No usable columns found" in status["message"] and "Traceback" not in status["message"]
+    assert "Traceback" in run.log_path.read_text()
