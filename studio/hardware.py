@@ -50,7 +50,7 @@ class Hardware:
         parts = [f"{d.name} ({d.free_bytes / gib:.1f} of {d.total_bytes / gib:.1f} GiB free)" for d in self.cuda]
         if self.mps:
             parts.append("Apple MPS")
-        acc = "; ".join(parts) if parts else "no GPU"
+        acc = "; ".join(parts) if parts else "No GPU"
         return f"Training on {self.device.upper()}. {acc}. {cpu}."
 
     def to_dict(self) -> dict:

@@ -110,7 +110,8 @@ def load_model(ref: str, method: str = "lora", device: str = "cpu", compute_dtyp
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": None}
+    # safetensors only: pickle-based .bin weights can run code when loaded.
+    kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
     if method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -144,6 +145,10 @@ def disable_bnb_cpu_repacking(model) -> None:
 
 
 def _not_found(ref: str, exc: Exception) -> str:
+    if "safetensors" in str(exc).lower() or ".safetensors" in str(exc):
+        return (f"The model {ref!r} has no safetensors weights. Finetune Studio does not load pickle "
+                "(.bin) weights because they can run code; convert them with save_pretrained("
+                "safe_serialization=True) and point to that folder.")
     return (f"Could not load the model {ref!r}: it is not a local folder and could not be fetched "
             f"from the hub ({str(exc).splitlines()[0][:200]}). Use `default`, or a local folder "
             "saved with save_pretrained.")

@@ -100,6 +100,23 @@ def test_public_bind_requires_auth():
         resolve_auth("0.0.0.0", None)
     with pytest.raises(SystemExit, match="user:password"):
         resolve_auth("127.0.0.1", "nocolon")
-    proc = subprocess.run([sys.executable, "app.py", "--host", "0.0.0.0", "--port", "1"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
-    assert proc.returncode != 0 and "without a password" in proc.stderr
+    for cmd in (["app.py"], ["-m", "studio.cli", "ui"]):  # finetune-studio ui is the same server
+        proc = subprocess.run([sys.executable, *cmd, "--host", "0.0.0.0", "--port", "1"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
+        assert proc.returncode != 0 and "without a password" in proc.stderr, proc.stderr
+
+
+def test_pickle_weights_are_refused(tiny_model_dir, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from studio.models import ModelError, load_model
+
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", folder)
+    torch.save(load_file(tiny_model_dir / "model.safetensors"), folder / "pytorch_model.bin")
+    with pytest.raises(ModelError, match="no safetensors weights"):
+        load_model(str(folder))
