@@ -1,4 +1,4 @@
-"""`finetune-studio train | export | ui | prepare-model` — the page's journey without a browser.
+"""`finetune-studio train | validate | export | ui | prepare-model` — the page's journey without a browser.
 
 Every config field is also a flag (``--learning-rate``, ``--lora-r``...), generated from
 ``RunConfig`` so the CLI, the YAML file and the UI can never drift apart. Flags override the
@@ -82,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="Where to write the zip (default: inside the run folder).")
     export.add_argument("--runs-dir")
 
+    val = sub.add_parser("validate", help="Check a dataset file and print the report.",
+                         description="Exit code 0: training can proceed; 1: an error blocks it; 2: the file "
+                                     "cannot be read at all.")
+    val.add_argument("file", help="CSV, TSV, JSONL, JSON or Parquet file.")
+    val.add_argument("--model", default="default", help="Model whose tokenizer and chat template count tokens.")
+    val.add_argument("--max-length", type=int, default=RunConfig().data.max_length, help="Max length in tokens.")
+    val.add_argument("--mapping", nargs="*", default=[], metavar="COL=ROLE",
+                     help="Column roles, e.g. question=prompt answer=response (roles: prompt, input, response, "
+                          "system, messages, text). Default: detect.")
+    val.add_argument("--json", action="store_true", help="Print the report as JSON (see README for the fields).")
+
     ui = sub.add_parser("ui", help="Start the web studio (same as python app.py).")
     from studio.server_args import add_server_args
 
@@ -124,6 +135,45 @@ def _train(args) -> int:
     return 0
 
 
+def _validate(args) -> int:
+    import json
+
+    from studio.data import DataError, detect_format, parse_mapping, read_table, validate
+    from studio.models import ModelError, load_tokenizer
+
+    def fail(code: str, message: str, exit_code: int) -> int:
+        if args.json:
+            print(json.dumps({"ok": False, "format": None, "encoding": None, "delimiter": None, "rows": 0,
+                              "mapping": {}, "findings": [{"severity": "error", "code": code, "message": message,
+                                                           "rows": [], "count": 0, "fix": message}],
+                              "stats": {}}, indent=2))
+        else:
+            print(f"Error: {message}", file=sys.stderr)
+        return exit_code
+
+    try:
+        table = read_table(args.file)
+    except DataError as exc:
+        return fail("unreadable", str(exc), 2)
+    try:
+        mapping = parse_mapping(args.mapping, list(table.df.columns)) if args.mapping else detect_format(table.df)
+    except DataError as exc:
+        return fail("unknown_columns", str(exc), 1)
+    try:
+        tokenizer = load_tokenizer(args.model)
+    except ModelError as exc:
+        return fail("model", str(exc), 2)
+    try:
+        report = validate(table, mapping, tokenizer, args.max_length)
+    except Exception as exc:  # noqa: BLE001 - whatever the file holds, never a traceback
+        return fail("unreadable", f"The file could not be checked ({type(exc).__name__}: {exc}).", 2)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.to_text())
+    return 0 if report.ok else 1
+
+
 def _export(args) -> int:
     from studio.export import ExportError, export_zip
     from studio.runs import RunRegistry
@@ -145,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "validate":
+        return _validate(args)
     if args.command == "prepare-model":
         from studio.models import prepare_default_model
 

@@ -39,10 +39,18 @@ class ConfigError(ValueError):
 class DataConfig:
     path: str = ""
     """CSV, JSONL, JSON or Parquet file with instruction/output or prompt/completion columns."""
+    mapping: str = ""
+    """Column roles as column=role pairs (roles: prompt, input, response, system, messages, text), e.g. question=prompt,answer=response; empty = detect."""
     eval_fraction: float = 0.1
-    """Share of rows held out to measure eval loss (0 turns evaluation off)."""
+    """Share of rows held out to measure eval loss (0 turns evaluation off); rows with the same prompt stay on one side."""
+    eval_rows: int = 0
+    """Hold out this many rows instead of a fraction (0 = use eval_fraction)."""
+    eval_path: str = ""
+    """A separate eval file with the same columns (replaces the held-out split)."""
     max_length: int = 512
     """Longest example in tokens; longer examples are cut from the end."""
+    max_file_mb: int = 200
+    """Largest dataset file accepted, in MB."""
 
 
 @dataclass
@@ -157,6 +165,12 @@ class RunConfig:
                 p.append("`data.path` is empty: choose a CSV, JSONL, JSON or Parquet file.")
             elif not Path(d.path).is_file():
                 p.append(f"`data.path` {d.path} does not exist; check the path.")
+        if check_data_file and d.eval_path and not Path(d.eval_path).is_file():
+            p.append(f"`data.eval_path` {d.eval_path} does not exist; check the path or leave it empty.")
+        if d.eval_rows < 0:
+            p.append(f"`data.eval_rows` must be 0 (use eval_fraction) or more (got {d.eval_rows}).")
+        if not 1 <= d.max_file_mb <= 100_000:
+            p.append(f"`data.max_file_mb` must be between 1 and 100000 (got {d.max_file_mb}).")
         if not 0 <= d.eval_fraction < 0.5:
             p.append(f"`data.eval_fraction` must be at least 0 and below 0.5 (got {d.eval_fraction}).")
         if not 16 <= d.max_length <= 32768:

@@ -17,7 +17,9 @@ import pandas as pd
 
 from studio import hardware
 from studio.config import RunConfig
-from studio.data import DataReport, build_report, detect_format, load_table
+from studio.data import DataError, DataReport, detect_format, parse_mapping, read_table, validate
+from studio.data.preview import token_segments
+from studio.models import load_tokenizer
 from studio.export import export_zip
 from studio.playground import Playground, SamplingSettings
 from studio.runs import Run, RunRegistry
@@ -28,9 +30,24 @@ PREVIEW_ROWS = 20
 
 @dataclass
 class DatasetView:
+    """What the Data tab shows: the rows, the mapping's report, or why no mapping works."""
+
     path: str
+    columns: list[str]
     preview: pd.DataFrame
-    report: DataReport
+    report: DataReport | None = None
+    problem: str | None = None  # set when the columns could not be mapped; report is None then
+    tokenizer: object = None
+
+    def usable(self) -> list:
+        return [c for c in self.report.convs if c is not None] if self.report else []
+
+    def segments(self, index: int):
+        """What the model sees for the index-th usable row (wrapping around)."""
+        usable = self.usable()
+        if not usable or self.report.stats is None:
+            return []
+        return token_segments(usable[index % len(usable)], self.tokenizer, self.report.stats.max_length)
 
 
 @dataclass
@@ -76,19 +93,41 @@ class Studio:
         self.jobs = JobManager(self.registry)
         self.hardware = hardware.detect()
         self.playground = Playground(self.hardware.device)
+        self._tokenizers: dict = {}
 
     # ---- data -------------------------------------------------------------------------------
-    def inspect_dataset(self, path: str | Path) -> DatasetView:
-        """Load, detect and report on a dataset. Raises DataError with a sentence."""
-        table = load_table(path)
-        mapping = detect_format(table)
-        return DatasetView(str(path), table.head(PREVIEW_ROWS), build_report(table, mapping))
+    def tokenizer(self, model: str):
+        """Tokenizers are cached per model: validation re-runs on every mapping change."""
+        if model not in self._tokenizers:
+            self._tokenizers[model] = load_tokenizer(model)
+        return self._tokenizers[model]
 
-    def import_dataset(self, uploaded: str | Path) -> DatasetView:
-        """Copy an upload next to the runs (named by content hash, so runs keep pointing at the
-        exact bytes they trained on even after the browser's temp file is gone), then inspect it."""
+    def inspect_dataset(self, path: str | Path, mapping: str = "", model: str = "default",
+                        max_length: int = 512) -> DatasetView:
+        """Load, map, validate and count tokens.
+
+        Raises:
+            DataError: the file cannot be read at all. A file whose columns cannot be mapped
+                still returns a view (with ``problem`` set) so the person can map them by hand.
+            ModelError: the model's tokenizer cannot be loaded.
+        """
+        table = read_table(path)
+        view = DatasetView(str(path), list(table.df.columns), table.df.head(PREVIEW_ROWS))
+        try:
+            cm = parse_mapping(mapping, view.columns) if mapping.strip() else detect_format(table.df)
+        except DataError as exc:
+            view.problem = str(exc)
+            return view
+        view.tokenizer = self.tokenizer(model)
+        view.report = validate(table, cm, view.tokenizer, max_length)
+        return view
+
+    def import_dataset(self, uploaded: str | Path) -> str:
+        """Copy an upload next to the runs, named by content hash, so runs keep pointing at the
+        exact bytes they trained on after the browser's temp file is gone. Returns the copy's
+        path. Raises DataError when the file cannot be read at all (nothing is copied then)."""
         src = Path(uploaded)
-        view = self.inspect_dataset(src)  # fail before copying anything unusable
+        read_table(src)
         digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
         dest_dir = self.registry.root / "datasets"
         dest_dir.mkdir(parents=True, exist_ok=True)
@@ -96,8 +135,7 @@ class Studio:
         dest = dest_dir / f"{digest}-{safe}"
         if not dest.exists():
             shutil.copyfile(src, dest)
-        view.path = str(dest.resolve())
-        return view
+        return str(dest.resolve())
 
     # ---- training ---------------------------------------------------------------------------
     def start_training(self, config: RunConfig) -> Job:

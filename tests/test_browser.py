@@ -79,18 +79,38 @@ def test_upload_train_chat_export(server, browser, tmp_path):
     url, studio = server
     page, errors = _page(browser, url)
 
-    # A CSV it cannot use gets a sentence, not a traceback; the app stays up.
-    bad = tmp_path / "bad.csv"
-    bad.write_text("name,age\nann,3\nbob,4\n", encoding="utf-8")
+    # A file it cannot read gets a sentence, not a traceback; the app stays up.
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"prompt": "cut off', encoding="utf-8")
     page.set_input_files("#data-upload input[type=file]", str(bad))
-    expect(page.locator("#data-report")).to_contain_text("No usable columns found", timeout=30_000)
+    expect(page.locator("#data-report")).to_contain_text("not valid JSON", timeout=30_000)
     expect(page.locator("#data-report")).not_to_contain_text("Traceback")
+
+    # Columns it does not know: the person maps them by hand. A cell holding HTML shows as text.
+    odd = tmp_path / "odd.csv"
+    odd.write_text("name,age\n<img src=x onerror=window.__xss=1>,3\nbob,4\n", encoding="utf-8")
+    page.locator("#data-upload button[aria-label='Clear']").first.click()
+    page.set_input_files("#data-upload input[type=file]", str(odd))
+    expect(page.locator("#data-report")).to_contain_text("No usable columns found", timeout=30_000)
+    for role, column in (("prompt", "name"), ("response", "age")):
+        page.locator(f"#data-map-{role} input").click()
+        page.locator(f"#data-map-{role}").get_by_role("option", name=column, exact=True).click()
+    expect(page.locator("#data-report")).to_contain_text("your mapping", timeout=30_000)
+    expect(page.locator("#data-seen")).to_contain_text("<img src=x onerror=window.__xss=1>")
+    assert page.evaluate("window.__xss") is None
+    assert page.locator("#data-seen img").count() == 0
 
     page.locator("#data-upload button[aria-label='Clear']").first.click()
     page.set_input_files("#data-upload input[type=file]", str(SAMPLE))
     expect(page.locator("#data-report")).to_contain_text("instruction / input / output", timeout=30_000)
-    expect(page.locator("#data-report")).to_contain_text("80")
+    expect(page.locator("#data-report")).to_contain_text("300 usable")
     expect(page.locator("#data-preview")).to_contain_text("What is")
+    page.wait_for_function("""() => { const el = document.querySelector('#data-histogram .js-plotly-plot');
+        return el && el.data && el.data[0] && el.data[0].x.length === 300; }""", timeout=30_000)
+    expect(page.locator("#data-seen .fs-trained").first).to_contain_text("ANSWER:")
+    expect(page.locator("#data-seen .fs-masked").first).to_be_visible()
+    page.locator("#data-seen-next").click()
+    expect(page.locator("#data-seen")).to_contain_text("Usable row 2 of 300")
     _shot(page, "data")
 
     # Train a long run so that it is still going when a second tab attaches and stops it.

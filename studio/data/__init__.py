@@ -1,17 +1,20 @@
-"""Dataset intake: load a file, detect its shape, report problems, render rows to tokens.
+"""Dataset intake: load a file, map its columns, validate, render rows to tokens.
 
-    table = load_table(path)            # pandas DataFrame, or DataError with a sentence
-    mapping = detect_format(table)      # which columns mean what
-    report = build_report(table, mapping)
-    examples = tokenize_rows(rows_to_messages(table, mapping), tokenizer, max_length)
+    table = read_table(path)                          # Table(df, kind, encoding, delimiter)
+    mapping = detect_format(table.df)                 # or parse_mapping("q=prompt,a=response", columns)
+    report = validate(table, mapping, tokenizer, max_length)   # findings + token stats
+    data = prepare(config.data, tokenizer, seed)      # what the trainer uses
 """
 
-from studio.data.detect import ColumnMapping, detect_format
-from studio.data.load import DataError, load_table
-from studio.data.render import Example, rows_to_messages, tokenize_messages, tokenize_rows
-from studio.data.report import DataReport, build_report
+from studio.data.dataset import PreparedData, inspect, load_and_map, prepare
+from studio.data.detect import ColumnMapping, accepted_names, detect_format, parse_mapping
+from studio.data.load import DataError, Table, load_table, read_table
+from studio.data.render import Example, conversations, rows_to_messages, tokenize_messages, tokenize_rows
+from studio.data.validate import DataReport, Finding, validate
 
 __all__ = [
-    "ColumnMapping", "DataError", "DataReport", "Example", "build_report", "detect_format",
-    "load_table", "rows_to_messages", "tokenize_messages", "tokenize_rows",
+    "ColumnMapping", "DataError", "DataReport", "Example", "Finding", "PreparedData", "Table",
+    "accepted_names", "conversations", "detect_format", "inspect", "load_and_map", "load_table",
+    "parse_mapping", "prepare", "read_table", "rows_to_messages", "tokenize_messages", "tokenize_rows",
+    "validate",
 ]

@@ -17,7 +17,11 @@ import pandas as pd
 from studio.data.detect import ColumnMapping
 
 IGNORE_INDEX = -100
-ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant",
+                "chatgpt": "assistant"}
+VALID_ROLES = ("system", "user", "assistant")
+
+Conversation = list[dict[str, str]] | str  # chat messages, or plain text
 
 
 @dataclass
@@ -37,90 +41,101 @@ def _cell(value) -> str:
     return str(value).strip()
 
 
-def _parse_messages(value) -> list[dict[str, str]] | None:
+def parse_messages(value) -> tuple[list[dict[str, str]] | None, str | None]:
+    """Chat turns from a cell (a list, or a JSON string of one): (messages, None) or (None, problem)
+    where problem is ``invalid_json`` or ``bad_roles``."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except ValueError:
-            return None
-    if hasattr(value, "tolist"):  # numpy arrays from parquet/jsonl
+            return None, "invalid_json"
+    if hasattr(value, "tolist"):  # numpy arrays from parquet
         value = value.tolist()
-    if not isinstance(value, list):
-        return None
+    if not isinstance(value, list) or not value:
+        return None, "invalid_json"
     out = []
     for m in value:
         if not isinstance(m, dict):
-            return None
+            return None, "invalid_json"
         role = m.get("role", m.get("from"))
         content = m.get("content", m.get("value"))
         if not isinstance(role, str) or content is None:
-            return None
-        out.append({"role": ROLE_ALIASES.get(role.lower(), role.lower()), "content": str(content)})
-    return out
+            return None, "invalid_json"
+        role = ROLE_ALIASES.get(role.strip().lower(), role.strip().lower())
+        out.append({"role": role, "content": str(content)})
+    turns = out[1:] if out[0]["role"] == "system" else out
+    expected = ["user", "assistant"] * len(turns)
+    if any(m["role"] not in VALID_ROLES for m in out) or [m["role"] for m in turns] != expected[: len(turns)]:
+        return None, "bad_roles"
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in turns):
+        return None, "bad_roles"
+    return out, None
 
 
-def row_to_messages(row: pd.Series, mapping: ColumnMapping) -> list[dict[str, str]] | str | None:
-    """One row as chat messages (or a plain string for text datasets); None if the row is unusable."""
+def conversations(df: pd.DataFrame, mapping: ColumnMapping) -> list[Conversation | None]:
+    """Each row as chat messages (or plain text); None where the row cannot be used.
+    Aligned with ``df``'s rows, so callers can report row numbers."""
+    def col(name):
+        return df[name].tolist() if name else [None] * len(df)
+
+    out: list[Conversation | None] = []
     if mapping.format == "text":
-        text = _cell(row[mapping.text])
-        return text or None
-    msgs: list[dict[str, str]] = []
-    system = _cell(row[mapping.system]) if mapping.system else ""
+        return [_cell(t) or None for t in col(mapping.text)]
+    systems = [_cell(s) for s in col(mapping.system)]
     if mapping.format == "messages":
-        parsed = _parse_messages(row[mapping.messages])
-        if not parsed or not any(m["role"] == "assistant" and m["content"].strip() for m in parsed):
-            return None
-        if system and parsed[0]["role"] != "system":
-            msgs.append({"role": "system", "content": system})
-        return msgs + parsed
-    prompt, response = _cell(row[mapping.prompt]), _cell(row[mapping.response])
-    context = _cell(row[mapping.context]) if mapping.context else ""
-    if not prompt or not response:
-        return None
-    if context:
-        prompt = f"{prompt}\n\n{context}"
-    if system:
-        msgs.append({"role": "system", "content": system})
-    msgs += [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-    return msgs
-
-
-def rows_to_messages(df: pd.DataFrame, mapping: ColumnMapping) -> list:
-    """Every usable row, converted; unusable rows (empty cells, bad JSON) are left out."""
-    out = []
-    for _, row in df.iterrows():
-        conv = row_to_messages(row, mapping)
-        if conv is not None:
-            out.append(conv)
+        for value, system in zip(col(mapping.messages), systems):
+            msgs, _ = parse_messages(value)
+            if msgs and system and msgs[0]["role"] != "system":
+                msgs = [{"role": "system", "content": system}] + msgs
+            out.append(msgs)
+        return out
+    for prompt, context, response, system in zip(col(mapping.prompt), col(mapping.input),
+                                                 col(mapping.response), systems):
+        prompt, context, response = _cell(prompt), _cell(context), _cell(response)
+        if not prompt or not response:
+            out.append(None)
+            continue
+        msgs = [{"role": "system", "content": system}] if system else []
+        user = f"{prompt}\n\n{context}" if context else prompt
+        out.append(msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": response}])
     return out
 
 
-def tokenize_messages(conv, tokenizer, max_length: int) -> Example:
-    """Token ids and labels for one conversation (or plain text), cut to max_length."""
+def rows_to_messages(df: pd.DataFrame, mapping: ColumnMapping) -> list[Conversation]:
+    """Every usable row, converted; unusable rows (empty cells, bad JSON) are left out."""
+    return [c for c in conversations(df, mapping) if c is not None]
+
+
+def render_with_spans(conv: Conversation, tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """The exact text the model sees and the character spans that are trained on."""
     if isinstance(conv, str):
         text = conv + (tokenizer.eos_token or "")
-        spans = [(0, len(text))]
-    else:
-        text = tokenizer.apply_chat_template(conv, tokenize=False)
-        spans = []
-        for i, m in enumerate(conv):
-            if m["role"] != "assistant":
-                continue
-            # The assistant's span is what turn i adds after the generation prompt.
-            start = len(tokenizer.apply_chat_template(conv[:i], tokenize=False, add_generation_prompt=True))
-            end = len(tokenizer.apply_chat_template(conv[: i + 1], tokenize=False))
-            spans.append((start, end))
+        return text, [(0, len(text))]
+    text = tokenizer.apply_chat_template(conv, tokenize=False)
+    spans = []
+    for i, m in enumerate(conv):
+        if m["role"] != "assistant":
+            continue
+        # The assistant's span is what turn i adds after the generation prompt.
+        start = len(tokenizer.apply_chat_template(conv[:i], tokenize=False, add_generation_prompt=True))
+        end = len(tokenizer.apply_chat_template(conv[: i + 1], tokenize=False))
+        spans.append((start, end))
+    return text, spans
+
+
+def tokenize_messages(conv: Conversation, tokenizer, max_length: int | None) -> Example:
+    """Token ids and labels for one conversation (or plain text), cut to max_length."""
+    text, spans = render_with_spans(conv, tokenizer)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
-    labels = []
-    for tok_id, (s, _) in zip(ids, enc["offset_mapping"]):
-        trained = any(a <= s < b for a, b in spans)
-        labels.append(tok_id if trained else IGNORE_INDEX)
-    truncated = len(ids) > max_length
-    return Example(ids[:max_length], labels[:max_length], truncated)
+    labels = [tok_id if any(a <= s < b for a, b in spans) else IGNORE_INDEX
+              for tok_id, (s, _) in zip(ids, enc["offset_mapping"])]
+    if max_length is None:
+        return Example(ids, labels, False)
+    return Example(ids[:max_length], labels[:max_length], len(ids) > max_length)
 
 
-def tokenize_rows(convs: list, tokenizer, max_length: int) -> list[Example]:
+def tokenize_rows(convs: list[Conversation], tokenizer, max_length: int) -> list[Example]:
     """Tokenize conversations, dropping any whose trained tokens were all cut by max_length."""
     examples = [tokenize_messages(c, tokenizer, max_length) for c in convs]
     return [e for e in examples if e.trained_tokens > 0]

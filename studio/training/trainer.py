@@ -20,12 +20,11 @@ import torch
 
 from studio import hardware, models
 from studio.config import RunConfig
-from studio.data import DataError, Example, detect_format, load_table, rows_to_messages, tokenize_rows
+from studio.data import Example, prepare
 from studio.data.render import IGNORE_INDEX
 from studio.runs import Run
 
 MetricsSink = Callable[[dict], None]
-MAX_EVAL_EXAMPLES = 200
 POOL_BATCHES = 32  # batches per length-sorted pool: groups similar lengths, keeps order random
 
 
@@ -56,7 +55,9 @@ class Trainer:
         self.use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.hw.bf16)
 
         self.tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
-        self.train_examples, self.eval_examples = self._load_examples()
+        data = prepare(cfg.data, self.tokenizer, t.seed)
+        self.train_examples, self.eval_examples = data.train, data.eval
+        self.data_findings = data.report.findings + data.notes
         self.tokenizer.save_pretrained(self.run.path / "tokenizer")  # evidence of what was used
 
         self.model = self._load_model()
@@ -71,22 +72,6 @@ class Trainer:
         self.scheduler = get_scheduler("cosine", self.optimizer,
                                        num_warmup_steps=int(t.warmup_ratio * self.total_steps),
                                        num_training_steps=self.total_steps)
-
-    def _load_examples(self) -> tuple[list[Example], list[Example]]:
-        d = self.config.data
-        table = load_table(d.path)
-        mapping = detect_format(table)
-        convs = rows_to_messages(table, mapping)
-        examples = tokenize_rows(convs, self.tokenizer, d.max_length)
-        if not examples:
-            raise DataError("No row has anything left to train on after tokenizing; check that "
-                            "responses are not empty and that max length is not too short.")
-        rng = random.Random(self.config.training.seed)
-        rng.shuffle(examples)
-        n_eval = 0
-        if d.eval_fraction > 0 and len(examples) >= 10:
-            n_eval = min(MAX_EVAL_EXAMPLES, max(1, round(len(examples) * d.eval_fraction)))
-        return examples[n_eval:], examples[:n_eval]
 
     def _load_model(self):
         cfg = self.config

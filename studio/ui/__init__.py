@@ -8,7 +8,7 @@ import gradio as gr
 
 from studio.service import Studio
 from studio.ui.chat_tab import build_chat_tab, run_choices
-from studio.ui.data_tab import build_data_tab
+from studio.ui.data_tab import build_data_tab, wire_data_tab
 from studio.ui.export_tab import build_export_tab
 from studio.ui.train_tab import build_train_tab
 
@@ -19,16 +19,18 @@ def build_app(studio: Studio) -> gr.Blocks:
     """The whole page. Server-owned state lives in ``studio``; per-tab state in gr.State."""
     with gr.Blocks(title="Finetune Studio") as demo:
         gr.Markdown("# Finetune Studio\nUpload examples, train, compare, download.")
-        dataset_path = gr.State(None)  # per browser tab: the dataset this person picked
+        # Per browser tab: the dataset this person picked and its column mapping (column=role pairs).
+        dataset_path, mapping = gr.State(None), gr.State("")
         with gr.Tabs():
             with gr.Tab("Data", elem_id="tab-data"):
-                build_data_tab(studio, dataset_path)
+                data = build_data_tab()
             with gr.Tab("Train", elem_id="tab-train"):
-                build_train_tab(studio, dataset_path)
+                train = build_train_tab(studio, dataset_path, mapping)
             with gr.Tab("Chat", elem_id="tab-chat") as chat_tab:
                 chat_run = build_chat_tab(studio)
             with gr.Tab("Export", elem_id="tab-export") as export_tab:
                 export_run = build_export_tab(studio)
+        wire_data_tab(studio, data, dataset_path, mapping, train.model, train.max_length)
         # Runs finish while the page is open: refresh the run lists whenever their tab opens.
         chat_tab.select(lambda: gr.Dropdown(choices=run_choices(studio)), outputs=chat_run)
         export_tab.select(lambda: gr.Dropdown(choices=run_choices(studio)), outputs=export_run)

@@ -49,3 +49,14 @@ def memory_figure(train: list[dict]) -> go.Figure:
         fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name="process RSS"))
     fig.update_layout(title="Memory", xaxis_title="step", yaxis_title="MiB", **_LAYOUT)
     return fig
+
+
+def length_histogram(lengths: list[int], max_length: int) -> go.Figure:
+    """Token lengths per row, with the max length drawn: bars right of the line get cut."""
+    fig = go.Figure(go.Histogram(x=lengths, nbinsx=min(60, max(10, len(set(lengths)))), name="rows",
+                                 marker_color="rgb(99,110,250)"))
+    fig.add_vline(x=max_length, line_dash="dash", line_color="rgb(239,85,59)",
+                  annotation_text=f"max length {max_length}", annotation_position="top left")
+    fig.update_layout(title="Tokens per row", xaxis_title="tokens", yaxis_title="rows",
+                      **{**_LAYOUT, "legend": dict(visible=False)})
+    return fig

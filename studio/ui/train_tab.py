@@ -6,6 +6,8 @@ reloading the page or opening a second tab shows the same running job.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import gradio as gr
 
 from studio.cli import command_for
@@ -22,7 +24,15 @@ def _progress_html(view: JobView) -> str:
             f'<div class="fs-progress-bar" style="width:{pct:.1f}%"></div></div>')
 
 
-def build_train_tab(studio: Studio, dataset_path: gr.State) -> None:
+@dataclass
+class TrainControls:
+    """Controls other tabs read: the Data tab counts tokens with this model and max length."""
+
+    model: gr.Textbox
+    max_length: gr.Number
+
+
+def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -> TrainControls:
     defaults = RunConfig()
     gr.Markdown(f"**Hardware:** {studio.hardware.summary()}", elem_id="hardware-summary")
     with gr.Row():
@@ -65,21 +75,21 @@ def build_train_tab(studio: Studio, dataset_path: gr.State) -> None:
 
     form = [model, method, epochs, max_steps, lr, batch, max_len, r, alpha, dropout, targets, eval_fraction]
 
-    def to_config(path, model, method, epochs, max_steps, lr, batch, max_len, r, alpha, dropout, targets, ev):
+    def to_config(path, pairs, model, method, epochs, max_steps, lr, batch, max_len, r, alpha, dropout, targets, ev):
         return RunConfig.from_dict({
             "model": model, "method": method,
-            "data": {"path": path or "", "max_length": max_len, "eval_fraction": ev},
+            "data": {"path": path or "", "mapping": pairs or "", "max_length": max_len, "eval_fraction": ev},
             "lora": {"r": r, "alpha": alpha, "dropout": dropout, "targets": targets},
             "training": {"epochs": epochs, "max_steps": max_steps, "learning_rate": lr, "batch_size": batch,
                          "seed": TrainingConfig().seed},
         })
 
-    def start(path, *values):
+    def start(path, pairs, *values):
         if not path:
             gr.Warning("Upload a dataset on the Data tab first.")
             return "**Upload a dataset on the Data tab first.**", gr.skip()
         try:
-            cfg = to_config(path, *values)
+            cfg = to_config(path, pairs, *values)
             studio.start_training(cfg)
         except ConfigError as exc:
             problems = "\n".join(f"- {p}" for p in exc.problems)
@@ -89,9 +99,9 @@ def build_train_tab(studio: Studio, dataset_path: gr.State) -> None:
             return f"**{exc}**", gr.skip()
         return "Starting...", command_for(cfg)
 
-    def show_cli(path, *values):
+    def show_cli(path, pairs, *values):
         try:
-            return command_for(to_config(path, *values))
+            return command_for(to_config(path, pairs, *values))
         except ConfigError:
             return gr.skip()
 
@@ -104,7 +114,7 @@ def build_train_tab(studio: Studio, dataset_path: gr.State) -> None:
                 memory_figure(view.train), key, gr.Button(interactive=not view.active),
                 gr.Button(interactive=view.active and view.state != "stopping"))
 
-    train_btn.click(start, inputs=[dataset_path, *form], outputs=[status, cli])
+    train_btn.click(start, inputs=[dataset_path, mapping, *form], outputs=[status, cli])
     def stop():
         if not studio.stop_training():
             gr.Info("No training is running.")
@@ -113,4 +123,5 @@ def build_train_tab(studio: Studio, dataset_path: gr.State) -> None:
     timer.tick(poll, inputs=[shown, log_scale], outputs=[status, progress, loss_plot, memory_plot, shown,
                                                           train_btn, stop_btn], show_progress="hidden")
     for comp in form:
-        comp.change(show_cli, inputs=[dataset_path, *form], outputs=cli, show_progress="hidden")
+        comp.change(show_cli, inputs=[dataset_path, mapping, *form], outputs=cli, show_progress="hidden")
+    return TrainControls(model, max_len)
