@@ -21,6 +21,8 @@ from studio.config import ConfigError, RunConfig, field_help, leaf_fields
 # Short flag names for nested fields; every other field is --<section>-<name>.
 _FLAG_ALIASES = {
     "data.path": "data", "data.eval_fraction": "eval-fraction", "data.max_length": "max-length",
+    "data.mapping": "mapping", "data.eval_rows": "eval-rows", "data.eval_path": "eval-path",
+    "data.max_file_mb": "max-file-mb",
     "lora.targets": "lora-targets", "training.epochs": "epochs", "training.max_steps": "max-steps",
     "training.learning_rate": "learning-rate", "training.batch_size": "batch-size",
     "training.gradient_accumulation": "gradient-accumulation", "training.warmup_ratio": "warmup-ratio",

@@ -17,11 +17,11 @@ def two_runs(tiny_model_dir, tmp_path_factory):
     from tests.conftest import write_csv
 
     root = tmp_path_factory.mktemp("pg")
-    rows = [[f"what is {a} plus {b}", f"answer {a + b}"] for a in range(1, 8) for b in range(1, 4)]
-    data = write_csv(root / "d.csv", ["instruction", "output"], rows)
     reg = RunRegistry(root / "runs")
     runs = []
-    for seed in (1, 2):
+    for seed, word in ((1, "answer"), (2, "hello world")):  # two adapters taught different replies
+        rows = [[f"what is {a} plus {b}", f"{word} {a + b}"] for a in range(1, 8) for b in range(1, 4)]
+        data = write_csv(root / f"d{seed}.csv", ["instruction", "output"], rows)
         cfg = RunConfig.from_dict({"model": str(tiny_model_dir), "data": {"path": str(data), "max_length": 64},
                                    "training": {"max_steps": 8, "learning_rate": 1e-2, "seed": seed}})
         run = reg.create(cfg)
