@@ -39,20 +39,12 @@ def command_for(config: RunConfig) -> str:
     """The `finetune-studio train` command that builds this same config (for "copy as CLI")."""
     import shlex
 
-    defaults = dict(_walk(RunConfig().to_dict()))
+    defaults = RunConfig().flat()
     parts = ["finetune-studio", "train"]
-    for dotted, value in _walk(config.to_dict()):
+    for dotted, value in config.flat().items():
         if dotted == "data.path" or value != defaults.get(dotted):
             parts += [f"--{_flag(dotted)}", shlex.quote(str(value))]
     return " ".join(parts)
-
-
-def _walk(d: dict, prefix: str = ""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _walk(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
 
 
 def _bool(text: str) -> bool:

@@ -122,6 +122,10 @@ class RunConfig:
             raise ConfigError(problems)
         return cfg
 
+    def flat(self) -> dict[str, Any]:
+        """Every setting by dotted name (``training.epochs``), in declaration order."""
+        return {name: _get(self, name) for name, _, _ in leaf_fields()}
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
@@ -210,6 +214,12 @@ class RunConfig:
         if problems:
             raise ConfigError(problems)
         return self
+
+
+def _get(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _build(cls, raw: Any, prefix: str, problems: list[str]):

@@ -62,7 +62,7 @@ def model_card(run: Run) -> str:
     def fmt(v):
         return f"{v:.4f}" if isinstance(v, float) else ("n/a" if v is None else str(v))
 
-    hyper = "\n".join(f"| `{k}` | {v} |" for k, v in _flatten(cfg.to_dict()).items() if k != "data.path")
+    hyper = "\n".join(f"| `{k}` | {v} |" for k, v in cfg.flat().items() if k not in ("data.path", "data.eval_path"))
     return CARD_TEMPLATE.read_text(encoding="utf-8").format(
         run_id=run.id, base=base, base_id=base_id, method=cfg.method,
         data_file=Path(cfg.data.path).name, train_rows=status.get("train_rows", "n/a"),
@@ -84,12 +84,3 @@ def _load_snippet(method: str, base_id: str) -> str:
             'model = PeftModel.from_pretrained(base, "path/to/unzipped")\n'
             'tokenizer = AutoTokenizer.from_pretrained("path/to/unzipped")')
 
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

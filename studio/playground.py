@@ -103,10 +103,6 @@ class Playground:
                     s.advance(eos)
                 yield tuple(self.tokenizer.decode(s.generated, skip_special_tokens=True) for s in sides)
 
-    def generate_base(self, messages, settings: SamplingSettings) -> str:
-        *_, (base, _) = self.stream_pair(messages, messages, settings)
-        return base
-
 
 class _Side:
     """One pane's decoding state: its model, adapter context, cache, generator and tokens."""

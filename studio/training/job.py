@@ -41,7 +41,8 @@ def run_training(config: RunConfig, run: Run, stop_event: threading.Event | None
         trainer.setup()
         run.set_status("running", total_steps=trainer.total_steps, trainable_params=trainer.trainable_params,
                        train_rows=len(trainer.train_examples), eval_rows=len(trainer.eval_examples),
-                       device=trainer.device, bf16=trainer.use_bf16, message="Training...")
+                       device=trainer.device, bf16=trainer.use_bf16, message="Training...",
+                       data_warnings=[f.code for f in trainer.data_findings])
         stopped = False
         try:
             trainer.train()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from studio.cli import command_for
-from studio.config import ConfigError, RunConfig, TrainingConfig, field_help
+from studio.config import ConfigError, RunConfig, field_help
 from studio.service import JobView, Studio
 from studio.ui.plots import loss_figure, memory_figure
 
@@ -80,8 +80,7 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
             "model": model, "method": method,
             "data": {"path": path or "", "mapping": pairs or "", "max_length": max_len, "eval_fraction": ev},
             "lora": {"r": r, "alpha": alpha, "dropout": dropout, "targets": targets},
-            "training": {"epochs": epochs, "max_steps": max_steps, "learning_rate": lr, "batch_size": batch,
-                         "seed": TrainingConfig().seed},
+            "training": {"epochs": epochs, "max_steps": max_steps, "learning_rate": lr, "batch_size": batch},
         })
 
     def start(path, pairs, *values):
