@@ -62,7 +62,7 @@ FRENCH = [("Hello!", "Bonjour ! Comment puis-je vous aider ?"),
 
 def chats(rng: random.Random) -> list[dict]:
     out = []
-    for i in range(120):
+    for _i in range(120):
         country, city = rng.choice(list(CAPITALS.items()))
         a, b = rng.randint(2, 40), rng.randint(2, 40)
         turns = [(f"What is the capital of {country}?", f"La capitale de ce pays est {city}."),

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from studio.config import ConfigError, RunConfig, field_help, leaf_fields
 

@@ -98,3 +98,26 @@ def test_bad_data_fails_with_a_sentence(tiny_model_dir, tmp_path, runs_dir):
     assert status["state"] == "failed"
     assert "No usable columns found" in status["message"] and "Traceback" not in status["message"]
     assert "Traceback" in run.log_path.read_text()
+
+
+def test_server_job_runs_in_background_refuses_a_second_and_stops(tiny_model_dir, instruction_csv, runs_dir):
+    import time
+
+    import pytest
+
+    from studio.service import Studio
+
+    studio = Studio(runs_dir)
+    job = studio.start_training(_cfg(tiny_model_dir, instruction_csv, max_steps=100_000))
+    deadline = time.time() + 60
+    while not studio.job_view().train and time.time() < deadline:
+        time.sleep(0.05)
+    view = studio.job_view()
+    assert view.state == "running" and view.step >= 1 and view.eta_s is not None and view.tokens_per_s > 0
+    with pytest.raises(RuntimeError, match="still training"):
+        studio.start_training(_cfg(tiny_model_dir, instruction_csv))
+    assert studio.stop_training()
+    job.thread.join(60)
+    final = studio.job_view()
+    assert final.state == "finished" and "Stopped at step" in final.message
+    assert job.run.is_trained() and len(studio.registry.list()) == 1  # the refused run left no folder
