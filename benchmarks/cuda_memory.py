@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--configs", required=True, help="folder of <name>.json model configs (+ optional tokenizer)")
     ap.add_argument("--out", default="cuda_memory.jsonl")
     ap.add_argument("--one", nargs=5, metavar=("MODEL_DIR", "METHOD", "SEQ", "BATCH", "GC"))
+    ap.add_argument("--methods", default="full,lora,qlora")
+    ap.add_argument("--grid", default="128x1x0,512x1x0,512x4x0,512x4x1", help="seq x batch x checkpointing, comma list")
     args = ap.parse_args()
     if args.one:
         d, method, seq, batch, gc = args.one
@@ -82,8 +84,8 @@ def main() -> None:
         with torch.device("cuda"):
             AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(d)
         torch.cuda.empty_cache()  # the children measure the device: hold nothing here
-        for method in ("full", "lora", "qlora"):
-            for seq, batch, gc in ((128, 1, 0), (512, 1, 0), (512, 4, 0), (512, 4, 1)):
+        for method in args.methods.split(","):
+            for seq, batch, gc in (tuple(map(int, g.split("x"))) for g in args.grid.split(",")):
                 t = time.time()
                 proc = subprocess.run([sys.executable, __file__, "--configs", args.configs, "--one", str(d),
                                        method, str(seq), str(batch), str(gc)], capture_output=True, text=True)

@@ -1,4 +1,4 @@
-"""`finetune-studio train | validate | export | ui | prepare-model` — the page's journey without a browser.
+"""`finetune-studio train | validate | estimate | export | ui | prepare-model` — the page's journey without a browser.
 
 Every config field is also a flag (``--learning-rate``, ``--lora-r``...), generated from
 ``RunConfig`` so the CLI, the YAML file and the UI can never drift apart. Flags override the
@@ -86,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "system, messages, text). Default: detect.")
     val.add_argument("--json", action="store_true", help="Print the report as JSON (see README for the fields).")
 
+    est = sub.add_parser("estimate", help="Estimate peak training memory from the model's config alone.")
+    est.add_argument("--model", default="default", help="default, a hub id or a local folder (only config.json is read).")
+    est.add_argument("--method", choices=("full", "lora", "qlora"), default="lora")
+    est.add_argument("--seq-len", type=int, default=RunConfig().data.max_length)
+    est.add_argument("--batch-size", type=int, default=RunConfig().training.batch_size)
+    est.add_argument("--gradient-checkpointing", action="store_true")
+    est.add_argument("--optimizer", choices=("adamw", "adamw_8bit", "paged_adamw_8bit"), default="adamw")
+    est.add_argument("--lora-r", type=int, default=RunConfig().lora.r)
+    est.add_argument("--lora-targets", default=RunConfig().lora.targets)
+    est.add_argument("--device", choices=("cpu", "cuda", "mps"), help="Default: this machine's.")
+    est.add_argument("--json", action="store_true")
+
     ui = sub.add_parser("ui", help="Start the web studio (same as python app.py).")
     from studio.server_args import add_server_args
 
@@ -167,6 +179,39 @@ def _validate(args) -> int:
     return 0 if report.ok else 1
 
 
+def _estimate(args) -> int:
+    import json
+
+    from studio import hardware
+    from studio.memory import GIB, estimate_for_model
+    from studio.models import ModelError
+
+    hw = hardware.detect()
+    device = args.device or hw.device
+    targets = "all-linear" if args.lora_targets == "all-linear" else [t.strip() for t in args.lora_targets.split(",")]
+    try:
+        est = estimate_for_model(args.model, args.method, args.seq_len, args.batch_size, device=device,
+                                 bf16=hw.bf16 if device == hw.device else device == "cuda",
+                                 gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
+                                 lora_r=args.lora_r, lora_targets=targets)
+    except (ModelError, OSError, ValueError) as exc:
+        print(f"Could not estimate: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    available = (hw.cuda[0].free_bytes if device == "cuda" and hw.cuda else hw.ram_available_bytes)
+    fits = est.total_bytes <= available if device == hw.device else None
+    if args.json:
+        print(json.dumps({**est.to_dict(), "fits": fits, "available_bytes": available if fits is not None else None}, indent=2))
+        return 0
+    print(f"{args.method} on {device}: about {est.total_bytes / GIB:.2f} GiB peak "
+          f"({est.trainable_params:,} trainable of {est.total_params:,} parameters)")
+    for part, n in est.breakdown.items():
+        if n:
+            print(f"  {part:<22}{n / GIB:>8.2f} GiB")
+    if fits is not None:
+        print(f"{'Fits' if fits else 'Does not fit'} in the {available / GIB:.1f} GiB available.")
+    return 0
+
+
 def _export(args) -> int:
     from studio.export import ExportError, export_zip
     from studio.runs import RunRegistry
@@ -190,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         return _export(args)
     if args.command == "validate":
         return _validate(args)
+    if args.command == "estimate":
+        return _estimate(args)
     if args.command == "prepare-model":
         from studio.models import prepare_default_model
 

@@ -104,9 +104,11 @@ def load_model(ref: str, method: str = "lora", device: str = "cpu", compute_dtyp
                trust_remote_code: bool = False):
     """Load a causal LM for a method.
 
-    full and lora keep fp32 master weights (bf16 autocast is applied by the trainer, because
-    pure bf16 weights barely learn at full fine-tuning learning rates). qlora loads the base
-    as 4-bit NF4 with double quantization through bitsandbytes.
+    full keeps fp32 master weights (bf16 autocast is applied by the trainer, because pure bf16
+    weights barely learn at full fine-tuning learning rates). lora loads the frozen base in the
+    compute dtype: it is never updated, and a bf16 base under autocast avoids a bf16 copy of
+    every weight being cast and kept for backward (the adapters stay fp32 in PEFT). qlora loads
+    the base as 4-bit NF4 with double quantization through bitsandbytes.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -117,6 +119,8 @@ def load_model(ref: str, method: str = "lora", device: str = "cpu", compute_dtyp
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype)
         kwargs["device_map"] = {"": device if device != "cuda" else 0}
+        kwargs["dtype"] = compute_dtype
+    elif method == "lora":
         kwargs["dtype"] = compute_dtype
     else:
         kwargs["dtype"] = torch.float32

@@ -1,0 +1,192 @@
+"""Peak-memory estimate for full fine-tuning, LoRA and QLoRA, from the model's config alone.
+
+No weights are loaded: the model is built on the meta device to read every linear layer's
+shape (so LoRA targets and 4-bit quantization are counted exactly for any causal LM).
+The estimate is a sum of parts a person can check:
+
+    base weights   fp32 master weights (full), frozen base in the compute dtype (LoRA),
+                   NF4 + double-quantized constants for linear layers (QLoRA; QLoRA paper)
+    adapter        LoRA A and B in fp32: r x (d_in + d_out) per adapted layer
+    gradients      fp32, one per trainable parameter
+    optimizer      AdamW 8 B per trainable parameter; 8-bit AdamW 2 B (bitsandbytes)
+    activations    what autograd keeps per token and layer (residual stream and norms in fp32,
+                   projections in the compute dtype; Korthikanti et al.'s accounting, written
+                   out for gated-MLP layers); with gradient checkpointing only each layer's
+                   input plus one layer's worth
+    logits         batch x seq x vocab: the logits, their fp32 copy, log-softmax and gradient
+    overhead       on CUDA the context; on CPU the interpreter and libraries (measured once,
+                   see ``CPU_RUNTIME_BYTES``)
+
+Device aware: on CUDA it predicts ``torch.cuda.max_memory_allocated`` plus the context; on CPU
+the training process's peak resident set size. ``benchmarks/estimator_accuracy.py`` measures
+both sides on this machine; the coefficients below are explained where they are defined.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+GIB = 1024**3
+MIB = 1024**2
+OPTIMIZERS = {"adamw": 8.0, "adamw_8bit": 2.0, "paged_adamw_8bit": 2.0}  # state bytes per trainable param
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 blocks
+CUDA_CONTEXT_BYTES = 500 * MIB
+CPU_RUNTIME_BYTES = 500 * MIB  # python + torch + transformers + peft + pandas + tokenizer, measured here
+
+
+@dataclass
+class Linear:
+    name: str
+    d_in: int
+    d_out: int
+
+
+@dataclass
+class ModelShape:
+    """What the estimate needs, read from a config on the meta device."""
+
+    model_type: str
+    vocab: int
+    hidden: int
+    layers: int
+    intermediate: int
+    q_dim: int
+    kv_dim: int
+    total_params: int
+    embedding_params: int
+    linears: list[Linear] = field(default_factory=list)  # every linear, lm_head included
+
+    @property
+    def lm_head(self) -> Linear | None:
+        return next((lin for lin in self.linears if lin.name.split(".")[-1] in ("lm_head", "embed_out")), None)
+
+    def lora_targets(self, targets: str | list[str]) -> list[Linear]:
+        """The linears PEFT would adapt: all-linear means every linear but the output layer."""
+        body = [lin for lin in self.linears if lin is not self.lm_head]
+        if targets == "all-linear":
+            return body
+        names = set(targets)
+        return [lin for lin in body if lin.name.split(".")[-1] in names]
+
+
+@dataclass
+class Estimate:
+    method: str
+    device: str
+    breakdown: dict[str, int]
+    trainable_params: int
+    total_params: int
+    adapter_bytes: int  # size of the saved adapter (or model) on disk
+
+    @property
+    def total_bytes(self) -> int:
+        return int(sum(self.breakdown.values()))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total_bytes": self.total_bytes}
+
+
+def shape_from_config(config) -> ModelShape:
+    """Instantiate on the meta device (no memory) and read the shapes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    linears = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            linears.append(Linear(name, module.in_features, module.out_features))
+        elif type(module).__name__ == "Conv1D":  # GPT-2 style: weight is (d_in, d_out)
+            linears.append(Linear(name, module.weight.shape[0], module.weight.shape[1]))
+    seen, total, embed = set(), 0, 0
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in seen:  # tied embeddings count once
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            if isinstance(module, torch.nn.Embedding):
+                embed += p.numel()
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    return ModelShape(config.model_type, config.vocab_size, hidden, layers, intermediate, heads * head_dim,
+                      kv_heads * head_dim, total, embed, linears)
+
+
+def estimate(shape: ModelShape, method: str, seq_len: int, batch_size: int, device: str = "cpu",
+             bf16: bool = False, gradient_checkpointing: bool = False, optimizer: str = "adamw",
+             lora_r: int = 16, lora_targets: str | list[str] = "all-linear", lora_dropout: float = 0.05) -> Estimate:
+    """Peak memory of training with these settings, as a breakdown in bytes."""
+    a = 2 if bf16 else 4  # bytes of an activation under autocast (bf16) or in fp32
+    tokens = seq_len * batch_size
+    P = shape.total_params
+    targets = shape.lora_targets(lora_targets) if method != "full" else []
+    lora_params = sum(lora_r * (t.d_in + t.d_out) for t in targets)
+
+    if method == "full":
+        weights, trainable = 4 * P, P
+    elif method == "lora":
+        weights, trainable = a * P, lora_params
+    else:
+        quantized = sum(lin.d_in * lin.d_out for lin in shape.linears if lin is not shape.lm_head)
+        # prepare_model_for_kbit_training upcasts what stays unquantized (embeddings, lm_head,
+        # norms) to fp32, so the output layer's logits are fp32 too.
+        weights, trainable = NF4_BYTES_PER_PARAM * quantized + 4 * (P - quantized), lora_params
+    adapter = 4 * lora_params
+    grads = 4 * trainable
+    opt = OPTIMIZERS[optimizer] * trainable
+
+    h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
+    # Per token and layer, what autograd keeps for the backward pass:
+    #   fp32: residual stream into each of the two norms, the norm's normalised copy (2 x 2h x 4 B)
+    #   compute dtype: norm outputs cast for the projections (2h), q/k/v and their rotary
+    #   copies (2q + 3kv), attention output (q), gated MLP: gate, up, act(gate), act*up (4i)
+    per_layer = 16 * h + a * (2 * h + 3 * q + 3 * kv + 4 * i)
+    if method != "full" and lora_dropout > 0:
+        # each adapted layer keeps its dropped-out input (compute dtype) and the dropout mask (1 B)
+        per_layer += sum((a + 1) * t.d_in for t in targets) / shape.layers
+    if gradient_checkpointing:
+        activations = tokens * (shape.layers * 4 * h + per_layer)  # layer inputs + one layer recomputed
+    else:
+        activations = tokens * shape.layers * per_layer
+    # lm_head output (compute dtype), its fp32 upcast, log-softmax and the fp32 gradient.
+    logits = tokens * shape.vocab * ((4 if method == "qlora" else a) + 12)
+
+    # The peak is the larger of two moments. During forward/backward: weights, optimizer state
+    # (from the previous step), activations and logits (gradients fill in as activations are
+    # freed, so they are not added on top). During optimizer.step(): weights, gradients, state,
+    # and torch's foreach AdamW's temporary copy of the trainable parameters (measured: full
+    # fine-tuning peaks at 20 B/param on an H100, not 16).
+    step_temp = 4 * trainable if optimizer == "adamw" else 0
+    step_phase = grads + step_temp
+    fb_phase = activations + logits
+    if step_phase > fb_phase:  # report the moment that sets the peak
+        activations, logits = 0, 0
+        extra = {"optimizer_step_temp": int(step_temp)}
+    else:
+        grads, extra = 0, {}
+    breakdown = {"base_weights": int(weights), "adapter_weights": int(adapter), "gradients": int(grads),
+                 "optimizer_state": int(opt), "activations": int(activations), "logits": int(logits), **extra,
+                 "runtime_overhead": CUDA_CONTEXT_BYTES if device == "cuda" else CPU_RUNTIME_BYTES}
+    saved = 4 * P if method == "full" else adapter
+    return Estimate(method, device, breakdown, int(trainable), P, int(saved))
+
+
+def estimate_for_model(model: str, method: str, seq_len: int, batch_size: int, device: str | None = None,
+                       trust_remote_code: bool = False, **kwargs) -> Estimate:
+    """Estimate for a model reference (default, hub id or folder): reads only its config."""
+    from transformers import AutoConfig
+
+    from studio import hardware, models
+
+    hw = hardware.detect() if device is None or "bf16" not in kwargs else None
+    device = device or hw.device
+    if "bf16" not in kwargs:
+        kwargs["bf16"] = hw.bf16 if hw else False
+    config = AutoConfig.from_pretrained(models.resolve(model), trust_remote_code=trust_remote_code)
+    return estimate(shape_from_config(config), method, seq_len, batch_size, device, **kwargs)
