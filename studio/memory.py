@@ -108,9 +108,9 @@ def shape_from_config(config) -> ModelShape:
             total += p.numel()
             if isinstance(module, torch.nn.Embedding):
                 embed += p.numel()
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
@@ -184,9 +184,9 @@ def estimate_for_model(model: str, method: str, seq_len: int, batch_size: int, d
 
     from studio import hardware, models
 
-    hw = hardware.detect() if device is None or "bf16" not in kwargs else None
-    device = device or hw.device
-    if "bf16" not in kwargs:
-        kwargs["bf16"] = hw.bf16 if hw else False
+    if device is None or "bf16" not in kwargs:  # fill in from this machine
+        hw = hardware.detect()
+        device = device or hw.device
+        kwargs.setdefault("bf16", hw.bf16 if device == hw.device else device == "cuda")
     config = AutoConfig.from_pretrained(models.resolve(model), trust_remote_code=trust_remote_code)
     return estimate(shape_from_config(config), method, seq_len, batch_size, device, **kwargs)
