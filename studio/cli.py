@@ -1,4 +1,4 @@
-"""`finetune-studio train | validate | estimate | export | ui | prepare-model` — the page's journey without a browser.
+"""`finetune-studio train | validate | estimate | hardware | export | ui | prepare-model` — the page's journey without a browser.
 
 Every config field is also a flag (``--learning-rate``, ``--lora-r``...), generated from
 ``RunConfig`` so the CLI, the YAML file and the UI can never drift apart. Flags override the
@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Column roles, e.g. question=prompt answer=response (roles: prompt, input, response, "
                           "system, messages, text). Default: detect.")
     val.add_argument("--json", action="store_true", help="Print the report as JSON (see README for the fields).")
+
+    hw = sub.add_parser("hardware", help="What this machine has: GPUs, MPS, CPU, RAM, bf16, 4-bit support.")
+    hw.add_argument("--json", action="store_true")
 
     est = sub.add_parser("estimate", help="Estimate peak training memory from the model's config alone.")
     est.add_argument("--model", default="default", help="default, a hub id or a local folder (only config.json is read).")
@@ -237,6 +240,19 @@ def main(argv: list[str] | None = None) -> int:
         return _validate(args)
     if args.command == "estimate":
         return _estimate(args)
+    if args.command == "hardware":
+        import json
+
+        from studio import hardware
+
+        hw = hardware.detect()
+        if args.json:
+            print(json.dumps(hw.to_dict(), indent=2))
+        else:
+            print(hw.summary())
+            for device, support in hw.bnb_4bit.items():
+                print(f"QLoRA (4-bit) on {device.upper()}: {support}")
+        return 0
     if args.command == "prepare-model":
         from studio.models import prepare_default_model
 

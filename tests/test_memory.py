@@ -91,3 +91,19 @@ def test_estimate_cli(capsys):
 def test_estimates_are_in_gib_range_for_the_default_model(method):
     est = estimate_for_model("default", method, 512, 4, device="cpu", bf16=False)
     assert 1 * GIB < est.total_bytes < 20 * GIB
+
+
+def test_hardware_cli_and_4bit_support(capsys):
+    from studio.hardware import bnb_4bit_support, detect
+
+    hw = detect()
+    assert hw.cpu_cores >= 1 and 0 < hw.ram_available_bytes <= hw.ram_total_bytes
+    assert main(["hardware", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"cpu_cores", "ram_total_bytes", "ram_available_bytes", "cpu_bf16", "mps", "cuda", "bnb_4bit",
+            "device"} <= out.keys()
+    assert out["bnb_4bit"]["cpu"] == "yes"  # bitsandbytes 0.50.2 is pinned
+    support = bnb_4bit_support(has_cuda=True, has_mps=True)
+    assert support["cuda"] == "yes" and "not available on MPS" in support["mps"]
+    assert main(["hardware"]) == 0
+    assert "QLoRA (4-bit) on CPU: yes" in capsys.readouterr().out
