@@ -94,6 +94,20 @@ class Studio:
         self.hardware = hardware.detect()
         self.playground = Playground(self.hardware.device)
         self._tokenizers: dict = {}
+        self._tables: dict = {}  # (path, size, mtime) -> Table: remapping must not re-read the file
+
+    @staticmethod
+    def _key(path: Path):
+        st = path.stat() if path.is_file() else None
+        return (str(path.resolve()), st.st_size, st.st_mtime_ns) if st else None
+
+    def _read(self, path: str | Path):
+        key = self._key(Path(path))
+        if key is None or key not in self._tables:
+            table = read_table(path)  # raises DataError with a sentence (missing files included)
+            self._tables = {key: table}  # keep one: the file this person is looking at
+            return table
+        return self._tables[key]
 
     # ---- data -------------------------------------------------------------------------------
     def tokenizer(self, model: str):
@@ -111,7 +125,7 @@ class Studio:
                 still returns a view (with ``problem`` set) so the person can map them by hand.
             ModelError: the model's tokenizer cannot be loaded.
         """
-        table = read_table(path)
+        table = self._read(path)
         view = DatasetView(str(path), list(table.df.columns), table.df.head(PREVIEW_ROWS))
         try:
             cm = parse_mapping(mapping, view.columns) if mapping.strip() else detect_format(table.df)
@@ -127,7 +141,7 @@ class Studio:
         exact bytes they trained on after the browser's temp file is gone. Returns the copy's
         path. Raises DataError when the file cannot be read at all (nothing is copied then)."""
         src = Path(uploaded)
-        read_table(src)
+        table = self._read(src)
         digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
         dest_dir = self.registry.root / "datasets"
         dest_dir.mkdir(parents=True, exist_ok=True)
@@ -135,6 +149,7 @@ class Studio:
         dest = dest_dir / f"{digest}-{safe}"
         if not dest.exists():
             shutil.copyfile(src, dest)
+        self._tables = {self._key(dest): table}  # the copy holds the same bytes: no second read
         return str(dest.resolve())
 
     # ---- training ---------------------------------------------------------------------------

@@ -221,10 +221,9 @@ def validate(table: Table, mapping: ColumnMapping, tokenizer=None, max_length: i
              "Keep one answer per prompt, or make the prompts say what differs.")
 
     # Encoding damage and giant cells.
-    text_cols = [s for r, s in cells.items()]
     moji = np.zeros(len(df), bool)
     longc = np.zeros(len(df), bool)
-    for s in text_cols:
+    for s in cells.values():
         moji |= s.str.contains(MOJIBAKE, regex=True).to_numpy()
         longc |= (s.str.len() > LONG_CELL_CHARS).to_numpy()
     _add(findings, "warning", "mojibake", moji,
