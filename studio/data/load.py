@@ -107,10 +107,11 @@ def _decode(raw: bytes) -> tuple[str, str]:
 
 
 def _read_delimited(p: Path) -> Table:
-    if b"\x00" in p.read_bytes()[:4096] and p.read_bytes()[:2] not in (b"\xff\xfe", b"\xfe\xff"):
+    raw = p.read_bytes()
+    if b"\x00" in raw[:4096] and raw[:2] not in (b"\xff\xfe", b"\xfe\xff"):
         raise DataError(f"{p.name} looks like a binary file (for example a spreadsheet saved as .xlsx), "
                         "not text; export it as CSV (UTF-8).")
-    text, encoding = _decode(p.read_bytes())
+    text, encoding = _decode(raw)
     delimiter = _sniff_delimiter(text, p.suffix.lower())
     # dtype=str keeps "007" and "1e5" as the user wrote them; keep_default_na=False keeps "NA".
     df = pd.read_csv(io.StringIO(text), sep=delimiter, dtype=str, keep_default_na=False)

@@ -58,7 +58,6 @@ class Trainer:
         data = prepare(cfg.data, self.tokenizer, t.seed)
         self.train_examples, self.eval_examples = data.train, data.eval
         self.data_findings = data.report.findings + data.notes
-        self.tokenizer.save_pretrained(self.run.path / "tokenizer")  # evidence of what was used
 
         self.model = self._load_model()
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -100,7 +100,8 @@ def wire_data_tab(studio: Studio, tab: DataTab, dataset_path: gr.State, mapping:
                tab.preview, *role_boxes]
 
     def render(path: str | None, pairs: str, model_ref: str, max_len) -> tuple:
-        """Everything the tab shows for a dataset and mapping (the one place that builds it)."""
+        """Everything the tab shows for a dataset and mapping (the one place that builds it).
+        ``pairs`` is the person's own mapping ("" = detect); only that goes into the config."""
         if not path:
             return (None, "", None, 0, EMPTY_REPORT, None, "", pd.DataFrame(),
                     *[gr.Dropdown(choices=[NONE], value=NONE) for _ in ROLES])
@@ -117,7 +118,7 @@ def wire_data_tab(studio: Studio, tab: DataTab, dataset_path: gr.State, mapping:
         roles = view.report.mapping.roles()
         stats = view.report.stats
         hist = length_histogram(stats.lengths.tolist(), stats.max_length) if stats else None
-        return (path, view.report.mapping.to_pairs(), view, 0, view.report.to_markdown(), hist,
+        return (path, pairs, view, 0, view.report.to_markdown(), hist,
                 seen_html(view, 0), view.preview,
                 *[gr.Dropdown(choices=choices, value=roles.get(r, NONE)) for r in ROLES])
 
