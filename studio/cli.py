@@ -26,6 +26,7 @@ _FLAG_ALIASES = {
     "training.learning_rate": "learning-rate", "training.batch_size": "batch-size",
     "training.gradient_accumulation": "gradient-accumulation", "training.warmup_ratio": "warmup-ratio",
     "training.weight_decay": "weight-decay", "training.precision": "precision",
+    "training.gradient_checkpointing": "gradient-checkpointing", "training.memory_check": "memory-check",
     "training.eval_steps": "eval-steps", "training.save_steps": "save-steps", "training.seed": "seed",
 }
 
@@ -131,8 +132,10 @@ def _train(args) -> int:
         if m["kind"] == "train":
             print(f"step {m['step']}/{m['total_steps']}  loss {m['loss']:.4f}  "
                   f"{m['tokens_per_s']:.0f} tok/s  rss {m['rss_mib']:.0f} MiB", flush=True)
-        else:
+        elif m["kind"] == "eval":
             print(f"eval at step {m['step']}: loss {m['eval_loss']:.4f}", flush=True)
+        elif m["kind"] == "memory_check":
+            print(m["summary"], flush=True)
 
     status = run_training(cfg, run, on_metrics=progress)
     print(status.get("message", ""))

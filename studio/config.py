@@ -89,6 +89,10 @@ class TrainingConfig:
     """AdamW weight decay."""
     precision: str = "auto"
     """auto (bf16 autocast where the device supports it), bf16 or fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations during the backward pass: far less memory for long rows, about a third slower."""
+    memory_check: bool = True
+    """Before training, run two optimizer steps on the longest rows and measure peak memory; stop with a suggestion if the run would not fit."""
     eval_steps: int = 0
     """Measure eval loss every N steps (0 = only at the end)."""
     save_steps: int = 0

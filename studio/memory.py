@@ -24,6 +24,7 @@ both sides on this machine; the coefficients below are explained where they are 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 
 GIB = 1024**3
@@ -177,16 +178,33 @@ def estimate(shape: ModelShape, method: str, seq_len: int, batch_size: int, devi
     return Estimate(method, device, breakdown, int(trainable), P, int(saved))
 
 
+@functools.lru_cache(maxsize=8)
+def shape_for_model(model: str, trust_remote_code: bool = False) -> ModelShape:
+    """The shape of a model reference (default, hub id or folder): reads only its config.
+
+    Raises:
+        ModelError: the model or its config cannot be found or read.
+    """
+    from transformers import AutoConfig
+
+    from studio import models
+
+    ref = models.resolve(model)
+    try:
+        config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise models.ModelError(f"Could not read the config of model {model!r}: "
+                                f"{str(exc).splitlines()[0][:200]}. Check the name or folder.") from None
+    return shape_from_config(config)
+
+
 def estimate_for_model(model: str, method: str, seq_len: int, batch_size: int, device: str | None = None,
                        trust_remote_code: bool = False, **kwargs) -> Estimate:
     """Estimate for a model reference (default, hub id or folder): reads only its config."""
-    from transformers import AutoConfig
-
-    from studio import hardware, models
+    from studio import hardware
 
     if device is None or "bf16" not in kwargs:  # fill in from this machine
         hw = hardware.detect()
         device = device or hw.device
         kwargs.setdefault("bf16", hw.bf16 if device == hw.device else device == "cuda")
-    config = AutoConfig.from_pretrained(models.resolve(model), trust_remote_code=trust_remote_code)
-    return estimate(shape_from_config(config), method, seq_len, batch_size, device, **kwargs)
+    return estimate(shape_for_model(model, trust_remote_code), method, seq_len, batch_size, device, **kwargs)

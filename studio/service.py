@@ -10,7 +10,7 @@ import hashlib
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +19,9 @@ from studio import hardware
 from studio.config import RunConfig
 from studio.data import DataError, DataReport, detect_format, parse_mapping, read_table, validate
 from studio.data.preview import token_segments
+from studio.memory import shape_for_model
 from studio.models import load_tokenizer
+from studio.planner import Plan, plan, settings_for
 from studio.export import export_zip
 from studio.playground import Playground, SamplingSettings
 from studio.runs import Run, RunRegistry
@@ -63,6 +65,7 @@ class JobView:
     tokens_per_s: float | None = None
     train: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
+    memory_check: str = ""  # the pre-run memory check's summary, once it has run
 
     @property
     def active(self) -> bool:
@@ -78,7 +81,8 @@ class JobView:
             parts.append(f"{self.tokens_per_s:,.0f} tokens/s")
         if self.eta_s is not None and self.active:
             parts.append(f"ETA {_duration(self.eta_s)}")
-        return " · ".join(parts) + f"  \n{self.message}"
+        text = " · ".join(parts) + f"  \n{self.message}"
+        return text + (f"  \n{self.memory_check}" if self.memory_check else "")
 
 
 def _duration(seconds: float) -> str:
@@ -95,6 +99,7 @@ class Studio:
         self.playground = Playground(self.hardware.device)
         self._tokenizers: dict = {}
         self._tables: dict = {}  # (path, size, mtime) -> Table: remapping must not re-read the file
+        self._longest: dict = {}  # (path, mapping, model) -> longest row in tokens, for memory plans
 
     @staticmethod
     def _key(path: Path):
@@ -134,7 +139,30 @@ class Studio:
             return view
         view.tokenizer = self.tokenizer(model)
         view.report = validate(table, cm, view.tokenizer, max_length)
+        stats = view.report.stats
+        if stats is not None and len(stats.lengths):
+            self._longest[(str(path), mapping, model)] = int(stats.lengths.max())
         return view
+
+    # ---- memory -------------------------------------------------------------------------------
+    def memory_plan(self, config: RunConfig) -> tuple[Plan, str]:
+        """Which methods fit, for these settings, and the batch shape the estimate assumes.
+
+        Training's peak comes from its longest batch, so when the dataset has been inspected
+        the estimate uses its longest row (when shorter than max length) instead of max length.
+
+        Raises:
+            ModelError: the model's config cannot be read.
+        """
+        shape = shape_for_model(config.model, config.trust_remote_code)
+        longest = self._longest.get((config.data.path, config.data.mapping, config.model))
+        seq, basis = config.data.max_length, f"max length {config.data.max_length}"
+        if longest is not None and longest < seq:
+            seq, basis = longest, f"your data's longest row, {longest} tokens"
+        hw = hardware.detect()  # free memory now, not at start-up
+        plan_ = plan(shape, hw, replace(settings_for(config, hw), seq_len=seq))
+        return plan_, (f"Estimated for micro-batch {config.training.batch_size} x {seq} tokens ({basis})"
+                       f"{', gradient checkpointing' if config.training.gradient_checkpointing else ''}.")
 
     def import_dataset(self, uploaded: str | Path) -> str:
         """Copy an upload next to the runs, named by content hash, so runs keep pointing at the
@@ -169,7 +197,8 @@ class Studio:
         evals = [m for m in metrics if m["kind"] == "eval"]
         view = JobView(run_id=job.run.id, state=status.get("state", "running"),
                        message=status.get("message", ""), train=train, evals=evals,
-                       total_steps=status.get("total_steps", 0))
+                       total_steps=status.get("total_steps", 0),
+                       memory_check=(status.get("memory_check") or {}).get("summary", ""))
         if job.stop_event.is_set() and view.state == "running":
             view.state, view.message = "stopping", "Stopping after the current step..."
         if train:

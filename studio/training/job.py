@@ -13,6 +13,7 @@ from studio.config import ConfigError, RunConfig
 from studio.data import DataError
 from studio.models import ModelError
 from studio.runs import Run, RunRegistry
+from studio.training.memory_check import MemoryCheckFailed, check_memory
 from studio.training.trainer import Trainer, TrainingStopped
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def failure_message(exc: BaseException) -> str:
     """A sentence that says what went wrong and what to do; never a traceback."""
-    if isinstance(exc, (DataError, ModelError, ConfigError)):
+    if isinstance(exc, (DataError, ModelError, ConfigError, MemoryCheckFailed)):
         return str(exc)
     if isinstance(exc, FloatingPointError):
         return str(exc)
@@ -43,6 +44,13 @@ def run_training(config: RunConfig, run: Run, stop_event: threading.Event | None
                        train_rows=len(trainer.train_examples), eval_rows=len(trainer.eval_examples),
                        device=trainer.device, bf16=trainer.use_bf16, message="Training...",
                        data_warnings=[f.code for f in trainer.data_findings])
+        if config.training.memory_check:
+            run.set_status("running", message="Checking memory: two steps on the longest rows...")
+            check = check_memory(trainer)
+            run.set_status("running", memory_check=check.to_dict(), message="Training...")
+            log.info(check.summary())
+            if on_metrics:
+                on_metrics({"kind": "memory_check", **check.to_dict()})
         stopped = False
         try:
             trainer.train()

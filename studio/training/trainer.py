@@ -60,14 +60,18 @@ class Trainer:
         self.data_findings = data.report.findings + data.notes
 
         self.model = self._load_model()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.trainable_params = sum(p.numel() for p in params)
-        self.optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        self.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         batches_per_epoch = math.ceil(len(self.train_examples) / t.batch_size)
         steps_per_epoch = max(1, batches_per_epoch // t.gradient_accumulation)
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+        self._make_optimizer()
+
+    def _make_optimizer(self) -> None:
         from transformers import get_scheduler
 
+        t = self.config.training
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
         self.scheduler = get_scheduler("cosine", self.optimizer,
                                        num_warmup_steps=int(t.warmup_ratio * self.total_steps),
                                        num_training_steps=self.total_steps)
@@ -77,12 +81,18 @@ class Trainer:
         compute = torch.bfloat16 if self.use_bf16 else torch.float32
         model = models.load_model(cfg.model, cfg.method, self.device, compute, cfg.trust_remote_code)
         model.config.use_cache = False
+        if cfg.training.gradient_checkpointing:
+            # Non-reentrant checkpointing needs no input that requires grad, so it works the
+            # same for full fine-tuning and for adapters on a frozen base.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.method == "full":
             return model
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
         if cfg.method == "qlora":
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=cfg.training.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
         lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                           target_modules=cfg.lora.target_modules(), task_type="CAUSAL_LM")
         try:

@@ -60,3 +60,36 @@ def length_histogram(lengths: list[int], max_length: int) -> go.Figure:
     fig.update_layout(title="Tokens per row", xaxis_title="tokens", yaxis_title="rows",
                       **{**_LAYOUT, "legend": dict(visible=False)})
     return fig
+
+
+PART_LABELS = {"base_weights": "base weights", "adapter_weights": "adapter weights", "gradients": "gradients",
+               "optimizer_state": "optimizer state", "optimizer_step_temp": "optimizer step (temporary)",
+               "activations": "activations", "logits": "logits", "runtime_overhead": "runtime overhead"}
+PART_COLORS = {"base_weights": "#6366f1", "adapter_weights": "#22c55e", "gradients": "#f59e0b",
+               "optimizer_state": "#ef4444", "optimizer_step_temp": "#fca5a5", "activations": "#06b6d4",
+               "logits": "#a855f7", "runtime_overhead": "#9ca3af"}
+
+
+def memory_plan_figure(plan) -> go.Figure:
+    """One stacked bar per method (its estimate's breakdown) against the memory available."""
+    gib = 1024**3
+    methods = [m for m in plan.methods if m.estimate is not None]
+    labels = {"full": "Full", "lora": "LoRA", "qlora": "QLoRA"}
+    fig = go.Figure()
+    for part, label in PART_LABELS.items():
+        values = [m.estimate.breakdown.get(part, 0) / gib for m in methods]
+        if any(values):
+            fig.add_trace(go.Bar(y=[labels[m.method] for m in methods], x=values, name=label, orientation="h",
+                                 marker_color=PART_COLORS[part],
+                                 hovertemplate=f"{label}: %{{x:.2f}} GiB<extra></extra>"))
+    avail = plan.available_bytes / gib
+    fig.add_vline(x=avail, line_color="#111827", line_width=2,
+                  annotation_text=f"available {avail:.1f} GiB", annotation_position="top")
+    fig.add_vline(x=0.85 * avail, line_dash="dot", line_color="#6b7280", annotation_text="85%",
+                  annotation_position="bottom left")
+    top = max([avail] + [m.estimate.total_bytes / gib for m in methods]) * 1.08
+    fig.update_layout(barmode="stack", title="Estimated peak memory", xaxis_title="GiB",
+                      **{**_LAYOUT, "height": 260, "legend": dict(orientation="h", y=-0.35, x=0)})
+    fig.update_xaxes(range=[0, top])
+    fig.update_yaxes(autorange="reversed")
+    return fig

@@ -6,16 +6,21 @@ reloading the page or opening a second tab shows the same running job.
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
+from typing import Callable
 
 import gradio as gr
 
 from studio.cli import command_for
 from studio.config import ConfigError, RunConfig, field_help
+from studio.models import ModelError
+from studio.planner import METHOD_NAMES
 from studio.service import JobView, Studio
-from studio.ui.plots import loss_figure, memory_figure
+from studio.ui.plots import loss_figure, memory_figure, memory_plan_figure
 
 POLL_SECONDS = 0.5
+LORA_LR, FULL_LR = RunConfig().training.learning_rate, 2e-5
 
 
 def _progress_html(view: JobView) -> str:
@@ -30,11 +35,16 @@ class TrainControls:
 
     model: gr.Textbox
     max_length: gr.Number
+    show_plan: Callable  # re-plan memory: the page runs it on load
+    plan_inputs: list
+    plan_outputs: list
 
 
 def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -> TrainControls:
     defaults = RunConfig()
-    gr.Markdown(f"**Hardware:** {studio.hardware.summary()}", elem_id="hardware-summary")
+    hw = studio.hardware
+    four_bit = "; ".join(f"QLoRA on {d.upper()}: {why}" for d, why in hw.bnb_4bit.items())
+    gr.Markdown(f"**Hardware:** {hw.summary()}  \n{four_bit}", elem_id="hardware-summary")
     with gr.Row():
         model = gr.Textbox(value=defaults.model, label="Model", elem_id="model-name", scale=2,
                            info="default = SmolLM2-135M-Instruct (bundled, works offline); or a hub id or local folder.")
@@ -60,6 +70,21 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
             eval_fraction = gr.Number(value=defaults.data.eval_fraction, label="Eval fraction",
                                       info=field_help("data.eval_fraction"))
     with gr.Row():
+        accumulation = gr.Number(value=t.gradient_accumulation, label="Gradient accumulation", precision=0,
+                                 minimum=1, elem_id="train-accumulation", info=field_help("training.gradient_accumulation"))
+        checkpointing = gr.Checkbox(t.gradient_checkpointing, label="Gradient checkpointing",
+                                    elem_id="train-checkpointing", info=field_help("training.gradient_checkpointing"))
+        memory_check = gr.Checkbox(t.memory_check, label="Check memory before training",
+                                   elem_id="train-memory-check", info=field_help("training.memory_check"))
+    with gr.Accordion("Memory: which method fits", open=True):
+        plan_html = gr.HTML(elem_id="memory-plan")
+        with gr.Row():
+            use_recommended = gr.Button("Use the recommended method", size="sm", elem_id="plan-use-recommended",
+                                        visible=False)
+            apply_fix = gr.Button("Apply the suggested change", size="sm", elem_id="plan-apply", visible=False)
+        plan_plot = gr.Plot(elem_id="memory-bar", label="Estimated peak memory")
+    plan_state = gr.State(None)  # the last plan's recommendation and suggestion, for the buttons
+    with gr.Row():
         train_btn = gr.Button("Train", variant="primary", elem_id="train-button")
         stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-button", interactive=False)
     status = gr.Markdown("No training yet.", elem_id="train-status")
@@ -73,15 +98,41 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
     timer = gr.Timer(POLL_SECONDS)
     shown = gr.State(None)  # what this browser tab last drew; skip redraws when nothing changed
 
-    form = [model, method, epochs, max_steps, lr, batch, max_len, r, alpha, dropout, targets, eval_fraction]
+    form = [model, method, epochs, max_steps, lr, batch, max_len, r, alpha, dropout, targets, eval_fraction,
+            accumulation, checkpointing, memory_check]
 
-    def to_config(path, pairs, model, method, epochs, max_steps, lr, batch, max_len, r, alpha, dropout, targets, ev):
+    def to_config(path, pairs, model, method, epochs, max_steps, lr, batch, max_len, r, alpha, dropout, targets, ev,
+                  accumulation, checkpointing, memory_check):
         return RunConfig.from_dict({
             "model": model, "method": method,
             "data": {"path": path or "", "mapping": pairs or "", "max_length": max_len, "eval_fraction": ev},
             "lora": {"r": r, "alpha": alpha, "dropout": dropout, "targets": targets},
-            "training": {"epochs": epochs, "max_steps": max_steps, "learning_rate": lr, "batch_size": batch},
+            "training": {"epochs": epochs, "max_steps": max_steps, "learning_rate": lr, "batch_size": batch,
+                         "gradient_accumulation": accumulation, "gradient_checkpointing": checkpointing,
+                         "memory_check": memory_check},
         })
+
+    def show_plan(path, pairs, *values):
+        """Re-plan on every change that moves memory; problems show in place of the table."""
+        hidden = (gr.Button(visible=False), gr.Button(visible=False))
+        try:
+            cfg = to_config(path, pairs, *values)
+            problems = cfg.validate(check_data_file=False)
+            if problems:
+                return _problems_html(problems), None, None, *hidden
+            plan, basis = studio.memory_plan(cfg)
+        except ConfigError as exc:
+            return _problems_html(exc.problems), None, None, *hidden
+        except ModelError as exc:
+            return _problems_html([str(exc)]), None, None, *hidden
+        keep = {"recommended": plan.recommended,
+                "changes": plan.suggestion.changes if plan.suggestion else None,
+                "suggested_method": plan.suggestion.method if plan.suggestion else None}
+        rec = plan.recommended
+        return (plan_table_html(plan, cfg.method, basis), memory_plan_figure(plan), keep,
+                gr.Button(visible=bool(rec and rec != cfg.method),
+                          value=f"Use {METHOD_NAMES[rec]}" if rec else "Use the recommended method"),
+                gr.Button(visible=plan.suggestion is not None))
 
     def start(path, pairs, *values):
         if not path:
@@ -123,4 +174,82 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
                                                           train_btn, stop_btn], show_progress="hidden")
     for comp in form:
         comp.change(show_cli, inputs=[dataset_path, mapping, *form], outputs=cli, show_progress="hidden")
-    return TrainControls(model, max_len)
+
+    plan_outputs = [plan_html, plan_plot, plan_state, use_recommended, apply_fix]
+    plan_inputs = [dataset_path, mapping, *form]
+    # The model box re-plans when left or submitted, not per keystroke (reading a config can be slow).
+    model.submit(show_plan, inputs=plan_inputs, outputs=plan_outputs, show_progress="hidden")
+    model.blur(show_plan, inputs=plan_inputs, outputs=plan_outputs, show_progress="hidden")
+    for comp in (method, batch, max_len, r, dropout, targets, accumulation, checkpointing):
+        comp.change(show_plan, inputs=plan_inputs, outputs=plan_outputs, show_progress="hidden")
+    dataset_path.change(show_plan, inputs=plan_inputs, outputs=plan_outputs, show_progress="hidden")
+    mapping.change(show_plan, inputs=plan_inputs, outputs=plan_outputs, show_progress="hidden")
+
+    def switch_lr(current_lr, new_method):
+        """Full fine-tuning wants about a tenth of LoRA's learning rate: when the button switches
+        method and the rate is still the other family's default, switch the rate too."""
+        if new_method == "full" and current_lr == LORA_LR:
+            return FULL_LR
+        if new_method != "full" and current_lr == FULL_LR:
+            return LORA_LR
+        return gr.skip()
+
+    def use_rec(kept, current_lr):
+        if not kept or not kept.get("recommended"):
+            return gr.skip(), gr.skip()
+        return gr.Radio(value=kept["recommended"]), switch_lr(current_lr, kept["recommended"])
+
+    def apply(kept, current_lr):
+        """Set the suggested method and settings; each control's change event then re-plans."""
+        if not kept or not kept.get("changes"):
+            return (gr.skip(),) * 6
+        ch, new = kept["changes"], kept["suggested_method"]
+        return (gr.Radio(value=new), switch_lr(current_lr, new),
+                ch.get("training.batch_size", gr.skip()), ch.get("training.gradient_accumulation", gr.skip()),
+                ch.get("training.gradient_checkpointing", gr.skip()), ch.get("data.max_length", gr.skip()))
+
+    use_recommended.click(use_rec, inputs=[plan_state, lr], outputs=[method, lr])
+    apply_fix.click(apply, inputs=[plan_state, lr], outputs=[method, lr, batch, accumulation, checkpointing, max_len])
+    return TrainControls(model, max_len, show_plan, plan_inputs, plan_outputs)
+
+
+VERDICTS = {"fits": ("fits", "fs-fits"), "tight": ("tight", "fs-tight"), "no": ("does not fit", "fs-nofit"),
+            "n/a": ("cannot run here", "fs-na")}
+
+
+def _problems_html(problems: list[str]) -> str:
+    items = "".join(f"<li>{html.escape(p)}</li>" for p in problems)
+    return f'<div class="fs-plan-problems">Fix these settings to see the memory estimate:<ul>{items}</ul></div>'
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.0f} MiB"
+
+
+def plan_table_html(plan, chosen: str, basis: str) -> str:
+    """The plan as a table: one row per method, the chosen one marked, then the recommendation."""
+    rows = []
+    for m in plan.methods:
+        label, css = VERDICTS[m.verdict]
+        est = m.estimate
+        if est is None:
+            cells = f'<td colspan="3">{html.escape(m.reason)}</td>'
+        else:
+            pct = est.trainable_params / est.total_params
+            cells = (f"<td>{_size(est.total_bytes)} ({m.share:.0%})</td>"
+                     f"<td>{est.trainable_params:,} ({pct:.2%})</td><td>{_size(est.adapter_bytes)}</td>")
+        mark = " fs-chosen" if m.method == chosen else ""
+        rows.append(f'<tr class="fs-plan-row{mark}" data-method="{m.method}" data-verdict="{m.verdict}">'
+                    f"<td>{METHOD_NAMES[m.method]}{' (chosen)' if mark else ''}</td>"
+                    f'<td><span class="fs-verdict {css}">{label}</span></td>{cells}</tr>')
+    where = "GPU" if plan.device == "cuda" else plan.device.upper()
+    head = (f'<div class="fs-plan-basis">{html.escape(basis)} Available on {where}: '
+            f"{_size(plan.available_bytes)}.</div>")
+    table = ('<table class="fs-plan"><thead><tr><th>Method</th><th>Verdict</th><th>Estimated peak</th>'
+             "<th>Trainable parameters</th><th>Saved size</th></tr></thead><tbody>"
+             + "".join(rows) + "</tbody></table>")
+    rec = f'<div class="fs-plan-rec" data-recommended="{plan.recommended or ""}"><b>Recommended:</b> ' \
+          f"{html.escape(plan.recommendation)}</div>"
+    fix = (f'<div class="fs-plan-fix"><b>Suggestion:</b> {html.escape(plan.suggestion.text)}</div>'
+           if plan.suggestion else "")
+    return head + table + rec + fix

@@ -1,0 +1,229 @@
+"""Which training method fits this machine, and why: full fine-tuning, LoRA or QLoRA.
+
+For each method the estimate (``studio.memory``) is compared with the memory the training
+device has free:
+
+    fits    the estimate is at most 85% of what is available (room for the unexpected)
+    tight   between 85% and 100%: it may run, or may run out of memory on a long batch
+    no      above what is available
+    n/a     the method cannot run on this device at all (QLoRA without bitsandbytes 4-bit)
+
+The recommendation is the highest-quality method that fits comfortably; quality runs
+full > LoRA > QLoRA and memory the other way round. When a better method than the
+recommended one almost fits, the planner searches the settings a person can change
+(gradient checkpointing, a smaller micro-batch with more accumulation so the effective batch
+is unchanged, a shorter max length) and suggests the first change that makes it fit.
+
+Example:
+    >>> plan = plan_for_config(RunConfig(method="lora"), hardware.detect())
+    >>> plan.recommended, plan.methods[0].verdict
+    ('full', 'fits')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from studio.config import RunConfig
+from studio.hardware import Hardware
+from studio.memory import GIB, MIB, Estimate, ModelShape, estimate, shape_for_model
+
+TIGHT_SHARE = 0.85
+QUALITY_ORDER = ("full", "lora", "qlora")
+METHOD_NAMES = {"full": "Full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The settings memory depends on (a slice of RunConfig)."""
+
+    seq_len: int
+    batch_size: int
+    gradient_accumulation: int = 1
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    lora_r: int = 16
+    lora_targets: str | list[str] = "all-linear"
+    lora_dropout: float = 0.05
+    optimizer: str = "adamw"
+
+
+@dataclass
+class MethodPlan:
+    method: str
+    verdict: str  # fits | tight | no | n/a
+    reason: str
+    estimate: Estimate | None = None  # None when the method cannot run on this device
+    share: float | None = None  # estimate / available memory
+
+
+@dataclass
+class Suggestion:
+    """A change of settings that makes ``method`` fit; ``changes`` uses RunConfig dotted names."""
+
+    method: str
+    changes: dict[str, object]
+    text: str
+    estimate_bytes: int
+
+
+@dataclass
+class Plan:
+    device: str
+    available_bytes: int
+    settings: Settings
+    methods: list[MethodPlan] = field(default_factory=list)
+    recommended: str | None = None
+    recommendation: str = ""
+    suggestion: Suggestion | None = None
+
+    def get(self, method: str) -> MethodPlan:
+        return next(m for m in self.methods if m.method == method)
+
+    def to_dict(self) -> dict:
+        return {
+            "device": self.device, "available_bytes": self.available_bytes,
+            "recommended": self.recommended, "recommendation": self.recommendation,
+            "suggestion": None if self.suggestion is None else {
+                "method": self.suggestion.method, "changes": self.suggestion.changes,
+                "text": self.suggestion.text, "estimate_bytes": self.suggestion.estimate_bytes},
+            "methods": [{"method": m.method, "verdict": m.verdict, "reason": m.reason, "share": m.share,
+                     "estimate": None if m.estimate is None else m.estimate.to_dict()} for m in self.methods],
+        }
+
+
+def available_bytes(hw: Hardware, device: str) -> int:
+    """Memory training can use on ``device``: free memory on the first GPU, available RAM otherwise
+    (MPS shares the machine's RAM)."""
+    if device == "cuda" and hw.cuda:
+        return hw.cuda[0].free_bytes
+    return hw.ram_available_bytes
+
+
+def _fmt(n: int) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / MIB:.0f} MiB"
+
+
+def _estimate(shape: ModelShape, method: str, s: Settings, device: str) -> Estimate:
+    return estimate(shape, method, s.seq_len, s.batch_size, device, bf16=s.bf16,
+                    gradient_checkpointing=s.gradient_checkpointing, optimizer=s.optimizer,
+                    lora_r=s.lora_r, lora_targets=s.lora_targets, lora_dropout=s.lora_dropout)
+
+
+def _verdict(total: int, available: int) -> str:
+    if total <= TIGHT_SHARE * available:
+        return "fits"
+    return "tight" if total <= available else "no"
+
+
+def _why_not(method: str, hw: Hardware, device: str) -> str | None:
+    """Why a method cannot run on this device at all, or None."""
+    if method == "qlora":
+        support = hw.bnb_4bit.get(device, f"bitsandbytes 4-bit is not available on {device.upper()}")
+        if support != "yes":
+            return support
+    return None
+
+
+def plan(shape: ModelShape, hw: Hardware, settings: Settings, device: str | None = None) -> Plan:
+    """Estimate every method with these settings on ``device`` (default: the training device)."""
+    device = device or hw.device
+    avail = available_bytes(hw, device)
+    out = Plan(device, avail, settings)
+    where = "free on the GPU" if device == "cuda" else "of RAM available"
+    for method in QUALITY_ORDER:
+        blocked = _why_not(method, hw, device)
+        if blocked:
+            out.methods.append(MethodPlan(method, "n/a", blocked))
+            continue
+        est = _estimate(shape, method, settings, device)
+        verdict = _verdict(est.total_bytes, avail)
+        share = est.total_bytes / avail
+        reason = {
+            "fits": f"about {_fmt(est.total_bytes)} of the {_fmt(avail)} {where} ({share:.0%})",
+            "tight": f"about {_fmt(est.total_bytes)} of the {_fmt(avail)} {where} ({share:.0%}): "
+                     "may run out of memory on the longest batches",
+            "no": f"needs about {_fmt(est.total_bytes)}, more than the {_fmt(avail)} {where}",
+        }[verdict]
+        out.methods.append(MethodPlan(method, verdict, reason, est, share))
+
+    fitting = [m for m in out.methods if m.verdict == "fits"]
+    tight = [m for m in out.methods if m.verdict == "tight"]
+    if fitting:
+        best = fitting[0]
+        out.recommended = best.method
+        out.recommendation = f"{METHOD_NAMES[best.method]}: {_merit(best)}"
+    elif tight:
+        out.recommended = tight[0].method
+        out.recommendation = (f"{METHOD_NAMES[tight[0].method]}, but it is tight: nothing fits comfortably "
+                              "with these settings.")
+    else:
+        out.recommendation = "Nothing fits with these settings."
+    # Worth a suggestion: every method better than a comfortable recommendation, or every
+    # method when nothing fits comfortably. Best first: the highest quality a change could buy.
+    better = out.methods[:QUALITY_ORDER.index(out.recommended)] if fitting else out.methods
+    for m in better:
+        if m.estimate is not None:
+            out.suggestion = suggest(shape, m.method, settings, device, avail)
+            if out.suggestion:
+                break
+    return out
+
+
+def _merit(m: MethodPlan) -> str:
+    est = m.estimate
+    if m.method == "full":
+        return (f"the highest quality, and it fits comfortably. It saves the whole model "
+                f"({_fmt(est.adapter_bytes)}) and wants a lower learning rate (about 2e-5).")
+    if m.method == "lora":
+        return (f"trains {est.trainable_params / est.total_params:.2%} of the weights and saves a "
+                f"{_fmt(est.adapter_bytes)} adapter; close to full fine-tuning in quality.")
+    return (f"a 4-bit base with a {_fmt(est.adapter_bytes)} adapter: the least memory, a little "
+            "below LoRA in quality and slower per step.")
+
+
+def suggest(shape: ModelShape, method: str, settings: Settings, device: str, avail: int) -> Suggestion | None:
+    """The first change (or pair of changes) that makes ``method`` fit comfortably, cheapest first."""
+    candidates: list[tuple[dict, Settings, str]] = []
+    if not settings.gradient_checkpointing:
+        candidates.append(({"training.gradient_checkpointing": True},
+                           replace(settings, gradient_checkpointing=True), "turn on gradient checkpointing"))
+    b, acc = settings.batch_size, settings.gradient_accumulation
+    while b > 1:  # keep the effective batch: halve the micro-batch, double the accumulation
+        b, acc = max(1, b // 2), acc * 2
+        candidates.append(({"training.batch_size": b, "training.gradient_accumulation": acc},
+                           replace(settings, batch_size=b, gradient_accumulation=acc),
+                           f"use micro-batch {b} with gradient accumulation {acc} (same effective batch)"))
+    singles = list(candidates)
+    seq = settings.seq_len
+    while seq // 2 >= 128:
+        seq //= 2
+        candidates.append(({"data.max_length": seq}, replace(settings, seq_len=seq),
+                           f"lower max length to {seq} tokens (longer rows are cut)"))
+    # Pairs: checkpointing together with a smaller micro-batch.
+    if singles and not settings.gradient_checkpointing:
+        for changes, s, text in singles[1:]:
+            candidates.append(({"training.gradient_checkpointing": True, **changes},
+                               replace(s, gradient_checkpointing=True), f"turn on gradient checkpointing and {text}"))
+    for changes, s, text in candidates:
+        est = _estimate(shape, method, s, device)
+        if _verdict(est.total_bytes, avail) == "fits":
+            return Suggestion(method, changes, f"{METHOD_NAMES[method]} would fit if you {text} "
+                                                 f"(about {_fmt(est.total_bytes)}).", est.total_bytes)
+    return None
+
+
+def settings_for(config: RunConfig, hw: Hardware) -> Settings:
+    t = config.training
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and hw.bf16)
+    return Settings(seq_len=config.data.max_length, batch_size=t.batch_size,
+                    gradient_accumulation=t.gradient_accumulation,
+                    gradient_checkpointing=t.gradient_checkpointing, bf16=bf16, lora_r=config.lora.r,
+                    lora_targets=config.lora.target_modules(), lora_dropout=config.lora.dropout)
+
+
+def plan_for_config(config: RunConfig, hw: Hardware, shape: ModelShape | None = None) -> Plan:
+    """Plan for a run config; reads the model's config (not its weights) unless ``shape`` is given."""
+    if shape is None:
+        shape = shape_for_model(config.model, config.trust_remote_code)
+    return plan(shape, hw, settings_for(config, hw))

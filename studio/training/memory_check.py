@@ -1,0 +1,164 @@
+"""Measure before training: two optimizer steps on the longest rows, peak memory against the estimate.
+
+Length-sorted batching puts the longest rows together, so the batch of the longest rows is
+the run's worst case: if two steps on it fit, the run fits. The steps run with learning
+rate 0 and the RNG state is restored afterwards, and the optimizer and scheduler are rebuilt,
+so the run that follows is exactly the run it would have been without the check (a test
+compares the losses).
+
+What is measured:
+    CUDA  torch.cuda.max_memory_allocated plus what the device already used outside torch's
+          allocator (the CUDA context, other processes), i.e. the device's peak use
+    CPU   the process's peak resident set size (VmHWM, reset through /proc/self/clear_refs
+          so the peak is this check's own)
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+from studio.memory import GIB, MIB, estimate, shape_for_model
+
+STEPS = 2
+
+
+class MemoryCheckFailed(Exception):
+    """The run would not fit; the message says by how much and what to change."""
+
+
+@dataclass
+class MemoryCheck:
+    device: str
+    batch_size: int
+    seq_len: int  # the longest batch's width (tokens)
+    measured_bytes: int  # peak: device use on CUDA, process RSS on CPU
+    baseline_bytes: int  # the same quantity just before the check (model loaded)
+    estimate_bytes: int  # studio.memory's estimate for this exact batch shape
+    available_bytes: int  # device total on CUDA; RAM available before the check on CPU
+    seconds: float
+
+    @property
+    def increase_bytes(self) -> int:
+        return max(0, self.measured_bytes - self.baseline_bytes)
+
+    @property
+    def error(self) -> float:
+        """Estimate relative to the measurement (+0.05 = the estimate was 5% high)."""
+        return self.estimate_bytes / self.measured_bytes - 1 if self.measured_bytes else 0.0
+
+    def summary(self) -> str:
+        where = "GPU memory" if self.device == "cuda" else "process memory (RSS)"
+        return (f"Memory check ({STEPS} steps on the longest rows, batch {self.batch_size} x {self.seq_len} tokens): "
+                f"peak {where} {_fmt(self.measured_bytes)} measured, {_fmt(self.estimate_bytes)} estimated "
+                f"({self.error:+.0%}).")
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"increase_bytes": self.increase_bytes, "summary": self.summary()}
+
+
+def _fmt(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.0f} MiB"
+
+
+def _cpu_peak_rss() -> int:
+    text = Path("/proc/self/status").read_text()
+    m = re.search(r"VmHWM:\s+(\d+) kB", text)
+    return int(m.group(1)) * 1024 if m else psutil.Process().memory_info().rss
+
+
+def _reset_cpu_peak() -> None:
+    try:  # Linux: "5" resets the peak RSS (VmHWM) to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # elsewhere the peak is the process's lifetime peak: an overestimate, never an under-
+
+
+def _cuda_outside_allocator() -> int:
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) - torch.cuda.memory_reserved()
+
+
+def check_memory(trainer) -> MemoryCheck:
+    """Run the check on a set-up trainer. Raises MemoryCheckFailed when the run would not fit."""
+    from studio.planner import Settings, suggest
+
+    cfg, t = trainer.config, trainer.config.training
+    examples = sorted(trainer.train_examples, key=lambda e: len(e.input_ids), reverse=True)[:t.batch_size]
+    batch = trainer._collate(examples)
+    rows, width = batch["input_ids"].shape
+    device = trainer.device
+    shape = shape_for_model(cfg.model, cfg.trust_remote_code)
+    settings = Settings(seq_len=width, batch_size=rows, gradient_accumulation=t.gradient_accumulation,
+                        gradient_checkpointing=t.gradient_checkpointing, bf16=trainer.use_bf16,
+                        lora_r=cfg.lora.r, lora_targets=cfg.lora.target_modules(), lora_dropout=cfg.lora.dropout)
+    est = estimate(shape, cfg.method, width, rows, device, bf16=trainer.use_bf16,
+                   gradient_checkpointing=t.gradient_checkpointing, lora_r=cfg.lora.r,
+                   lora_targets=cfg.lora.target_modules(), lora_dropout=cfg.lora.dropout).total_bytes
+
+    if device == "cuda":
+        available = torch.cuda.get_device_properties(0).total_memory
+    else:
+        available = psutil.virtual_memory().available + psutil.Process().memory_info().rss
+
+    def would_not_fit(what: str) -> MemoryCheckFailed:
+        fix = suggest(shape, cfg.method, settings, device, available)
+        return MemoryCheckFailed(f"{what} {fix.text if fix else 'Choose QLoRA, a smaller model, or shorter rows.'}")
+
+    # On CPU running out of memory is not an exception: the kernel kills the process (the
+    # server with it). So a run the estimate says cannot fit is refused before it is tried.
+    if device != "cuda" and est > available:
+        raise would_not_fit(f"This run needs about {_fmt(est)} of RAM (batch {rows} x {width} tokens) but "
+                            f"{_fmt(available)} is available.")
+
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if device == "cuda" else None
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = 0.0  # the steps allocate everything a real step does but change no weight
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    trainer.model.train()
+    start = time.time()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        outside = _cuda_outside_allocator()
+        baseline = torch.cuda.memory_allocated() + outside
+    else:
+        baseline = psutil.Process().memory_info().rss
+        _reset_cpu_peak()
+    try:
+        for _ in range(STEPS):
+            with trainer._autocast():
+                loss = trainer.model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad(set_to_none=True)
+            del loss
+        if device == "cuda":
+            torch.cuda.synchronize()
+            measured = torch.cuda.max_memory_allocated() + outside
+        else:
+            measured = _cpu_peak_rss()
+    except (torch.OutOfMemoryError, MemoryError):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        raise would_not_fit(f"The memory check ran out of memory with batch {rows} x {width} tokens "
+                            f"({_fmt(available)} {'on the GPU' if device == 'cuda' else 'of RAM'}).") from None
+    finally:
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    trainer._make_optimizer()  # fresh AdamW state and schedule: the check leaves no trace
+    result = MemoryCheck(device, rows, width, int(measured), int(baseline), int(est), int(available),
+                         round(time.time() - start, 2))
+    if device != "cuda" and result.increase_bytes > available - baseline:
+        raise would_not_fit(f"Two steps needed {_fmt(result.increase_bytes)} more RAM than the "
+                            f"{_fmt(available - baseline)} that was free, so the run would swap.")
+    return result
