@@ -189,32 +189,48 @@ def _estimate(args) -> int:
     import json
 
     from studio import hardware
-    from studio.memory import GIB, estimate_for_model
+    from studio.memory import GIB, estimate, shape_for_model
     from studio.models import ModelError
+    from studio.planner import Settings, plan
 
     hw = hardware.detect()
     device = args.device or hw.device
     targets = "all-linear" if args.lora_targets == "all-linear" else [t.strip() for t in args.lora_targets.split(",")]
+    settings = Settings(seq_len=args.seq_len, batch_size=args.batch_size,
+                        gradient_checkpointing=args.gradient_checkpointing,
+                        bf16=hw.bf16 if device == hw.device else device == "cuda", lora_r=args.lora_r,
+                        lora_targets=targets, optimizer=args.optimizer)
     try:
-        est = estimate_for_model(args.model, args.method, args.seq_len, args.batch_size, device=device,
-                                 bf16=hw.bf16 if device == hw.device else device == "cuda",
-                                 gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
-                                 lora_r=args.lora_r, lora_targets=targets)
+        shape = shape_for_model(args.model)
+        est = estimate(shape, args.method, settings.seq_len, settings.batch_size, device, bf16=settings.bf16,
+                       gradient_checkpointing=settings.gradient_checkpointing, optimizer=settings.optimizer,
+                       lora_r=settings.lora_r, lora_targets=settings.lora_targets)
     except (ModelError, OSError, ValueError) as exc:
         print(f"Could not estimate: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
-    available = (hw.cuda[0].free_bytes if device == "cuda" and hw.cuda else hw.ram_available_bytes)
-    fits = est.total_bytes <= available if device == hw.device else None
+    # Fit verdicts need the device's free memory, so only for this machine's training device.
+    p = plan(shape, hw, settings, device) if device == hw.device else None
+    verdict = p.get(args.method).verdict if p else None
+    fits = None if p is None else verdict in ("fits", "tight")
     if args.json:
-        print(json.dumps({**est.to_dict(), "fits": fits, "available_bytes": available if fits is not None else None}, indent=2))
+        print(json.dumps({**est.to_dict(), "fits": fits, "verdict": verdict,
+                          "available_bytes": p.available_bytes if p else None,
+                          "plan": p.to_dict() if p else None}, indent=2))
         return 0
     print(f"{args.method} on {device}: about {est.total_bytes / GIB:.2f} GiB peak "
-          f"({est.trainable_params:,} trainable of {est.total_params:,} parameters)")
+          f"({est.trainable_params:,} trainable of {est.total_params:,} parameters, "
+          f"{est.adapter_bytes / 2**20:.0f} MiB saved)")
     for part, n in est.breakdown.items():
         if n:
             print(f"  {part:<22}{n / GIB:>8.2f} GiB")
-    if fits is not None:
-        print(f"{'Fits' if fits else 'Does not fit'} in the {available / GIB:.1f} GiB available.")
+    if p is None:
+        return 0
+    print(f"\nOn this machine ({p.available_bytes / GIB:.1f} GiB available on {device.upper()}):")
+    for m in p.methods:
+        print(f"  {m.method:<6} {m.verdict:<6} {m.reason}")
+    print(f"Recommended: {p.recommendation}")
+    if p.suggestion:
+        print(f"Suggestion: {p.suggestion.text}")
     return 0
 
 

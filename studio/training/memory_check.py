@@ -84,6 +84,14 @@ def _cuda_outside_allocator() -> int:
     return (total - free) - torch.cuda.memory_reserved()
 
 
+def available_bytes(device: str) -> int:
+    """What the run may reach at its peak: the GPU's total memory (the measurement counts the
+    context and other processes too), or this process's RSS plus the RAM still available."""
+    if device == "cuda":
+        return torch.cuda.get_device_properties(0).total_memory
+    return psutil.virtual_memory().available + psutil.Process().memory_info().rss
+
+
 def check_memory(trainer) -> MemoryCheck:
     """Run the check on a set-up trainer. Raises MemoryCheckFailed when the run would not fit."""
     from studio.planner import Settings, suggest
@@ -101,10 +109,7 @@ def check_memory(trainer) -> MemoryCheck:
                    gradient_checkpointing=t.gradient_checkpointing, lora_r=cfg.lora.r,
                    lora_targets=cfg.lora.target_modules(), lora_dropout=cfg.lora.dropout).total_bytes
 
-    if device == "cuda":
-        available = torch.cuda.get_device_properties(0).total_memory
-    else:
-        available = psutil.virtual_memory().available + psutil.Process().memory_info().rss
+    available = available_bytes(device)
 
     def would_not_fit(what: str) -> MemoryCheckFailed:
         fix = suggest(shape, cfg.method, settings, device, available)
