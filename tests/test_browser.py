@@ -73,6 +73,42 @@ def _points(page, plot: str) -> int:
         return el && el.data && el.data[0] ? el.data[0].x.length : 0; }}""")
 
 
+def test_method_picker_follows_the_settings(server, browser):
+    """The memory plan redraws as settings change, and its buttons change the settings."""
+    from playwright.sync_api import expect
+
+    url, _ = server
+    page, errors = _page(browser, url)
+    page.get_by_role("tab", name="Train").click()
+    plan = page.locator("#memory-plan")
+    expect(plan.locator("tr.fs-plan-row")).to_have_count(3, timeout=30_000)
+    expect(plan).to_contain_text("micro-batch 4 x 512 tokens (max length 512)")
+    expect(plan.locator("tr.fs-chosen")).to_have_attribute("data-method", "lora")
+    page.wait_for_function("""() => { const el = document.querySelector('#memory-bar .js-plotly-plot');
+        return el && el.data && el.data.length >= 4 && el.data[0].y.length === 3; }""", timeout=30_000)
+    before = plan.locator("tr[data-method=lora] td").nth(2).inner_text()
+
+    page.locator("#train-checkpointing input").check()
+    expect(plan).to_contain_text("gradient checkpointing", timeout=30_000)
+    after = plan.locator("tr[data-method=lora] td").nth(2).inner_text()
+    assert after != before, (before, after)  # checkpointing lowers the estimate shown
+
+    # The default model fits in full here, so the picker recommends it and switching takes
+    # the learning rate down with it.
+    expect(plan.locator(".fs-plan-rec")).to_have_attribute("data-recommended", "full")
+    page.locator("#plan-use-recommended").click()
+    expect(plan.locator("tr.fs-chosen")).to_have_attribute("data-method", "full", timeout=30_000)
+    expect(page.locator("#method-picker input[value=full]")).to_be_checked()
+    assert float(page.locator("#train-lr input").input_value()) == 2e-5
+
+    # A setting it cannot use is named in place of the table.
+    page.locator("#train-max-length input").fill("8")
+    page.locator("#train-max-length input").press("Tab")
+    expect(plan).to_contain_text("data.max_length", timeout=30_000)
+    assert not errors, errors
+    page.close()
+
+
 def test_upload_train_chat_export(server, browser, tmp_path):
     from playwright.sync_api import expect
 
@@ -113,14 +149,19 @@ def test_upload_train_chat_export(server, browser, tmp_path):
     expect(page.locator("#data-seen")).to_contain_text("Usable row 2 of 300")
     _shot(page, "data")
 
-    # Train a long run so that it is still going when a second tab attaches and stops it.
+    # The memory plan now uses the data's longest row rather than max length.
     page.get_by_role("tab", name="Train").click()
+    expect(page.locator("#memory-plan")).to_contain_text("your data's longest row", timeout=30_000)
+    _shot(page, "plan")
+
+    # Train a long run so that it is still going when a second tab attaches and stops it.
     page.locator("#train-max-steps input").fill("200")
     page.locator("#train-max-steps input").press("Tab")
     page.locator("#train-button").click()
     page.wait_for_function("""() => { const el = document.querySelector('#loss-plot .js-plotly-plot');
         return el && el.data && el.data[0] && el.data[0].x.length >= 2; }""", timeout=180_000)
     expect(page.locator("#train-status")).to_contain_text("Running")
+    expect(page.locator("#train-status")).to_contain_text("Memory check")
     assert _points(page, "memory-plot") >= 2
     _shot(page, "train")
 

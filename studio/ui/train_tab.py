@@ -55,11 +55,12 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
         epochs = gr.Number(value=t.epochs, label="Epochs", info=field_help("training.epochs"), minimum=0)
         max_steps = gr.Number(value=t.max_steps, label="Max steps", precision=0, elem_id="train-max-steps",
                               info=field_help("training.max_steps"), minimum=0)
-        lr = gr.Number(value=t.learning_rate, label="Learning rate", info=field_help("training.learning_rate"))
+        lr = gr.Number(value=t.learning_rate, label="Learning rate", info=field_help("training.learning_rate"),
+                       elem_id="train-lr")
         batch = gr.Number(value=t.batch_size, label="Batch size", precision=0, minimum=1,
-                          info=field_help("training.batch_size"))
+                          info=field_help("training.batch_size"), elem_id="train-batch-size")
         max_len = gr.Number(value=defaults.data.max_length, label="Max length (tokens)", precision=0,
-                            info=field_help("data.max_length"))
+                            info=field_help("data.max_length"), elem_id="train-max-length")
     with gr.Accordion("LoRA and evaluation", open=False):
         lo = defaults.lora
         with gr.Row():
