@@ -4,7 +4,9 @@ For the default model, {full, LoRA, QLoRA} x {seq 128, 512} x {batch 1, 4}: each
 runs `finetune-studio train` (two optimizer steps on rows at least seq tokens long, so every
 batch is exactly batch x seq) in a fresh process, and its peak resident set size is read from
 the kernel's accounting for that child (os.wait4: what `/usr/bin/time -v` reports as "Maximum
-resident set size"). Prints estimate vs measured and the worst relative error.
+resident set size"). Prints estimate vs measured and the worst relative error, and next to them
+what the run's own pre-training memory check measured in-process (VmHWM), which should agree with
+the kernel's number.
 
     .venv/bin/python benchmarks/estimator_accuracy.py [--measure-only] [--json OUT]
 """
@@ -49,8 +51,10 @@ def measure(method: str, seq: int, batch: int, data: Path, runs: Path) -> dict:
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{method} {seq} {batch} failed:\n{out[-2000:]}")
+    run_dir = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("Run folder: "))
+    check = json.loads((Path(run_dir) / "status.json").read_text()).get("memory_check", {})
     return {"method": method, "seq": seq, "batch": batch, "peak_rss_bytes": usage.ru_maxrss * 1024,
-            "seconds": round(time.time() - t, 1)}
+            "check_bytes": check.get("measured_bytes"), "seconds": round(time.time() - t, 1)}
 
 
 def main() -> None:
@@ -80,10 +84,12 @@ def main() -> None:
     if args.measure_only:
         return
     mib = 2**20
-    print(f"\n{'method':<7}{'seq':>5}{'batch':>6}{'estimate MiB':>14}{'measured MiB':>14}{'error':>8}")
+    print(f"\n{'method':<7}{'seq':>5}{'batch':>6}{'estimate MiB':>14}{'measured MiB':>14}{'error':>8}"
+          f"{'in-run check MiB':>18}")
     for r in rows:
+        check = f"{r['check_bytes'] / mib:>18.0f}" if r.get("check_bytes") else f"{'-':>18}"
         print(f"{r['method']:<7}{r['seq']:>5}{r['batch']:>6}{r['estimate_bytes'] / mib:>14.0f}"
-              f"{r['peak_rss_bytes'] / mib:>14.0f}{r['error']:>+8.1%}")
+              f"{r['peak_rss_bytes'] / mib:>14.0f}{r['error']:>+8.1%}{check}")
     worst = max(rows, key=lambda r: abs(r["error"]))
     print(f"\nworst relative error: {worst['error']:+.1%} ({worst['method']}, seq {worst['seq']}, batch {worst['batch']}); "
           "target: every row within 10%")
