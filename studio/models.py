@@ -82,7 +82,45 @@ def resolve(ref: str) -> str:
         return str(p)
     if ref.startswith((".", "/", "~")):
         raise ModelError(f"The model folder {ref} does not exist; check the path.")
+    if not _in_hub_cache(ref) and not hub_reachable():
+        # Without this check huggingface_hub retries for about 49 s before giving up.
+        raise ModelError(f"The model {ref!r} is not in the local Hugging Face cache and the hub cannot be "
+                         "reached (offline). Use `default`, a local folder saved with save_pretrained, or "
+                         "download the model on a connected machine first.")
     return ref  # a hub id; from_pretrained reports if it cannot be fetched
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - a malformed id is "not cached"; from_pretrained names the problem
+        return False
+
+
+_REACHABLE: dict[str, tuple[float, bool]] = {}  # host -> (checked at, reachable)
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the hub answers a TCP connect within ``timeout`` s (remembered for a minute)."""
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    checked = _REACHABLE.get(host)
+    if checked and time.monotonic() - checked[0] < 60:
+        return checked[1]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        ok = True
+    except OSError:
+        ok = False
+    _REACHABLE[host] = (time.monotonic(), ok)
+    return ok
 
 
 def load_tokenizer(ref: str, trust_remote_code: bool = False):

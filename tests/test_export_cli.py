@@ -120,3 +120,25 @@ def test_pickle_weights_are_refused(tiny_model_dir, tmp_path):
     torch.save(load_file(tiny_model_dir / "model.safetensors"), folder / "pytorch_model.bin")
     with pytest.raises(ModelError, match="no safetensors weights"):
         load_model(str(folder))
+
+
+def test_unknown_hub_model_offline_fails_fast_with_a_sentence(monkeypatch):
+    """huggingface_hub alone retries for ~49 s offline; the studio answers at once."""
+    import socket
+    import time
+
+    from studio import models
+
+    def unreachable(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "_REACHABLE", {})
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    start = time.monotonic()
+    with pytest.raises(models.ModelError, match="cannot be reached"):
+        models.resolve("some-org/not-a-cached-model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(models.ModelError, match="not in the local Hugging Face cache"):
+        models.load_tokenizer("some-org/not-a-cached-model")
+    assert time.monotonic() - start < 5
