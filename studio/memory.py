@@ -12,14 +12,17 @@ The estimate is a sum of parts a person can check:
     activations    what autograd keeps per token and layer (residual stream and norms in fp32,
                    projections in the compute dtype; Korthikanti et al.'s accounting, written
                    out for gated-MLP layers); with gradient checkpointing only each layer's
-                   input plus one layer's worth
+                   input plus one layer's worth. CUDA and CPU differ (CPU dropout keeps an
+                   fp32 noise tensor, CUDA a 1-byte mask), so each has its own function
     logits         batch x seq x vocab: the logits, their fp32 copy, log-softmax and gradient
+    retention      CPU only: memory the forward pass frees that glibc keeps resident
     overhead       on CUDA the context; on CPU the interpreter and libraries (measured once,
                    see ``CPU_RUNTIME_BYTES``)
 
 Device aware: on CUDA it predicts ``torch.cuda.max_memory_allocated`` plus the context; on CPU
 the training process's peak resident set size. ``benchmarks/estimator_accuracy.py`` measures
-both sides on this machine; the coefficients below are explained where they are defined.
+the CPU side on this machine, ``benchmarks/cuda_memory.py`` the CUDA side; the coefficients
+below are explained where they are defined.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ OPTIMIZERS = {"adamw": 8.0, "adamw_8bit": 2.0, "paged_adamw_8bit": 2.0}  # state
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 blocks
 CUDA_CONTEXT_BYTES = 500 * MIB
 CPU_RUNTIME_BYTES = 500 * MIB  # python + torch + transformers + peft + pandas + tokenizer, measured here
+RETAINED_SHARE = 0.6  # of the forward's freed temporaries, glibc keeps this much resident (fitted here)
 
 
 @dataclass
@@ -56,6 +60,7 @@ class ModelShape:
     total_params: int
     embedding_params: int
     linears: list[Linear] = field(default_factory=list)  # every linear, lm_head included
+    checkpoint_bytes_per_param: int = 2  # 4 when the weights on disk are fp32
 
     @property
     def lm_head(self) -> Linear | None:
@@ -115,8 +120,79 @@ def shape_from_config(config) -> ModelShape:
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "bfloat16")
     return ModelShape(config.model_type, config.vocab_size, hidden, layers, intermediate, heads * head_dim,
-                      kv_heads * head_dim, total, embed, linears)
+                      kv_heads * head_dim, total, embed, linears, 4 if "float32" in dtype else 2)
+
+
+def _cuda_activations(shape: ModelShape, method: str, tokens: int, a: int, targets: list[Linear],
+                      lora_dropout: float, gradient_checkpointing: bool) -> tuple[float, float, float]:
+    """(activations, logits, 0) on CUDA; checked against max_memory_allocated on an H100
+    (benchmarks/results/cuda_memory_h100*.jsonl: full -5..0%, LoRA 0..+18%, QLoRA -16..+19%)."""
+    h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
+    # Per token and layer, what autograd keeps for the backward pass:
+    #   fp32: residual stream into each of the two norms, the norm's normalised copy (2 x 2h x 4 B)
+    #   compute dtype: norm outputs cast for the projections (2h), q/k/v and their rotary
+    #   copies (2q + 3kv), attention output (q), gated MLP: gate, up, act(gate), act*up (4i)
+    per_layer = 16 * h + a * (2 * h + 3 * q + 3 * kv + 4 * i)
+    if method != "full" and lora_dropout > 0:
+        # each adapted layer keeps its dropped-out input (compute dtype) and the dropout mask (1 B)
+        per_layer += sum((a + 1) * t.d_in for t in targets) / shape.layers
+    if gradient_checkpointing:
+        activations = tokens * (shape.layers * 4 * h + per_layer)  # layer inputs + one layer recomputed
+    else:
+        activations = tokens * shape.layers * per_layer
+    # lm_head output (compute dtype), its fp32 upcast, log-softmax and the fp32 gradient.
+    logits = tokens * shape.vocab * ((4 if method == "qlora" else a) + 12)
+    return activations, logits, 0.0
+
+
+def _cpu_activations(shape: ModelShape, method: str, tokens: int, a: int, targets: list[Linear], lora_r: int,
+                     lora_dropout: float, gradient_checkpointing: bool) -> tuple[float, float, float]:
+    """(activations, logits, allocator retention) for a process's peak RSS on CPU.
+
+    Measured on the default model with saved_tensors_hooks and per-phase VmHWM (the numbers and
+    probes are in the issue 4 note). Per token and layer, autograd keeps:
+      full   both norms' input and normalised copy (16h), the q/k/v and gate/up inputs (2h),
+             rotated q and k, v, attention output (2q + 2kv), gate, act(gate), up, act*up (4i)
+      LoRA   the frozen base saves no inputs and no normalised copies (8h), act*up is not
+             kept (3i); each adapted layer keeps its dropout noise and the dropped-out input
+             (CPU dropout is x * noise, both in the compute dtype: 2a x d_in) and lora_A's
+             output (a x r). QLoRA keeps the same (MatMul4Bit saves only the packed weight).
+    The loss keeps log-softmax, and backward adds its gradient and the logits' (12 B per vocab
+    entry in fp32). glibc keeps part of what the forward frees resident (its dynamic mmap
+    threshold moves large tensors into the heap, which fragments): RETAINED_SHARE of the
+    forward's transient tensors, fitted on this machine (all 12 grid rows within 9%).
+    """
+    h, i, q, kv, L = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim, shape.layers
+    d_in = sum(t.d_in for t in targets) / L  # per layer, over adapted linears
+    d_out = sum(t.d_out for t in targets) / L
+    if method == "full":
+        per_layer = 16 * h + a * (2 * h + 2 * q + 2 * kv + 4 * i)
+        final = 12 * h  # final norm and the lm_head input
+    else:
+        per_layer = 8 * h + a * (2 * q + 2 * kv + 3 * i) + a * lora_r * len(targets) / L
+        if lora_dropout > 0:
+            per_layer += 2 * a * d_in
+        else:  # lora_A reads the norm output itself, which is then kept
+            per_layer += a * d_in + a * (2 * h + i)
+        final = 4 * h
+    # Freed again inside the forward: rotary temporaries, pre-rotary q/k, the norms' pow, o/down
+    # outputs; with adapters also every adapted layer's base output, lora_B output and scaled
+    # copy; QLoRA adds PEFT's defensive clone of the 4-bit layer's output.
+    transient = a * (4.5 * (q + kv) + 4 * h)
+    if method != "full":
+        transient += a * (4 * h + i) + 3 * a * d_out
+    if method == "qlora":
+        transient += a * d_out
+    layers_kept = 1 if gradient_checkpointing else L
+    if gradient_checkpointing:
+        activations = tokens * (L * 4 * h + per_layer + final)  # layer inputs + one layer recomputed
+    else:
+        activations = tokens * (L * per_layer + final)
+    logits = tokens * shape.vocab * (a + 8)
+    retained = RETAINED_SHARE * tokens * layers_kept * transient
+    return activations, logits, retained
 
 
 def estimate(shape: ModelShape, method: str, seq_len: int, batch_size: int, device: str = "cpu",
@@ -142,21 +218,15 @@ def estimate(shape: ModelShape, method: str, seq_len: int, batch_size: int, devi
     grads = 4 * trainable
     opt = OPTIMIZERS[optimizer] * trainable
 
-    h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
-    # Per token and layer, what autograd keeps for the backward pass:
-    #   fp32: residual stream into each of the two norms, the norm's normalised copy (2 x 2h x 4 B)
-    #   compute dtype: norm outputs cast for the projections (2h), q/k/v and their rotary
-    #   copies (2q + 3kv), attention output (q), gated MLP: gate, up, act(gate), act*up (4i)
-    per_layer = 16 * h + a * (2 * h + 3 * q + 3 * kv + 4 * i)
-    if method != "full" and lora_dropout > 0:
-        # each adapted layer keeps its dropped-out input (compute dtype) and the dropout mask (1 B)
-        per_layer += sum((a + 1) * t.d_in for t in targets) / shape.layers
-    if gradient_checkpointing:
-        activations = tokens * (shape.layers * 4 * h + per_layer)  # layer inputs + one layer recomputed
+    if device == "cuda":
+        activations, logits, retained = _cuda_activations(shape, method, tokens, a, targets, lora_dropout,
+                                                          gradient_checkpointing)
     else:
-        activations = tokens * shape.layers * per_layer
-    # lm_head output (compute dtype), its fp32 upcast, log-softmax and the fp32 gradient.
-    logits = tokens * shape.vocab * ((4 if method == "qlora" else a) + 12)
+        activations, logits, retained = _cpu_activations(shape, method, tokens, a, targets, lora_r, lora_dropout,
+                                                         gradient_checkpointing)
+        if method == "qlora":
+            # On CPU the checkpoint file stays memory-mapped (resident) next to the NF4 copy.
+            weights += shape.checkpoint_bytes_per_param * P
 
     # The peak is the larger of two moments. During forward/backward: weights, optimizer state
     # (from the previous step), activations and logits (gradients fill in as activations are
@@ -165,12 +235,14 @@ def estimate(shape: ModelShape, method: str, seq_len: int, batch_size: int, devi
     # fine-tuning peaks at 20 B/param on an H100, not 16).
     step_temp = 4 * trainable if optimizer == "adamw" else 0
     step_phase = grads + step_temp
-    fb_phase = activations + logits
+    fb_phase = activations + logits + retained
     if step_phase > fb_phase:  # report the moment that sets the peak
-        activations, logits = 0, 0
+        activations, logits, retained = 0, 0, 0
         extra = {"optimizer_step_temp": int(step_temp)}
     else:
         grads, extra = 0, {}
+    if device != "cuda":
+        extra["allocator_retention"] = int(retained)
     breakdown = {"base_weights": int(weights), "adapter_weights": int(adapter), "gradients": int(grads),
                  "optimizer_state": int(opt), "activations": int(activations), "logits": int(logits), **extra,
                  "runtime_overhead": CUDA_CONTEXT_BYTES if device == "cuda" else CPU_RUNTIME_BYTES}

@@ -64,10 +64,11 @@ def length_histogram(lengths: list[int], max_length: int) -> go.Figure:
 
 PART_LABELS = {"base_weights": "base weights", "adapter_weights": "adapter weights", "gradients": "gradients",
                "optimizer_state": "optimizer state", "optimizer_step_temp": "optimizer step (temporary)",
-               "activations": "activations", "logits": "logits", "runtime_overhead": "runtime overhead"}
+               "activations": "activations", "logits": "logits",
+               "allocator_retention": "freed but still resident (glibc)", "runtime_overhead": "runtime overhead"}
 PART_COLORS = {"base_weights": "#6366f1", "adapter_weights": "#22c55e", "gradients": "#f59e0b",
                "optimizer_state": "#ef4444", "optimizer_step_temp": "#fca5a5", "activations": "#06b6d4",
-               "logits": "#a855f7", "runtime_overhead": "#9ca3af"}
+               "logits": "#a855f7", "allocator_retention": "#67e8f9", "runtime_overhead": "#9ca3af"}
 
 
 def memory_plan_figure(plan) -> go.Figure:
