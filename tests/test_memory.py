@@ -127,3 +127,24 @@ def test_allocator_retention_is_a_cpu_only_part():
     cuda = estimate_for_model("default", "lora", 512, 4, device="cuda", bf16=True)
     assert cpu.breakdown["allocator_retention"] > 0
     assert "allocator_retention" not in cuda.breakdown
+
+
+@pytest.mark.parametrize("config_cls", ["LlamaConfig", "Qwen2Config", "MistralConfig", "GemmaConfig", "GPT2Config"])
+def test_every_common_architecture_is_estimated_from_its_config(config_cls):
+    """Small configs of each family, on the meta device: parameter counts match a real instance."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    cls = getattr(transformers, config_cls)
+    if config_cls == "GPT2Config":
+        config = cls(n_layer=2, n_embd=64, n_head=4, vocab_size=300)
+    else:
+        config = cls(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    shape = shape_from_config(config)
+    assert shape.total_params == AutoModelForCausalLM.from_config(config).num_parameters()
+    for method in ("full", "lora", "qlora"):
+        for device in ("cpu", "cuda"):
+            est = estimate(shape, method, 64, 2, device)
+            assert est.total_bytes == sum(est.breakdown.values()) > 0
+            assert (est.trainable_params == shape.total_params) == (method == "full")
