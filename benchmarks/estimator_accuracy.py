@@ -54,7 +54,7 @@ def measure(method: str, seq: int, batch: int, data: Path, runs: Path) -> dict:
     run_dir = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("Run folder: "))
     check = json.loads((Path(run_dir) / "status.json").read_text()).get("memory_check", {})
     return {"method": method, "seq": seq, "batch": batch, "peak_rss_bytes": usage.ru_maxrss * 1024,
-            "check_bytes": check.get("measured_bytes"), "seconds": round(time.time() - t, 1)}
+            "check_bytes": check.get("peak_bytes"), "seconds": round(time.time() - t, 1)}
 
 
 def main() -> None:

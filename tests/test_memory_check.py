@@ -38,7 +38,8 @@ def test_check_measures_and_leaves_the_run_unchanged(method, tiny_model_dir, ins
     status = runs[True].status()
     m = status["memory_check"]
     assert m["device"] == "cpu" and m["batch_size"] == 4 and 0 < m["seq_len"] <= 64
-    assert m["measured_bytes"] >= m["baseline_bytes"] > 0 and m["estimate_bytes"] > 0
+    assert m["peak_bytes"] >= m["baseline_bytes"] > 0 and m["estimate_bytes"] > 0
+    assert m["measured_bytes"] == m["peak_bytes"] - m["baseline_bytes"]  # CPU: training's own memory
     assert "measured" in m["summary"] and "estimated" in m["summary"]
     assert "memory_check" not in runs[False].status()
 

@@ -34,18 +34,23 @@ class MemoryCheckFailed(Exception):
 
 @dataclass
 class MemoryCheck:
+    """What the check measured, and the estimate on the same basis.
+
+    On CUDA both are the device's peak (allocated plus context). On CPU they are the training's
+    own memory on top of the loaded model (peak RSS minus the RSS before the check; the estimate
+    minus weights, adapter and runtime), so the comparison holds inside the web server too,
+    whose process also holds the page's libraries and perhaps a chat model.
+    """
+
     device: str
     batch_size: int
     seq_len: int  # the longest batch's width (tokens)
-    measured_bytes: int  # peak: device use on CUDA, process RSS on CPU
+    peak_bytes: int  # device peak on CUDA, process peak RSS on CPU
     baseline_bytes: int  # the same quantity just before the check (model loaded)
-    estimate_bytes: int  # studio.memory's estimate for this exact batch shape
-    available_bytes: int  # device total on CUDA; RAM available before the check on CPU
+    measured_bytes: int  # compared with the estimate: the device peak, or the CPU increase
+    estimate_bytes: int  # studio.memory's estimate for this exact batch shape, same basis
+    available_bytes: int  # device total on CUDA; this process's RSS plus RAM available on CPU
     seconds: float
-
-    @property
-    def increase_bytes(self) -> int:
-        return max(0, self.measured_bytes - self.baseline_bytes)
 
     @property
     def error(self) -> float:
@@ -53,13 +58,14 @@ class MemoryCheck:
         return self.estimate_bytes / self.measured_bytes - 1 if self.measured_bytes else 0.0
 
     def summary(self) -> str:
-        where = "GPU memory" if self.device == "cuda" else "process memory (RSS)"
+        what = ("peak GPU memory" if self.device == "cuda"
+                else "memory on top of the loaded model (process RSS)")
         return (f"Memory check ({STEPS} steps on the longest rows, batch {self.batch_size} x {self.seq_len} tokens): "
-                f"peak {where} {_fmt(self.measured_bytes)} measured, {_fmt(self.estimate_bytes)} estimated "
+                f"{what} {_fmt(self.measured_bytes)} measured, {_fmt(self.estimate_bytes)} estimated "
                 f"({self.error:+.0%}).")
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"increase_bytes": self.increase_bytes, "summary": self.summary()}
+        return asdict(self) | {"summary": self.summary()}
 
 
 def _fmt(n: int) -> str:
@@ -105,9 +111,11 @@ def check_memory(trainer) -> MemoryCheck:
     settings = Settings(seq_len=width, batch_size=rows, gradient_accumulation=t.gradient_accumulation,
                         gradient_checkpointing=t.gradient_checkpointing, bf16=trainer.use_bf16,
                         lora_r=cfg.lora.r, lora_targets=cfg.lora.target_modules(), lora_dropout=cfg.lora.dropout)
-    est = estimate(shape, cfg.method, width, rows, device, bf16=trainer.use_bf16,
-                   gradient_checkpointing=t.gradient_checkpointing, lora_r=cfg.lora.r,
-                   lora_targets=cfg.lora.target_modules(), lora_dropout=cfg.lora.dropout).total_bytes
+    breakdown = estimate(shape, cfg.method, width, rows, device, bf16=trainer.use_bf16,
+                         gradient_checkpointing=t.gradient_checkpointing, lora_r=cfg.lora.r,
+                         lora_targets=cfg.lora.target_modules(), lora_dropout=cfg.lora.dropout).breakdown
+    est = sum(breakdown.values())
+    already_loaded = breakdown["base_weights"] + breakdown["adapter_weights"] + breakdown["runtime_overhead"]
 
     available = available_bytes(device)
 
@@ -147,9 +155,9 @@ def check_memory(trainer) -> MemoryCheck:
             del loss
         if device == "cuda":
             torch.cuda.synchronize()
-            measured = torch.cuda.max_memory_allocated() + outside
+            peak = torch.cuda.max_memory_allocated() + outside
         else:
-            measured = _cpu_peak_rss()
+            peak = _cpu_peak_rss()
     except (torch.OutOfMemoryError, MemoryError):
         trainer.optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
@@ -161,9 +169,13 @@ def check_memory(trainer) -> MemoryCheck:
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
     trainer._make_optimizer()  # fresh AdamW state and schedule: the check leaves no trace
-    result = MemoryCheck(device, rows, width, int(measured), int(baseline), int(est), int(available),
-                         round(time.time() - start, 2))
-    if device != "cuda" and result.increase_bytes > available - baseline:
-        raise would_not_fit(f"Two steps needed {_fmt(result.increase_bytes)} more RAM than the "
+    if device == "cuda":
+        measured, compared = peak, est
+    else:
+        measured, compared = max(0, peak - baseline), max(0, est - already_loaded)
+    result = MemoryCheck(device, rows, width, int(peak), int(baseline), int(measured), int(compared),
+                         int(available), round(time.time() - start, 2))
+    if device != "cuda" and measured > available - baseline:
+        raise would_not_fit(f"Two steps needed {_fmt(measured)} more RAM than the "
                             f"{_fmt(available - baseline)} that was free, so the run would swap.")
     return result
