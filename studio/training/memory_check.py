@@ -136,19 +136,19 @@ def check_memory(trainer) -> MemoryCheck:
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     trainer.model.train()
     start = time.time()
-    # Weights load memory-mapped and enter RSS on first use: a tiny forward first, so that the
-    # baseline already holds them and the increase is training's own memory.
-    with torch.no_grad(), trainer._autocast():
-        trainer.model(input_ids=batch["input_ids"][:1, :8])
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        outside = _cuda_outside_allocator()
-        baseline = torch.cuda.memory_allocated() + outside
-    else:
-        baseline = psutil.Process().memory_info().rss
-        _reset_cpu_peak()
     try:
+        # Weights load memory-mapped and enter RSS on first use: a tiny forward first, so that
+        # the baseline already holds them and the increase is training's own memory.
+        with torch.no_grad(), trainer._autocast():
+            trainer.model(input_ids=batch["input_ids"][:1, :8])
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            outside = _cuda_outside_allocator()
+            baseline = torch.cuda.memory_allocated() + outside
+        else:
+            baseline = psutil.Process().memory_info().rss
+            _reset_cpu_peak()
         for _ in range(STEPS):
             with trainer._autocast():
                 loss = trainer.model(**batch).loss
