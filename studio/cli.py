@@ -1,4 +1,4 @@
-"""`finetune-studio train | validate | estimate | hardware | export | ui | prepare-model` — the page's journey without a browser.
+"""`finetune-studio train | resume | validate | estimate | hardware | export | ui | prepare-model` — the page's journey without a browser.
 
 Every config field is also a flag (``--learning-rate``, ``--lora-r``...), generated from
 ``RunConfig`` so the CLI, the YAML file and the UI can never drift apart. Flags override the
@@ -6,6 +6,7 @@ YAML given with ``--config``.
 
 Example:
     finetune-studio train --data train.csv --model default --method lora --max-steps 50
+    finetune-studio resume 20261122-153000-lora-train
     finetune-studio export 20261122-153000-lora-train --out adapter.zip
 """
 
@@ -27,7 +28,8 @@ _FLAG_ALIASES = {
     "training.gradient_accumulation": "gradient-accumulation", "training.warmup_ratio": "warmup-ratio",
     "training.weight_decay": "weight-decay", "training.precision": "precision",
     "training.gradient_checkpointing": "gradient-checkpointing", "training.memory_check": "memory-check",
-    "training.eval_steps": "eval-steps", "training.save_steps": "save-steps", "training.seed": "seed",
+    "training.eval_steps": "eval-steps", "training.save_steps": "save-steps",
+    "training.keep_checkpoints": "keep-checkpoints", "training.seed": "seed",
 }
 
 
@@ -71,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--runs-dir", help="Folder that holds runs (default ./runs or $FINETUNE_STUDIO_RUNS_DIR).")
     _add_config_flags(train)
 
+    resume = sub.add_parser("resume", help="Continue an interrupted or stopped run from its last checkpoint.")
+    resume.add_argument("run", help="Run id (folder name under the runs folder) or run folder path.")
+    resume.add_argument("--runs-dir")
+
     export = sub.add_parser("export", help="Zip a finished run's adapter with its tokenizer, config and model card.")
     export.add_argument("run", help="Run id (folder name under the runs folder) or run folder path.")
     export.add_argument("--out", help="Where to write the zip (default: inside the run folder).")
@@ -113,7 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args) -> int:
     from studio.runs import RunRegistry
-    from studio.training import run_training
 
     try:
         cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig()
@@ -127,6 +132,31 @@ def _train(args) -> int:
     registry = RunRegistry(args.runs_dir)
     run = registry.create(cfg)
     print(f"Run folder: {run.path}", flush=True)
+    return _run_and_report(cfg, run, resume=False)
+
+
+def _resume(args) -> int:
+    from studio.runs import RunRegistry
+
+    registry = RunRegistry(args.runs_dir)
+    registry.mark_orphans_interrupted()  # a run whose process was killed is "running" until now
+    try:
+        run = registry.get(args.run)
+        cfg = run.config()
+    except (LookupError, ConfigError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    point = run.resume_point()
+    if point is None:
+        print(f"Run {run.id} cannot be resumed ({run.status().get('state')}): it has no checkpoint, is still "
+              "running, or already reached its final step.", file=sys.stderr)
+        return 2
+    print(f"Run folder: {run.path}\nResuming from {point.name}", flush=True)
+    return _run_and_report(cfg, run, resume=True)
+
+
+def _run_and_report(cfg, run, resume: bool) -> int:
+    from studio.training import run_training
 
     def progress(m: dict) -> None:
         if m["kind"] == "train":
@@ -136,8 +166,10 @@ def _train(args) -> int:
             print(f"eval at step {m['step']}: loss {m['eval_loss']:.4f}", flush=True)
         elif m["kind"] == "memory_check":
             print(m["summary"], flush=True)
+        elif m["kind"] == "checkpoint":
+            print(f"checkpoint saved at step {m['step']}", flush=True)
 
-    status = run_training(cfg, run, on_metrics=progress)
+    status = run_training(cfg, run, on_metrics=progress, resume=resume)
     print(status.get("message", ""))
     if status["state"] != "finished":
         print(f"Details: {run.log_path}", file=sys.stderr)
@@ -255,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "resume":
+        return _resume(args)
     if args.command == "validate":
         return _validate(args)
     if args.command == "estimate":

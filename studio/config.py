@@ -96,7 +96,9 @@ class TrainingConfig:
     eval_steps: int = 0
     """Measure eval loss every N steps (0 = only at the end)."""
     save_steps: int = 0
-    """Save a checkpoint adapter every N steps (0 = only at the end)."""
+    """Save a resumable checkpoint (weights, optimizer, scheduler, RNG) every N steps; 0 = every 10% of the run."""
+    keep_checkpoints: int = 2
+    """How many of the latest checkpoints to keep on disk."""
     seed: int = 42
     """Random seed for the split, shuffling and adapter initialisation."""
 
@@ -208,8 +210,12 @@ class RunConfig:
             p.append(f"`training.weight_decay` must be 0 or more (got {t.weight_decay}).")
         if t.precision not in PRECISIONS:
             p.append(f"`training.precision` must be one of {', '.join(PRECISIONS)} (got {t.precision!r}).")
-        if t.eval_steps < 0 or t.save_steps < 0:
-            p.append("`training.eval_steps` and `training.save_steps` must be 0 (only at the end) or more.")
+        if t.eval_steps < 0:
+            p.append("`training.eval_steps` must be 0 (only at the end) or more.")
+        if t.save_steps < 0:
+            p.append("`training.save_steps` must be 0 (every 10% of the run) or more.")
+        if not 1 <= t.keep_checkpoints <= 100:
+            p.append(f"`training.keep_checkpoints` must be between 1 and 100 (got {t.keep_checkpoints}).")
         return p
 
     def check(self, check_data_file: bool = True) -> "RunConfig":

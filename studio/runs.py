@@ -6,7 +6,7 @@ runs/<id>/
     metrics.jsonl    one JSON object per line ("kind": "train" | "eval")
     adapter/         the PEFT adapter (LoRA/QLoRA) once saved
     model/           the full model (full fine-tuning) once saved
-    checkpoints/     intermediate saves (step-N/)
+    checkpoints/     resumable saves (step-N/: weights + trainer_state.pt), the latest few kept
     train.log        tracebacks and details that the page summarises in a sentence
 
 Status files are written atomically (temp file + rename) so a crash never leaves half a file.
@@ -110,6 +110,30 @@ class Run:
     def is_trained(self) -> bool:
         return self.status().get("state") == "finished" and self.weights_dir() is not None
 
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (a save in progress is a hidden .tmp folder)."""
+        root = self.path / "checkpoints"
+        if not root.is_dir():
+            return []
+        done = [d for d in root.glob("step-*") if (d / "trainer_state.pt").exists() and d.name[5:].isdigit()]
+        return sorted(done, key=lambda d: int(d.name[5:]))
+
+    def resume_point(self) -> Path | None:
+        """The checkpoint a Resume continues from, or None when the run cannot be resumed: it is
+        still active, finished all its steps, or never reached a checkpoint."""
+        status = self.status()
+        state = status.get("state")
+        unfinished = state in ("interrupted", "failed") or (state == "finished" and status.get("stopped"))
+        ckpts = self.checkpoints()
+        if not unfinished or not ckpts:
+            return None
+        return ckpts[-1]
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop records after ``step``: a resumed run redoes those steps and must not draw them twice."""
+        kept = [m for m in self.metrics() if m.get("step", 0) <= step]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
+
 
 class RunRegistry:
     """Creates, lists and finds runs under one folder."""
@@ -154,7 +178,10 @@ class RunRegistry:
         for run in self.list():
             status = run.status()
             if status.get("state") in ACTIVE_STATES and not _pid_alive(status.get("pid")):
-                run.set_status("interrupted", message="The process running this job ended before it finished.")
+                ckpts = run.checkpoints()
+                hint = (f" Resume continues from step {ckpts[-1].name[5:]}." if ckpts
+                        else " It had not saved a checkpoint yet, so it cannot be resumed.")
+                run.set_status("interrupted", message="The process running this job ended before it finished." + hint)
 
 
 def _pid_alive(pid: Any) -> bool:

@@ -34,10 +34,18 @@ def failure_message(exc: BaseException) -> str:
 
 
 def run_training(config: RunConfig, run: Run, stop_event: threading.Event | None = None,
-                 on_metrics=None) -> dict:
-    """Train to the end (or until stopped), save, and leave a final status. Returns the status."""
-    trainer = Trainer(config, run, stop_event, on_metrics)
-    run.set_status("running", pid=os.getpid(), started_at=time.time(), message="Loading model and data...")
+                 on_metrics=None, resume: bool = False, save_event: threading.Event | None = None) -> dict:
+    """Train to the end (or until stopped), save, and leave a final status. Returns the status.
+
+    With ``resume`` the run continues from its last checkpoint in the same folder (weights,
+    optimizer, scheduler, RNG and data position), so it ends at the configured final step.
+    """
+    trainer = Trainer(config, run, stop_event, on_metrics, save_event)
+    checkpoint = run.checkpoints()[-1] if resume and run.checkpoints() else None
+    if resume and checkpoint is None:
+        return run.set_status("failed", message="This run has no checkpoint to resume from; start a new run.")
+    run.set_status("running", pid=os.getpid(), started_at=time.time(), stopped=False,
+                   message=f"Resuming from {checkpoint.name}..." if checkpoint else "Loading model and data...")
     try:
         trainer.setup()
         run.set_status("running", total_steps=trainer.total_steps, trainable_params=trainer.trainable_params,
@@ -51,16 +59,22 @@ def run_training(config: RunConfig, run: Run, stop_event: threading.Event | None
             log.info(check.summary())
             if on_metrics:
                 on_metrics({"kind": "memory_check", **check.to_dict()})
+        if checkpoint is not None:
+            trainer.restore(checkpoint)
+            run.truncate_metrics(trainer.step)
+            run.set_status("running", message=f"Resumed at step {trainer.step}; training...")
         stopped = False
         try:
             trainer.train()
         except TrainingStopped:
             stopped = True
             run.set_status("stopping", message=f"Stopping at step {trainer.step}; saving...")
+            trainer.save_checkpoint()  # so Resume can take it to the configured final step
         eval_loss = trainer.evaluate()
         trainer.save()
         last = next((m for m in reversed(run.metrics()) if m.get("kind") == "train"), {})
-        done = (f"Stopped at step {trainer.step} of {trainer.total_steps}; the adapter was saved."
+        done = (f"Stopped at step {trainer.step} of {trainer.total_steps}; the adapter and a checkpoint "
+                "were saved (Resume continues from here)."
                 if stopped else f"Finished {trainer.step} steps.")
         return run.set_status("finished", finished_at=time.time(), step=trainer.step, stopped=stopped,
                               final_loss=last.get("loss"), eval_loss=eval_loss, message=done)
@@ -93,6 +107,7 @@ class Job:
     config: RunConfig
     thread: threading.Thread | None = None
     stop_event: threading.Event = field(default_factory=threading.Event)
+    save_event: threading.Event = field(default_factory=threading.Event)
     metrics: list[dict] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -117,25 +132,44 @@ class JobManager:
         self.current: Job | None = None
         self._lock = threading.Lock()
 
-    def start(self, config: RunConfig) -> Job:
-        """Validate, create the run folder and start training in a background thread.
+    def start(self, config: RunConfig, resume_run: Run | None = None) -> Job:
+        """Validate, create the run folder (or reuse ``resume_run``'s) and train in a background thread.
 
         Raises:
             ConfigError: the config has problems (all listed).
             RuntimeError: a job is already running.
+            LookupError: ``resume_run`` cannot be resumed (the message says why).
         """
         config.check()
         with self._lock:
             if self.current is not None and self.current.alive:
                 raise RuntimeError(f"Run {self.current.run.id} is still training; stop it or wait "
                                    "for it to finish before starting another.")
-            run = self.registry.create(config)
+            if resume_run is not None and resume_run.resume_point() is None:
+                raise LookupError(f"Run {resume_run.id} cannot be resumed: it has no checkpoint, is still "
+                                  "active, or already reached its final step.")
+            run = resume_run or self.registry.create(config)
             job = Job(run=run, config=config)
+            if resume_run is not None:  # the live view starts from what the run already drew
+                job.metrics = [m for m in run.metrics() if m.get("step", 0) <= int(run.resume_point().name[5:])]
             job.thread = threading.Thread(target=run_training, name=f"train-{run.id}", daemon=True,
-                                          args=(config, run, job.stop_event, job.add_metrics))
+                                          args=(config, run, job.stop_event, job.add_metrics),
+                                          kwargs={"resume": resume_run is not None, "save_event": job.save_event})
             self.current = job
             job.thread.start()
             return job
+
+    def resume(self, run: Run) -> Job:
+        """Continue an interrupted or stopped run from its last checkpoint, with its own config."""
+        return self.start(run.config(), resume_run=run)
+
+    def save_now(self) -> bool:
+        """Ask the running job to save a checkpoint after its current step; False when none runs."""
+        job = self.current
+        if job is None or not job.alive:
+            return False
+        job.save_event.set()
+        return True
 
     def stop(self) -> bool:
         """Ask the running job to stop after its current step; False when none is running."""

@@ -28,18 +28,23 @@ MetricsSink = Callable[[dict], None]
 POOL_BATCHES = 32  # batches per length-sorted pool: groups similar lengths, keeps order random
 
 
+STATE_FILE = "trainer_state.pt"  # optimizer, scheduler, RNG and position: what resuming needs
+
+
 class TrainingStopped(Exception):
     """Not an error: the user pressed Stop."""
 
 
 class Trainer:
     def __init__(self, config: RunConfig, run: Run, stop_event: threading.Event | None = None,
-                 on_metrics: MetricsSink | None = None):
+                 on_metrics: MetricsSink | None = None, save_event: threading.Event | None = None):
         self.config = config
         self.run = run
         self.stop_event = stop_event or threading.Event()
+        self.save_event = save_event or threading.Event()  # "save now", set from another thread
         self.on_metrics = on_metrics or (lambda record: None)
         self.step = 0
+        self.micro = 0  # micro-batches consumed: where the data stream resumes
         self.total_steps = 0
 
     # ---- setup -------------------------------------------------------------------------------
@@ -103,9 +108,11 @@ class Trainer:
                                     "names such as q_proj,v_proj.") from None
 
     # ---- train -------------------------------------------------------------------------------
-    def _batches(self, rng: random.Random):
-        """Endless stream of padded batches: shuffle, sort within pools by length, shuffle batches."""
+    def _batch_indices(self):
+        """Endless, seeded stream of row-index batches: shuffle, sort within pools by length,
+        shuffle the batches. Seeded, so a resumed run replays it and skips what it consumed."""
         bs = self.config.training.batch_size
+        rng = random.Random(self.config.training.seed)
         while True:
             order = list(range(len(self.train_examples)))
             rng.shuffle(order)
@@ -115,8 +122,7 @@ class Trainer:
                 chunk = sorted(order[i:i + pool], key=lambda j: len(self.train_examples[j].input_ids))
                 batches += [chunk[k:k + bs] for k in range(0, len(chunk), bs)]
             rng.shuffle(batches)
-            for b in batches:
-                yield self._collate([self.train_examples[j] for j in b])
+            yield from batches
 
     def _collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         width = max(len(e.input_ids) for e in examples)
@@ -137,21 +143,30 @@ class Trainer:
             return nullcontext()
         return torch.autocast(device_type=self.device if self.device != "mps" else "cpu", dtype=torch.bfloat16)
 
+    @property
+    def save_every(self) -> int:
+        """Checkpoint interval in steps: the configured one, or every 10% of the run."""
+        return self.config.training.save_steps or max(1, self.total_steps // 10)
+
     def train(self) -> None:
         t = self.config.training
-        rng = random.Random(t.seed)
-        batches = self._batches(rng)
+        indices = self._batch_indices()
+        for _ in range(self.micro):  # resuming: skip what the checkpointed run consumed
+            next(indices)
         batches_per_epoch = math.ceil(len(self.train_examples) / t.batch_size)
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        started, micro = time.time(), 0
+        started, first_step = time.time(), self.step
         while self.step < self.total_steps:
             if self.stop_event.is_set():
                 raise TrainingStopped()
+            if self.save_event.is_set():
+                self.save_event.clear()
+                self.save_checkpoint()
             step_start, loss_sum, tokens = time.time(), 0.0, 0
             for _ in range(t.gradient_accumulation):
-                batch = next(batches)
-                micro += 1
+                batch = self._collate([self.train_examples[j] for j in next(indices)])
+                self.micro += 1
                 with self._autocast():
                     loss = self.model(**batch).loss
                 if not torch.isfinite(loss):
@@ -170,12 +185,13 @@ class Trainer:
                         "loss": loss_sum / t.gradient_accumulation, "lr": self.scheduler.get_last_lr()[0],
                         "grad_norm": grad_norm, "tokens": tokens,
                         "tokens_per_s": tokens / max(now - step_start, 1e-9),
-                        "epoch": micro / batches_per_epoch, "time": now, "elapsed_s": now - started,
+                        "epoch": self.micro / batches_per_epoch, "time": now, "elapsed_s": now - started,
+                        "steps_this_session": self.step - first_step,
                         **hardware.memory_snapshot(self.device)})
             if t.eval_steps and self.step % t.eval_steps == 0 and self.step < self.total_steps:
                 self.evaluate()
-            if t.save_steps and self.step % t.save_steps == 0 and self.step < self.total_steps:
-                self.save(self.run.path / "checkpoints" / f"step-{self.step}")
+            if self.step % self.save_every == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -201,10 +217,11 @@ class Trainer:
         self.run.append_metrics(record)
         self.on_metrics(record)
 
-    # ---- save --------------------------------------------------------------------------------
-    def save(self, dest=None) -> None:
-        """Save the adapter (or full model) with its tokenizer; a temp folder renamed at the end
-        means a half-written save is never mistaken for a finished one."""
+    # ---- save and resume ---------------------------------------------------------------------
+    def save(self, dest=None, with_state: bool = False) -> None:
+        """Save the adapter (or full model) with its tokenizer, and with ``with_state`` what
+        resuming needs. A temp folder renamed at the end means a half-written save is never
+        mistaken for a finished one."""
         if dest is None:
             dest = self.run.model_dir if self.config.method == "full" else self.run.adapter_dir
         tmp = dest.with_name(f".{dest.name}.tmp")
@@ -212,5 +229,41 @@ class Trainer:
         tmp.parent.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(tmp, safe_serialization=True)
         self.tokenizer.save_pretrained(tmp)
+        if with_state:
+            torch.save({"step": self.step, "micro": self.micro, "total_steps": self.total_steps,
+                        "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state_all() if self.device == "cuda" else None},
+                       tmp / STATE_FILE)
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
+
+    def save_checkpoint(self) -> None:
+        """checkpoints/step-N with weights and trainer state; only the latest few are kept."""
+        self.save(self.run.path / "checkpoints" / f"step-{self.step}", with_state=True)
+        for old in self.run.checkpoints()[:-self.config.training.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        self._emit({"kind": "checkpoint", "step": self.step, "time": time.time()})
+
+    def restore(self, checkpoint) -> None:
+        """Continue from a checkpoint: its weights, optimizer, scheduler, RNG and data position."""
+        from safetensors.torch import load_file
+
+        files = sorted(checkpoint.glob("*.safetensors"))
+        weights = {k: v for f in files for k, v in load_file(f).items()}
+        if self.config.method == "full":
+            missing, unexpected = self.model.load_state_dict(weights, strict=False)
+            tied = {k for k in missing if "lm_head" in k or "embed_out" in k}
+            if unexpected or set(missing) - tied:
+                raise models.ModelError(f"Checkpoint {checkpoint.name} does not match this model; start a new run.")
+        else:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model, weights)
+        state = torch.load(checkpoint / STATE_FILE, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and self.device == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step, self.micro = state["step"], state["micro"]

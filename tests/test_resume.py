@@ -1,0 +1,98 @@
+"""Crash safety: a run killed with SIGKILL resumes from its last checkpoint and ends where an
+uninterrupted run ends, with the same losses; nothing half-written is ever listed as trained."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from studio.cli import main
+from studio.config import RunConfig
+from studio.runs import RunRegistry
+from studio.training import JobManager, run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 120
+
+
+def _args(model_dir, data, runs):
+    return ["train", "--data", str(data), "--model", str(model_dir), "--method", "lora", "--max-steps", str(STEPS),
+            "--save-steps", "5", "--batch-size", "4", "--max-length", "64", "--learning-rate", "1e-2",
+            "--lora-dropout", "0.1", "--eval-fraction", "0", "--memory-check", "false", "--runs-dir", str(runs)]
+
+
+def _losses(run):
+    return {m["step"]: m["loss"] for m in run.metrics() if m["kind"] == "train"}
+
+
+def test_sigkill_then_resume_ends_at_the_final_step_with_the_same_losses(tiny_model_dir, instruction_csv, tmp_path):
+    reference_runs, killed_runs = tmp_path / "reference", tmp_path / "killed"
+    assert main(_args(tiny_model_dir, instruction_csv, reference_runs)) == 0
+    reference = RunRegistry(reference_runs).list()[0]
+
+    proc = subprocess.Popen([sys.executable, "-m", "studio.cli", *_args(tiny_model_dir, instruction_csv, killed_runs)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(killed_runs.glob("*/checkpoints/step-*/trainer_state.pt")):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    registry = RunRegistry(killed_runs)
+    run = registry.list()[0]
+    assert run.status()["state"] == "running"  # what a crash leaves behind...
+    registry.mark_orphans_interrupted()  # ...until the next start-up looks
+    status = run.status()
+    assert status["state"] == "interrupted" and "Resume continues from step" in status["message"]
+    assert not run.is_trained() and registry.trained() == []  # never listed or exported as finished
+    assert main(["export", run.id, "--runs-dir", str(killed_runs)]) == 1
+    killed_at = max(_losses(run))
+    assert killed_at < STEPS
+
+    assert main(["resume", run.id, "--runs-dir", str(killed_runs)]) == 0
+    status = run.status()
+    assert status["state"] == "finished" and status["step"] == STEPS and run.is_trained()
+    steps = [m["step"] for m in run.metrics() if m["kind"] == "train"]
+    assert steps == list(range(1, STEPS + 1))  # every step once: redone steps are not drawn twice
+    ours, theirs = _losses(run), _losses(reference)
+    for step in (1, killed_at, STEPS):
+        assert ours[step] == pytest.approx(theirs[step], rel=1e-4), step
+    assert len(run.checkpoints()) <= 2  # keep_checkpoints
+    assert main(["resume", run.id, "--runs-dir", str(killed_runs)]) == 2  # finished runs cannot be resumed
+
+
+def test_stop_saves_a_checkpoint_and_the_server_resumes_to_the_end(tiny_model_dir, instruction_csv, runs_dir):
+    cfg = RunConfig.from_dict({
+        "model": str(tiny_model_dir), "method": "full",
+        "data": {"path": str(instruction_csv), "max_length": 64, "eval_fraction": 0.1},
+        "training": {"max_steps": 40, "learning_rate": 1e-3, "batch_size": 4, "save_steps": 1000,
+                     "memory_check": False},
+    }).check()
+    jobs = JobManager(RunRegistry(runs_dir))
+    job = jobs.start(cfg)
+    while not any(m["kind"] == "train" and m["step"] >= 3 for m in job.snapshot()):
+        time.sleep(0.02)
+    assert jobs.save_now()
+    while not any(m["kind"] == "checkpoint" for m in job.snapshot()):
+        time.sleep(0.02)
+    jobs.stop()
+    job.thread.join(120)
+    status = job.run.status()
+    assert status["state"] == "finished" and status["stopped"] and "Resume" in status["message"]
+    point = job.run.resume_point()
+    assert point is not None and int(point.name[5:]) == status["step"] < 40
+
+    resumed = jobs.resume(job.run)
+    assert resumed.run.path == job.run.path
+    resumed.thread.join(120)
+    status = job.run.status()
+    assert status["state"] == "finished" and status["step"] == 40 and not status["stopped"]
+    assert job.run.resume_point() is None
+    with pytest.raises(LookupError):
+        jobs.resume(job.run)
