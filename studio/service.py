@@ -187,6 +187,24 @@ class Studio:
     def stop_training(self) -> bool:
         return self.jobs.stop()
 
+    def save_now(self) -> bool:
+        return self.jobs.save_now()
+
+    def resumable_runs(self) -> list[tuple[str, str]]:
+        """(label, run id) for runs a Resume can continue: interrupted, failed or stopped, with a checkpoint."""
+        out = []
+        for run in self.registry.list():
+            point = run.resume_point()
+            if point is not None:
+                s = run.status()
+                out.append((f"{run.id} ({s.get('state')}, from step {point.name[5:]} of "
+                            f"{s.get('total_steps', '?')})", run.id))
+        return out
+
+    def resume_training(self, run_id: str) -> Job:
+        """Raises LookupError (unknown or not resumable run), ConfigError, or RuntimeError (busy)."""
+        return self.jobs.resume(self.registry.get(run_id))
+
     def job_view(self) -> JobView:
         job = self.jobs.current
         if job is None:

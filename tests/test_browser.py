@@ -174,7 +174,21 @@ def test_upload_train_chat_export(server, browser, tmp_path):
     expect(second.locator("#train-status")).to_contain_text("Stopped at step", timeout=120_000)
     expect(page.locator("#train-status")).to_contain_text("Finished", timeout=30_000)
     second.close()
+    stopped_at = studio.registry.get(run_id).status()["step"]
     assert studio.registry.get(run_id).status()["stopped"] is True
+
+    # The stopped run is resumable from the checkpoint Stop saved: resume it, then stop it again.
+    page.locator("#resume-run input").click()
+    page.get_by_role("option").filter(has_text=run_id).first.click()
+    page.locator("#resume-button").click()
+    expect(page.locator("#train-status")).to_contain_text("Running", timeout=60_000)
+    page.wait_for_function(f"""() => {{ const el = document.querySelector('#loss-plot .js-plotly-plot');
+        return el && el.data && el.data[0] && Math.max(...el.data[0].x) > {stopped_at}; }}""", timeout=120_000)
+    expect(page.locator("#stop-button")).to_be_enabled(timeout=20_000)
+    page.locator("#stop-button").click()
+    expect(page.locator("#train-status")).to_contain_text("Stopped at step", timeout=120_000)
+    resumed = studio.registry.get(run_id).status()
+    assert resumed["stopped"] is True and resumed["step"] > stopped_at
 
     # Chat: both panes answer the same prompt.
     page.get_by_role("tab", name="Chat").click()

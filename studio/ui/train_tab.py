@@ -88,6 +88,12 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
     with gr.Row():
         train_btn = gr.Button("Train", variant="primary", elem_id="train-button")
         stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-button", interactive=False)
+        save_btn = gr.Button("Save checkpoint now", elem_id="save-now-button", interactive=False)
+    with gr.Row():
+        resume_run = gr.Dropdown(label="Resume an interrupted or stopped run", elem_id="resume-run", scale=3,
+                                 choices=studio.resumable_runs(), value=None,
+                                 info="Continues from its last checkpoint with its own settings, to its final step.")
+        resume_btn = gr.Button("Resume", elem_id="resume-button", scale=1)
     status = gr.Markdown("No training yet.", elem_id="train-status")
     progress = gr.HTML(_progress_html(JobView()), elem_id="train-progress")
     with gr.Row():
@@ -160,10 +166,31 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
         view = studio.job_view()
         key = (view.run_id, view.state, view.message, len(view.train), len(view.evals), log)
         if key == last:
-            return (gr.skip(),) * 7
+            return (gr.skip(),) * 10
+        running = view.active and view.state != "stopping"
+        # The resumable list changes only when a job changes state: refresh it then.
+        resumable = gr.Dropdown(choices=studio.resumable_runs()) if key[:3] != (last or (None,) * 3)[:3] else gr.skip()
         return (view.progress_text(), _progress_html(view), loss_figure(view.train, view.evals, log),
                 memory_figure(view.train), key, gr.Button(interactive=not view.active),
-                gr.Button(interactive=view.active and view.state != "stopping"))
+                gr.Button(interactive=running), gr.Button(interactive=running), resumable,
+                gr.Button(interactive=not view.active))
+
+    def resume(run_id):
+        if not run_id:
+            gr.Warning("Pick a run to resume.")
+            return gr.skip()
+        try:
+            studio.resume_training(run_id)
+        except (LookupError, ConfigError, RuntimeError) as exc:
+            gr.Warning(str(exc))
+            return f"**{exc}**"
+        return f"Resuming {run_id}..."
+
+    def save_now():
+        if studio.save_now():
+            gr.Info("A checkpoint will be saved after the current step.")
+        else:
+            gr.Info("No training is running.")
 
     train_btn.click(start, inputs=[dataset_path, mapping, *form], outputs=[status, cli])
     def stop():
@@ -171,8 +198,11 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
             gr.Info("No training is running.")
 
     stop_btn.click(stop)
+    save_btn.click(save_now)
+    resume_btn.click(resume, inputs=resume_run, outputs=status)
     timer.tick(poll, inputs=[shown, log_scale], outputs=[status, progress, loss_plot, memory_plot, shown,
-                                                          train_btn, stop_btn], show_progress="hidden")
+                                                          train_btn, stop_btn, save_btn, resume_run, resume_btn],
+               show_progress="hidden")
     for comp in form:
         comp.change(show_cli, inputs=[dataset_path, mapping, *form], outputs=cli, show_progress="hidden")
 
