@@ -182,8 +182,13 @@ def _merit(m: MethodPlan) -> str:
             "below LoRA in quality and slower per step.")
 
 
-def suggest(shape: ModelShape, method: str, settings: Settings, device: str, avail: int) -> Suggestion | None:
-    """The first change (or pair of changes) that makes ``method`` fit comfortably, cheapest first."""
+def suggest(shape: ModelShape, method: str, settings: Settings, device: str, avail: int,
+            target_bytes: int | None = None) -> Suggestion | None:
+    """The first change (or pair of changes) that makes ``method`` fit comfortably, cheapest first.
+
+    ``target_bytes`` replaces "fits comfortably in ``avail``" with "estimated at most this":
+    after a real out-of-memory error the estimate was evidently too low, so the retry aims
+    below what actually failed."""
     candidates: list[tuple[dict, Settings, str]] = []
     if not settings.gradient_checkpointing:
         candidates.append(({"training.gradient_checkpointing": True},
@@ -207,7 +212,7 @@ def suggest(shape: ModelShape, method: str, settings: Settings, device: str, ava
                                replace(s, gradient_checkpointing=True), f"turn on gradient checkpointing and {text}"))
     for changes, s, text in candidates:
         est = _estimate(shape, method, s, device)
-        if _verdict(est.total_bytes, avail) == "fits":
+        if (est.total_bytes <= target_bytes if target_bytes is not None else _verdict(est.total_bytes, avail) == "fits"):
             return Suggestion(method, changes, f"{METHOD_NAMES[method]} would fit if you {text} "
                                                  f"(about {_fmt(est.total_bytes)}).", est.total_bytes)
     return None
@@ -227,3 +232,20 @@ def plan_for_config(config: RunConfig, hw: Hardware, shape: ModelShape | None = 
     if shape is None:
         shape = shape_for_model(config.model, config.trust_remote_code)
     return plan(shape, hw, settings_for(config, hw))
+
+
+def retry_after_oom(config: RunConfig, hw: Hardware, device: str) -> Suggestion | None:
+    """A change to retry with after the run ran out of memory: the cheapest setting change that
+    cuts the estimate by at least 30% and fits what is free, else QLoRA (when it can run)."""
+    shape = shape_for_model(config.model, config.trust_remote_code)
+    settings = settings_for(config, hw)
+    avail = available_bytes(hw, device)
+    current = _estimate(shape, config.method, settings, device).total_bytes
+    fix = suggest(shape, config.method, settings, device, avail,
+                  target_bytes=int(min(TIGHT_SHARE * avail, 0.7 * current)))
+    if fix is not None:
+        return fix
+    if config.method != "qlora" and _why_not("qlora", hw, device) is None:
+        est = _estimate(shape, "qlora", settings, device).total_bytes
+        return Suggestion("qlora", {"method": "qlora"}, f"QLoRA needs about {_fmt(est)}: switch the method to QLoRA.", est)
+    return None

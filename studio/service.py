@@ -66,6 +66,9 @@ class JobView:
     train: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     memory_check: str = ""  # the pre-run memory check's summary, once it has run
+    memory_peak_mib: float | None = None  # the peak the check measured, on the memory plot's axis
+    memory_estimate_mib: float | None = None  # the estimated peak, on the same axis
+    retry: dict | None = None  # after a memory failure: {"text", "method", "changes"} to retry with
 
     @property
     def active(self) -> bool:
@@ -216,7 +219,13 @@ class Studio:
         view = JobView(run_id=job.run.id, state=status.get("state", "running"),
                        message=status.get("message", ""), train=train, evals=evals,
                        total_steps=status.get("total_steps", 0),
-                       memory_check=(status.get("memory_check") or {}).get("summary", ""))
+                       memory_check=(status.get("memory_check") or {}).get("summary", ""),
+                       retry=status.get("retry") if status.get("state") == "failed" else None)
+        check = status.get("memory_check") or {}
+        if check.get("peak_bytes"):
+            view.memory_peak_mib = check["peak_bytes"] / 2**20
+            cpu = check.get("device") != "cuda"  # on CPU the estimate compared is on top of the baseline
+            view.memory_estimate_mib = (check["estimate_bytes"] + (check["baseline_bytes"] if cpu else 0)) / 2**20
         if job.stop_event.is_set() and view.state == "running":
             view.state, view.message = "stopping", "Stopping after the current step..."
         if train:

@@ -83,3 +83,45 @@ def test_gradient_checkpointing_trains_to_the_same_losses(tiny_model_dir, instru
         assert run_training(cfg, run)["state"] == "finished"
         losses[gc] = _losses(run)
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_out_of_memory_mid_run_fails_cleanly_with_a_retry_and_the_server_goes_on(
+        tiny_model_dir, instruction_csv, runs_dir, monkeypatch):
+    from studio.training import JobManager
+    from studio.training.trainer import Trainer as T
+
+    calls = {"n": 0}
+    real = T._collate
+
+    def collate_then_oom(self, examples):
+        calls["n"] += 1
+        if calls["n"] == 6:  # a few steps in, the way a long batch would
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB")
+        return real(self, examples)
+
+    monkeypatch.setattr(T, "_collate", collate_then_oom)
+    jobs = JobManager(RunRegistry(runs_dir))
+    job = jobs.start(_cfg(tiny_model_dir, instruction_csv, "lora", memory_check=False, max_steps=50))
+    job.thread.join(120)
+    status = job.run.status()
+    assert status["state"] == "failed"
+    assert status["message"].startswith("Ran out of memory at step") and "Traceback" not in status["message"]
+    retry = status["retry"]
+    assert retry["changes"] and retry["text"] in status["message"]
+    assert set(retry["changes"]) <= {"training.gradient_checkpointing", "training.batch_size",
+                                     "training.gradient_accumulation", "data.max_length", "method"}
+
+    monkeypatch.setattr(T, "_collate", real)  # the server keeps serving: the next job runs
+    cfg = _cfg(tiny_model_dir, instruction_csv, "lora", memory_check=False, max_steps=3)
+    nxt = jobs.start(cfg.with_overrides(retry["changes"]))  # what the Retry button starts
+    nxt.thread.join(120)
+    assert nxt.run.status()["state"] == "finished"
+
+
+def test_a_refused_run_offers_the_change_that_fits(tiny_model_dir, instruction_csv, runs_dir, monkeypatch):
+    monkeypatch.setattr(mc, "available_bytes", lambda device: 100 * 2**20)
+    cfg = _cfg(tiny_model_dir, instruction_csv, "lora")
+    run = RunRegistry(runs_dir).create(cfg)
+    status = run_training(cfg, run)
+    # 100 MiB is less than the runtime alone: no setting fits, and the sentence says what else to do.
+    assert status["retry"] is None and "Choose QLoRA, a smaller model, or shorter rows" in status["message"]

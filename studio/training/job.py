@@ -25,12 +25,32 @@ def failure_message(exc: BaseException) -> str:
         return str(exc)
     if isinstance(exc, FloatingPointError):
         return str(exc)
-    oom = isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
-    if oom:
+    if is_out_of_memory(exc):
         return ("Ran out of memory. Lower the batch size or max length, or choose QLoRA, "
                 "then train again.")
     return (f"Training failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}. "
             "The full error is in the run's train.log.")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
+
+
+def _retry(exc: BaseException, config: RunConfig, device: str | None) -> dict | None:
+    """The one-click retry offered after a memory failure: {"text", "method", "changes"}."""
+    fix = None
+    if isinstance(exc, MemoryCheckFailed):
+        fix = exc.suggestion
+    elif is_out_of_memory(exc):
+        from studio import hardware
+        from studio.planner import retry_after_oom
+
+        try:
+            hw = hardware.detect()
+            fix = retry_after_oom(config, hw, device or hw.device)
+        except Exception:  # noqa: BLE001 - the failure sentence matters more than the suggestion
+            log.warning("could not work out a retry after running out of memory", exc_info=True)
+    return None if fix is None else {"text": fix.text, "method": fix.method, "changes": fix.changes}
 
 
 def run_training(config: RunConfig, run: Run, stop_event: threading.Event | None = None,
@@ -44,7 +64,7 @@ def run_training(config: RunConfig, run: Run, stop_event: threading.Event | None
     checkpoint = run.checkpoints()[-1] if resume and run.checkpoints() else None
     if resume and checkpoint is None:
         return run.set_status("failed", message="This run has no checkpoint to resume from; start a new run.")
-    run.set_status("running", pid=os.getpid(), started_at=time.time(), stopped=False,
+    run.set_status("running", pid=os.getpid(), started_at=time.time(), stopped=False, retry=None,
                    message=f"Resuming from {checkpoint.name}..." if checkpoint else "Loading model and data...")
     try:
         trainer.setup()
@@ -81,9 +101,14 @@ def run_training(config: RunConfig, run: Run, stop_event: threading.Event | None
     except BaseException as exc:  # noqa: BLE001 - every failure must end as a status, not a crash
         with run.log_path.open("a", encoding="utf-8") as f:
             f.write(traceback.format_exc())
+        trainer.model = trainer.optimizer = None  # free the memory before anything else runs
+        _free_memory()
         msg = failure_message(exc)
+        retry = _retry(exc, config, getattr(trainer, "device", None))
+        if retry and is_out_of_memory(exc):
+            msg = f"Ran out of memory at step {trainer.step}. {retry['text']}"
         log.warning("run %s failed: %s", run.id, msg)
-        return run.set_status("failed", finished_at=time.time(), step=trainer.step, message=msg)
+        return run.set_status("failed", finished_at=time.time(), step=trainer.step, message=msg, retry=retry)
     finally:
         del trainer
         _free_memory()

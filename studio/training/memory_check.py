@@ -31,6 +31,10 @@ STEPS = 2
 class MemoryCheckFailed(Exception):
     """The run would not fit; the message says by how much and what to change."""
 
+    def __init__(self, message: str, suggestion=None):
+        super().__init__(message)
+        self.suggestion = suggestion  # planner.Suggestion: the change a one-click retry applies
+
 
 @dataclass
 class MemoryCheck:
@@ -121,7 +125,7 @@ def check_memory(trainer) -> MemoryCheck:
 
     def would_not_fit(what: str) -> MemoryCheckFailed:
         fix = suggest(shape, cfg.method, settings, device, available)
-        return MemoryCheckFailed(f"{what} {fix.text if fix else 'Choose QLoRA, a smaller model, or shorter rows.'}")
+        return MemoryCheckFailed(f"{what} {fix.text if fix else 'Choose QLoRA, a smaller model, or shorter rows.'}", fix)
 
     # On CPU running out of memory is not an exception: the kernel kills the process (the
     # server with it). So a run the estimate says cannot fit is refused before it is tried.

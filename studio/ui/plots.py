@@ -36,7 +36,10 @@ def loss_figure(train: list[dict], evals: list[dict], log_scale: bool = False) -
     return fig
 
 
-def memory_figure(train: list[dict]) -> go.Figure:
+def memory_figure(train: list[dict], check_peak_mib: float | None = None,
+                  estimate_mib: float | None = None) -> go.Figure:
+    """Memory per step, with the pre-run memory check's measured peak (the run's longest batch
+    was the check's, so the run should stay under it) and the estimate drawn as lines."""
     fig = go.Figure()
     steps = [m["step"] for m in train]
     series = [("rss_mib", "process RSS"), ("cuda_allocated_mib", "CUDA allocated"),
@@ -47,6 +50,12 @@ def memory_figure(train: list[dict]) -> go.Figure:
                                      name=name, marker=dict(size=4)))
     if not fig.data:
         fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name="process RSS"))
+    if check_peak_mib:
+        fig.add_hline(y=check_peak_mib, line_dash="dash", line_color="rgb(239,85,59)",
+                      annotation_text=f"memory check peak {check_peak_mib:,.0f} MiB", annotation_position="bottom right")
+    if estimate_mib:
+        fig.add_hline(y=estimate_mib, line_dash="dot", line_color="rgb(99,110,250)",
+                      annotation_text=f"estimate {estimate_mib:,.0f} MiB", annotation_position="top left")
     fig.update_layout(title="Memory", xaxis_title="step", yaxis_title="MiB", **_LAYOUT)
     return fig
 

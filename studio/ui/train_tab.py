@@ -95,6 +95,9 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
                                  info="Continues from its last checkpoint with its own settings, to its final step.")
         resume_btn = gr.Button("Resume", elem_id="resume-button", scale=1)
     status = gr.Markdown("No training yet.", elem_id="train-status")
+    retry_btn = gr.Button("Retry with the suggested change", elem_id="retry-button", variant="primary",
+                          visible=False)
+    retry_state = gr.State(None)  # the failed run's suggested change
     progress = gr.HTML(_progress_html(JobView()), elem_id="train-progress")
     with gr.Row():
         loss_plot = gr.Plot(elem_id="loss-plot", label="Loss")
@@ -166,14 +169,15 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
         view = studio.job_view()
         key = (view.run_id, view.state, view.message, len(view.train), len(view.evals), log)
         if key == last:
-            return (gr.skip(),) * 10
+            return (gr.skip(),) * 12
         running = view.active and view.state != "stopping"
         # The resumable list changes only when a job changes state: refresh it then.
         resumable = gr.Dropdown(choices=studio.resumable_runs()) if key[:3] != (last or (None,) * 3)[:3] else gr.skip()
+        retry = view.retry and {"changes": view.retry["changes"], "suggested_method": view.retry["method"]}
         return (view.progress_text(), _progress_html(view), loss_figure(view.train, view.evals, log),
-                memory_figure(view.train), key, gr.Button(interactive=not view.active),
+                memory_figure(view.train, view.memory_peak_mib, view.memory_estimate_mib), key, gr.Button(interactive=not view.active),
                 gr.Button(interactive=running), gr.Button(interactive=running), resumable,
-                gr.Button(interactive=not view.active))
+                gr.Button(interactive=not view.active), gr.Button(visible=bool(retry)), retry)
 
     def resume(run_id):
         if not run_id:
@@ -201,7 +205,8 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
     save_btn.click(save_now)
     resume_btn.click(resume, inputs=resume_run, outputs=status)
     timer.tick(poll, inputs=[shown, log_scale], outputs=[status, progress, loss_plot, memory_plot, shown,
-                                                          train_btn, stop_btn, save_btn, resume_run, resume_btn],
+                                                          train_btn, stop_btn, save_btn, resume_run, resume_btn,
+                                                          retry_btn, retry_state],
                show_progress="hidden")
     for comp in form:
         comp.change(show_cli, inputs=[dataset_path, mapping, *form], outputs=cli, show_progress="hidden")
@@ -240,6 +245,10 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
                 ch.get("training.gradient_checkpointing", gr.skip()), ch.get("data.max_length", gr.skip()))
 
     use_recommended.click(use_rec, inputs=[plan_state, lr], outputs=[method, lr])
+    # One click: apply the change the failure suggested to the form, then train with it.
+    retry_btn.click(apply, inputs=[retry_state, lr],
+                    outputs=[method, lr, batch, accumulation, checkpointing, max_len]).then(
+        start, inputs=[dataset_path, mapping, *form], outputs=[status, cli])
     apply_fix.click(apply, inputs=[plan_state, lr], outputs=[method, lr, batch, accumulation, checkpointing, max_len])
     return TrainControls(model, max_len, show_plan, plan_inputs, plan_outputs)
 
