@@ -135,6 +135,22 @@ class Run:
         atomic_write_text(self.metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
 
 
+    def summary(self) -> dict[str, Any]:
+        """One row of the past-runs table."""
+        s = self.status()
+        start, end = s.get("started_at"), s.get("finished_at") or (time.time() if s.get("state") in ACTIVE_STATES else None)
+        return {"run": self.id, "state": s.get("state"), "method": s.get("method"), "model": s.get("model"),
+                "steps": f"{s.get('step', 0)}/{s.get('total_steps', '?')}", "final loss": s.get("final_loss"),
+                "eval loss": s.get("eval_loss"), "duration s": round(end - start) if start and end else None,
+                "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(s.get("created_at", 0)))}
+
+
+def config_diff(a: Run, b: Run) -> list[tuple[str, Any, Any]]:
+    """The settings that differ between two runs, as (dotted name, a's value, b's value)."""
+    fa, fb = a.config().flat(), b.config().flat()
+    return [(k, fa[k], fb.get(k)) for k in fa if fa[k] != fb.get(k)]
+
+
 class RunRegistry:
     """Creates, lists and finds runs under one folder."""
 

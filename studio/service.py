@@ -24,7 +24,7 @@ from studio.models import load_tokenizer
 from studio.planner import Plan, plan, settings_for
 from studio.export import export_zip
 from studio.playground import Playground, SamplingSettings
-from studio.runs import Run, RunRegistry
+from studio.runs import Run, RunRegistry, config_diff
 from studio.training import Job, JobManager
 
 PREVIEW_ROWS = 20
@@ -238,6 +238,23 @@ class Studio:
             per_step = last["elapsed_s"] / last["step"]
             view.eta_s = per_step * (view.total_steps - view.step)
         return view
+
+    # ---- past runs ----------------------------------------------------------------------------
+    def runs_table(self) -> pd.DataFrame:
+        rows = [r.summary() for r in self.registry.list()]
+        return pd.DataFrame(rows, columns=["run", "state", "method", "model", "steps", "final loss", "eval loss",
+                                           "duration s", "created"])
+
+    def curves(self, run_ids: list[str]) -> dict[str, tuple[list[dict], list[dict]]]:
+        """run id -> (train metrics, eval metrics), for overlaying runs' curves."""
+        out = {}
+        for rid in run_ids:
+            metrics = self.registry.get(rid).metrics()
+            out[rid] = ([m for m in metrics if m.get("kind") == "train"], [m for m in metrics if m.get("kind") == "eval"])
+        return out
+
+    def config_diff(self, a: str, b: str) -> list[tuple[str, object, object]]:
+        return config_diff(self.registry.get(a), self.registry.get(b))
 
     # ---- runs, chat, export -----------------------------------------------------------------
     def trained_runs(self) -> list[Run]:

@@ -221,6 +221,25 @@ def test_upload_train_chat_export(server, browser, tmp_path):
             "README.md"} <= names
     assert not errors and not errors2, errors + errors2
 
+    # Past runs: overlay two runs' curves and list the settings that differ.
+    trained = studio.registry.get(run_id)
+    other = studio.registry.create(trained.config().with_overrides({"training.learning_rate": 1e-4}))
+    for step, loss in enumerate([2.0, 1.6, 1.3, 1.1], start=1):
+        other.append_metrics({"kind": "train", "step": step, "loss": loss})
+    other.set_status("finished", step=4, total_steps=4, final_loss=1.1)
+    runs_page, errors3 = _page(browser, url)
+    runs_page.get_by_role("tab", name="Train").click()
+    runs_page.get_by_text("Past runs: compare curves and settings").click()
+    expect(runs_page.locator("#runs-table")).to_contain_text(other.id, timeout=30_000)
+    for rid in (run_id, other.id):
+        runs_page.locator("#runs-compare input").click()
+        runs_page.get_by_role("option").filter(has_text=rid).first.click()
+    expect(runs_page.locator("#runs-diff")).to_contain_text("training.learning_rate", timeout=30_000)
+    runs_page.wait_for_function("""() => { const el = document.querySelector('#runs-overlay .js-plotly-plot');
+        return el && el.data && el.data.filter(t => t.mode === 'lines').length === 2; }""", timeout=30_000)
+    assert not errors3, errors3
+    runs_page.close()
+
     # The downloaded adapter loads in plain PEFT on the base model.
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

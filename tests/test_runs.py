@@ -42,3 +42,27 @@ def test_orphaned_running_runs_become_interrupted(runs_dir):
     assert run.status()["state"] == "interrupted"
     assert alive.status()["state"] == "running"
     assert json.loads((run.path / "status.json").read_text())["state"] == "interrupted"
+
+
+def test_past_runs_table_and_config_diff(runs_dir, tmp_path):
+    from studio.runs import config_diff
+    from studio.service import Studio
+
+    data = tmp_path / "d.csv"
+    data.write_text("instruction,output\na,b\n", encoding="utf-8")
+    registry = RunRegistry(runs_dir)
+    a = registry.create(RunConfig.from_dict({"data": {"path": str(data)}, "training": {"learning_rate": 1e-4}}))
+    b = registry.create(RunConfig.from_dict({"data": {"path": str(data)}, "method": "qlora",
+                                             "training": {"learning_rate": 3e-4}}))
+    a.set_status("finished", started_at=100.0, finished_at=160.0, step=10, total_steps=10, final_loss=0.5)
+    assert config_diff(a, b) == [("method", "lora", "qlora"), ("training.learning_rate", 1e-4, 3e-4)]
+    assert config_diff(a, a) == []
+    studio = Studio(runs_dir)
+    table = studio.runs_table()
+    assert list(table["run"]) == [b.id, a.id]  # newest first
+    row = table[table["run"] == a.id].iloc[0]
+    assert row["state"] == "finished" and row["steps"] == "10/10" and row["duration s"] == 60
+    a.append_metrics({"kind": "train", "step": 1, "loss": 1.0})
+    a.append_metrics({"kind": "eval", "step": 1, "eval_loss": 1.1})
+    train, evals = studio.curves([a.id])[a.id]
+    assert [m["loss"] for m in train] == [1.0] and [m["eval_loss"] for m in evals] == [1.1]

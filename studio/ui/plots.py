@@ -103,3 +103,25 @@ def memory_plan_figure(plan) -> go.Figure:
     fig.update_xaxes(range=[0, top])
     fig.update_yaxes(autorange="reversed")
     return fig
+
+
+def overlay_figure(curves: dict[str, tuple[list[dict], list[dict]]], log_scale: bool = False) -> go.Figure:
+    """Several runs' smoothed training loss (and eval loss points) on one plot."""
+    fig = go.Figure()
+    for n, (run_id, (train, evals)) in enumerate(curves.items()):
+        color = _PALETTE[n % len(_PALETTE)]
+        if train:
+            fig.add_trace(go.Scatter(x=[m["step"] for m in train], y=smooth([m["loss"] for m in train]),
+                                     mode="lines", name=run_id, line=dict(color=color, width=2)))
+        if evals:
+            fig.add_trace(go.Scatter(x=[m["step"] for m in evals], y=[m["eval_loss"] for m in evals],
+                                     mode="markers", name=f"{run_id} eval", marker=dict(color=color, size=9,
+                                                                                        symbol="diamond")))
+    fig.update_layout(title="Loss (smoothed) by run", xaxis_title="step", yaxis_title="loss",
+                      **{**_LAYOUT, "height": 340})
+    if log_scale:
+        fig.update_yaxes(type="log")
+    return fig
+
+
+_PALETTE = ["#6366f1", "#ef4444", "#22c55e", "#f59e0b", "#06b6d4", "#a855f7", "#64748b"]

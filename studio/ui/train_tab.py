@@ -17,7 +17,7 @@ from studio.config import ConfigError, RunConfig, field_help
 from studio.models import ModelError
 from studio.planner import METHOD_NAMES
 from studio.service import JobView, Studio
-from studio.ui.plots import loss_figure, memory_figure, memory_plan_figure
+from studio.ui.plots import loss_figure, memory_figure, memory_plan_figure, overlay_figure
 
 POLL_SECONDS = 0.5
 LORA_LR, FULL_LR = RunConfig().training.learning_rate, 2e-5
@@ -105,6 +105,12 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
     log_scale = gr.Checkbox(False, label="Log-scale loss axis", elem_id="loss-log-scale")
     with gr.Accordion("Same run from the command line", open=False):
         cli = gr.Code(language="shell", elem_id="train-cli", interactive=False)
+    with gr.Accordion("Past runs: compare curves and settings", open=False):
+        runs_table = gr.Dataframe(studio.runs_table(), elem_id="runs-table", interactive=False, wrap=True)
+        compare = gr.Dropdown(label="Runs to compare (two or more)", multiselect=True, elem_id="runs-compare",
+                              choices=[r.id for r in studio.registry.list()], value=[])
+        overlay = gr.Plot(elem_id="runs-overlay", label="Loss by run")
+        diff = gr.Markdown(elem_id="runs-diff")
     timer = gr.Timer(POLL_SECONDS)
     shown = gr.State(None)  # what this browser tab last drew; skip redraws when nothing changed
 
@@ -169,15 +175,33 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
         view = studio.job_view()
         key = (view.run_id, view.state, view.message, len(view.train), len(view.evals), log)
         if key == last:
-            return (gr.skip(),) * 12
+            return (gr.skip(),) * 14
         running = view.active and view.state != "stopping"
         # The resumable list changes only when a job changes state: refresh it then.
-        resumable = gr.Dropdown(choices=studio.resumable_runs()) if key[:3] != (last or (None,) * 3)[:3] else gr.skip()
+        changed = key[:3] != (last or (None,) * 3)[:3]
+        resumable = gr.Dropdown(choices=studio.resumable_runs()) if changed else gr.skip()
+        table = studio.runs_table() if changed else gr.skip()
+        run_ids = gr.Dropdown(choices=[r.id for r in studio.registry.list()]) if changed else gr.skip()
         retry = view.retry and {"changes": view.retry["changes"], "suggested_method": view.retry["method"]}
         return (view.progress_text(), _progress_html(view), loss_figure(view.train, view.evals, log),
                 memory_figure(view.train, view.memory_peak_mib, view.memory_estimate_mib), key, gr.Button(interactive=not view.active),
                 gr.Button(interactive=running), gr.Button(interactive=running), resumable,
-                gr.Button(interactive=not view.active), gr.Button(visible=bool(retry)), retry)
+                gr.Button(interactive=not view.active), gr.Button(visible=bool(retry)), retry, table, run_ids)
+
+    def compare_runs(run_ids, log):
+        run_ids = run_ids or []
+        if len(run_ids) < 2:
+            return None, "Pick two or more runs to overlay their curves and compare their settings."
+        try:
+            fig = overlay_figure(studio.curves(run_ids), log)
+            a, b = run_ids[0], run_ids[1]
+            rows = studio.config_diff(a, b)
+        except (LookupError, ConfigError) as exc:
+            return None, f"**{exc}**"
+        if not rows:
+            return fig, f"`{a}` and `{b}` used the same settings."
+        table = "\n".join(f"| `{k}` | {_cell(va)} | {_cell(vb)} |" for k, va, vb in rows)
+        return fig, f"Settings that differ:\n\n| setting | `{a}` | `{b}` |\n|---|---|---|\n{table}"
 
     def resume(run_id):
         if not run_id:
@@ -203,10 +227,11 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
 
     stop_btn.click(stop)
     save_btn.click(save_now)
+    compare.change(compare_runs, inputs=[compare, log_scale], outputs=[overlay, diff])
     resume_btn.click(resume, inputs=resume_run, outputs=status)
     timer.tick(poll, inputs=[shown, log_scale], outputs=[status, progress, loss_plot, memory_plot, shown,
                                                           train_btn, stop_btn, save_btn, resume_run, resume_btn,
-                                                          retry_btn, retry_state],
+                                                          retry_btn, retry_state, runs_table, compare],
                show_progress="hidden")
     for comp in form:
         comp.change(show_cli, inputs=[dataset_path, mapping, *form], outputs=cli, show_progress="hidden")
@@ -255,6 +280,11 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
 
 VERDICTS = {"fits": ("fits", "fs-fits"), "tight": ("tight", "fs-tight"), "no": ("does not fit", "fs-nofit"),
             "n/a": ("cannot run here", "fs-na")}
+
+
+def _cell(value) -> str:
+    """A config value inside a markdown table cell: escaped, pipes kept out of the layout."""
+    return html.escape(str(value)).replace("|", "&#124;") or "(empty)"
 
 
 def _problems_html(problems: list[str]) -> str:
