@@ -129,10 +129,24 @@ def _train(args) -> int:
         for p in exc.problems:
             print(f"  - {p}", file=sys.stderr)
         return 2
-    registry = RunRegistry(args.runs_dir)
-    run = registry.create(cfg)
-    print(f"Run folder: {run.path}", flush=True)
-    return _run_and_report(cfg, run, resume=False)
+    from studio.runs import Run
+    from studio.training import distributed
+
+    # Under `accelerate launch` every process runs this; rank 0 creates the run folder and the
+    # others train into it without writing (see studio/training/distributed.py).
+    dist = distributed.from_env()
+    distributed.init(dist)
+    path = RunRegistry(args.runs_dir).create(cfg).path if dist.main else None
+    run = Run(distributed.broadcast(path, dist), writable=dist.main)
+    if dist.main:
+        print(f"Run folder: {run.path}" + (f" ({dist.world} processes)" if dist.enabled else ""), flush=True)
+    try:
+        return _run_and_report(cfg, run, resume=False)
+    finally:
+        if dist.enabled:
+            import torch
+
+            torch.distributed.destroy_process_group()
 
 
 def _resume(args) -> int:
@@ -170,6 +184,8 @@ def _run_and_report(cfg, run, resume: bool) -> int:
             print(f"checkpoint saved at step {m['step']}", flush=True)
 
     status = run_training(cfg, run, on_metrics=progress, resume=resume)
+    if not run.writable:  # another rank reports; this one only says whether it failed
+        return 0 if status["state"] != "failed" else 1
     print(status.get("message", ""))
     if status["state"] != "finished":
         print(f"Details: {run.log_path}", file=sys.stderr)

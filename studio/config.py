@@ -96,7 +96,7 @@ class TrainingConfig:
     eval_steps: int = 0
     """Measure eval loss every N steps (0 = only at the end)."""
     save_steps: int = 0
-    """Save a resumable checkpoint (weights, optimizer, scheduler, RNG) every N steps; 0 = every 10% of the run."""
+    """Save a resumable checkpoint (weights, optimizer, scheduler, RNG) every N steps; 0 = every 10% of the run, at least 10 steps apart."""
     keep_checkpoints: int = 2
     """How many of the latest checkpoints to keep on disk."""
     seed: int = 42

@@ -156,7 +156,7 @@ def load_model(ref: str, method: str = "lora", device: str = "cpu", compute_dtyp
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype)
-        kwargs["device_map"] = {"": device if device != "cuda" else 0}
+        kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
         kwargs["dtype"] = compute_dtype
     elif method == "lora":
         kwargs["dtype"] = compute_dtype

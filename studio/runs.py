@@ -41,9 +41,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 @dataclass
 class Run:
-    """A handle on one run folder."""
+    """A handle on one run folder. ``writable=False`` is a read-only view: the other processes
+    of a multi-process run see the folder rank 0 writes."""
 
     path: Path
+    writable: bool = True
 
     @property
     def id(self) -> str:
@@ -82,10 +84,13 @@ class Run:
         assert state in STATES, state  # programming error, not user input
         status = self.status() if (self.path / "status.json").exists() else {}
         status.update(fields, state=state, updated_at=time.time())
-        atomic_write_text(self.path / "status.json", json.dumps(status, indent=2))
+        if self.writable:
+            atomic_write_text(self.path / "status.json", json.dumps(status, indent=2))
         return status
 
     def append_metrics(self, record: dict[str, Any]) -> None:
+        if not self.writable:
+            return
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -131,6 +136,8 @@ class Run:
 
     def truncate_metrics(self, step: int) -> None:
         """Drop records after ``step``: a resumed run redoes those steps and must not draw them twice."""
+        if not self.writable:
+            return
         kept = [m for m in self.metrics() if m.get("step", 0) <= step]
         atomic_write_text(self.metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
 

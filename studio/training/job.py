@@ -72,7 +72,7 @@ def run_training(config: RunConfig, run: Run, stop_event: threading.Event | None
                        train_rows=len(trainer.train_examples), eval_rows=len(trainer.eval_examples),
                        device=trainer.device, bf16=trainer.use_bf16, message="Training...",
                        data_warnings=[f.code for f in trainer.data_findings])
-        if config.training.memory_check:
+        if config.training.memory_check and not trainer.dist.enabled:  # one process checks itself only
             run.set_status("running", message="Checking memory: two steps on the longest rows...")
             check = check_memory(trainer)
             run.set_status("running", memory_check=check.to_dict(), message="Training...")

@@ -20,6 +20,7 @@ import torch
 
 from studio import hardware, models
 from studio.config import RunConfig
+from studio.training import distributed
 from studio.data import Example, prepare
 from studio.data.render import IGNORE_INDEX
 from studio.runs import Run
@@ -45,6 +46,7 @@ class Trainer:
         self.on_metrics = on_metrics or (lambda record: None)
         self.step = 0
         self.micro = 0  # micro-batches consumed: where the data stream resumes
+        self.dist = distributed.Dist()  # one process until setup() reads the launcher's environment
         self.total_steps = 0
 
     # ---- setup -------------------------------------------------------------------------------
@@ -52,6 +54,8 @@ class Trainer:
         """Build data before the model: a bad file should fail in a second, not after a load."""
         cfg, t = self.config, self.config.training
         torch.manual_seed(t.seed)
+        self.dist = distributed.from_env()
+        distributed.init(self.dist)
         self.hw = hardware.detect()
         self.device = self.hw.device
         if cfg.method == "qlora" and self.device == "mps":
@@ -66,8 +70,11 @@ class Trainer:
 
         self.model = self._load_model()
         self.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        # Training steps go through the DDP wrapper when several processes train; saving,
+        # loading and evaluation use the model itself.
+        self.forward_model = distributed.wrap(self.model, self.dist, self.device)
         batches_per_epoch = math.ceil(len(self.train_examples) / t.batch_size)
-        steps_per_epoch = max(1, batches_per_epoch // t.gradient_accumulation)
+        steps_per_epoch = max(1, batches_per_epoch // (t.gradient_accumulation * self.dist.world))
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
         self._make_optimizer()
 
@@ -122,7 +129,8 @@ class Trainer:
                 chunk = sorted(order[i:i + pool], key=lambda j: len(self.train_examples[j].input_ids))
                 batches += [chunk[k:k + bs] for k in range(0, len(chunk), bs)]
             rng.shuffle(batches)
-            yield from batches
+            # Every process replays the same stream and takes every world-th batch.
+            yield from batches[self.dist.rank::self.dist.world]
 
     def _collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         width = max(len(e.input_ids) for e in examples)
@@ -145,8 +153,9 @@ class Trainer:
 
     @property
     def save_every(self) -> int:
-        """Checkpoint interval in steps: the configured one, or every 10% of the run."""
-        return self.config.training.save_steps or max(1, self.total_steps // 10)
+        """Checkpoint interval in steps: the configured one, or every 10% of the run (at least
+        10 steps apart: a full fine-tuning checkpoint with optimizer state is 4x the model)."""
+        return self.config.training.save_steps or max(10, self.total_steps // 10)
 
     def train(self) -> None:
         t = self.config.training
@@ -168,7 +177,7 @@ class Trainer:
                 batch = self._collate([self.train_examples[j] for j in next(indices)])
                 self.micro += 1
                 with self._autocast():
-                    loss = self.model(**batch).loss
+                    loss = self.forward_model(**batch).loss
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"The loss became {loss.item()} at step {self.step + 1}; "
                                              "lower the learning rate.")
@@ -214,6 +223,8 @@ class Trainer:
         return eval_loss
 
     def _emit(self, record: dict) -> None:
+        if not self.dist.main:  # one process speaks for the run
+            return
         self.run.append_metrics(record)
         self.on_metrics(record)
 
@@ -222,6 +233,8 @@ class Trainer:
         """Save the adapter (or full model) with its tokenizer, and with ``with_state`` what
         resuming needs. A temp folder renamed at the end means a half-written save is never
         mistaken for a finished one."""
+        if not self.dist.main:  # DDP keeps every replica identical: rank 0 saves for all
+            return
         if dest is None:
             dest = self.run.model_dir if self.config.method == "full" else self.run.adapter_dir
         tmp = dest.with_name(f".{dest.name}.tmp")
@@ -241,6 +254,8 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """checkpoints/step-N with weights and trainer state; only the latest few are kept."""
         self.save(self.run.path / "checkpoints" / f"step-{self.step}", with_state=True)
+        if not self.dist.main:
+            return
         for old in self.run.checkpoints()[:-self.config.training.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         self._emit({"kind": "checkpoint", "step": self.step, "time": time.time()})

@@ -1,0 +1,64 @@
+"""Several processes, one run: the same trainer under `accelerate launch` (or torchrun).
+
+The launcher starts one process per device and sets RANK / WORLD_SIZE / LOCAL_RANK. Each
+process trains on every WORLD_SIZE-th batch of the same seeded stream, DistributedDataParallel
+averages the gradients, and only rank 0 writes: the run folder, status, metrics and weights.
+With one process (the web server, a plain `finetune-studio train`) nothing here does anything.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def from_env() -> Dist:
+    """This process's place, from the launcher's environment (one process when there is none)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    return Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init(dist: Dist) -> None:
+    """Join the process group: NCCL across GPUs, gloo across CPU processes."""
+    if not dist.enabled or torch.distributed.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist.local_rank)
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def broadcast(value, dist: Dist):
+    """Rank 0's ``value`` on every rank (e.g. the run folder it created)."""
+    if not dist.enabled:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def wrap(model, dist: Dist, device: str):
+    """DistributedDataParallel when several processes train; the model itself otherwise."""
+    if not dist.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[dist.local_rank] if device == "cuda" else None)
