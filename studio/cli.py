@@ -49,6 +49,12 @@ def command_for(config: RunConfig) -> str:
     return " ".join(parts)
 
 
+def launch_command_for(config: RunConfig, processes: int = 2) -> str:
+    """The same run on several GPUs through accelerate (DDP): see README, "More than one GPU"."""
+    return command_for(config).replace(
+        "finetune-studio train", f"accelerate launch --multi_gpu --num_processes {processes} -m studio.cli train", 1)
+
+
 def _bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True

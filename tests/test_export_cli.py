@@ -83,6 +83,12 @@ def test_every_config_field_has_a_flag_and_copy_as_cli_round_trips(tmp_path):
     overrides = {k: v for k, v in vars(args).items() if "." in k or k in ("model", "method", "trust_remote_code")}
     assert RunConfig().with_overrides(overrides) == cfg
 
+    from studio.cli import launch_command_for
+
+    multi = shlex.split(launch_command_for(cfg, 4))
+    assert multi[:7] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "4", "-m", "studio.cli"]
+    assert multi[7:] == shlex.split(cmd)[1:]  # the same flags after `train`
+
 
 def test_core_never_imports_gradio():
     code = ("import sys, studio.service, studio.cli, studio.export, studio.playground, studio.training; "

@@ -12,7 +12,7 @@ from typing import Callable
 
 import gradio as gr
 
-from studio.cli import command_for
+from studio.cli import command_for, launch_command_for
 from studio.config import ConfigError, RunConfig, field_help
 from studio.models import ModelError
 from studio.planner import METHOD_NAMES
@@ -163,11 +163,11 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
         except RuntimeError as exc:
             gr.Warning(str(exc))
             return f"**{exc}**", gr.skip()
-        return "Starting...", command_for(cfg)
+        return "Starting...", _commands(cfg)
 
     def show_cli(path, pairs, *values):
         try:
-            return command_for(to_config(path, pairs, *values))
+            return _commands(to_config(path, pairs, *values))
         except ConfigError:
             return gr.skip()
 
@@ -280,6 +280,11 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
 
 VERDICTS = {"fits": ("fits", "fs-fits"), "tight": ("tight", "fs-tight"), "no": ("does not fit", "fs-nofit"),
             "n/a": ("cannot run here", "fs-na")}
+
+
+def _commands(cfg) -> str:
+    return (f"{command_for(cfg)}\n\n# the same run on several GPUs (DDP), e.g. 4:\n"
+            f"{launch_command_for(cfg, 4)}")
 
 
 def _cell(value) -> str:
