@@ -28,7 +28,7 @@ _FLAG_ALIASES = {
     "training.gradient_accumulation": "gradient-accumulation", "training.warmup_ratio": "warmup-ratio",
     "training.weight_decay": "weight-decay", "training.precision": "precision",
     "training.gradient_checkpointing": "gradient-checkpointing", "training.memory_check": "memory-check",
-    "training.eval_steps": "eval-steps", "training.save_steps": "save-steps",
+    "training.eval_steps": "eval-steps", "training.early_stopping": "early-stopping", "training.save_steps": "save-steps",
     "training.keep_checkpoints": "keep-checkpoints", "training.seed": "seed",
 }
 

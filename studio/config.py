@@ -95,6 +95,8 @@ class TrainingConfig:
     """Before training, run two optimizer steps on the longest rows and measure peak memory; stop with a suggestion if the run would not fit."""
     eval_steps: int = 0
     """Measure eval loss every N steps (0 = only at the end)."""
+    early_stopping: int = 0
+    """Stop when eval loss has not improved for this many evaluations in a row (0 = off; needs eval_steps)."""
     save_steps: int = 0
     """Save a resumable checkpoint (weights, optimizer, scheduler, RNG) every N steps; 0 = every 10% of the run, at least 10 steps apart."""
     keep_checkpoints: int = 2
@@ -212,6 +214,12 @@ class RunConfig:
             p.append(f"`training.precision` must be one of {', '.join(PRECISIONS)} (got {t.precision!r}).")
         if t.eval_steps < 0:
             p.append("`training.eval_steps` must be 0 (only at the end) or more.")
+        if t.early_stopping < 0:
+            p.append(f"`training.early_stopping` must be 0 (off) or more (got {t.early_stopping}).")
+        elif t.early_stopping and not t.eval_steps:
+            p.append("`training.early_stopping` needs `training.eval_steps` above 0: it watches the eval loss.")
+        elif t.early_stopping and not (d.eval_fraction or d.eval_rows or d.eval_path):
+            p.append("`training.early_stopping` needs held-out rows: set `data.eval_fraction` above 0.")
         if t.save_steps < 0:
             p.append("`training.save_steps` must be 0 (every 10% of the run) or more.")
         if not 1 <= t.keep_checkpoints <= 100:

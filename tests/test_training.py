@@ -121,3 +121,26 @@ def test_server_job_runs_in_background_refuses_a_second_and_stops(tiny_model_dir
     final = studio.job_view()
     assert final.state == "finished" and "Stopped at step" in final.message
     assert job.run.is_trained() and len(studio.registry.list()) == 1  # the refused run left no folder
+
+
+def test_early_stopping_ends_the_run_when_eval_loss_stops_improving(tiny_model_dir, instruction_csv, runs_dir,
+                                                                     monkeypatch):
+    losses = iter([1.0, 0.9, 0.95, 0.97, 0.5, 0.4])  # best at the 2nd evaluation, then two without gain
+
+    def fake_evaluate(self):
+        loss = next(losses, 0.3)
+        self._emit({"kind": "eval", "step": self.step, "eval_loss": loss})
+        return loss
+
+    monkeypatch.setattr(Trainer, "evaluate", fake_evaluate)
+    cfg = _cfg(tiny_model_dir, instruction_csv, max_steps=40, eval_steps=2, early_stopping=2, memory_check=False)
+    run = RunRegistry(runs_dir).create(cfg)
+    status = run_training(cfg, run)
+    assert status["state"] == "finished" and status["early_stopped"] and not status["stopped"]
+    assert status["step"] == 8 and "Stopped early at step 8" in status["message"]
+    assert run.is_trained()  # the adapter is saved as for any finished run
+
+
+def test_early_stopping_needs_evaluations():
+    problems = RunConfig.from_dict({"training": {"early_stopping": 2}}).validate(check_data_file=False)
+    assert any("needs `training.eval_steps`" in p for p in problems)

@@ -14,7 +14,7 @@ from studio.data import DataError
 from studio.models import ModelError
 from studio.runs import Run, RunRegistry
 from studio.training.memory_check import MemoryCheckFailed, check_memory
-from studio.training.trainer import Trainer, TrainingStopped
+from studio.training.trainer import EarlyStopped, Trainer, TrainingStopped
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,11 @@ def run_training(config: RunConfig, run: Run, stop_event: threading.Event | None
             trainer.restore(checkpoint)
             run.truncate_metrics(trainer.step)
             run.set_status("running", message=f"Resumed at step {trainer.step}; training...")
-        stopped = False
+        stopped, early = False, None
         try:
             trainer.train()
+        except EarlyStopped as exc:
+            early = str(exc)
         except TrainingStopped:
             stopped = True
             run.set_status("stopping", message=f"Stopping at step {trainer.step}; saving...")
@@ -95,8 +97,9 @@ def run_training(config: RunConfig, run: Run, stop_event: threading.Event | None
         last = next((m for m in reversed(run.metrics()) if m.get("kind") == "train"), {})
         done = (f"Stopped at step {trainer.step} of {trainer.total_steps}; the adapter and a checkpoint "
                 "were saved (Resume continues from here)."
-                if stopped else f"Finished {trainer.step} steps.")
+                if stopped else early or f"Finished {trainer.step} steps.")
         return run.set_status("finished", finished_at=time.time(), step=trainer.step, stopped=stopped,
+                              early_stopped=early is not None,
                               final_loss=last.get("loss"), eval_loss=eval_loss, message=done)
     except BaseException as exc:  # noqa: BLE001 - every failure must end as a status, not a crash
         with run.log_path.open("a", encoding="utf-8") as f:

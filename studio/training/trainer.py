@@ -36,6 +36,10 @@ class TrainingStopped(Exception):
     """Not an error: the user pressed Stop."""
 
 
+class EarlyStopped(Exception):
+    """Not an error: eval loss stopped improving (``training.early_stopping``)."""
+
+
 class Trainer:
     def __init__(self, config: RunConfig, run: Run, stop_event: threading.Event | None = None,
                  on_metrics: MetricsSink | None = None, save_event: threading.Event | None = None):
@@ -45,6 +49,8 @@ class Trainer:
         self.save_event = save_event or threading.Event()  # "save now", set from another thread
         self.on_metrics = on_metrics or (lambda record: None)
         self.step = 0
+        self.best_eval: float | None = None
+        self.evals_without_gain = 0
         self.micro = 0  # micro-batches consumed: where the data stream resumes
         self.dist = distributed.Dist()  # one process until setup() reads the launcher's environment
         self.total_steps = 0
@@ -198,9 +204,22 @@ class Trainer:
                         "steps_this_session": self.step - first_step,
                         **hardware.memory_snapshot(self.device)})
             if t.eval_steps and self.step % t.eval_steps == 0 and self.step < self.total_steps:
-                self.evaluate()
+                self._watch(self.evaluate())
             if self.step % self.save_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
+
+    def _watch(self, eval_loss: float | None) -> None:
+        """Early stopping: raise EarlyStopped after ``early_stopping`` evaluations without a new best."""
+        patience = self.config.training.early_stopping
+        if eval_loss is None or not patience:
+            return
+        if self.best_eval is None or eval_loss < self.best_eval:
+            self.best_eval, self.evals_without_gain = eval_loss, 0
+            return
+        self.evals_without_gain += 1
+        if self.evals_without_gain >= patience:
+            raise EarlyStopped(f"Stopped early at step {self.step}: eval loss has not improved on "
+                               f"{self.best_eval:.4f} for {patience} evaluations.")
 
     @torch.no_grad()
     def evaluate(self) -> float | None:

@@ -70,6 +70,11 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
             targets = gr.Textbox(value=lo.targets, label="LoRA targets", info=field_help("lora.targets"))
             eval_fraction = gr.Number(value=defaults.data.eval_fraction, label="Eval fraction",
                                       info=field_help("data.eval_fraction"))
+            eval_steps = gr.Number(value=t.eval_steps, label="Eval every N steps", precision=0, minimum=0,
+                                   elem_id="train-eval-steps", info=field_help("training.eval_steps"))
+            early_stopping = gr.Number(value=t.early_stopping, label="Early stopping (evaluations)", precision=0,
+                                       minimum=0, elem_id="train-early-stopping",
+                                       info=field_help("training.early_stopping"))
     with gr.Row():
         accumulation = gr.Number(value=t.gradient_accumulation, label="Gradient accumulation", precision=0,
                                  minimum=1, elem_id="train-accumulation", info=field_help("training.gradient_accumulation"))
@@ -115,17 +120,17 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
     shown = gr.State(None)  # what this browser tab last drew; skip redraws when nothing changed
 
     form = [model, method, epochs, max_steps, lr, batch, max_len, r, alpha, dropout, targets, eval_fraction,
-            accumulation, checkpointing, memory_check]
+            accumulation, checkpointing, memory_check, eval_steps, early_stopping]
 
     def to_config(path, pairs, model, method, epochs, max_steps, lr, batch, max_len, r, alpha, dropout, targets, ev,
-                  accumulation, checkpointing, memory_check):
+                  accumulation, checkpointing, memory_check, eval_steps, early_stopping):
         return RunConfig.from_dict({
             "model": model, "method": method,
             "data": {"path": path or "", "mapping": pairs or "", "max_length": max_len, "eval_fraction": ev},
             "lora": {"r": r, "alpha": alpha, "dropout": dropout, "targets": targets},
             "training": {"epochs": epochs, "max_steps": max_steps, "learning_rate": lr, "batch_size": batch,
                          "gradient_accumulation": accumulation, "gradient_checkpointing": checkpointing,
-                         "memory_check": memory_check},
+                         "memory_check": memory_check, "eval_steps": eval_steps, "early_stopping": early_stopping},
         })
 
     def show_plan(path, pairs, *values):
