@@ -53,13 +53,17 @@ def measure(method: str, seq: int, batch: int, data: Path, runs: Path) -> dict:
         raise RuntimeError(f"{method} {seq} {batch} failed:\n{out[-2000:]}")
     run_dir = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("Run folder: "))
     check = json.loads((Path(run_dir) / "status.json").read_text()).get("memory_check", {})
-    return {"method": method, "seq": seq, "batch": batch, "peak_rss_bytes": usage.ru_maxrss * 1024,
+    from studio.config import RunConfig
+
+    return {"method": method, "seq": seq, "batch": batch, "lora_dropout": RunConfig().lora.dropout,
+            "peak_rss_bytes": usage.ru_maxrss * 1024,
             "check_bytes": check.get("peak_bytes"), "seconds": round(time.time() - t, 1)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--measure-only", action="store_true")
+    ap.add_argument("--methods", default="full,lora,qlora", help="comma list, e.g. lora,qlora")
     ap.add_argument("--json", help="append measurements to this JSONL file")
     ap.add_argument("--from", dest="recorded", help="compare against measurements recorded earlier (JSONL) "
                                                    "instead of measuring, e.g. benchmarks/results/cpu_memory.jsonl")
@@ -68,12 +72,14 @@ def main() -> None:
     data = long_rows_csv(work / "long.csv")
     rows = []
     recorded = [json.loads(line) for line in open(args.recorded)] if args.recorded else None
-    for n, (method, seq, batch) in enumerate(recorded and [(r["method"], r["seq"], r["batch"]) for r in recorded] or GRID):
+    grid = [g for g in GRID if g[0] in args.methods.split(",")]
+    for n, (method, seq, batch) in enumerate(recorded and [(r["method"], r["seq"], r["batch"]) for r in recorded] or grid):
         rec = recorded[n] if recorded else measure(method, seq, batch, data, work / "runs")
         if not args.measure_only:
             from studio.memory import estimate_for_model
 
-            est = estimate_for_model("default", method, seq_len=seq, batch_size=batch, device="cpu")
+            est = estimate_for_model("default", method, seq_len=seq, batch_size=batch, device="cpu",
+                                     lora_dropout=rec.get("lora_dropout", 0.05))  # older files: 0.05
             rec["estimate_bytes"] = est.total_bytes
             rec["error"] = est.total_bytes / rec["peak_rss_bytes"] - 1
         rows.append(rec)

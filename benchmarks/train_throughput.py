@@ -1,6 +1,6 @@
 """Training throughput: our trainer vs TRL's SFTTrainer with its defaults, on the same rows.
 
-The default model, LoRA r=16 (alpha 32, dropout 0.05, all linear layers) on both sides, a
+The default model, LoRA with the studio's defaults (r 16, alpha 32, dropout 0, all linear layers) on both sides, a
 variable-length instruction CSV (rows of about 20 to 400 tokens), max length 512. TRL gets a
 default SFTConfig with only the output dir, max length and bf16 set (bf16 only where the
 device has it natively; this CPU has not, so both sides run fp32) and the same LoRA config.
@@ -97,7 +97,11 @@ def trl_defaults(data: Path, steps: int, max_length: int, bf16: bool) -> dict:
     clock = Clock()
     args = SFTConfig(output_dir=tempfile.mkdtemp(), max_length=max_length, bf16=bf16, max_steps=steps,
                      report_to=[], save_strategy="no")  # max_steps/report/save: to run a timed slice only
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    from studio.config import LoraConfig as Ours
+
+    d = Ours()  # the same LoRA config as our side
+    lora = LoraConfig(r=d.r, lora_alpha=d.alpha, lora_dropout=d.dropout, target_modules=d.target_modules(),
+                      task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=lora, callbacks=[clock])
     lengths = [min(len(x), max_length) for x in trainer.train_dataset["input_ids"]]

@@ -59,8 +59,8 @@ class LoraConfig:
     """LoRA rank; higher learns more and costs more memory."""
     alpha: int = 32
     """LoRA scaling numerator; the update is scaled by alpha / r."""
-    dropout: float = 0.05
-    """Dropout on the LoRA input during training."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input during training; 0 is about 25% faster on CPU (PEFT's dropout costs a noise tensor per adapted layer) and 0.05-0.1 can help small datasets trained for many epochs."""
     targets: str = "all-linear"
     """Modules that get adapters: a comma list such as q_proj,v_proj, or all-linear."""
 

@@ -36,7 +36,11 @@ OPTIMIZERS = {"adamw": 8.0, "adamw_8bit": 2.0, "paged_adamw_8bit": 2.0}  # state
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 blocks
 CUDA_CONTEXT_BYTES = 500 * MIB
 CPU_RUNTIME_BYTES = 500 * MIB  # python + torch + transformers + peft + pandas + tokenizer, measured here
-RETAINED_SHARE = 0.6  # of the forward's freed temporaries, glibc keeps this much resident (fitted here)
+# Of the forward pass's freed temporaries, glibc keeps this share resident. Fitted on this machine:
+# 0.6 on benchmarks/results/cpu_memory.jsonl (full, and LoRA/QLoRA with dropout 0.05); adapters
+# without dropout allocate fewer short-lived tensors and keep less: 0.42 on cpu_memory_dropout0.jsonl.
+RETAINED_SHARE = 0.6
+RETAINED_SHARE_NO_DROPOUT = 0.42
 
 
 @dataclass
@@ -161,8 +165,8 @@ def _cpu_activations(shape: ModelShape, method: str, tokens: int, a: int, target
              output (a x r). QLoRA keeps the same (MatMul4Bit saves only the packed weight).
     The loss keeps log-softmax, and backward adds its gradient and the logits' (12 B per vocab
     entry in fp32). glibc keeps part of what the forward frees resident (its dynamic mmap
-    threshold moves large tensors into the heap, which fragments): RETAINED_SHARE of the
-    forward's transient tensors, fitted on this machine (all 12 grid rows within 9%).
+    threshold moves large tensors into the heap, which fragments): a share of the forward's
+    transient tensors fitted on this machine (see RETAINED_SHARE).
     """
     h, i, q, kv, L = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim, shape.layers
     d_in = sum(t.d_in for t in targets) / L  # per layer, over adapted linears
@@ -174,8 +178,8 @@ def _cpu_activations(shape: ModelShape, method: str, tokens: int, a: int, target
         per_layer = 8 * h + a * (2 * q + 2 * kv + 3 * i) + a * lora_r * len(targets) / L
         if lora_dropout > 0:
             per_layer += 2 * a * d_in
-        else:  # lora_A reads the norm output itself, which is then kept
-            per_layer += a * d_in + a * (2 * h + i)
+        else:  # lora_A reads the layer inputs themselves: the norm outputs and act*up are kept
+            per_layer += a * (2 * h + i)
         final = 4 * h
     # Freed again inside the forward: rotary temporaries, pre-rotary q/k, the norms' pow, o/down
     # outputs; with adapters also every adapted layer's base output, lora_B output and scaled
@@ -191,13 +195,14 @@ def _cpu_activations(shape: ModelShape, method: str, tokens: int, a: int, target
     else:
         activations = tokens * (L * per_layer + final)
     logits = tokens * shape.vocab * (a + 8)
-    retained = RETAINED_SHARE * tokens * layers_kept * transient
+    share = RETAINED_SHARE_NO_DROPOUT if method != "full" and lora_dropout == 0 else RETAINED_SHARE
+    retained = share * tokens * layers_kept * transient
     return activations, logits, retained
 
 
 def estimate(shape: ModelShape, method: str, seq_len: int, batch_size: int, device: str = "cpu",
              bf16: bool = False, gradient_checkpointing: bool = False, optimizer: str = "adamw",
-             lora_r: int = 16, lora_targets: str | list[str] = "all-linear", lora_dropout: float = 0.05) -> Estimate:
+             lora_r: int = 16, lora_targets: str | list[str] = "all-linear", lora_dropout: float = 0.0) -> Estimate:
     """Peak memory of training with these settings, as a breakdown in bytes."""
     a = 2 if bf16 else 4  # bytes of an activation under autocast (bf16) or in fp32
     tokens = seq_len * batch_size

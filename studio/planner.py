@@ -44,7 +44,7 @@ class Settings:
     bf16: bool = False
     lora_r: int = 16
     lora_targets: str | list[str] = "all-linear"
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0
     optimizer: str = "adamw"
 
 
