@@ -115,9 +115,10 @@ def test_cpu_estimates_match_recorded_peak_rss_within_10_percent():
     from pathlib import Path
 
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-    rows = [json.loads(line) for name in ("cpu_memory.jsonl", "cpu_memory_fresh.jsonl", "cpu_memory_dropout0.jsonl")
+    rows = [json.loads(line) for name in ("cpu_memory.jsonl", "cpu_memory_fresh.jsonl", "cpu_memory_dropout0.jsonl",
+                                                "cpu_memory_dropout0_fresh.jsonl")
             for line in (results / name).read_text().splitlines() if line.strip()]
-    assert {r["method"] for r in rows} == {"full", "lora", "qlora"} and len(rows) == 32
+    assert {r["method"] for r in rows} == {"full", "lora", "qlora"} and len(rows) == 40
     assert {r.get("lora_dropout", 0.05) for r in rows} == {0.0, 0.05}  # both LoRA dropout paths
     for r in rows:
         est = estimate_for_model("default", r["method"], r["seq"], r["batch"], device="cpu", bf16=False,
