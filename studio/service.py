@@ -235,7 +235,8 @@ class Studio:
             recent = train[-10:]
             view.tokens_per_s = sum(m["tokens"] for m in recent) / max(
                 sum(m["tokens"] / max(m["tokens_per_s"], 1e-9) for m in recent), 1e-9)
-            per_step = last["elapsed_s"] / last["step"]
+            # A resumed run's clock starts at the resume: time per step counts this session's steps.
+            per_step = last["elapsed_s"] / max(last.get("steps_this_session", last["step"]), 1)
             view.eta_s = per_step * (view.total_steps - view.step)
         return view
 

@@ -263,6 +263,7 @@ class Trainer:
         self.tokenizer.save_pretrained(tmp)
         if with_state:
             torch.save({"step": self.step, "micro": self.micro, "total_steps": self.total_steps,
+                        "best_eval": self.best_eval, "evals_without_gain": self.evals_without_gain,
                         "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                         "rng": torch.get_rng_state(),
                         "cuda_rng": torch.cuda.get_rng_state_all() if self.device == "cuda" else None},
@@ -301,3 +302,4 @@ class Trainer:
         if state.get("cuda_rng") is not None and self.device == "cuda":
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step, self.micro = state["step"], state["micro"]
+        self.best_eval, self.evals_without_gain = state.get("best_eval"), state.get("evals_without_gain", 0)
