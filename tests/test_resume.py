@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 from studio.cli import main
 from studio.config import RunConfig
 from studio.runs import RunRegistry
-from studio.training import JobManager, run_training
+from studio.training import JobManager
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 120
