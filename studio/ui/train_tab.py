@@ -188,8 +188,9 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
         table = studio.runs_table() if changed else gr.skip()
         run_ids = gr.Dropdown(choices=[r.id for r in studio.registry.list()]) if changed else gr.skip()
         retry = view.retry and {"changes": view.retry["changes"], "suggested_method": view.retry["method"]}
+        memory = memory_figure(view.train, view.memory_peak_mib, view.memory_estimate_mib)
         return (view.progress_text(), _progress_html(view), loss_figure(view.train, view.evals, log),
-                memory_figure(view.train, view.memory_peak_mib, view.memory_estimate_mib), key, gr.Button(interactive=not view.active),
+                memory, key, gr.Button(interactive=not view.active),
                 gr.Button(interactive=running), gr.Button(interactive=running), resumable,
                 gr.Button(interactive=not view.active), gr.Button(visible=bool(retry)), retry, table, run_ids)
 
