@@ -243,9 +243,9 @@ def _estimate(args) -> int:
     import json
 
     from studio import hardware
-    from studio.memory import GIB, estimate, shape_for_model
+    from studio.memory import GIB, shape_for_model
     from studio.models import ModelError
-    from studio.planner import Settings, plan
+    from studio.planner import Settings, estimate_settings, plan
 
     hw = hardware.detect()
     device = args.device or hw.device
@@ -256,9 +256,7 @@ def _estimate(args) -> int:
                         lora_targets=targets, optimizer=args.optimizer)
     try:
         shape = shape_for_model(args.model)
-        est = estimate(shape, args.method, settings.seq_len, settings.batch_size, device, bf16=settings.bf16,
-                       gradient_checkpointing=settings.gradient_checkpointing, optimizer=settings.optimizer,
-                       lora_r=settings.lora_r, lora_targets=settings.lora_targets)
+        est = estimate_settings(shape, args.method, settings, device)
     except (ModelError, OSError, ValueError) as exc:
         print(f"Could not estimate: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2

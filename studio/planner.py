@@ -104,7 +104,8 @@ def _fmt(n: int) -> str:
     return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / MIB:.0f} MiB"
 
 
-def _estimate(shape: ModelShape, method: str, s: Settings, device: str) -> Estimate:
+def estimate_settings(shape: ModelShape, method: str, s: Settings, device: str) -> Estimate:
+    """studio.memory.estimate for a Settings bundle."""
     return estimate(shape, method, s.seq_len, s.batch_size, device, bf16=s.bf16,
                     gradient_checkpointing=s.gradient_checkpointing, optimizer=s.optimizer,
                     lora_r=s.lora_r, lora_targets=s.lora_targets, lora_dropout=s.lora_dropout)
@@ -136,7 +137,7 @@ def plan(shape: ModelShape, hw: Hardware, settings: Settings, device: str | None
         if blocked:
             out.methods.append(MethodPlan(method, "n/a", blocked))
             continue
-        est = _estimate(shape, method, settings, device)
+        est = estimate_settings(shape, method, settings, device)
         verdict = _verdict(est.total_bytes, avail)
         share = est.total_bytes / avail
         reason = {
@@ -211,7 +212,7 @@ def suggest(shape: ModelShape, method: str, settings: Settings, device: str, ava
             candidates.append(({"training.gradient_checkpointing": True, **changes},
                                replace(s, gradient_checkpointing=True), f"turn on gradient checkpointing and {text}"))
     for changes, s, text in candidates:
-        est = _estimate(shape, method, s, device)
+        est = estimate_settings(shape, method, s, device)
         if (est.total_bytes <= target_bytes if target_bytes is not None else _verdict(est.total_bytes, avail) == "fits"):
             return Suggestion(method, changes, f"{METHOD_NAMES[method]} would fit if you {text} "
                                                  f"(about {_fmt(est.total_bytes)}).", est.total_bytes)
@@ -240,12 +241,12 @@ def retry_after_oom(config: RunConfig, hw: Hardware, device: str) -> Suggestion 
     shape = shape_for_model(config.model, config.trust_remote_code)
     settings = settings_for(config, hw)
     avail = available_bytes(hw, device)
-    current = _estimate(shape, config.method, settings, device).total_bytes
+    current = estimate_settings(shape, config.method, settings, device).total_bytes
     fix = suggest(shape, config.method, settings, device, avail,
                   target_bytes=int(min(TIGHT_SHARE * avail, 0.7 * current)))
     if fix is not None:
         return fix
     if config.method != "qlora" and _why_not("qlora", hw, device) is None:
-        est = _estimate(shape, "qlora", settings, device).total_bytes
+        est = estimate_settings(shape, "qlora", settings, device).total_bytes
         return Suggestion("qlora", {"method": "qlora"}, f"QLoRA needs about {_fmt(est)}: switch the method to QLoRA.", est)
     return None

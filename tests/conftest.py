@@ -50,6 +50,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+def tiny_run_config(model_dir, data, method: str = "lora", dropout: float = 0.0, max_steps: int = 30, **training):
+    """A checked RunConfig for the tiny model: short rows, small LoRA, a learning rate that moves it fast."""
+    from studio.config import RunConfig
+
+    return RunConfig.from_dict({
+        "model": str(model_dir), "method": method,
+        "data": {"path": str(data), "max_length": 64, "eval_fraction": 0.1},
+        "lora": {"r": 8, "alpha": 16, "dropout": dropout},
+        "training": {"max_steps": max_steps, "learning_rate": 1e-2, "batch_size": 4, **training},
+    }).check()
+
+
 def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)

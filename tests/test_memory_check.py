@@ -5,19 +5,15 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from studio.config import RunConfig
 from studio.runs import RunRegistry
 from studio.training import Trainer, run_training
 from studio.training import memory_check as mc
+from tests.conftest import tiny_run_config
 
 
 def _cfg(model_dir, data, method, **training):
-    return RunConfig.from_dict({
-        "model": str(model_dir), "method": method,
-        "data": {"path": str(data), "max_length": 64, "eval_fraction": 0.1},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
-        "training": {"max_steps": 6, "learning_rate": 1e-2, "batch_size": 4, **training},
-    }).check()
+    """Dropout on, so the RNG the check must restore is really used."""
+    return tiny_run_config(model_dir, data, method, dropout=0.1, **{"max_steps": 6, **training})
 
 
 def _losses(run):
@@ -118,7 +114,7 @@ def test_out_of_memory_mid_run_fails_cleanly_with_a_retry_and_the_server_goes_on
     assert nxt.run.status()["state"] == "finished"
 
 
-def test_a_refused_run_offers_the_change_that_fits(tiny_model_dir, instruction_csv, runs_dir, monkeypatch):
+def test_memory_too_small_for_any_setting_says_what_else_to_do(tiny_model_dir, instruction_csv, runs_dir, monkeypatch):
     monkeypatch.setattr(mc, "available_bytes", lambda device: 100 * 2**20)
     cfg = _cfg(tiny_model_dir, instruction_csv, "lora")
     run = RunRegistry(runs_dir).create(cfg)

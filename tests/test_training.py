@@ -7,15 +7,10 @@ import torch
 from studio.config import RunConfig
 from studio.runs import RunRegistry
 from studio.training import Trainer, run_training
+from tests.conftest import tiny_run_config
 
 
-def _cfg(model_dir, data, method="lora", **training):
-    return RunConfig.from_dict({
-        "model": str(model_dir), "method": method,
-        "data": {"path": str(data), "max_length": 64, "eval_fraction": 0.1},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "training": {"max_steps": 30, "learning_rate": 1e-2, "batch_size": 4, **training},
-    }).check()
+_cfg = tiny_run_config
 
 
 def test_lora_training_learns_saves_and_reloads_in_plain_peft(tiny_model_dir, instruction_csv, runs_dir):

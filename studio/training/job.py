@@ -104,8 +104,6 @@ def run_training(config: RunConfig, run: Run, stop_event: threading.Event | None
     except BaseException as exc:  # noqa: BLE001 - every failure must end as a status, not a crash
         with run.log_path.open("a", encoding="utf-8") as f:
             f.write(traceback.format_exc())
-        trainer.model = trainer.optimizer = None  # free the memory before anything else runs
-        _free_memory()
         msg = failure_message(exc)
         retry = _retry(exc, config, getattr(trainer, "device", None))
         if retry and is_out_of_memory(exc):

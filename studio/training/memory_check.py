@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import psutil
 import torch
 
-from studio.memory import GIB, MIB, estimate, shape_for_model
+from studio.memory import GIB, MIB, shape_for_model
 
 STEPS = 2
 
@@ -104,7 +104,7 @@ def available_bytes(device: str) -> int:
 
 def check_memory(trainer) -> MemoryCheck:
     """Run the check on a set-up trainer. Raises MemoryCheckFailed when the run would not fit."""
-    from studio.planner import Settings, suggest
+    from studio.planner import estimate_settings, settings_for, suggest
 
     cfg, t = trainer.config, trainer.config.training
     examples = sorted(trainer.train_examples, key=lambda e: len(e.input_ids), reverse=True)[:t.batch_size]
@@ -112,12 +112,8 @@ def check_memory(trainer) -> MemoryCheck:
     rows, width = batch["input_ids"].shape
     device = trainer.device
     shape = shape_for_model(cfg.model, cfg.trust_remote_code)
-    settings = Settings(seq_len=width, batch_size=rows, gradient_accumulation=t.gradient_accumulation,
-                        gradient_checkpointing=t.gradient_checkpointing, bf16=trainer.use_bf16,
-                        lora_r=cfg.lora.r, lora_targets=cfg.lora.target_modules(), lora_dropout=cfg.lora.dropout)
-    breakdown = estimate(shape, cfg.method, width, rows, device, bf16=trainer.use_bf16,
-                         gradient_checkpointing=t.gradient_checkpointing, lora_r=cfg.lora.r,
-                         lora_targets=cfg.lora.target_modules(), lora_dropout=cfg.lora.dropout).breakdown
+    settings = replace(settings_for(cfg, trainer.hw), seq_len=width, batch_size=rows, bf16=trainer.use_bf16)
+    breakdown = estimate_settings(shape, cfg.method, settings, device).breakdown
     est = sum(breakdown.values())
     already_loaded = breakdown["base_weights"] + breakdown["adapter_weights"] + breakdown["runtime_overhead"]
 
