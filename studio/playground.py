@@ -4,19 +4,36 @@ The base side is the *same* loaded model with the adapter disabled (``disable_ad
 the comparison is honest and switching adapters never reloads the base. Both replies are
 decoded in one loop, a token for each side per step, each with its own KV cache and its own
 random generator seeded identically, so both panes stream at once under the same settings.
+
+Adapters stay loaded after use (switching back is a pointer change, not a disk read), bounded
+by ``max_adapters`` and ``max_adapter_bytes``: the least recently used is dropped first. Before
+an adapter is loaded, the base fingerprint it was trained on is compared with the loaded base
+(studio/fingerprint.py): another base is refused, a different tokenizer or template warned about.
 """
 
 from __future__ import annotations
 
+import re
 import threading
+import time
+from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from studio import models
+from studio import fingerprint, models
 from studio.runs import Run
+
+CHECKPOINT_SEP = "@"  # "run-id@step-40" names a run's intermediate checkpoint
+
+
+def split_ref(ref: str) -> tuple[str, str | None]:
+    """"run@step-40" -> ("run", "step-40"); "run" -> ("run", None)."""
+    run_id, _, ckpt = ref.partition(CHECKPOINT_SEP)
+    return run_id, ckpt or None
 
 
 @dataclass
@@ -27,59 +44,163 @@ class SamplingSettings:
     repetition_penalty: float = 1.0
     seed: int = 0
 
+    def problems(self) -> list[str]:
+        p = []
+        if not 1 <= self.max_new_tokens <= 4096:
+            p.append(f"Max new tokens must be between 1 and 4096 (got {self.max_new_tokens}).")
+        if not 0 <= self.temperature <= 5:
+            p.append(f"Temperature must be between 0 (greedy) and 5 (got {self.temperature}).")
+        if not 0 < self.top_p <= 1:
+            p.append(f"Top-p must be above 0 and at most 1 (got {self.top_p}).")
+        if not 1 <= self.repetition_penalty <= 5:
+            p.append(f"Repetition penalty must be between 1 (off) and 5 (got {self.repetition_penalty}).")
+        return p
+
+
+@dataclass
+class LoadedAdapter:
+    name: str  # the PEFT adapter name (a sanitised ref)
+    ref: str  # run id, or run id @ checkpoint
+    folder: Path
+    bytes: int
+    warnings: list[str]
+
+
+def _adapter_name(ref: str) -> str:
+    # PEFT keeps adapters in ModuleDicts: names must not contain dots.
+    return re.sub(r"[^A-Za-z0-9_-]", "_", ref)
+
+
+def _weights_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
 
 class Playground:
-    def __init__(self, device: str = "cpu"):
+    def __init__(self, device: str = "cpu", max_adapters: int = 8, max_adapter_bytes: int = 2 * 2**30):
         self.device = device
+        self.max_adapters = max_adapters
+        self.max_adapter_bytes = max_adapter_bytes
         self.base_ref: str | None = None
+        self.base_fingerprint: dict | None = None
         self.tokenizer = None
         self.model = None  # a PeftModel once an adapter is loaded, else the plain base
-        self.adapters: dict[str, str] = {}  # adapter name -> folder
-        self.active: str | None = None
-        self.full_models: dict[str, torch.nn.Module] = {}  # fully fine-tuned runs
+        self.adapters: OrderedDict[str, LoadedAdapter] = OrderedDict()  # by ref, least recent first
+        self.active: str | None = None  # the ref on the adapted pane
+        self.full_models: dict[str, torch.nn.Module] = {}  # fully fine-tuned runs (one kept)
         self.base_loads = 0  # how many times a base was loaded (tests assert swaps don't reload)
+        self.last_load_s = 0.0  # how long the last activate() took (the Chat tab shows it)
         self._lock = threading.Lock()
 
     # ---- loading ---------------------------------------------------------------------------
     def _ensure_base(self, ref: str, trust_remote_code: bool = False) -> None:
         if self.base_ref == ref and self.model is not None:
             return
+        self.model = None  # let the old base go before the new one arrives
+        self.full_models, self.adapters, self.active = {}, OrderedDict(), None
         self.tokenizer = models.load_tokenizer(ref, trust_remote_code)
         self.model = models.load_model(ref, "lora", self.device, trust_remote_code=trust_remote_code)
         self.model.eval()
-        self.base_ref, self.adapters, self.active, self.full_models = ref, {}, None, {}
+        self.base_fingerprint = fingerprint.fingerprint(self.model.config, self.tokenizer, ref)
+        self.base_ref = ref
         self.base_loads += 1
 
-    def activate(self, run: Run) -> None:
-        """Make a trained run the adapted side, loading its base only if it differs."""
-        with self._lock:
-            cfg = run.config()
-            self._ensure_base(cfg.model, cfg.trust_remote_code)
+    @staticmethod
+    def weights_for(run: Run, checkpoint: str | None = None) -> Path:
+        """The weights folder for a run (its final save) or one of its checkpoints."""
+        if checkpoint is None:
             weights = run.weights_dir()
             if weights is None:
                 raise ValueError(f"Run {run.id} has no saved adapter yet; train it first.")
-            if cfg.method == "full":
-                if run.id not in self.full_models:
-                    self.full_models = {run.id: models.load_model(str(weights), "full", self.device).eval()}
-            elif run.id not in self.adapters:
-                from peft import PeftModel
+            return weights
+        match = [c for c in run.checkpoints() if c.name == checkpoint]
+        if not match:
+            have = ", ".join(c.name for c in run.checkpoints()) or "none"
+            raise ValueError(f"Run {run.id} has no checkpoint {checkpoint!r} (it has: {have}).")
+        return match[0]
 
-                if not self.adapters:
-                    self.model = PeftModel.from_pretrained(self.model, str(weights), adapter_name=run.id)
-                else:
-                    self.model.load_adapter(str(weights), adapter_name=run.id)
-                self.model.eval()
-                self.adapters[run.id] = str(weights)
-            if cfg.method != "full":
-                self.model.set_adapter(run.id)
-            self.active = run.id
+    def activate(self, run: Run, checkpoint: str | None = None) -> list[str]:
+        """Make a trained run (or one of its checkpoints) the adapted side, loading its base only
+        if it differs from the loaded one. Returns warnings (tokenizer or template differences).
+
+        Raises:
+            ValueError: no weights, or the adapter was trained on another base (names both).
+            ModelError: the base cannot be loaded.
+        """
+        started = time.perf_counter()
+        with self._lock:
+            cfg = run.config()
+            ref = run.id if checkpoint is None else f"{run.id}{CHECKPOINT_SEP}{checkpoint}"
+            weights = self.weights_for(run, checkpoint)
+            self._ensure_base(cfg.model, cfg.trust_remote_code)
+            trained_on = run.fingerprint() or fingerprint.read(weights)
+            errors, warnings = fingerprint.compare(trained_on, self.base_fingerprint) if trained_on else ([], [])
+            if errors:
+                raise ValueError(errors[0])
+            if cfg.method == "full":
+                if ref not in self.full_models:
+                    self.full_models = {ref: models.load_model(str(weights), "full", self.device).eval()}
+            else:
+                self._load_adapter(ref, weights, warnings)
+            self.active = ref
+        self.last_load_s = time.perf_counter() - started
+        return warnings
+
+    def _load_adapter(self, ref: str, weights: Path, warnings: list[str]) -> None:
+        from peft import PeftModel
+
+        if ref in self.adapters:
+            self.adapters.move_to_end(ref)  # most recently used
+        else:
+            name = _adapter_name(ref)
+            if not self.adapters and not isinstance(self.model, PeftModel):
+                self.model = PeftModel.from_pretrained(self.model, str(weights), adapter_name=name)
+            else:
+                self.model.load_adapter(str(weights), adapter_name=name)
+            self.model.eval()
+            self.adapters[ref] = LoadedAdapter(name, ref, weights, _weights_bytes(weights), warnings)
+            self._evict(keep=ref)
+        self.model.set_adapter(self.adapters[ref].name)
+
+    def _evict(self, keep: str) -> None:
+        """Drop least recently used adapters beyond the count or byte budget (never ``keep``)."""
+        def over() -> bool:
+            total = sum(a.bytes for a in self.adapters.values())
+            return len(self.adapters) > self.max_adapters or total > self.max_adapter_bytes
+        while over() and len(self.adapters) > 1:
+            oldest = next(r for r in self.adapters if r != keep)
+            self.model.delete_adapter(self.adapters.pop(oldest).name)
+
+    def unload(self, run_id: str) -> None:
+        """Forget a run's adapters and checkpoints (the run was deleted)."""
+        with self._lock:
+            for ref in [r for r in self.adapters if split_ref(r)[0] == run_id]:
+                name = self.adapters.pop(ref).name
+                if self.adapters:
+                    self.model.delete_adapter(name)
+                else:  # PEFT cannot delete its last adapter: take the LoRA layers out instead
+                    self.model = self.model.unload()
+            self.full_models = {r: m for r, m in self.full_models.items() if split_ref(r)[0] != run_id}
+            if self.active and split_ref(self.active)[0] == run_id:
+                self.active = None
+
+    def loaded(self) -> list[str]:
+        """Loaded adapter refs, most recently used last."""
+        return list(self.adapters)
 
     # ---- generation ------------------------------------------------------------------------
     def _base_context(self):
-        return self.model.disable_adapter() if self.adapters else nullcontext()
+        # Keyed on the model, not on our adapter list: a PeftModel always has an adapter in
+        # its layers, and the base pane must never run one (Unsloth Studio's issue #4503).
+        return self.model.disable_adapter() if hasattr(self.model, "peft_config") else nullcontext()
 
     def _adapted_model(self):
         return self.full_models.get(self.active, self.model)
+
+    def _adapted_context(self):
+        """The active adapter, set again under the lock: another session may have switched it."""
+        if self.active in self.adapters:
+            self.model.set_adapter(self.adapters[self.active].name)
+        return nullcontext()
 
     def encode(self, messages: list[dict[str, str]]) -> torch.Tensor:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -88,12 +209,23 @@ class Playground:
 
     def stream_pair(self, base_messages, adapted_messages, settings: SamplingSettings) -> Iterator[tuple[str, str]]:
         """Yield (base_text, adapted_text) so far, one token more per side each step."""
+        if self.model is None or self.active is None:
+            raise ValueError("Pick a trained run first.")
+        yield from self.stream_ids(self.encode(base_messages), self.encode(adapted_messages), settings)
+
+    def stream_ids(self, base_ids: torch.Tensor, adapted_ids: torch.Tensor,
+                   settings: SamplingSettings) -> Iterator[tuple[str, str]]:
+        """Like stream_pair, from already-templated prompt ids (held-out rows use these)."""
+        problems = settings.problems()
+        if problems:
+            raise ValueError(" ".join(problems))
         with self._lock:
-            if self.model is None:
+            if self.model is None or self.active is None:
                 raise ValueError("Pick a trained run first.")
+            self._adapted_context()
             sides = [
-                _Side(self.model, self._base_context, self.encode(base_messages), settings),
-                _Side(self._adapted_model(), nullcontext, self.encode(adapted_messages), settings),
+                _Side(self.model, self._base_context, base_ids.to(self.device), settings),
+                _Side(self._adapted_model(), nullcontext, adapted_ids.to(self.device), settings),
             ]
             eos = _eos_ids(self.tokenizer, self.model)
             for _ in range(settings.max_new_tokens):
@@ -102,6 +234,28 @@ class Playground:
                 for s in sides:
                     s.advance(eos)
                 yield tuple(self.tokenizer.decode(s.generated, skip_special_tokens=True) for s in sides)
+
+    @torch.no_grad()
+    def loss(self, batches, adapted: bool) -> tuple[float, int]:
+        """(summed token loss, token count) of the base (``adapted=False``) or the active adapter
+        over batches of {"input_ids", "attention_mask", "labels"}."""
+        with self._lock:
+            if self.model is None or self.active is None:
+                raise ValueError("Pick a trained run first.")
+            self._adapted_context()
+            model = self._adapted_model() if adapted else self.model
+            context = nullcontext if adapted else self._base_context
+            total, count = 0.0, 0
+            for batch in batches:
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                with context():
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                labels = batch["labels"][:, 1:]
+                keep = labels != -100
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
+                total += float(loss)
+                count += int(keep.sum())
+            return total, count
 
 
 class _Side:

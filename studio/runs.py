@@ -4,12 +4,18 @@ runs/<id>/
     config.yaml      the RunConfig that produced the run
     status.json      {"state": queued|running|stopping|finished|failed|interrupted, ...}
     metrics.jsonl    one JSON object per line ("kind": "train" | "eval")
+    fingerprint.json the base model's fingerprint at training time (studio/fingerprint.py)
+    evaluation.json  base vs adapter on the held-out rows: loss, perplexity, sample answers
     adapter/         the PEFT adapter (LoRA/QLoRA) once saved
     model/           the full model (full fine-tuning) once saved
     checkpoints/     resumable saves (step-N/: weights + trainer_state.pt), the latest few kept
     train.log        tracebacks and details that the page summarises in a sentence
 
 Status files are written atomically (temp file + rename) so a crash never leaves half a file.
+
+A run's id (its folder name) never changes; ``status.json`` carries what a person may change or
+what identifies a result: ``name`` (a display name, renamable), ``version`` (incremented each
+time the run saves a finished adapter, e.g. after a resume), ``data_sha256``, the eval scores.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +33,7 @@ from studio.config import RunConfig
 
 STATES = ("queued", "running", "stopping", "finished", "failed", "interrupted")
 ACTIVE_STATES = ("queued", "running", "stopping")
+NAME_MAX = 80
 RUNS_DIR_ENV = "FINETUNE_STUDIO_RUNS_DIR"
 
 
@@ -73,6 +81,45 @@ class Run:
 
     def config(self) -> RunConfig:
         return RunConfig.from_yaml(self.config_path)
+
+    @property
+    def name(self) -> str:
+        """The display name: what the person called it, else the id."""
+        return self.status().get("name") or self.id
+
+    @property
+    def version(self) -> int:
+        """How many times this run has saved a finished adapter (0 before the first)."""
+        return int(self.status().get("version") or 0)
+
+    def rename(self, name: str) -> str:
+        """Give the run a display name (its id and folder stay). Raises ValueError with the fix."""
+        name = " ".join(str(name or "").split())
+        if not name:
+            raise ValueError("A run name cannot be empty; type a name, or keep the current one.")
+        if len(name) > NAME_MAX:
+            raise ValueError(f"A run name can be at most {NAME_MAX} characters (got {len(name)}); shorten it.")
+        if any(not ch.isprintable() for ch in name):
+            raise ValueError("A run name cannot contain control characters; use letters, digits and punctuation.")
+        self.set_status(self.status().get("state", "finished"), name=name)
+        return name
+
+    def fingerprint(self) -> dict[str, Any] | None:
+        from studio import fingerprint
+
+        return fingerprint.read(self.path)
+
+    def evaluation(self) -> dict[str, Any] | None:
+        """The stored base-vs-adapter evaluation (``evaluation.json``), or None before one ran."""
+        try:
+            data = json.loads((self.path / "evaluation.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def save_evaluation(self, data: dict[str, Any]) -> None:
+        if self.writable:
+            atomic_write_text(self.path / "evaluation.json", json.dumps(data, indent=2))
 
     def status(self) -> dict[str, Any]:
         try:
@@ -146,7 +193,7 @@ class Run:
         """One row of the past-runs table."""
         s = self.status()
         start, end = s.get("started_at"), s.get("finished_at") or (time.time() if s.get("state") in ACTIVE_STATES else None)
-        return {"run": self.id, "state": s.get("state"), "method": s.get("method"), "model": s.get("model"),
+        return {"run": self.id, "name": s.get("name") or "", "version": s.get("version") or 0, "state": s.get("state"), "method": s.get("method"), "model": s.get("model"),
                 "steps": f"{s.get('step', 0)}/{s.get('total_steps', '?')}", "final loss": s.get("final_loss"),
                 "eval loss": s.get("eval_loss"), "duration s": round(end - start) if start and end else None,
                 "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(s.get("created_at", 0)))}
@@ -186,6 +233,21 @@ class RunRegistry:
 
     def trained(self) -> list[Run]:
         return [r for r in self.list() if r.is_trained()]
+
+    def delete(self, ref: str | Path) -> str:
+        """Delete a run folder and everything in it. Returns the id. Raises LookupError for an
+        unknown run and ValueError for one still training (stop it first)."""
+        run = self.get(ref)
+        status = run.status()
+        if status.get("state") in ACTIVE_STATES and _pid_alive(status.get("pid")):
+            raise ValueError(f"Run {run.id} is still {status['state']}; stop it before deleting it.")
+        if run.path.resolve().parent != self.root.resolve():
+            raise ValueError(f"{run.path} is not inside the runs folder {self.root}; delete it by hand.")
+        # Rename first, then remove: a crash half-way leaves a hidden folder, never half a run.
+        doomed = run.path.with_name(f".deleting-{run.id}")
+        os.replace(run.path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        return run.id
 
     def get(self, ref: str | Path) -> Run:
         """A run by id (folder name under the registry) or by folder path."""

@@ -23,7 +23,7 @@ from studio.memory import shape_for_model
 from studio.models import load_tokenizer
 from studio.planner import Plan, plan, settings_for
 from studio.export import export_zip
-from studio.playground import Playground, SamplingSettings
+from studio.playground import CHECKPOINT_SEP, Playground, SamplingSettings, split_ref
 from studio.runs import Run, RunRegistry, config_diff
 from studio.training import Job, JobManager
 
@@ -243,7 +243,7 @@ class Studio:
     # ---- past runs ----------------------------------------------------------------------------
     def runs_table(self) -> pd.DataFrame:
         rows = [r.summary() for r in self.registry.list()]
-        return pd.DataFrame(rows, columns=["run", "state", "method", "model", "steps", "final loss", "eval loss",
+        return pd.DataFrame(rows, columns=["run", "name", "version", "state", "method", "model", "steps", "final loss", "eval loss",
                                            "duration s", "created"])
 
     def curves(self, run_ids: list[str]) -> dict[str, tuple[list[dict], list[dict]]]:
@@ -265,15 +265,65 @@ class Studio:
         s = run.status()
         loss = s.get("final_loss")
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(s.get("created_at", 0)))
-        return f"{run.id} ({s.get('method', '?')}, {when}" + (f", loss {loss:.3f})" if loss else ")")
+        name = f"{s['name']} · " if s.get("name") else ""
+        tag = "imported" if s.get("imported") else s.get("method", "?")
+        return (f"{name}{run.id} v{s.get('version') or 1} ({tag}, {when}"
+                + (f", loss {loss:.3f})" if isinstance(loss, (int, float)) else ")"))
 
-    def activate_run(self, run_id: str) -> Run:
+    def chat_choices(self) -> list[tuple[str, str]]:
+        """(label, ref) for the Chat tab: every trained run, then its intermediate checkpoints."""
+        out = []
+        for run in self.trained_runs():
+            out.append((self.run_label(run), run.id))
+            for ckpt in reversed(run.checkpoints()):
+                out.append((f"    {run.id} · checkpoint at step {ckpt.name[5:]}", f"{run.id}{CHECKPOINT_SEP}{ckpt.name}"))
+        return out
+
+    def activate_run(self, ref: str) -> tuple[Run, list[str]]:
+        """Load a run (``id``) or a checkpoint (``id@step-N``) onto the adapted pane.
+        Returns the run and warnings; raises LookupError, ValueError or ModelError."""
+        run_id, checkpoint = split_ref(ref)
         run = self.registry.get(run_id)
-        self.playground.activate(run)
-        return run
+        return run, self.playground.activate(run, checkpoint)
 
     def chat(self, base_history, adapted_history, settings: SamplingSettings):
         return self.playground.stream_pair(base_history, adapted_history, settings)
+
+    def chat_memory_note(self) -> str:
+        """A sentence when chatting next to a running job could run short of memory, else ''."""
+        job = self.jobs.current
+        if job is None or not job.alive:
+            return ""
+        hw = hardware.detect()
+        free = hw.cuda[0].free_bytes if hw.device == "cuda" and hw.cuda else hw.ram_available_bytes
+        try:
+            need = shape_for_model(job.config.model).total_params * 4 * 1.3  # fp32 base + cache headroom
+        except Exception:  # noqa: BLE001 - a note, not a gate
+            return ""
+        if free < need:
+            return (f"Training is running and only {free / 2**30:.1f} GiB is free; the chat model needs "
+                    f"about {need / 2**30:.1f} GiB, so chatting now could run out of memory. Wait for "
+                    "training to finish, or stop it.")
+        return "Training is running: chat works alongside it, but both will be slower."
+
+    def evaluate(self, ref: str, samples: int = 3, progress=lambda msg: None) -> dict:
+        """Base vs adapter on the run's held-out rows (studio/evaluation.py); raises ValueError."""
+        from studio import evaluation
+
+        run, _ = self.activate_run(ref)
+        return evaluation.evaluate(self.playground, run, samples=samples, progress=progress)
+
+    def rename_run(self, run_id: str, name: str) -> str:
+        return self.registry.get(run_id).rename(name)
+
+    def delete_run(self, run_id: str) -> str:
+        """Delete a run, first unloading it from the playground. Refuses the running job's run."""
+        job = self.jobs.current
+        if job is not None and job.alive and job.run.id == run_id:
+            raise ValueError(f"Run {run_id} is training now; stop it before deleting it.")
+        run = self.registry.get(run_id)
+        self.playground.unload(run.id)
+        return self.registry.delete(run.id)
 
     def export_run(self, run_id: str, out: str | Path | None = None) -> Path:
         return export_zip(self.registry.get(run_id), out)

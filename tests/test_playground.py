@@ -87,3 +87,124 @@ def test_unfinished_run_is_refused(tiny_model_dir, runs_dir):
     run = RunRegistry(runs_dir).create(RunConfig(model=str(tiny_model_dir)))
     with pytest.raises(ValueError, match="no saved adapter"):
         Playground().activate(run)
+
+
+# ---- checkpoints, memory bound, compatibility, evaluation ------------------------------------
+
+@pytest.fixture(scope="module")
+def run_with_checkpoints(tiny_model_dir, tmp_path_factory):
+    from tests.conftest import write_csv
+
+    root = tmp_path_factory.mktemp("pgc")
+    rows = [[f"what is {a} plus {b}", f"sum {a + b}"] for a in range(1, 10) for b in range(1, 4)]
+    data = write_csv(root / "d.csv", ["instruction", "output"], rows)
+    cfg = RunConfig.from_dict({"model": str(tiny_model_dir), "data": {"path": str(data), "max_length": 64},
+                               "training": {"max_steps": 12, "learning_rate": 1e-2, "save_steps": 4,
+                                            "keep_checkpoints": 3, "seed": 3}})
+    run = RunRegistry(root / "runs").create(cfg)
+    assert run_training(cfg, run)["state"] == "finished"
+    return run
+
+
+def test_checkpoints_are_selectable_and_match_plain_peft(run_with_checkpoints, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = run_with_checkpoints
+    assert [c.name for c in run.checkpoints()] == ["step-4", "step-8"]
+    pg = Playground()
+    outputs = {}
+    for ckpt in ("step-4", None, "step-8"):
+        pg.activate(run, ckpt)
+        *_, (_, outputs[ckpt]) = pg.stream_pair(PROMPT, PROMPT, SamplingSettings(max_new_tokens=16))
+    assert pg.loaded() == [run.id + "@step-4", run.id, run.id + "@step-8"]
+    assert pg.base_loads == 1
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                           run.path / "checkpoints" / "step-4").eval()
+    assert outputs["step-4"] == _hf_greedy(peft_model, pg.tokenizer, PROMPT, n=16)
+    with pytest.raises(ValueError, match="no checkpoint 'step-99'"):
+        pg.activate(run, "step-99")
+
+
+def test_least_recently_used_adapter_is_dropped_first(run_with_checkpoints, two_runs):
+    a, b = two_runs
+    pg = Playground(max_adapters=2)
+    settings = SamplingSettings(max_new_tokens=12)
+    pg.activate(a)
+    *_, (_, a_first) = pg.stream_pair(PROMPT, PROMPT, settings)
+    pg.activate(b)
+    pg.activate(a)  # a is now the most recent: loading a third must evict b
+    pg.activate(run_with_checkpoints)
+    assert pg.loaded() == [a.id, run_with_checkpoints.id]
+    assert set(pg.model.peft_config) == {a.id, run_with_checkpoints.id}  # b's weights are gone too
+    pg.activate(b)  # evicted adapters load again on demand
+    pg.activate(a)
+    *_, (_, a_again) = pg.stream_pair(PROMPT, PROMPT, settings)
+    assert a_again == a_first and pg.base_loads == 1
+
+
+def test_adapter_from_another_base_is_refused_naming_both(two_runs, tmp_path):
+    import json
+    import shutil
+
+    a, _ = two_runs
+    clone = tmp_path / a.id
+    shutil.copytree(a.path, clone)
+    fp = json.loads((clone / "fingerprint.json").read_text())
+    assert fp["hidden_size"] and fp["tokenizer_sha256"]  # recorded at training time
+    fp.update(model="some-org/bigger-model", hidden_size=fp["hidden_size"] * 2)
+    (clone / "fingerprint.json").write_text(json.dumps(fp))
+    from studio.runs import Run
+
+    pg = Playground()
+    with pytest.raises(ValueError, match="bigger-model.*but the base here is") as err:
+        pg.activate(Run(clone))
+    assert "hidden_size" in str(err.value)
+    assert pg.active is None and pg.loaded() == []
+
+    fp.update(hidden_size=fp["hidden_size"] // 2, chat_template_sha256="0" * 16)  # same shapes, other template
+    (clone / "fingerprint.json").write_text(json.dumps(fp))
+    warnings = pg.activate(Run(clone))
+    assert len(warnings) == 1 and "chat template differs" in warnings[0]
+
+
+def test_unloading_a_deleted_run_leaves_an_honest_base(two_runs, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    a, b = two_runs
+    pg = Playground()
+    pg.activate(a)
+    pg.activate(b)
+    pg.unload(b.id)
+    assert pg.loaded() == [a.id] and pg.active is None
+    pg.unload(a.id)  # the last adapter: PEFT cannot delete it, so the LoRA layers come out
+    assert pg.loaded() == [] and not hasattr(pg.model, "peft_config")
+    pg.activate(a)
+    *_, (base_text, _) = pg.stream_pair(PROMPT, PROMPT, SamplingSettings(max_new_tokens=12))
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    assert base_text == _hf_greedy(plain, pg.tokenizer, PROMPT, n=12) and pg.base_loads == 1
+
+
+def test_bad_sampling_settings_are_refused(two_runs):
+    pg = Playground()
+    pg.activate(two_runs[0])
+    with pytest.raises(ValueError, match="Top-p must be above 0"):
+        list(pg.stream_pair(PROMPT, PROMPT, SamplingSettings(top_p=0)))
+
+
+def test_evaluation_scores_base_and_adapter_on_the_held_out_rows(run_with_checkpoints):
+    from studio import evaluation
+
+    run = run_with_checkpoints
+    status = run.status()
+    assert status["eval_rows"] > 0 and status["base_eval_loss"] > status["eval_loss"]
+    pg = Playground()
+    result = evaluation.evaluate(pg, run, samples=2, max_new_tokens=8)
+    # The same rows and the same loss as the trainer computed: base at step 0, adapter at the end.
+    assert result["rows"] == status["eval_rows"]
+    assert result["base"]["loss"] == pytest.approx(status["base_eval_loss"], rel=1e-4)
+    assert result["adapter"]["loss"] == pytest.approx(status["eval_loss"], rel=1e-4)
+    assert len(result["samples"]) == 2 and all(s["reference"].startswith("sum") for s in result["samples"])
+    assert run.evaluation()["adapter"] == result["adapter"]
+    table = evaluation.table_rows(run)
+    assert [r[0] for r in table] == ["base", "adapter"] and table[1][2] < table[0][2]  # perplexity fell

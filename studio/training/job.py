@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -9,6 +10,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
+from studio import fingerprint
 from studio.config import ConfigError, RunConfig
 from studio.data import DataError
 from studio.models import ModelError
@@ -71,7 +73,10 @@ def run_training(config: RunConfig, run: Run, stop_event: threading.Event | None
         run.set_status("running", total_steps=trainer.total_steps, trainable_params=trainer.trainable_params,
                        train_rows=len(trainer.train_examples), eval_rows=len(trainer.eval_examples),
                        device=trainer.device, bf16=trainer.use_bf16, message="Training...",
-                       data_warnings=[f.code for f in trainer.data_findings])
+                       data_warnings=[f.code for f in trainer.data_findings],
+                       data_sha256=data_digest(config))
+        if run.writable:  # what the adapter means: checked before it is loaded onto any base
+            fingerprint.write(run.path, fingerprint.fingerprint(trainer.model.config, trainer.tokenizer, config.model))
         if config.training.memory_check and not trainer.dist.enabled:  # one process checks itself only
             run.set_status("running", message="Checking memory: two steps on the longest rows...")
             check = check_memory(trainer)
@@ -79,6 +84,11 @@ def run_training(config: RunConfig, run: Run, stop_event: threading.Event | None
             log.info(check.summary())
             if on_metrics:
                 on_metrics({"kind": "memory_check", **check.to_dict()})
+        if checkpoint is None and trainer.eval_examples:
+            # Step 0 is the base model (LoRA starts as a no-op), so this is the base's held-out
+            # loss: the number the adapter's eval loss is compared with.
+            run.set_status("running", message="Scoring the base model on the held-out rows...")
+            run.set_status("running", base_eval_loss=trainer.evaluate(), message="Training...")
         if checkpoint is not None:
             trainer.restore(checkpoint)
             run.truncate_metrics(trainer.step)
@@ -99,7 +109,7 @@ def run_training(config: RunConfig, run: Run, stop_event: threading.Event | None
                 "were saved (Resume continues from here)."
                 if stopped else early or f"Finished {trainer.step} steps.")
         return run.set_status("finished", finished_at=time.time(), step=trainer.step, stopped=stopped,
-                              early_stopped=early is not None,
+                              early_stopped=early is not None, version=run.version + 1,
                               final_loss=last.get("loss"), eval_loss=eval_loss, message=done)
     except BaseException as exc:  # noqa: BLE001 - every failure must end as a status, not a crash
         with run.log_path.open("a", encoding="utf-8") as f:
@@ -113,6 +123,19 @@ def run_training(config: RunConfig, run: Run, stop_event: threading.Event | None
     finally:
         del trainer
         _free_memory()
+
+
+def data_digest(config: RunConfig) -> str | None:
+    """sha256 (16 hex digits) of the training file and held-out file: which bytes a run saw."""
+    h = hashlib.sha256()
+    try:
+        for path in filter(None, (config.data.path, config.data.eval_path)):
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    except OSError:
+        return None
+    return h.hexdigest()[:16]
 
 
 def _free_memory() -> None:

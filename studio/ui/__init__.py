@@ -32,7 +32,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                 export_run = build_export_tab(studio)
         wire_data_tab(studio, data, dataset_path, mapping, train.model, train.max_length)
         # Runs finish while the page is open: refresh the run lists whenever their tab opens.
-        chat_tab.select(lambda: gr.Dropdown(choices=run_choices(studio)), outputs=chat_run)
+        chat_tab.select(lambda: gr.Dropdown(choices=studio.chat_choices()), outputs=chat_run)
         export_tab.select(lambda: gr.Dropdown(choices=run_choices(studio)), outputs=export_run)
         demo.load(train.show_plan, inputs=train.plan_inputs, outputs=train.plan_outputs)
     return demo
