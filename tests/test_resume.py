@@ -84,6 +84,7 @@ def test_stop_saves_a_checkpoint_and_the_server_resumes_to_the_end(tiny_model_di
     job.thread.join(120)
     status = job.run.status()
     assert status["state"] == "finished" and status["stopped"] and "Resume" in status["message"]
+    assert status["version"] == 1  # a stopped run saved an adapter: version 1
     point = job.run.resume_point()
     assert point is not None and int(point.name[5:]) == status["step"] < 40
 
@@ -92,6 +93,7 @@ def test_stop_saves_a_checkpoint_and_the_server_resumes_to_the_end(tiny_model_di
     resumed.thread.join(120)
     status = job.run.status()
     assert status["state"] == "finished" and status["step"] == 40 and not status["stopped"]
+    assert status["version"] == 2  # the resumed run's adapter replaces it as version 2
     assert job.run.resume_point() is None
     with pytest.raises(LookupError):
         jobs.resume(job.run)

@@ -66,3 +66,38 @@ def test_past_runs_table_and_config_diff(runs_dir, tmp_path):
     a.append_metrics({"kind": "eval", "step": 1, "eval_loss": 1.1})
     train, evals = studio.curves([a.id])[a.id]
     assert [m["loss"] for m in train] == [1.0] and [m["eval_loss"] for m in evals] == [1.1]
+
+
+def test_rename_validates_and_keeps_the_id(runs_dir):
+    reg = RunRegistry(runs_dir)
+    run = reg.create(RunConfig())
+    assert run.name == run.id and run.version == 0
+    assert run.rename("  my   best\tadapter ") == "my best adapter"
+    assert reg.get(run.id).name == "my best adapter" and run.status()["state"] == "queued"
+    for bad, match in (("", "cannot be empty"), ("x" * 81, "at most 80"), ("a\x00b", "control characters")):
+        with pytest.raises(ValueError, match=match):
+            run.rename(bad)
+    assert run.name == "my best adapter"  # a refused rename changes nothing
+
+
+def test_delete_refuses_a_live_run_and_removes_a_finished_one(runs_dir, tmp_path):
+    from studio.service import Studio
+
+    reg = RunRegistry(runs_dir)
+    live, done = reg.create(RunConfig()), reg.create(RunConfig())
+    live.set_status("running", pid=os.getpid())
+    done.set_status("finished")
+    (done.path / "adapter").mkdir()
+    with pytest.raises(ValueError, match="stop it before deleting"):
+        reg.delete(live.id)
+    outside = tmp_path / "elsewhere" / "run"
+    outside.mkdir(parents=True)
+    (outside / "status.json").write_text('{"state": "finished"}')
+    with pytest.raises(ValueError, match="not inside the runs folder"):
+        reg.delete(str(outside))  # a path to a run folder elsewhere is never removed
+    assert outside.exists()
+    assert Studio(runs_dir).delete_run(done.id) == done.id
+    assert not done.path.exists() and [r.id for r in reg.list()] == [live.id]
+    assert not any(p.name.startswith(".deleting") for p in runs_dir.iterdir())
+    with pytest.raises(LookupError):
+        reg.delete(done.id)

@@ -116,6 +116,16 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
                               choices=[r.id for r in studio.registry.list()], value=[])
         overlay = gr.Plot(elem_id="runs-overlay", label="Loss by run")
         diff = gr.Markdown(elem_id="runs-diff")
+        with gr.Row():
+            manage = gr.Dropdown(label="Rename or delete a run", elem_id="runs-manage", scale=2,
+                                 choices=[r.id for r in studio.registry.list()], value=None)
+            new_name = gr.Textbox(label="New name", elem_id="runs-new-name", scale=2, max_length=80)
+            rename_btn = gr.Button("Rename", elem_id="runs-rename", scale=1)
+        with gr.Row():
+            confirm = gr.Checkbox(label="Yes, delete this run's adapter, checkpoints and metrics for good",
+                                  elem_id="runs-confirm-delete", scale=3)
+            delete_btn = gr.Button("Delete run", variant="stop", elem_id="runs-delete", scale=1)
+        manage_note = gr.Markdown(elem_id="runs-manage-note")
     timer = gr.Timer(POLL_SECONDS)
     shown = gr.State(None)  # what this browser tab last drew; skip redraws when nothing changed
 
@@ -180,7 +190,7 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
         view = studio.job_view()
         key = (view.run_id, view.state, view.message, len(view.train), len(view.evals), log)
         if key == last:
-            return (gr.skip(),) * 14
+            return (gr.skip(),) * 15
         running = view.active and view.state != "stopping"
         # The resumable list changes only when a job changes state: refresh it then.
         changed = key[:3] != (last or (None,) * 3)[:3]
@@ -192,7 +202,7 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
         return (view.progress_text(), _progress_html(view), loss_figure(view.train, view.evals, log),
                 memory, key, gr.Button(interactive=not view.active),
                 gr.Button(interactive=running), gr.Button(interactive=running), resumable,
-                gr.Button(interactive=not view.active), gr.Button(visible=bool(retry)), retry, table, run_ids)
+                gr.Button(interactive=not view.active), gr.Button(visible=bool(retry)), retry, table, run_ids, run_ids)
 
     def compare_runs(run_ids, log):
         run_ids = run_ids or []
@@ -208,6 +218,31 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
             return fig, f"`{a}` and `{b}` used the same settings."
         table = "\n".join(f"| `{k}` | {_cell(va)} | {_cell(vb)} |" for k, va, vb in rows)
         return fig, f"Settings that differ:\n\n| setting | `{a}` | `{b}` |\n|---|---|---|\n{table}"
+
+    def after_change(note):
+        ids = [r.id for r in studio.registry.list()]
+        return (note, studio.runs_table(), gr.Dropdown(choices=ids, value=None),
+                gr.Dropdown(choices=ids, value=[]), False)
+
+    def rename(run_id, name):
+        if not run_id:
+            return "Pick a run to rename.", *(gr.skip(),) * 4
+        try:
+            name = studio.rename_run(run_id, name)
+        except (LookupError, ValueError) as exc:
+            return f"**{exc}**", *(gr.skip(),) * 4
+        return after_change(f"`{run_id}` is now called **{name}**.")
+
+    def delete(run_id, sure):
+        if not run_id:
+            return "Pick a run to delete.", *(gr.skip(),) * 4
+        if not sure:
+            return "Tick the box to confirm: deleting removes the run's files for good.", *(gr.skip(),) * 4
+        try:
+            studio.delete_run(run_id)
+        except (LookupError, ValueError) as exc:
+            return f"**{exc}**", *(gr.skip(),) * 4
+        return after_change(f"Deleted `{run_id}`.")
 
     def resume(run_id):
         if not run_id:
@@ -234,10 +269,13 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
     stop_btn.click(stop)
     save_btn.click(save_now)
     compare.change(compare_runs, inputs=[compare, log_scale], outputs=[overlay, diff])
+    manage_outputs = [manage_note, runs_table, manage, compare, confirm]
+    rename_btn.click(rename, inputs=[manage, new_name], outputs=manage_outputs)
+    delete_btn.click(delete, inputs=[manage, confirm], outputs=manage_outputs)
     resume_btn.click(resume, inputs=resume_run, outputs=status)
     timer.tick(poll, inputs=[shown, log_scale], outputs=[status, progress, loss_plot, memory_plot, shown,
                                                           train_btn, stop_btn, save_btn, resume_run, resume_btn,
-                                                          retry_btn, retry_state, runs_table, compare],
+                                                          retry_btn, retry_state, runs_table, compare, manage],
                show_progress="hidden")
     for comp in form:
         comp.change(show_cli, inputs=[dataset_path, mapping, *form], outputs=cli, show_progress="hidden")
