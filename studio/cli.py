@@ -1,4 +1,4 @@
-"""`finetune-studio train | resume | validate | estimate | hardware | export | ui | prepare-model` — the page's journey without a browser.
+"""`finetune-studio train | resume | validate | estimate | hardware | export | import | ui | prepare-model` — the page's journey without a browser.
 
 Every config field is also a flag (``--learning-rate``, ``--lora-r``...), generated from
 ``RunConfig`` so the CLI, the YAML file and the UI can never drift apart. Flags override the
@@ -8,6 +8,8 @@ Example:
     finetune-studio train --data train.csv --model default --method lora --max-steps 50
     finetune-studio resume 20261122-153000-lora-train
     finetune-studio export 20261122-153000-lora-train --out adapter.zip
+    finetune-studio export 20261122-153000-lora-train --merged --out merged.zip
+    finetune-studio import adapter.zip --name "support bot"
 """
 
 from __future__ import annotations
@@ -86,7 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="Zip a finished run's adapter with its tokenizer, config and model card.")
     export.add_argument("run", help="Run id (folder name under the runs folder) or run folder path.")
     export.add_argument("--out", help="Where to write the zip (default: inside the run folder).")
+    export.add_argument("--merged", action="store_true",
+                        help="Export the base model with the adapter merged in (a standalone safetensors model).")
     export.add_argument("--runs-dir")
+
+    imp = sub.add_parser("import", help="Add an adapter zip (exported here or a zipped PEFT LoRA folder) as a run.")
+    imp.add_argument("zip", help="The adapter zip.")
+    imp.add_argument("--name", help="Display name for the imported run (default: the zip's run name or file name).")
+    imp.add_argument("--max-size-mb", type=float, help="Largest uncompressed size accepted (default 2048).")
+    imp.add_argument("--runs-dir")
 
     val = sub.add_parser("validate", help="Check a dataset file and print the report.",
                          description="Exit code 0: training can proceed; 1: an error blocks it; 2: the file "
@@ -287,16 +297,34 @@ def _estimate(args) -> int:
 
 
 def _export(args) -> int:
-    from studio.export import ExportError, export_zip
+    from studio.export import ExportError, export_merged, export_zip
     from studio.runs import RunRegistry
 
     try:
-        registry = RunRegistry(args.runs_dir)
-        out = export_zip(registry.get(args.run), args.out)
+        run = RunRegistry(args.runs_dir).get(args.run)
+        out = (export_merged if args.merged else export_zip)(run, args.out)
     except (LookupError, ExportError) as exc:
         print(exc, file=sys.stderr)
         return 1
-    print(f"Wrote {out}")
+    print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def _import(args) -> int:
+    from studio.adapter_import import AdapterImportError, import_adapter_zip
+    from studio.runs import RunRegistry
+
+    limit = int(args.max_size_mb * 1024**2) if args.max_size_mb else None
+    try:
+        run = import_adapter_zip(args.zip, RunRegistry(args.runs_dir), name=args.name, max_bytes=limit)
+    except AdapterImportError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    status = run.status()
+    print(f"Imported {args.zip} as run {run.id} ({run.name}) on base {status.get('model')}.")
+    for warning in status.get("import_warnings") or []:
+        print(f"Warning: {warning}", file=sys.stderr)
+    print(f"Run folder: {run.path}")
     return 0
 
 
@@ -307,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "import":
+        return _import(args)
     if args.command == "resume":
         return _resume(args)
     if args.command == "validate":

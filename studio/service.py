@@ -22,7 +22,8 @@ from studio.data.preview import token_segments
 from studio.memory import shape_for_model
 from studio.models import load_tokenizer
 from studio.planner import Plan, plan, settings_for
-from studio.export import export_zip
+from studio.adapter_import import import_adapter_zip
+from studio.export import export_merged, export_zip
 from studio.playground import CHECKPOINT_SEP, Playground, SamplingSettings, split_ref
 from studio.runs import Run, RunRegistry, config_diff
 from studio.training import Job, JobManager
@@ -325,5 +326,13 @@ class Studio:
         self.playground.unload(run.id)
         return self.registry.delete(run.id)
 
-    def export_run(self, run_id: str, out: str | Path | None = None) -> Path:
-        return export_zip(self.registry.get(run_id), out)
+    def export_run(self, run_id: str, out: str | Path | None = None, merged: bool = False) -> Path:
+        """The run's adapter zip, or with ``merged`` the standalone merged model zip.
+        Raises LookupError (unknown run) or ExportError (not finished, base missing)."""
+        run = self.registry.get(run_id)
+        return export_merged(run, out) if merged else export_zip(run, out)
+
+    def import_adapter(self, zip_path: str | Path, name: str | None = None) -> Run:
+        """Add an uploaded adapter zip as a finished run (it then shows in Chat and Export).
+        Raises AdapterImportError with the reason; a refused zip leaves nothing behind."""
+        return import_adapter_zip(zip_path, self.registry, name=name)

@@ -46,6 +46,32 @@ def test_cli_train_then_export(tiny_model_dir, instruction_csv, runs_dir, tmp_pa
     assert main(["export", str(run.path), "--out", str(tmp_path / "b.zip")]) == 0
 
 
+def test_cli_merged_export_and_import(tiny_model_dir, instruction_csv, runs_dir, tmp_path, capsys):
+    assert _train(tiny_model_dir, instruction_csv, runs_dir, "--lora-r", "4") == 0
+    run = RunRegistry(runs_dir).list()[0]
+    merged, adapter = tmp_path / "merged.zip", tmp_path / "adapter.zip"
+    assert main(["export", run.id, "--runs-dir", str(runs_dir), "--merged", "--out", str(merged)]) == 0
+    assert {"config.json", "model.safetensors", "README.md"} <= set(zipfile.ZipFile(merged).namelist())
+    assert main(["export", run.id, "--runs-dir", str(runs_dir), "--out", str(adapter)]) == 0
+    capsys.readouterr()
+
+    other = tmp_path / "other-runs"
+    assert main(["import", str(adapter), "--name", "shared copy", "--runs-dir", str(other)]) == 0
+    out = capsys.readouterr().out
+    assert "Imported" in out and "shared-copy-imported" in out
+    assert [r.name for r in RunRegistry(other).trained()] == ["shared copy"]
+
+    # Errors are sentences on stderr with a non-zero exit, never tracebacks.
+    junk = tmp_path / "junk.zip"
+    junk.write_text("not a zip")
+    for argv in (["import", str(junk)], ["import", str(adapter), "--max-size-mb", "0.01"],
+                 ["export", "nope", "--merged"]):
+        assert main([*argv, "--runs-dir", str(other)]) == 1
+        err = capsys.readouterr().err
+        assert err.strip().endswith(".") and "Traceback" not in err, err
+    assert len(RunRegistry(other).list()) == 1
+
+
 def test_yaml_config_with_flag_overrides(tiny_model_dir, instruction_csv, runs_dir, tmp_path):
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(yaml.safe_dump({"method": "lora", "lora": {"r": 2, "alpha": 8},
@@ -91,7 +117,8 @@ def test_every_config_field_has_a_flag_and_copy_as_cli_round_trips(tmp_path):
 
 
 def test_core_never_imports_gradio():
-    code = ("import sys, studio.service, studio.cli, studio.export, studio.playground, studio.training; "
+    code = ("import sys, studio.service, studio.cli, studio.export, studio.adapter_import, studio.model_card, "
+            "studio.playground, studio.training; "
             "print('gradio' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
