@@ -1,35 +1,105 @@
-"""Export tab: pick a finished run, download its adapter zip (loads in plain PEFT)."""
+"""Export tab: download a finished run's adapter zip or merged model, and import an adapter zip."""
 
 from __future__ import annotations
 
-import gradio as gr
+import logging
 
-from studio.export import ExportError
+import gradio as gr
+import pandas as pd
+
+from studio.adapter_import import AdapterImportError
+from studio.export import ExportError, zip_contents
 from studio.service import Studio
 from studio.ui.chat_tab import run_choices
 
+log = logging.getLogger(__name__)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _contents(path) -> pd.DataFrame:
+    return pd.DataFrame([(name, _size(size)) for name, size in zip_contents(path)], columns=["file", "size"])
+
+
+EMPTY = pd.DataFrame(columns=["file", "size"])
+
 
 def build_export_tab(studio: Studio) -> gr.Dropdown:
-    gr.Markdown("The zip holds `adapter_model.safetensors`, `adapter_config.json`, the tokenizer and "
-                "chat template, the run's `config.yaml`, `metrics.csv` and a model card (`README.md`).")
+    gr.Markdown("The adapter zip holds `adapter_model.safetensors`, `adapter_config.json`, the tokenizer and "
+                "chat template, the run's `config.yaml`, `metrics.csv`, the loss curve (`loss_curve.svg`), the "
+                "base model's fingerprint and a model card (`README.md`) that says how to load it with PEFT, "
+                "transformers or vLLM. The merged model is the base with the adapter folded in: a standalone "
+                "safetensors model for tools that do not load adapters.")
     with gr.Row():
         run = gr.Dropdown(choices=run_choices(studio), value=None, label="Trained run",
                           elem_id="export-run", scale=3)
         refresh = gr.Button("Refresh list", scale=1)
-    button = gr.DownloadButton("Download adapter zip", elem_id="export-button", interactive=False)
+    with gr.Row():
+        button = gr.DownloadButton("Download adapter zip", elem_id="export-button", interactive=False)
+        merge = gr.Button("Build merged model", elem_id="export-merge", interactive=False)
+        merged_button = gr.DownloadButton("Download merged model", elem_id="export-merged-button",
+                                          interactive=False)
     note = gr.Markdown("", elem_id="export-status")
+    contents = gr.Dataframe(EMPTY, label="What the adapter zip holds", elem_id="export-contents",
+                            interactive=False, wrap=True)
+    with gr.Accordion("Import an adapter zip", open=False, elem_id="import-section"):
+        gr.Markdown("A zip exported by Finetune Studio, or a zipped PEFT LoRA folder (`adapter_config.json` + "
+                    "`adapter_model.safetensors`). It is checked before anything is kept: size, file names, "
+                    "safetensors only, and that its base model is on this machine and matches. It then appears "
+                    "in the Chat and Export tabs.")
+        name = gr.Textbox(label="Name (optional)", elem_id="import-name", max_lines=1)
+        upload = gr.File(label="Adapter zip", file_types=[".zip"], type="filepath", elem_id="import-upload")
+        import_note = gr.Markdown("", elem_id="import-status")
 
     def prepare(run_id):
+        off = gr.DownloadButton(value=None, interactive=False)
         if not run_id:
-            return gr.DownloadButton(value=None, interactive=False), ""
+            return off, gr.Button(interactive=False), off, "", EMPTY
         try:
             path = studio.export_run(run_id)
         except (LookupError, ExportError) as exc:
-            return gr.DownloadButton(value=None, interactive=False), f"**Can't export.** {exc}"
-        size = path.stat().st_size / 1e6
-        return (gr.DownloadButton(value=str(path), interactive=True),
-                f"Ready: `{path.name}` ({size:.1f} MB).")
+            return off, gr.Button(interactive=False), off, f"**Can't export.** {exc}", EMPTY
+        return (gr.DownloadButton(value=str(path), interactive=True), gr.Button(interactive=True), off,
+                f"Ready: `{path.name}` ({path.stat().st_size / 1e6:.1f} MB).", _contents(path))
 
-    run.change(prepare, inputs=run, outputs=[button, note])
+    def build_merged(run_id):
+        off = gr.DownloadButton(value=None, interactive=False)
+        if not run_id:
+            return off, "Pick a run first."
+        try:
+            path = studio.export_run(run_id, merged=True)
+        except (LookupError, ExportError) as exc:
+            return off, f"**Can't build the merged model.** {exc}"
+        except Exception as exc:  # noqa: BLE001 - a sentence on the page; details in the server log
+            log.exception("merged export of %s failed", run_id)
+            return off, f"**Can't build the merged model.** {type(exc).__name__}: {exc}"
+        return (gr.DownloadButton(value=str(path), interactive=True),
+                f"Merged model ready: `{path.name}` ({path.stat().st_size / 1e6:.1f} MB).")
+
+    def do_import(path, display_name):
+        if not path:
+            return gr.Dropdown(), ""
+        try:
+            new = studio.import_adapter(path, name=display_name or None)
+        except AdapterImportError as exc:
+            return gr.Dropdown(), f"**Can't import.** {exc}"
+        except Exception as exc:  # noqa: BLE001 - a sentence on the page; details in the server log
+            log.exception("import of %s failed", path)
+            return gr.Dropdown(), f"**Can't import.** {type(exc).__name__}: {exc}"
+        status = new.status()
+        warnings = "".join(f"  \nWarning: {w}" for w in status.get("import_warnings") or [])
+        return (gr.Dropdown(choices=run_choices(studio), value=new.id),
+                f"Imported as **{new.name}** (run `{new.id}`, base `{status.get('model')}`). It is listed in "
+                f"the Chat and Export tabs.{warnings}")
+
+    run.change(prepare, inputs=run, outputs=[button, merge, merged_button, note, contents])
+    merge.click(build_merged, inputs=run, outputs=[merged_button, note])
+    upload.upload(do_import, inputs=[upload, name], outputs=[run, import_note])
     refresh.click(lambda: gr.Dropdown(choices=run_choices(studio)), outputs=run)
     return run
