@@ -181,8 +181,9 @@ def _check_entries(zf: zipfile.ZipFile, label: str, limit: int) -> tuple[str, li
             raise AdapterImportError(f"{label} unpacks to more than {_mb(limit)}, the import limit; an adapter is "
                                      f"usually a few MB. Raise the limit with {MAX_ENV} if it is right.")
         if info.file_size > 2**20 and info.file_size > MAX_RATIO * max(info.compress_size, 1):
-            raise AdapterImportError(f"{label} has an entry {name!r} that inflates {info.file_size // max(info.compress_size, 1)}x "
-                                     "(a zip bomb?); refusing it.")
+            ratio = info.file_size // max(info.compress_size, 1)
+            raise AdapterImportError(f"{label} has an entry {name!r} that inflates {ratio}x (a zip bomb?); "
+                                     "refusing it.")
     configs = [i.filename for i in infos if PurePosixPath(i.filename).name == "adapter_config.json"]
     if len(configs) != 1:
         found = ", ".join(sorted(i.filename for i in infos if not i.is_dir())[:8]) or "nothing"
@@ -397,7 +398,8 @@ def _check_shapes(weights: Path, base: str, label: str) -> None:
         if len(shape) != 2 or got != want:
             side = "inputs" if which == "A" else "outputs"
             raise AdapterImportError(f"The adapter's layer `{mod}` has {side} of width {got}, but the base `{base}` "
-                                     f"has {want}: it was trained on another base. Import it where its own base is available.")
+                                     f"has {want}: it was trained on another base. Import it where its own base "
+                                     "is available.")
 
 
 _NUMBERS = ("train_rows", "eval_rows", "step", "final_loss", "eval_loss", "base_eval_loss", "trainable_params")

@@ -131,7 +131,8 @@ def model_card(run: Run, kind: str = "adapter", caveat: str = "") -> str:
                         "PEFT, transformers or vLLM as shown below.",
              "merged": "The base model with the LoRA adapter merged into its weights (PEFT `merge_and_unload`), "
                        "trained with Finetune Studio. It loads like any transformers model; no adapter needed.",
-             "model": "A fully fine-tuned model trained with Finetune Studio. It loads like any transformers model."}[kind]
+             "model": "A fully fine-tuned model trained with Finetune Studio. It loads like any transformers "
+                      "model."}[kind]
     if status.get("imported"):
         intro += f" Imported into Finetune Studio ({status.get('message', 'from a zip')})."
     hyper = "\n".join(f"| `{k}` | {v} |" for k, v in cfg.flat().items() if k not in ("data.path", "data.eval_path"))
