@@ -60,7 +60,7 @@ def _finished(run: Run) -> Path:
 def _write_zip(out: Path, fill: Callable[[zipfile.ZipFile], None]) -> Path:
     """Build a zip under a hidden temp name and rename it into place; on failure remove the temp."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}-{time.monotonic_ns()}.tmp")  # two exports at once never collide
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             fill(zf)

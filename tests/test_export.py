@@ -190,6 +190,22 @@ def test_import_round_trip_keeps_weights_and_metadata(trained, adapter_zip, tmp_
     assert not [n for n in _entries(registry) if n.startswith(".")]
 
 
+def test_imported_run_chats_like_its_source(trained, adapter_zip, tmp_path):
+    """The Chat tab's playground takes an imported run: same greedy reply as the run it came from."""
+    from studio.playground import Playground, SamplingSettings
+
+    _, source = trained
+    imported = import_adapter_zip(adapter_zip, RunRegistry(tmp_path / "runs"))
+    playground = Playground("cpu")
+    settings = SamplingSettings(max_new_tokens=8)
+    messages = [{"role": "user", "content": "what is 3 plus 4"}]
+    replies = []
+    for run in (source, imported):
+        assert playground.activate(run) == []
+        replies.append(list(playground.stream_pair(messages, messages, settings))[-1])
+    assert replies[0] == replies[1] and replies[0][0] != replies[0][1]
+
+
 def _rezip(src: Path, dst: Path, drop=(), add=None, edit=None) -> Path:
     """A copy of ``src`` without ``drop``, with ``add`` (name -> bytes or ZipInfo, bytes) and
     ``edit`` (name -> function of the bytes)."""
