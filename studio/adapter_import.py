@@ -109,6 +109,7 @@ def import_adapter_zip(zip_path: str | Path, registry: RunRegistry, name: str | 
             if errors:
                 raise AdapterImportError(" ".join(errors))
             warnings += soft
+        _remove_stale(registry.root, ".importing-*")
         work = registry.root / f".importing-{uuid.uuid4().hex[:12]}"
         try:
             run_dir = work / "run"
@@ -121,6 +122,16 @@ def import_adapter_zip(zip_path: str | Path, registry: RunRegistry, name: str | 
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return Run(final)
+
+
+def _remove_stale(folder: Path, pattern: str, age_s: float = 3600) -> None:
+    """Work folders left by a process killed mid-way (a finished one removes its own)."""
+    for stale in folder.glob(pattern):
+        try:
+            if time.time() - stale.stat().st_mtime > age_s:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def _mb(n: int) -> str:

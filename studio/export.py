@@ -158,6 +158,9 @@ def export_merged(run: Run, out: str | Path | None = None) -> Path:
     if cfg.method == "full":
         card = model_card(run, "model")
         return _write_zip(out, lambda zf: (_add_dir(zf, weights), _add_run_files(zf, run, card)))
+    for stale in run.path.glob(".merge-*"):  # left by a process killed mid-merge
+        if time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix=".merge-", dir=run.path))
     try:
         caveat = _merge_into(run, weights, work)
