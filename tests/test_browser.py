@@ -250,3 +250,84 @@ def test_upload_train_chat_export(server, browser, tmp_path):
     zipfile.ZipFile(zpath).extractall(out)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve("default")), str(out))
     assert model.active_adapter == "default"
+
+
+def test_chat_checkpoints_regenerate_evaluate_and_manage_runs(server, browser):
+    """A checkpoint is selectable next to its run; Regenerate replaces the last answer; the
+    evaluation table fills from training and Evaluate answers held-out prompts; a run is renamed
+    and, once confirmed, deleted."""
+    from playwright.sync_api import expect
+
+    from studio.config import RunConfig
+    from studio.training import run_training
+
+    url, studio = server
+    cfg = RunConfig.from_dict({"data": {"path": str(SAMPLE), "max_length": 128, "eval_rows": 6},
+                               "training": {"max_steps": 6, "save_steps": 3, "batch_size": 2,
+                                            "memory_check": False}})
+    run = studio.registry.create(cfg)
+    assert run_training(cfg, run)["state"] == "finished"
+    page, errors = _page(browser, url)
+    page.get_by_role("tab", name="Chat").click()
+
+    page.locator("#chat-run input").click()
+    page.get_by_role("option").filter(has_text=f"{run.id} · checkpoint at step 3").click()
+    expect(page.locator("#chat-status")).to_contain_text(f"{run.id}@step-3", timeout=60_000)
+    page.locator("#chat-run input").click()
+    page.get_by_role("option").filter(has_text=f"{run.id} v1").click()
+    expect(page.locator("#chat-status")).to_contain_text("2 adapters kept loaded", timeout=60_000)
+    # The table starts from the losses recorded in training: base at step 0, adapter at the end.
+    expect(page.locator("#eval-table")).to_contain_text("adapter", timeout=30_000)
+    expect(page.locator("#eval-table")).to_contain_text(f"{run.status()['base_eval_loss']:.4f}"[:5])
+
+    page.locator("#chat-system textarea").fill("Answer in one word.")
+    page.get_by_text("Sampling (the same for both panes)").click()
+    page.locator("#chat-max-new input[type=number]").fill("16")
+    page.locator("#chat-max-new input[type=number]").press("Tab")
+    page.locator("#chat-input textarea").fill("Name a colour.")
+    page.locator("#chat-send").click()
+
+    def settled():
+        page.wait_for_function("""() => ['chat-base', 'chat-adapted'].every(id => {
+            const t = document.querySelector('#' + id + ' [data-testid=status-tracker]');
+            return !t || t.classList.contains('hide'); })""", timeout=120_000)
+
+    for pane in ("#chat-base", "#chat-adapted"):
+        expect(page.locator(f"{pane} [data-testid=bot]").last).not_to_be_empty(timeout=120_000)
+    settled()
+    first = page.locator("#chat-adapted [data-testid=bot]").last.inner_text()
+    page.locator("#chat-regenerate").click()
+    page.wait_for_timeout(500)
+    settled()
+    for pane in ("#chat-base", "#chat-adapted"):  # the last exchange was replaced, not appended
+        assert page.locator(f"{pane} [data-testid=user]").count() == 1
+        assert page.locator(f"{pane} [data-testid=bot]").count() == 1
+    assert page.locator("#chat-adapted [data-testid=bot]").last.inner_text() == first  # greedy: same answer
+
+    page.locator("#eval-button").click()
+    expect(page.locator("#eval-notes")).to_contain_text("Held-out prompt 3", timeout=180_000)
+    expect(page.locator("#eval-notes")).to_contain_text("Scored 6 held-out rows")
+    assert run.evaluation()["rows"] == 6
+    _shot(page, "evaluate")
+
+    page.get_by_role("tab", name="Train").click()
+    page.get_by_text("Past runs: compare curves and settings").click()
+    page.locator("#runs-manage input").click()
+    page.get_by_role("option").filter(has_text=run.id).first.click()
+    page.locator("#runs-new-name textarea").fill("colours v1")
+    page.locator("#runs-rename").click()
+    expect(page.locator("#runs-table")).to_contain_text("colours v1", timeout=30_000)
+    assert run.name == "colours v1"
+    page.locator("#runs-manage input").click()
+    page.get_by_role("option").filter(has_text=run.id).first.click()
+    page.locator("#runs-delete").click()
+    expect(page.locator("#runs-manage-note")).to_contain_text("Tick the box", timeout=30_000)
+    assert run.path.exists()
+    page.locator("#runs-confirm-delete input").check()
+    page.locator("#runs-delete").click()
+    expect(page.locator("#runs-manage-note")).to_contain_text(f"Deleted {run.id}", timeout=30_000)
+    expect(page.locator("#runs-table")).not_to_contain_text(run.id)
+    assert not run.path.exists()
+    assert not any(ref.startswith(run.id) for ref in studio.playground.loaded())  # unloaded too
+    assert not errors, errors
+    page.close()
