@@ -39,6 +39,10 @@ def build_app(studio: Studio) -> gr.Blocks:
 
 
 def launch_kwargs(studio: Studio) -> dict:
-    """Options for ``demo.launch``: files under the runs folder may be downloaded, nothing else."""
+    """Options for ``demo.launch``: files under the runs folder may be downloaded, nothing else;
+    uploads above the largest thing we accept (an adapter zip) are cut off by the server before
+    they are written to disk, not after."""
+    from studio.adapter_import import max_import_bytes
+
     return {"css": CSS.read_text(encoding="utf-8"), "allowed_paths": [str(studio.registry.root.resolve())],
-            "theme": gr.themes.Soft(), "footer_links": []}
+            "theme": gr.themes.Soft(), "footer_links": [], "max_file_size": max_import_bytes()}
