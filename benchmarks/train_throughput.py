@@ -9,21 +9,33 @@ Measured in one run, after warm-up steps:
     real tokens/s   non-padding tokens trained per second. Ours counts them per batch; for TRL
                     (random batches of 8, its default) it is steps x 8 x the mean row length,
                     the expectation over its sampler
-    achieved FLOP/s 4 x parameters x real tokens / s (LoRA: forward 2P, backward to the inputs
-                    2P; frozen weights get no weight gradient; attention FLOPs left out)
+    achieved FLOP/s what each side computes, per second: 4 x the decoder's linear weights x real
+                    tokens, plus 4 x the output layer's weights x the positions it runs at
+                    (LoRA: forward 2 per weight, backward to the inputs 2; frozen weights get no
+                    weight gradient; attention scores and LoRA's own small matmuls left out).
+                    Ours runs the output layer only where a label is (studio/training/loss.py);
+                    TRL at every position, counted here at the real tokens only (padding not
+                    credited to either side)
     matmul peak     a 2048^3 matmul in the training dtype, measured in the same run
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 12] [--trl-steps 5]
+Then, on a smaller file, whether the fast path learns the same thing: one epoch (so both see
+the same rows, the same tokens) with our trainer, and again with the plain path (the model's
+own loss with logits at every position, batches in random order, no length grouping); held-out
+loss of the two within 2%.
+
+    .venv/bin/python benchmarks/train_throughput.py [--steps 12] [--trl-steps 6] [--skip-equivalence]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import random
 import sys
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,20 +69,55 @@ def matmul_flops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def ours(data: Path, steps: int, max_length: int) -> dict:
+def _train(data: Path, max_length: int, training: dict, eval_rows: int = 0) -> tuple[dict, list[dict]]:
     from studio.config import RunConfig
     from studio.runs import RunRegistry
     from studio.training import run_training
 
-    cfg = RunConfig.from_dict({"model": "default", "method": "lora", "data": {"path": str(data), "max_length": max_length,
-                                                                                "eval_fraction": 0},
-                               "training": {"max_steps": steps, "memory_check": False, "save_steps": 10_000}}).check()
+    cfg = RunConfig.from_dict({"model": "default", "method": "lora",
+                               "data": {"path": str(data), "max_length": max_length, "eval_fraction": 0,
+                                        "eval_rows": eval_rows},
+                               "training": {"memory_check": False, "save_steps": 10_000, **training}}).check()
     records: list[dict] = []
     status = run_training(cfg, RunRegistry(tempfile.mkdtemp()).create(cfg), on_metrics=records.append)
     assert status["state"] == "finished", status
-    timed = [m for m in records if m["kind"] == "train"][WARMUP:]
+    return status, [m for m in records if m["kind"] == "train"]
+
+
+def ours(data: Path, steps: int, max_length: int) -> dict:
+    _, train = _train(data, max_length, {"max_steps": steps})
+    timed = train[WARMUP:]
     seconds = sum(m["tokens"] / m["tokens_per_s"] for m in timed)
-    return {"tokens": sum(m["tokens"] for m in timed), "seconds": seconds, "steps": len(timed)}
+    return {"tokens": sum(m["tokens"] for m in timed), "logit_tokens": sum(m["labeled_tokens"] for m in timed),
+            "seconds": seconds, "steps": len(timed)}
+
+
+@contextmanager
+def plain_path():
+    """The trainer with the model's own loss (logits at every position) and random batches."""
+    from studio.training import trainer
+    from studio.training.loss import LabeledTokenLoss
+
+    saved = trainer.LabeledTokenLoss, trainer.POOL_BATCHES
+    trainer.LabeledTokenLoss = functools.partial(LabeledTokenLoss, labeled_only=False)
+    trainer.POOL_BATCHES = 1  # a pool of one batch: batches of random rows, padded to their longest
+    try:
+        yield
+    finally:
+        trainer.LabeledTokenLoss, trainer.POOL_BATCHES = saved
+
+
+def equivalence(data: Path, max_length: int, eval_rows: int) -> dict:
+    """One epoch each way; held-out loss before and after, and each path's real tokens/s."""
+    out = {}
+    for name in ("fast", "plain"):
+        with plain_path() if name == "plain" else nullcontext():
+            status, train = _train(data, max_length, {"epochs": 1}, eval_rows)
+        seconds = sum(m["tokens"] / m["tokens_per_s"] for m in train)
+        out[name] = {"eval_loss": status["eval_loss"], "base_eval_loss": status["base_eval_loss"],
+                     "steps": len(train), "tokens": sum(m["tokens"] for m in train),
+                     "tokens_per_s": sum(m["tokens"] for m in train) / seconds}
+    return out
 
 
 def trl_defaults(data: Path, steps: int, max_length: int, bf16: bool) -> dict:
@@ -111,7 +158,7 @@ def trl_defaults(data: Path, steps: int, max_length: int, bf16: bool) -> dict:
     timed = len(times) - 1 - WARMUP
     seconds = times[-1] - times[WARMUP]
     per_batch = args.per_device_train_batch_size * sum(lengths) / len(lengths)
-    return {"tokens": per_batch * timed, "seconds": seconds, "steps": timed,
+    return {"tokens": per_batch * timed, "logit_tokens": per_batch * timed, "seconds": seconds, "steps": timed,
             "batch": args.per_device_train_batch_size, "gradient_checkpointing": args.gradient_checkpointing}
 
 
@@ -120,30 +167,47 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12, help="our optimizer steps (batch 4)")
     ap.add_argument("--trl-steps", type=int, default=6, help="TRL optimizer steps (its default batch is 8)")
     ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--skip-equivalence", action="store_true", help="only the throughput table")
     args = ap.parse_args()
     from studio import hardware
     from studio.memory import shape_for_model
 
     hw = hardware.detect()
     dtype = torch.bfloat16 if hw.bf16 else torch.float32
-    data = variable_rows_csv(Path(tempfile.mkdtemp()) / "variable.csv")
-    params = shape_for_model("default").total_params
+    tmp = Path(tempfile.mkdtemp())
+    data = variable_rows_csv(tmp / "variable.csv")
+    shape = shape_for_model("default")
+    head = shape.lm_head.d_in * shape.lm_head.d_out
+    body = sum(lin.d_in * lin.d_out for lin in shape.linears) - head
     peak = matmul_flops(dtype)
     a = ours(data, args.steps, args.max_length)
     b = trl_defaults(data, args.trl_steps, args.max_length, hw.bf16)
     peak_after = matmul_flops(dtype)  # the machine is noisy: bracket the run
     peak = max(peak, peak_after)
-    print(f"\nmatmul peak ({str(dtype).split('.')[-1]}, 2048^3): {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'trainer':<22}{'steps':>6}{'real tok/s':>12}{'GFLOP/s':>10}{'% of peak':>11}")
+    print(f"\nmatmul peak ({str(dtype).split('.')[-1]}, 2048^3): {peak / 1e9:.1f} GFLOP/s; "
+          f"FLOPs per token: {4 * body / 1e6:.0f}M decoder + {4 * head / 1e6:.0f}M output layer where it runs")
+    print(f"{'trainer':<26}{'steps':>6}{'real tok/s':>12}{'logits at':>11}{'GFLOP/s':>10}{'% of peak':>11}")
     rates = {}
     for name, r in (("ours (batch 4)", a), (f"TRL defaults (batch {b['batch']})", b)):
         tps = r["tokens"] / r["seconds"]
         rates[name] = tps
-        flops = 4 * params * tps
-        print(f"{name:<22}{r['steps']:>6}{tps:>12.0f}{flops / 1e9:>10.1f}{flops / peak:>11.0%}")
+        flops = (4 * body * r["tokens"] + 4 * head * r["logit_tokens"]) / r["seconds"]
+        print(f"{name:<26}{r['steps']:>6}{tps:>12.0f}{r['logit_tokens'] / r['tokens']:>11.0%}"
+              f"{flops / 1e9:>10.1f}{flops / peak:>11.0%}")
     ours_tps, trl_tps = rates.values()
-    print(f"\nours / TRL defaults: {ours_tps / trl_tps:.2f}x (target 3.0x); "
+    print(f"\nours / TRL defaults: {ours_tps / trl_tps:.2f}x real tokens/s (target 3.0x); "
           f"TRL gradient checkpointing by default: {b['gradient_checkpointing']}")
+    if args.skip_equivalence:
+        return
+    eq = equivalence(variable_rows_csv(tmp / "small.csv", rows=72, seed=1), args.max_length, eval_rows=16)
+    print(f"\nlearns the same (one epoch of 56 rows, 16 held out; base eval loss {eq['fast']['base_eval_loss']:.4f}):")
+    print(f"{'path':<44}{'steps':>6}{'tokens':>8}{'real tok/s':>12}{'eval loss':>11}")
+    for name, label in (("fast", "ours (labeled logits, length-grouped)"),
+                        ("plain", "plain (logits everywhere, random batches)")):
+        r = eq[name]
+        print(f"{label:<44}{r['steps']:>6}{r['tokens']:>8}{r['tokens_per_s']:>12.0f}{r['eval_loss']:>11.4f}")
+    gap = eq["fast"]["eval_loss"] / eq["plain"]["eval_loss"] - 1
+    print(f"eval loss, fast vs plain: {gap:+.2%} (target within 2%)")
 
 
 if __name__ == "__main__":

@@ -136,21 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(args) -> int:
     from studio.runs import RunRegistry
 
+    from studio.runs import Run
+    from studio.training import distributed
+
     try:
         cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig()
         overrides = {dotted: getattr(args, dotted) for dotted, _, _ in leaf_fields()}
         cfg = cfg.with_overrides(overrides).check()
+        # Under `accelerate launch` every process runs this; rank 0 creates the run folder and
+        # the others train into it without writing (see studio/training/distributed.py).
+        dist = distributed.from_env()
     except ConfigError as exc:
         print("The run config has problems:", file=sys.stderr)
         for p in exc.problems:
             print(f"  - {p}", file=sys.stderr)
         return 2
-    from studio.runs import Run
-    from studio.training import distributed
-
-    # Under `accelerate launch` every process runs this; rank 0 creates the run folder and the
-    # others train into it without writing (see studio/training/distributed.py).
-    dist = distributed.from_env()
     distributed.init(dist)
     path = RunRegistry(args.runs_dir).create(cfg).path if dist.main else None
     run = Run(distributed.broadcast(path, dist), writable=dist.main)

@@ -14,7 +14,10 @@ The estimate is a sum of parts a person can check:
                    out for gated-MLP layers); with gradient checkpointing only each layer's
                    input plus one layer's worth. CUDA and CPU differ (CPU dropout keeps an
                    fp32 noise tensor, CUDA a 1-byte mask), so each has its own function
-    logits         batch x seq x vocab: the logits, their fp32 copy, log-softmax and gradient
+    logits         labeled positions x vocab: the logits, their fp32 copy, log-softmax and
+                   gradient. The trainer runs the output layer only where a label is
+                   (studio/training/loss.py); before the data is known every position counts
+                   (``labeled_share`` 1), which over-estimates prompt/completion data
     retention      CPU only: memory the forward pass frees that glibc keeps resident
     overhead       on CUDA the context; on CPU the interpreter and libraries (measured once,
                    see ``CPU_RUNTIME_BYTES``)
@@ -130,7 +133,8 @@ def shape_from_config(config) -> ModelShape:
 
 
 def _cuda_activations(shape: ModelShape, method: str, tokens: int, a: int, targets: list[Linear],
-                      lora_dropout: float, gradient_checkpointing: bool) -> tuple[float, float, float]:
+                      lora_dropout: float, gradient_checkpointing: bool,
+                      labeled: float) -> tuple[float, float, float]:
     """(activations, logits, 0) on CUDA; checked against max_memory_allocated on an H100
     (benchmarks/results/cuda_memory_h100*.jsonl: full -5..0%, LoRA 0..+18%, QLoRA -16..+19%)."""
     h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
@@ -147,12 +151,13 @@ def _cuda_activations(shape: ModelShape, method: str, tokens: int, a: int, targe
     else:
         activations = tokens * shape.layers * per_layer
     # lm_head output (compute dtype), its fp32 upcast, log-softmax and the fp32 gradient.
-    logits = tokens * shape.vocab * ((4 if method == "qlora" else a) + 12)
+    logits = labeled * shape.vocab * ((4 if method == "qlora" else a) + 12)
     return activations, logits, 0.0
 
 
 def _cpu_activations(shape: ModelShape, method: str, tokens: int, a: int, targets: list[Linear], lora_r: int,
-                     lora_dropout: float, gradient_checkpointing: bool) -> tuple[float, float, float]:
+                     lora_dropout: float, gradient_checkpointing: bool,
+                     labeled: float) -> tuple[float, float, float]:
     """(activations, logits, allocator retention) for a process's peak RSS on CPU.
 
     Measured on the default model with saved_tensors_hooks and per-phase VmHWM (the numbers and
@@ -164,7 +169,7 @@ def _cpu_activations(shape: ModelShape, method: str, tokens: int, a: int, target
              (CPU dropout is x * noise, both in the compute dtype: 2a x d_in) and lora_A's
              output (a x r). QLoRA keeps the same (MatMul4Bit saves only the packed weight).
     The loss keeps log-softmax, and backward adds its gradient and the logits' (12 B per vocab
-    entry in fp32). glibc keeps part of what the forward frees resident (its dynamic mmap
+    entry in fp32), at the labeled positions only. glibc keeps part of what the forward frees resident (its dynamic mmap
     threshold moves large tensors into the heap, which fragments): a share of the forward's
     transient tensors fitted on this machine (see RETAINED_SHARE).
     """
@@ -194,7 +199,7 @@ def _cpu_activations(shape: ModelShape, method: str, tokens: int, a: int, target
         activations = tokens * (L * 4 * h + per_layer + final)  # layer inputs + one layer recomputed
     else:
         activations = tokens * (L * per_layer + final)
-    logits = tokens * shape.vocab * (a + 8)
+    logits = labeled * shape.vocab * (a + 8)
     share = RETAINED_SHARE_NO_DROPOUT if method != "full" and lora_dropout == 0 else RETAINED_SHARE
     retained = share * tokens * layers_kept * transient
     return activations, logits, retained
@@ -202,10 +207,16 @@ def _cpu_activations(shape: ModelShape, method: str, tokens: int, a: int, target
 
 def estimate(shape: ModelShape, method: str, seq_len: int, batch_size: int, device: str = "cpu",
              bf16: bool = False, gradient_checkpointing: bool = False, optimizer: str = "adamw",
-             lora_r: int = 16, lora_targets: str | list[str] = "all-linear", lora_dropout: float = 0.0) -> Estimate:
-    """Peak memory of training with these settings, as a breakdown in bytes."""
+             lora_r: int = 16, lora_targets: str | list[str] = "all-linear", lora_dropout: float = 0.0,
+             labeled_share: float = 1.0) -> Estimate:
+    """Peak memory of training with these settings, as a breakdown in bytes.
+
+    ``labeled_share`` is the share of the batch x seq positions that carry a label (the only
+    ones the output layer runs at); 1, the default, is the most a batch can need.
+    """
     a = 2 if bf16 else 4  # bytes of an activation under autocast (bf16) or in fp32
     tokens = seq_len * batch_size
+    labeled = tokens * min(max(labeled_share, 0.0), 1.0)
     P = shape.total_params
     targets = shape.lora_targets(lora_targets) if method != "full" else []
     lora_params = sum(lora_r * (t.d_in + t.d_out) for t in targets)
@@ -225,10 +236,10 @@ def estimate(shape: ModelShape, method: str, seq_len: int, batch_size: int, devi
 
     if device == "cuda":
         activations, logits, retained = _cuda_activations(shape, method, tokens, a, targets, lora_dropout,
-                                                          gradient_checkpointing)
+                                                          gradient_checkpointing, labeled)
     else:
         activations, logits, retained = _cpu_activations(shape, method, tokens, a, targets, lora_r, lora_dropout,
-                                                         gradient_checkpointing)
+                                                         gradient_checkpointing, labeled)
         if method == "qlora":
             # On CPU the checkpoint file stays memory-mapped (resident) next to the NF4 copy.
             weights += shape.checkpoint_bytes_per_param * P

@@ -46,6 +46,7 @@ class Settings:
     lora_targets: str | list[str] = "all-linear"
     lora_dropout: float = 0.0
     optimizer: str = "adamw"
+    labeled_share: float = 1.0  # of seq_len x batch_size positions; 1 until a batch is known
 
 
 @dataclass
@@ -108,7 +109,8 @@ def estimate_settings(shape: ModelShape, method: str, s: Settings, device: str) 
     """studio.memory.estimate for a Settings bundle."""
     return estimate(shape, method, s.seq_len, s.batch_size, device, bf16=s.bf16,
                     gradient_checkpointing=s.gradient_checkpointing, optimizer=s.optimizer,
-                    lora_r=s.lora_r, lora_targets=s.lora_targets, lora_dropout=s.lora_dropout)
+                    lora_r=s.lora_r, lora_targets=s.lora_targets, lora_dropout=s.lora_dropout,
+                    labeled_share=s.labeled_share)
 
 
 def _verdict(total: int, available: int) -> str:

@@ -64,3 +64,25 @@ def test_each_process_takes_every_other_batch_of_the_same_stream():
     rank0, rank1 = stream(Dist(0, 2, 0), 8), stream(Dist(1, 2, 1), 8)
     assert rank0 == single[0::2] and rank1 == single[1::2]
     assert sorted(i for b in rank0 + rank1 for i in b) == list(range(64))
+
+
+def test_an_fsdp_or_deepspeed_launch_is_refused_not_silently_replicated(monkeypatch, tiny_model_dir,
+                                                                       instruction_csv, tmp_path, capsys):
+    import pytest
+
+    from studio.cli import main
+    from studio.config import ConfigError
+    from studio.training import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert distributed.from_env() == distributed.Dist(1, 2, 0)
+    for var, name in distributed.SHARDING_ENV.items():
+        monkeypatch.setenv(var, "true")
+        with pytest.raises(ConfigError, match=name):
+            distributed.from_env()
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert main(["train", "--data", str(instruction_csv), "--model", str(tiny_model_dir),
+                 "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "does not shard" in capsys.readouterr().err and not (tmp_path / "runs").exists()

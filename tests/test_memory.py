@@ -152,3 +152,14 @@ def test_every_common_architecture_is_estimated_from_its_config(config_cls):
             est = estimate(shape, method, 64, 2, device)
             assert est.total_bytes == sum(est.breakdown.values()) > 0
             assert (est.trainable_params == shape.total_params) == (method == "full")
+
+
+def test_logits_are_counted_only_at_labeled_positions():
+    """The trainer runs the output layer where a label is; unknown data counts every position."""
+    for device in ("cpu", "cuda"):
+        every = estimate_for_model("default", "lora", 512, 4, device=device, bf16=False)
+        half = estimate_for_model("default", "lora", 512, 4, device=device, bf16=False, labeled_share=0.5)
+        assert half.breakdown["logits"] == pytest.approx(every.breakdown["logits"] / 2, rel=1e-6)
+        assert half.breakdown["activations"] == every.breakdown["activations"]
+        assert estimate_for_model("default", "lora", 512, 4, device=device, bf16=False,
+                                  labeled_share=1.0).total_bytes == every.total_bytes

@@ -2,6 +2,7 @@
 
 import threading
 
+import pytest
 import torch
 
 from studio.config import RunConfig
@@ -27,7 +28,7 @@ def test_lora_training_learns_saves_and_reloads_in_plain_peft(tiny_model_dir, in
     assert all({"loss", "lr", "grad_norm", "tokens_per_s", "rss_mib", "time"} <= m.keys() for m in train)
     first, last = sum(m["loss"] for m in train[:3]) / 3, sum(m["loss"] for m in train[-3:]) / 3
     assert last < 0.7 * first, (first, last)
-    assert [m["step"] for m in evals] == [10, 20, 30]
+    assert [m["step"] for m in evals] == [0, 10, 20, 30]  # step 0: the base model's held-out loss
     assert (run.path / "checkpoints" / "step-10" / "adapter_model.safetensors").exists()
     assert (run.adapter_dir / "adapter_model.safetensors").exists()
     assert run.is_trained()
@@ -123,7 +124,7 @@ def test_early_stopping_ends_the_run_when_eval_loss_stops_improving(tiny_model_d
     losses = iter([1.0, 0.9, 0.95, 0.97, 0.5, 0.4])  # best at the 2nd evaluation, then two without gain
 
     def fake_evaluate(self):
-        loss = next(losses, 0.3)
+        loss = 2.0 if self.step == 0 else next(losses, 0.3)  # step 0 scores the base model, not watched
         self._emit({"kind": "eval", "step": self.step, "eval_loss": loss})
         return loss
 
@@ -139,3 +140,90 @@ def test_early_stopping_ends_the_run_when_eval_loss_stops_improving(tiny_model_d
 def test_early_stopping_needs_evaluations():
     problems = RunConfig.from_dict({"training": {"early_stopping": 2}}).validate(check_data_file=False)
     assert any("needs `training.eval_steps`" in p for p in problems)
+
+
+def _loss_and_grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.item(), grads
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_labeled_token_loss_equals_the_transformers_loss_and_gradients(method, tiny_model_dir, instruction_csv,
+                                                                      runs_dir):
+    """The trainer's loss computes logits only where a label is; same number and gradients as
+    model(**batch).loss on a padded batch with masked prompts."""
+    cfg = _cfg(tiny_model_dir, instruction_csv, method=method, gradient_checkpointing=method == "qlora")
+    trainer = Trainer(cfg, RunRegistry(runs_dir).create(cfg))
+    trainer.setup()
+    assert trainer.loss_fn.labeled_only, trainer.loss_fn.plain_reason
+    rows = sorted(trainer.train_examples, key=lambda e: len(e.input_ids))
+    batch = trainer._collate([rows[0], rows[len(rows) // 2], rows[-1]])
+    labels = batch["labels"][:, 1:]
+    assert (labels == -100).any() and (labels != -100).any() and (batch["attention_mask"] == 0).any()
+    trainer.model.train()
+    ours, ours_grads = _loss_and_grads(trainer.model, trainer.loss_fn(**batch))
+    theirs, their_grads = _loss_and_grads(trainer.model, trainer.model(**batch).loss)
+    assert ours == pytest.approx(theirs, rel=1e-5)
+    assert ours_grads.keys() == their_grads.keys() and ours_grads
+    for name, grad in ours_grads.items():
+        torch.testing.assert_close(grad, their_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _tiny(config_cls: str, **extra):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    cls = getattr(transformers, config_cls)
+    extra = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **extra}
+    if config_cls == "GPTNeoXConfig":
+        config = cls(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, **extra)
+    else:
+        config = cls(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, **extra)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _masked_batch():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 300, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0
+    mask[1, 5:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :4] = -100  # a prompt
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("config_cls", ["Qwen2Config", "MistralConfig", "GemmaConfig", "Phi3Config",
+                                        "Qwen3Config", "GPTNeoXConfig"])
+def test_labeled_token_loss_matches_other_model_families(config_cls):
+    from studio.training.loss import LabeledTokenLoss
+
+    model = _tiny(config_cls).train()
+    loss_fn = LabeledTokenLoss(model)
+    assert loss_fn.labeled_only, loss_fn.plain_reason
+    batch = _masked_batch()
+    ours, ours_grads = _loss_and_grads(model, loss_fn(**batch))
+    theirs, their_grads = _loss_and_grads(model, model(**batch).loss)
+    assert ours == pytest.approx(theirs, rel=1e-5)
+    for name, grad in ours_grads.items():
+        torch.testing.assert_close(grad, their_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_soft_capped_and_unknown_heads_take_the_models_own_loss():
+    from studio.training.loss import LabeledTokenLoss
+
+    capped = _tiny("Gemma2Config", final_logit_softcapping=30.0)
+    loss_fn = LabeledTokenLoss(capped)
+    assert not loss_fn.labeled_only and "final_logit_softcapping" in loss_fn.plain_reason
+    batch = _masked_batch()
+    assert loss_fn(**batch).item() == pytest.approx(capped(**batch).loss.item(), rel=1e-6)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = LabeledTokenLoss(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300)))
+    assert not gpt2.labeled_only and "gpt2" in gpt2.plain_reason

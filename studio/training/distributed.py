@@ -29,11 +29,28 @@ class Dist:
         return self.world > 1
 
 
+# accelerate sets these for an FSDP or DeepSpeed config. This loop does not use accelerate's
+# Accelerator, so it would silently train plain DDP (a full replica on every device) instead.
+SHARDING_ENV = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+
+
 def from_env() -> Dist:
-    """This process's place, from the launcher's environment (one process when there is none)."""
+    """This process's place, from the launcher's environment (one process when there is none).
+
+    Raises:
+        ConfigError: the launcher asked for FSDP or DeepSpeed sharding, which this trainer lacks.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
+    asked = [name for var, name in SHARDING_ENV.items() if os.environ.get(var, "").lower() in ("true", "1")]
+    if asked:
+        from studio.config import ConfigError
+
+        raise ConfigError([f"accelerate was launched with a {asked[0]} config, but this trainer does not shard "
+                           "the model: it keeps a full copy on every device (DistributedDataParallel). Launch "
+                           "with `accelerate launch --multi_gpu ...` (no FSDP/DeepSpeed config), or pick a "
+                           "method that fits one device (LoRA, QLoRA)."])
     return Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 

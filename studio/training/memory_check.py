@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from studio.data.render import IGNORE_INDEX
 from studio.memory import GIB, MIB, shape_for_model
 
 STEPS = 2
@@ -112,7 +113,10 @@ def check_memory(trainer) -> MemoryCheck:
     rows, width = batch["input_ids"].shape
     device = trainer.device
     shape = shape_for_model(cfg.model, cfg.trust_remote_code)
-    settings = replace(settings_for(cfg, trainer.hw), seq_len=width, batch_size=rows, bf16=trainer.use_bf16)
+    # The output layer runs at labeled positions only (training/loss.py): the estimate counts those.
+    labeled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if trainer.loss_fn.labeled_only else rows * width
+    settings = replace(settings_for(cfg, trainer.hw), seq_len=width, batch_size=rows, bf16=trainer.use_bf16,
+                       labeled_share=labeled / (rows * width))
     breakdown = estimate_settings(shape, cfg.method, settings, device).breakdown
     est = sum(breakdown.values())
     already_loaded = breakdown["base_weights"] + breakdown["adapter_weights"] + breakdown["runtime_overhead"]
@@ -151,7 +155,7 @@ def check_memory(trainer) -> MemoryCheck:
             _reset_cpu_peak()
         for _ in range(STEPS):
             with trainer._autocast():
-                loss = trainer.model(**batch).loss
+                loss = trainer.loss_fn(**batch)  # the loss path training uses
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             trainer.optimizer.step()

@@ -21,6 +21,7 @@ import torch
 from studio import hardware, models
 from studio.config import RunConfig
 from studio.training import distributed
+from studio.training.loss import LabeledTokenLoss
 from studio.data import Example, prepare
 from studio.data.render import IGNORE_INDEX
 from studio.runs import Run
@@ -76,9 +77,12 @@ class Trainer:
 
         self.model = self._load_model()
         self.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        # Training steps go through the DDP wrapper when several processes train; saving,
-        # loading and evaluation use the model itself.
-        self.forward_model = distributed.wrap(self.model, self.dist, self.device)
+        # The loss computes logits only at labeled positions (studio/training/loss.py). Training
+        # steps go through the DDP wrapper around it when several processes train, so the
+        # gradients are all-reduced; evaluation, the memory check, saving and loading use the
+        # unwrapped loss and model.
+        self.loss_fn = LabeledTokenLoss(self.model)
+        self.forward_loss = distributed.wrap(self.loss_fn, self.dist, self.device)
         batches_per_epoch = math.ceil(len(self.train_examples) / t.batch_size)
         steps_per_epoch = max(1, batches_per_epoch // (t.gradient_accumulation * self.dist.world))
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
@@ -178,18 +182,19 @@ class Trainer:
             if self.save_event.is_set():
                 self.save_event.clear()
                 self.save_checkpoint()
-            step_start, loss_sum, tokens = time.time(), 0.0, 0
+            step_start, loss_sum, tokens, labeled = time.time(), 0.0, 0, 0
             for _ in range(t.gradient_accumulation):
                 batch = self._collate([self.train_examples[j] for j in next(indices)])
                 self.micro += 1
                 with self._autocast():
-                    loss = self.forward_model(**batch).loss
+                    loss = self.forward_loss(**batch)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"The loss became {loss.item()} at step {self.step + 1}; "
                                              "lower the learning rate.")
                 (loss / t.gradient_accumulation).backward()
                 loss_sum += loss.item()
                 tokens += int(batch["attention_mask"].sum())
+                labeled += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
             self.optimizer.step()
             self.scheduler.step()
@@ -198,7 +203,7 @@ class Trainer:
             now = time.time()
             self._emit({"kind": "train", "step": self.step, "total_steps": self.total_steps,
                         "loss": loss_sum / t.gradient_accumulation, "lr": self.scheduler.get_last_lr()[0],
-                        "grad_norm": grad_norm, "tokens": tokens,
+                        "grad_norm": grad_norm, "tokens": tokens, "labeled_tokens": labeled,
                         "tokens_per_s": tokens / max(now - step_start, 1e-9),
                         "epoch": self.micro / batches_per_epoch, "time": now, "elapsed_s": now - started,
                         "steps_this_session": self.step - first_step,
@@ -232,7 +237,7 @@ class Trainer:
         for i in range(0, len(self.eval_examples), bs):
             batch = self._collate(self.eval_examples[i:i + bs])
             with self._autocast():
-                loss = self.model(**batch).loss
+                loss = self.loss_fn(**batch)
             n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             total += loss.item() * n
             count += n
