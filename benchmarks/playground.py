@@ -62,7 +62,7 @@ def make_runs(root: Path, n: int) -> list:
 def tokens_per_s(pg: Playground, adapted: bool, n: int) -> float:
     ids = pg.encode(PROMPT)
     settings = SamplingSettings(max_new_tokens=n)
-    side = (_Side(pg._adapted_model(), lambda: torch.no_grad(), ids, settings) if adapted
+    side = (_Side(pg._use(None)[0], lambda: torch.no_grad(), ids, settings) if adapted
             else _Side(pg.model, pg._base_context, ids, settings))
     start = time.perf_counter()
     for _ in range(n):

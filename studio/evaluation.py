@@ -75,14 +75,15 @@ def evaluate(playground: Playground, run: Run, samples: int = 3, max_new_tokens:
     playground (``playground.activate``)."""
     if playground.active is None or split_ref(playground.active)[0] != run.id:
         playground.activate(run)
+    ref = playground.active  # pinned: another session may activate something else meanwhile
     rows = held_out_rows(run, playground.tokenizer)
     started = time.perf_counter()
     pad = playground.tokenizer.pad_token_id
     pad = pad if pad is not None else playground.tokenizer.eos_token_id
     progress(f"Scoring the base model on {len(rows)} held-out rows...")
-    base_total, count = playground.loss(_batches(rows, pad), adapted=False)
+    base_total, count = playground.loss(_batches(rows, pad), adapted=False, ref=ref)
     progress(f"Scoring the adapter on {len(rows)} held-out rows...")
-    adapted_total, _ = playground.loss(_batches(rows, pad), adapted=True)
+    adapted_total, _ = playground.loss(_batches(rows, pad), adapted=True, ref=ref)
     answers = []
     settings = SamplingSettings(max_new_tokens=max_new_tokens)
     tok = playground.tokenizer
@@ -91,15 +92,15 @@ def evaluate(playground: Playground, run: Run, samples: int = 3, max_new_tokens:
         prompt, reference = _prompt_and_reference(example)
         ids = torch.tensor([prompt])
         base_text, adapted_text = "", ""
-        for base_text, adapted_text in playground.stream_ids(ids, ids, settings):
+        for base_text, adapted_text in playground.stream_ids(ids, ids, settings, ref):
             pass
         answers.append({"prompt": tok.decode(prompt, skip_special_tokens=False),
                         "reference": tok.decode(reference, skip_special_tokens=True),
                         "base": base_text, "adapter": adapted_text})
-    result = {"ref": playground.active, "rows": len(rows), "tokens": count,
+    result = {"ref": ref, "rows": len(rows), "tokens": count,
               "base": _score(base_total, count), "adapter": _score(adapted_total, count),
               "samples": answers, "seconds": round(time.perf_counter() - started, 2), "at": time.time()}
-    if split_ref(playground.active)[1] is None:  # a checkpoint's scores are not the run's
+    if split_ref(ref)[1] is None:  # a checkpoint's scores are not the run's
         run.save_evaluation(result)
     return result
 

@@ -202,39 +202,44 @@ class Playground:
             return nullcontext()
         return _adapters_off(self._adapter_layers)
 
-    def _adapted_model(self):
-        return self.full_models.get(self.active, self.model)
-
-    def _adapted_context(self):
-        """The active adapter, set again under the lock: another session may have switched it."""
-        if self.active in self.adapters:
-            self.model.set_adapter(self.adapters[self.active].name)
-        return nullcontext()
+    def _use(self, ref: str | None) -> tuple[torch.nn.Module, str]:
+        """The adapted side's model for ``ref`` (default: the active one), its adapter set now,
+        under the lock. Each request names its adapter, so a second browser session switching
+        adapters cannot change what a reply that is already streaming is generated with."""
+        ref = ref or self.active
+        if self.model is None or ref is None:
+            raise ValueError("Pick a trained run first.")
+        if ref in self.full_models:
+            return self.full_models[ref], ref
+        if ref not in self.adapters:
+            raise ValueError(f"{ref} is no longer loaded (another session loaded others since); pick it again.")
+        self.model.set_adapter(self.adapters[ref].name)
+        return self.model, ref
 
     def encode(self, messages: list[dict[str, str]]) -> torch.Tensor:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         enc = self.tokenizer(ids, add_special_tokens=False, return_tensors="pt")
         return enc["input_ids"].to(self.device)
 
-    def stream_pair(self, base_messages, adapted_messages, settings: SamplingSettings) -> Iterator[tuple[str, str]]:
-        """Yield (base_text, adapted_text) so far, one token more per side each step."""
-        if self.model is None or self.active is None:
+    def stream_pair(self, base_messages, adapted_messages, settings: SamplingSettings,
+                    ref: str | None = None) -> Iterator[tuple[str, str]]:
+        """Yield (base_text, adapted_text) so far, one token more per side each step. ``ref``
+        names the adapter (a run id or ``id@step-N``; default: the last activated)."""
+        if self.model is None or (ref or self.active) is None:
             raise ValueError("Pick a trained run first.")
-        yield from self.stream_ids(self.encode(base_messages), self.encode(adapted_messages), settings)
+        yield from self.stream_ids(self.encode(base_messages), self.encode(adapted_messages), settings, ref)
 
     def stream_ids(self, base_ids: torch.Tensor, adapted_ids: torch.Tensor,
-                   settings: SamplingSettings) -> Iterator[tuple[str, str]]:
+                   settings: SamplingSettings, ref: str | None = None) -> Iterator[tuple[str, str]]:
         """Like stream_pair, from already-templated prompt ids (held-out rows use these)."""
         problems = settings.problems()
         if problems:
             raise ValueError(" ".join(problems))
         with self._lock:
-            if self.model is None or self.active is None:
-                raise ValueError("Pick a trained run first.")
-            self._adapted_context()
+            adapted_model, _ = self._use(ref)
             sides = [
                 _Side(self.model, self._base_context, base_ids.to(self.device), settings),
-                _Side(self._adapted_model(), nullcontext, adapted_ids.to(self.device), settings),
+                _Side(adapted_model, nullcontext, adapted_ids.to(self.device), settings),
             ]
             eos = _eos_ids(self.tokenizer, self.model)
             for _ in range(settings.max_new_tokens):
@@ -245,14 +250,12 @@ class Playground:
                 yield tuple(self.tokenizer.decode(s.generated, skip_special_tokens=True) for s in sides)
 
     @torch.no_grad()
-    def loss(self, batches, adapted: bool) -> tuple[float, int]:
-        """(summed token loss, token count) of the base (``adapted=False``) or the active adapter
-        over batches of {"input_ids", "attention_mask", "labels"}."""
+    def loss(self, batches, adapted: bool, ref: str | None = None) -> tuple[float, int]:
+        """(summed token loss, token count) of the base (``adapted=False``) or the adapter
+        ``ref`` (default: the active one) over batches of {"input_ids", "attention_mask", "labels"}."""
         with self._lock:
-            if self.model is None or self.active is None:
-                raise ValueError("Pick a trained run first.")
-            self._adapted_context()
-            model = self._adapted_model() if adapted else self.model
+            adapted_model, _ = self._use(ref)
+            model = adapted_model if adapted else self.model
             context = nullcontext if adapted else self._base_context
             total, count = 0.0, 0
             for batch in batches:

@@ -287,8 +287,11 @@ class Studio:
         run = self.registry.get(run_id)
         return run, self.playground.activate(run, checkpoint)
 
-    def chat(self, base_history, adapted_history, settings: SamplingSettings):
-        return self.playground.stream_pair(base_history, adapted_history, settings)
+    def chat(self, base_history, adapted_history, settings: SamplingSettings, ref: str | None = None):
+        """Stream both panes' replies; ``ref`` (run id or ``id@step-N``) is loaded if it is not."""
+        if ref is not None and ref not in self.playground.loaded() + list(self.playground.full_models):
+            self.activate_run(ref)
+        return self.playground.stream_pair(base_history, adapted_history, settings, ref)
 
     def chat_memory_note(self) -> str:
         """A sentence when chatting next to a running job could run short of memory, else ''."""

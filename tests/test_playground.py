@@ -68,6 +68,9 @@ def test_swapping_adapters_never_reloads_the_base(two_runs):
         outputs.append((base_text, adapted_text))
     assert pg.base_loads == 1
     assert outputs[0] == outputs[2]  # A -> B -> A gives A's output again
+    pg.activate(b)  # another session switches to B; a request that names A still gets A
+    *_, pinned = pg.stream_pair(PROMPT, PROMPT, settings, ref=a.id)
+    assert pinned == outputs[0] and pg.active == b.id
     assert outputs[0][0] == outputs[1][0]  # the base pane does not depend on the adapter
     assert outputs[0][1] != outputs[1][1]
 

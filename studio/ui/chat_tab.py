@@ -124,12 +124,6 @@ def build_chat_tab(studio: Studio) -> gr.Dropdown:
         if not ref:
             gr.Warning("Pick a trained run first.")
             return
-        if studio.playground.active != ref:
-            try:
-                studio.activate_run(ref)
-            except (LookupError, ValueError, ModelError) as exc:
-                gr.Warning(str(exc))
-                return
         base_hist = list(base_hist or []) + [{"role": "user", "content": text}]
         adapted_hist = list(adapted_hist or []) + [{"role": "user", "content": text}]
         settings = SamplingSettings(max_new_tokens=int(n), temperature=float(temp), top_p=float(p),
@@ -138,10 +132,12 @@ def build_chat_tab(studio: Studio) -> gr.Dropdown:
         if problems:
             gr.Warning(" ".join(problems))
             return
-        stream = studio.chat(_messages(base_hist, sys_prompt), _messages(adapted_hist, sys_prompt), settings)
         yield "", base_hist + [{"role": "assistant", "content": ""}], adapted_hist + [{"role": "assistant", "content": ""}]
-        for b, a in stream:
-            yield "", base_hist + [{"role": "assistant", "content": b}], adapted_hist + [{"role": "assistant", "content": a}]
+        try:
+            for b, a in studio.chat(_messages(base_hist, sys_prompt), _messages(adapted_hist, sys_prompt), settings, ref):
+                yield "", base_hist + [{"role": "assistant", "content": b}], adapted_hist + [{"role": "assistant", "content": a}]
+        except (LookupError, ValueError, ModelError) as exc:
+            gr.Warning(str(exc))
 
     def redo(base_hist, adapted_hist, *rest):
         """Drop both panes' last exchange and ask the same question again."""
