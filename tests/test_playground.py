@@ -211,3 +211,29 @@ def test_evaluation_scores_base_and_adapter_on_the_held_out_rows(run_with_checkp
     assert run.evaluation()["adapter"] == result["adapter"]
     table = evaluation.table_rows(run)
     assert [r[0] for r in table] == ["base", "adapter"] and table[1][2] < table[0][2]  # perplexity fell
+
+
+def test_chat_works_while_a_job_trains(two_runs, tiny_model_dir, instruction_csv, tmp_path):
+    """The server's training thread and a chat request share the machine, not a lock."""
+    import shutil
+    import time
+
+    from studio.service import Studio
+    from tests.conftest import tiny_run_config
+
+    studio = Studio(tmp_path / "runs")
+    finished = two_runs[0]
+    shutil.copytree(finished.path, studio.registry.root / finished.id)
+    job = studio.start_training(tiny_run_config(tiny_model_dir, instruction_csv, max_steps=2000, memory_check=False))
+    try:
+        while not any(m["kind"] == "train" for m in job.snapshot()):
+            time.sleep(0.05)
+        studio.activate_run(finished.id)
+        steps_before = len(job.snapshot())
+        *_, (base_text, adapted_text) = studio.chat(PROMPT, PROMPT, SamplingSettings(max_new_tokens=12), finished.id)
+        assert base_text and adapted_text != base_text
+        assert job.alive and len(job.snapshot()) > steps_before  # training kept going meanwhile
+        assert studio.chat_memory_note().startswith("Training is running")
+    finally:
+        studio.stop_training()
+        job.thread.join(60)
