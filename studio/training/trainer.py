@@ -3,7 +3,8 @@
 A plain PyTorch loop rather than TRL's SFTTrainer: DESIGN.md measured SFTTrainer at about half
 the tokens/s of a plain loop on CPU (its chunked loss/metrics code and gradient checkpointing
 by default). Batches are padded only to their own longest row and drawn from length-sorted
-pools, so little compute goes to padding.
+pools, so little compute goes to padding, and the output layer runs only at labeled positions
+(loss.py), not at prompt and padding positions.
 """
 
 from __future__ import annotations
