@@ -84,12 +84,14 @@ def _train(data: Path, max_length: int, training: dict, eval_rows: int = 0) -> t
     return status, [m for m in records if m["kind"] == "train"]
 
 
-def ours(data: Path, steps: int, max_length: int) -> dict:
-    _, train = _train(data, max_length, {"max_steps": steps})
+def ours(data: Path, steps: int, max_length: int, compile_: bool = False) -> dict:
+    _, train = _train(data, max_length, {"max_steps": steps, "compile": compile_})
     timed = train[WARMUP:]
     seconds = sum(m["tokens"] / m["tokens_per_s"] for m in timed)
+    warmup = train[:WARMUP]  # with compile, the first steps also compile
     return {"tokens": sum(m["tokens"] for m in timed), "logit_tokens": sum(m["labeled_tokens"] for m in timed),
-            "seconds": seconds, "steps": len(timed)}
+            "seconds": seconds, "steps": len(timed),
+            "warmup_s": sum(m["tokens"] / m["tokens_per_s"] for m in warmup), "warmup_tokens": sum(m["tokens"] for m in warmup)}
 
 
 @contextmanager
@@ -181,6 +183,7 @@ def main() -> None:
     body = sum(lin.d_in * lin.d_out for lin in shape.linears) - head
     peak = matmul_flops(dtype)
     a = ours(data, args.steps, args.max_length)
+    c = ours(data, args.steps, args.max_length, compile_=True)
     b = trl_defaults(data, args.trl_steps, args.max_length, hw.bf16)
     peak_after = matmul_flops(dtype)  # the machine is noisy: bracket the run
     peak = max(peak, peak_after)
@@ -188,15 +191,22 @@ def main() -> None:
           f"FLOPs per token: {4 * body / 1e6:.0f}M decoder + {4 * head / 1e6:.0f}M output layer where it runs")
     print(f"{'trainer':<26}{'steps':>6}{'real tok/s':>12}{'logits at':>11}{'GFLOP/s':>10}{'% of peak':>11}")
     rates = {}
-    for name, r in (("ours (batch 4)", a), (f"TRL defaults (batch {b['batch']})", b)):
+    for name, r in (("ours (batch 4)", a), ("ours, compiled (batch 4)", c), (f"TRL defaults (batch {b['batch']})", b)):
         tps = r["tokens"] / r["seconds"]
         rates[name] = tps
         flops = (4 * body * r["tokens"] + 4 * head * r["logit_tokens"]) / r["seconds"]
         print(f"{name:<26}{r['steps']:>6}{tps:>12.0f}{r['logit_tokens'] / r['tokens']:>11.0%}"
               f"{flops / 1e9:>10.1f}{flops / peak:>11.0%}")
-    ours_tps, trl_tps = rates.values()
-    print(f"\nours / TRL defaults: {ours_tps / trl_tps:.2f}x real tokens/s (target 3.0x); "
-          f"TRL gradient checkpointing by default: {b['gradient_checkpointing']}")
+    ours_tps, compiled_tps, trl_tps = rates.values()
+    print(f"\nours / TRL defaults: {ours_tps / trl_tps:.2f}x real tokens/s; compiled: {compiled_tps / trl_tps:.2f}x "
+          f"(target 3.0x); TRL gradient checkpointing by default: {b['gradient_checkpointing']}")
+    # What compiling costs up front, and after how many tokens it has paid for itself.
+    extra = c["warmup_s"] - c["warmup_tokens"] / ours_tps
+    saved_per_token = 1 / ours_tps - 1 / compiled_tps
+    even = f"{extra / saved_per_token:,.0f} tokens ({extra / saved_per_token / ours_tps / 60:.1f} min)" \
+        if saved_per_token > 0 else "never"
+    print(f"compile: {compiled_tps / ours_tps - 1:+.1%} tokens/s once compiled; first {WARMUP} steps took "
+          f"{c['warmup_s']:.0f} s ({extra:.0f} s of compiling); pays for itself after {even}")
     if args.skip_equivalence:
         return
     eq = equivalence(variable_rows_csv(tmp / "small.csv", rows=72, seed=1), args.max_length, eval_rows=16)

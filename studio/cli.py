@@ -29,7 +29,7 @@ _FLAG_ALIASES = {
     "training.learning_rate": "learning-rate", "training.batch_size": "batch-size",
     "training.gradient_accumulation": "gradient-accumulation", "training.warmup_ratio": "warmup-ratio",
     "training.weight_decay": "weight-decay", "training.precision": "precision",
-    "training.gradient_checkpointing": "gradient-checkpointing", "training.memory_check": "memory-check",
+    "training.gradient_checkpointing": "gradient-checkpointing", "training.memory_check": "memory-check", "training.compile": "compile",
     "training.eval_steps": "eval-steps", "training.early_stopping": "early-stopping", "training.save_steps": "save-steps",
     "training.keep_checkpoints": "keep-checkpoints", "training.seed": "seed",
 }
@@ -69,7 +69,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     for dotted, ftype, default in leaf_fields():
         p.add_argument(f"--{_flag(dotted)}", dest=dotted, default=None, metavar=ftype.__name__.upper(),
                        type=_bool if ftype is bool else ftype,
-                       help=f"{field_help(dotted)} (default: {default})")
+                       help=f"{field_help(dotted)} (default: {default})".replace("%", "%%"))  # argparse formats help with %
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -91,6 +91,8 @@ class TrainingConfig:
     """auto (bf16 autocast where the device supports it), bf16 or fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations during the backward pass: far less memory for long rows, about a third slower."""
+    compile: bool = False
+    """Compile each decoder layer with torch.compile: about 10% faster per step after roughly a minute of compiling (measured on CPU); worth it for runs longer than about ten minutes. Falls back to normal execution if compiling fails."""
     memory_check: bool = True
     """Before training, run two optimizer steps on the longest rows and measure peak memory; stop with a suggestion if the run would not fit."""
     eval_steps: int = 0

@@ -227,3 +227,22 @@ def test_soft_capped_and_unknown_heads_take_the_models_own_loss():
 
     gpt2 = LabeledTokenLoss(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300)))
     assert not gpt2.labeled_only and "gpt2" in gpt2.plain_reason
+
+
+def test_compiled_layers_train_to_the_same_losses(tiny_model_dir, instruction_csv, runs_dir):
+    """training.compile compiles each decoder layer in place: same losses (to float rounding),
+    and the adapter saves under the usual names and loads in plain PEFT."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    registry = RunRegistry(runs_dir)
+    losses = {}
+    for compile_ in (False, True):
+        cfg = tiny_run_config(tiny_model_dir, instruction_csv, max_steps=4, compile=compile_, memory_check=False)
+        run = registry.create(cfg)
+        status = run_training(cfg, run)
+        assert status["state"] == "finished", status.get("message")
+        assert status["compiled_layers"] == (2 if compile_ else 0)
+        losses[compile_] = [m["loss"] for m in run.metrics() if m["kind"] == "train"]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run.adapter_dir)

@@ -72,9 +72,11 @@ def run_training(config: RunConfig, run: Run, stop_event: threading.Event | None
         trainer.setup()
         run.set_status("running", total_steps=trainer.total_steps, trainable_params=trainer.trainable_params,
                        train_rows=len(trainer.train_examples), eval_rows=len(trainer.eval_examples),
-                       device=trainer.device, bf16=trainer.use_bf16, message="Training...",
+                       device=trainer.device, bf16=trainer.use_bf16,
+                       message=(f"Compiling {trainer.compiled_layers} layers (about a minute), then training..."
+                                if trainer.compiled_layers else "Training..."),
                        data_warnings=[f.code for f in trainer.data_findings],
-                       data_sha256=data_digest(config))
+                       data_sha256=data_digest(config), compiled_layers=trainer.compiled_layers)
         if run.writable:  # what the adapter means: checked before it is loaded onto any base
             fingerprint.write(run.path, fingerprint.fingerprint(trainer.model.config, trainer.tokenizer, config.model))
         if config.training.memory_check and not trainer.dist.enabled:  # one process checks itself only

@@ -42,6 +42,33 @@ class EarlyStopped(Exception):
     """Not an error: eval loss stopped improving (``training.early_stopping``)."""
 
 
+def compile_layers(model) -> int:
+    """torch.compile each decoder layer in place; returns how many were compiled (0: not possible).
+
+    Regional compilation: the layers share one code object, so inductor compiles one layer graph
+    (dynamic shapes, so varying batch lengths do not recompile) and every layer reuses it; the
+    state dict keys stay as they are, so saving and resuming are unchanged. It fuses the norm,
+    rotary, activation and residual elementwise work around the matmuls (about 10% of a CPU step
+    on the default model). Evaluation runs without gradients, a second graph, so runs with an
+    eval split compile twice. QLoRA is left out: bitsandbytes' 4-bit layers are untested under
+    torch.compile here.
+    """
+    import torch._dynamo
+
+    from studio.training.loss import causal_lm
+
+    try:
+        layers = causal_lm(model).get_decoder().layers
+    except AttributeError:
+        return 0
+    # A machine without a working C++ compiler (inductor's CPU backend needs one) trains
+    # uncompiled rather than failing.
+    torch._dynamo.config.suppress_errors = True
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
 class Trainer:
     def __init__(self, config: RunConfig, run: Run, stop_event: threading.Event | None = None,
                  on_metrics: MetricsSink | None = None, save_event: threading.Event | None = None):
@@ -77,6 +104,7 @@ class Trainer:
         self.data_findings = data.report.findings + data.notes
 
         self.model = self._load_model()
+        self.compiled_layers = compile_layers(self.model) if t.compile and cfg.method != "qlora" else 0
         self.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         # The loss computes logits only at labeled positions (studio/training/loss.py). Training
         # steps go through the DDP wrapper around it when several processes train, so the

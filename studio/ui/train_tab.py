@@ -82,6 +82,8 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
                                     elem_id="train-checkpointing", info=field_help("training.gradient_checkpointing"))
         memory_check = gr.Checkbox(t.memory_check, label="Check memory before training",
                                    elem_id="train-memory-check", info=field_help("training.memory_check"))
+        compile_ = gr.Checkbox(t.compile, label="Compile (faster long runs)", elem_id="train-compile",
+                               info=field_help("training.compile"))
     with gr.Accordion("Memory: which method fits", open=True):
         plan_html = gr.HTML(elem_id="memory-plan")
         with gr.Row():
@@ -130,17 +132,18 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
     shown = gr.State(None)  # what this browser tab last drew; skip redraws when nothing changed
 
     form = [model, method, epochs, max_steps, lr, batch, max_len, r, alpha, dropout, targets, eval_fraction,
-            accumulation, checkpointing, memory_check, eval_steps, early_stopping]
+            accumulation, checkpointing, memory_check, eval_steps, early_stopping, compile_]
 
     def to_config(path, pairs, model, method, epochs, max_steps, lr, batch, max_len, r, alpha, dropout, targets, ev,
-                  accumulation, checkpointing, memory_check, eval_steps, early_stopping):
+                  accumulation, checkpointing, memory_check, eval_steps, early_stopping, compile_):
         return RunConfig.from_dict({
             "model": model, "method": method,
             "data": {"path": path or "", "mapping": pairs or "", "max_length": max_len, "eval_fraction": ev},
             "lora": {"r": r, "alpha": alpha, "dropout": dropout, "targets": targets},
             "training": {"epochs": epochs, "max_steps": max_steps, "learning_rate": lr, "batch_size": batch,
                          "gradient_accumulation": accumulation, "gradient_checkpointing": checkpointing,
-                         "memory_check": memory_check, "eval_steps": eval_steps, "early_stopping": early_stopping},
+                         "memory_check": memory_check, "eval_steps": eval_steps, "early_stopping": early_stopping,
+                         "compile": compile_},
         })
 
     def show_plan(path, pairs, *values):
