@@ -262,7 +262,10 @@ class RunRegistry:
         """Runs left active by a process that is gone can never finish: say so on start-up."""
         for run in self.list():
             status = run.status()
-            if status.get("state") in ACTIVE_STATES and not _pid_alive(status.get("pid")):
+            if status.get("state") == "queued" and not status.get("pid"):
+                run.set_status("interrupted", message="It was waiting in the queue when the studio stopped, so it "
+                                                      "never started; train it again.")
+            elif status.get("state") in ACTIVE_STATES and not _pid_alive(status.get("pid")):
                 ckpts = run.checkpoints()
                 hint = (f" Resume continues from step {ckpts[-1].name[5:]}." if ckpts
                         else " It had not saved a checkpoint yet, so it cannot be resumed.")

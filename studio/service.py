@@ -70,6 +70,7 @@ class JobView:
     memory_peak_mib: float | None = None  # the peak the check measured, on the memory plot's axis
     memory_estimate_mib: float | None = None  # the estimated peak, on the same axis
     retry: dict | None = None  # after a memory failure: {"text", "method", "changes"} to retry with
+    queued: list[str] = field(default_factory=list)  # runs waiting for this one, next first
 
     @property
     def active(self) -> bool:
@@ -86,7 +87,11 @@ class JobView:
         if self.eta_s is not None and self.active:
             parts.append(f"ETA {_duration(self.eta_s)}")
         text = " · ".join(parts) + f"  \n{self.message}"
-        return text + (f"  \n{self.memory_check}" if self.memory_check else "")
+        if self.memory_check:
+            text += f"  \n{self.memory_check}"
+        if self.queued:
+            text += "  \nWaiting to start: " + ", ".join(f"{i}. `{r}`" for i, r in enumerate(self.queued, 1))
+        return text
 
 
 def _duration(seconds: float) -> str:
@@ -210,6 +215,14 @@ class Studio:
         return self.jobs.resume(self.registry.get(run_id))
 
     def job_view(self) -> JobView:
+        view = self._job_view()
+        view.queued = [j.run.id for j in list(self.jobs.queue)]
+        return view
+
+    def cancel_queued(self) -> list[str]:
+        return self.jobs.cancel_queued()
+
+    def _job_view(self) -> JobView:
         job = self.jobs.current
         if job is None:
             return JobView()
@@ -325,6 +338,8 @@ class Studio:
         job = self.jobs.current
         if job is not None and job.alive and job.run.id == run_id:
             raise ValueError(f"Run {run_id} is training now; stop it before deleting it.")
+        if self.jobs.cancel_queued(run_id):  # a waiting run: out of the queue, folder removed
+            return run_id
         run = self.registry.get(run_id)
         self.playground.unload(run.id)
         return self.registry.delete(run.id)

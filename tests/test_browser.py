@@ -165,6 +165,16 @@ def test_upload_train_chat_export(server, browser, tmp_path):
     assert _points(page, "memory-plot") >= 2
     _shot(page, "train")
 
+    # A second Train while one runs is queued with its position, and can be cancelled.
+    expect(page.locator("#train-button")).to_have_text("Queue another run", timeout=20_000)
+    page.locator("#train-button").click()
+    expect(page.locator("#train-status")).to_contain_text("Waiting to start: 1.", timeout=30_000)
+    queued_id = studio.jobs.queue[0].run.id
+    page.locator("#cancel-queued-button").click()
+    expect(page.locator("#train-status")).not_to_contain_text("Waiting to start", timeout=30_000)
+    expect(page.locator("#cancel-queued-button")).to_be_hidden()
+    assert not (studio.registry.root / queued_id).exists()
+
     run_id = studio.jobs.current.run.id
     second, errors2 = _page(browser, url)
     second.get_by_role("tab", name="Train").click()

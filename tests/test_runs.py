@@ -38,8 +38,10 @@ def test_orphaned_running_runs_become_interrupted(runs_dir):
     run.set_status("running", pid=2**22 + 12345)  # no such process
     alive = reg.create(RunConfig())
     alive.set_status("running", pid=os.getpid())
+    waiting = reg.create(RunConfig())  # queued when the server stopped: never started
     reg.mark_orphans_interrupted()
     assert run.status()["state"] == "interrupted"
+    assert waiting.status()["state"] == "interrupted" and "never started" in waiting.status()["message"]
     assert alive.status()["state"] == "running"
     assert json.loads((run.path / "status.json").read_text())["state"] == "interrupted"
 

@@ -96,7 +96,7 @@ def test_bad_data_fails_with_a_sentence(tiny_model_dir, tmp_path, runs_dir):
     assert "Traceback" in run.log_path.read_text()
 
 
-def test_server_job_runs_in_background_refuses_a_second_and_stops(tiny_model_dir, instruction_csv, runs_dir):
+def test_server_job_runs_in_background_queues_the_next_and_stops(tiny_model_dir, instruction_csv, runs_dir):
     import time
 
     import pytest
@@ -110,13 +110,25 @@ def test_server_job_runs_in_background_refuses_a_second_and_stops(tiny_model_dir
         time.sleep(0.05)
     view = studio.job_view()
     assert view.state == "running" and view.step >= 1 and view.eta_s is not None and view.tokens_per_s > 0
+
+    # A second Train waits its turn; a third is cancelled before it starts; a resume is refused.
+    second = studio.start_training(_cfg(tiny_model_dir, instruction_csv, max_steps=3))
+    third = studio.start_training(_cfg(tiny_model_dir, instruction_csv, max_steps=3))
+    assert [studio.jobs.queue_position(j) for j in (job, second, third)] == [None, 1, 2]
+    assert second.run.status()["state"] == "queued" and "Queued" in second.run.status()["message"]
+    assert studio.job_view().queued == [second.run.id, third.run.id]
+    assert "Waiting to start: 1." in studio.job_view().progress_text()
     with pytest.raises(RuntimeError, match="still training"):
-        studio.start_training(_cfg(tiny_model_dir, instruction_csv))
+        studio.resume_training(job.run.id)
+    assert studio.delete_run(third.run.id) == third.run.id and not third.run.path.exists()
+
     assert studio.stop_training()
     job.thread.join(60)
-    final = studio.job_view()
-    assert final.state == "finished" and "Stopped at step" in final.message
-    assert job.run.is_trained() and len(studio.registry.list()) == 1  # the refused run left no folder
+    assert job.run.status()["state"] == "finished" and "Stopped at step" in job.run.status()["message"]
+    assert job.run.is_trained()
+    second.thread.join(120)  # started by itself when the first ended
+    assert studio.jobs.current is second and second.run.status()["state"] == "finished"
+    assert studio.job_view().queued == [] and {r.id for r in studio.registry.list()} == {job.run.id, second.run.id}
 
 
 def test_early_stopping_ends_the_run_when_eval_loss_stops_improving(tiny_model_dir, instruction_csv, runs_dir,

@@ -176,26 +176,34 @@ class Job:
 
 
 class JobManager:
-    """One training job at a time, owned by the server process (not by a browser tab)."""
+    """One training job at a time per server, owned by the server process (not by a browser tab).
+
+    A Train pressed while a job runs is queued: its run folder exists in state ``queued`` and
+    it starts by itself when the jobs before it end (finished, stopped or failed). Resumes are
+    not queued: they continue a folder that may change meanwhile, so they wait for a free device.
+    """
 
     def __init__(self, registry: RunRegistry):
         self.registry = registry
         self.current: Job | None = None
+        self.queue: list[Job] = []  # waiting jobs, first to start first
         self._lock = threading.Lock()
 
     def start(self, config: RunConfig, resume_run: Run | None = None) -> Job:
-        """Validate, create the run folder (or reuse ``resume_run``'s) and train in a background thread.
+        """Validate, create the run folder (or reuse ``resume_run``'s) and train in a background
+        thread, or queue the job when another is training (``queue_position`` then says where).
 
         Raises:
             ConfigError: the config has problems (all listed).
-            RuntimeError: a job is already running.
+            RuntimeError: a resume was asked for while a job is training.
             LookupError: ``resume_run`` cannot be resumed (the message says why).
         """
         config.check()
         with self._lock:
-            if self.current is not None and self.current.alive:
+            busy = self.current is not None and self.current.alive
+            if busy and resume_run is not None:
                 raise RuntimeError(f"Run {self.current.run.id} is still training; stop it or wait "
-                                   "for it to finish before starting another.")
+                                   "for it to finish before resuming another.")
             if resume_run is not None and resume_run.resume_point() is None:
                 raise LookupError(f"Run {resume_run.id} cannot be resumed: it has no checkpoint, is still "
                                   "active, or already reached its final step.")
@@ -203,12 +211,44 @@ class JobManager:
             job = Job(run=run, config=config)
             if resume_run is not None:  # the live view starts from what the run already drew
                 job.metrics = [m for m in run.metrics() if m.get("step", 0) <= int(run.resume_point().name[5:])]
-            job.thread = threading.Thread(target=run_training, name=f"train-{run.id}", daemon=True,
-                                          args=(config, run, job.stop_event, job.add_metrics),
-                                          kwargs={"resume": resume_run is not None, "save_event": job.save_event})
+            job.thread = threading.Thread(target=self._run, name=f"train-{run.id}", daemon=True,
+                                          args=(job, resume_run is not None))
+            if busy:
+                self.queue.append(job)
+                run.set_status("queued", message=f"Queued: starts when {self.current.run.id} "
+                                                 f"{'and the runs before it end' if len(self.queue) > 1 else 'ends'}.")
+                return job
             self.current = job
             job.thread.start()
             return job
+
+    def _run(self, job: Job, resume: bool) -> None:
+        try:
+            run_training(job.config, job.run, job.stop_event, job.add_metrics, resume=resume,
+                         save_event=job.save_event)
+        finally:
+            self._start_next()
+
+    def _start_next(self) -> None:
+        with self._lock:
+            if self.queue:
+                self.current = self.queue.pop(0)
+                self.current.thread.start()
+
+    def queue_position(self, job: Job) -> int | None:
+        """1 for the next job to start, None when ``job`` is not waiting."""
+        with self._lock:
+            return self.queue.index(job) + 1 if job in self.queue else None
+
+    def cancel_queued(self, run_id: str | None = None) -> list[str]:
+        """Drop the waiting job of ``run_id`` (default: every waiting job) and its run folder
+        (nothing was trained); returns the ids dropped."""
+        with self._lock:
+            dropped = [j for j in self.queue if run_id is None or j.run.id == run_id]
+            self.queue = [j for j in self.queue if j not in dropped]
+        for job in dropped:
+            self.registry.delete(job.run.id)
+        return [job.run.id for job in dropped]
 
     def resume(self, run: Run) -> Job:
         """Continue an interrupted or stopped run from its last checkpoint, with its own config."""
@@ -223,7 +263,8 @@ class JobManager:
         return True
 
     def stop(self) -> bool:
-        """Ask the running job to stop after its current step; False when none is running."""
+        """Ask the running job to stop after its current step; False when none is running.
+        Queued jobs still start afterwards (``cancel_queued`` drops them)."""
         job = self.current
         if job is None or not job.alive:
             return False

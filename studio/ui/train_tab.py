@@ -96,6 +96,7 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
         train_btn = gr.Button("Train", variant="primary", elem_id="train-button")
         stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-button", interactive=False)
         save_btn = gr.Button("Save checkpoint now", elem_id="save-now-button", interactive=False)
+        cancel_btn = gr.Button("Cancel queued runs", elem_id="cancel-queued-button", visible=False)
     with gr.Row():
         resume_run = gr.Dropdown(label="Resume an interrupted or stopped run", elem_id="resume-run", scale=3,
                                  choices=studio.resumable_runs(), value=None,
@@ -174,13 +175,17 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
             return "**Upload a dataset on the Data tab first.**", gr.skip()
         try:
             cfg = to_config(path, pairs, *values)
-            studio.start_training(cfg)
+            job = studio.start_training(cfg)
         except ConfigError as exc:
             problems = "\n".join(f"- {p}" for p in exc.problems)
             return f"**Fix these settings first:**\n{problems}", gr.skip()
         except RuntimeError as exc:
             gr.Warning(str(exc))
             return f"**{exc}**", gr.skip()
+        position = studio.jobs.queue_position(job)
+        if position:
+            gr.Info(f"Queued at position {position}: it starts by itself when the runs before it end.")
+            return f"Queued `{job.run.id}` at position {position}.", _commands(cfg)
         return "Starting...", _commands(cfg)
 
     def show_cli(path, pairs, *values):
@@ -191,21 +196,22 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
 
     def poll(last, log):
         view = studio.job_view()
-        key = (view.run_id, view.state, view.message, len(view.train), len(view.evals), log)
+        key = (view.run_id, view.state, view.message, len(view.train), len(view.evals), log, tuple(view.queued))
         if key == last:
-            return (gr.skip(),) * 15
+            return (gr.skip(),) * 16
         running = view.active and view.state != "stopping"
         # The resumable list changes only when a job changes state: refresh it then.
-        changed = key[:3] != (last or (None,) * 3)[:3]
+        changed = key[:3] != (last or (None,) * 3)[:3] or key[-1] != (last or (None,) * 7)[-1]
         resumable = gr.Dropdown(choices=studio.resumable_runs()) if changed else gr.skip()
         table = studio.runs_table() if changed else gr.skip()
         run_ids = gr.Dropdown(choices=[r.id for r in studio.registry.list()]) if changed else gr.skip()
         retry = view.retry and {"changes": view.retry["changes"], "suggested_method": view.retry["method"]}
         memory = memory_figure(view.train, view.memory_peak_mib, view.memory_estimate_mib)
         return (view.progress_text(), _progress_html(view), loss_figure(view.train, view.evals, log),
-                memory, key, gr.Button(interactive=not view.active),
+                memory, key, gr.Button(value="Queue another run" if view.active else "Train"),
                 gr.Button(interactive=running), gr.Button(interactive=running), resumable,
-                gr.Button(interactive=not view.active), gr.Button(visible=bool(retry)), retry, table, run_ids, run_ids)
+                gr.Button(interactive=not view.active), gr.Button(visible=bool(retry)), retry, table, run_ids, run_ids,
+                gr.Button(visible=bool(view.queued)))
 
     def compare_runs(run_ids, log):
         run_ids = run_ids or []
@@ -270,6 +276,13 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
             gr.Info("No training is running.")
 
     stop_btn.click(stop)
+
+    def cancel_queued():
+        dropped = studio.cancel_queued()
+        gr.Info(f"Cancelled {len(dropped)} queued run{'s' if len(dropped) != 1 else ''}." if dropped
+                else "Nothing is queued.")
+
+    cancel_btn.click(cancel_queued)
     save_btn.click(save_now)
     compare.change(compare_runs, inputs=[compare, log_scale], outputs=[overlay, diff])
     manage_outputs = [manage_note, runs_table, manage, compare, confirm]
@@ -278,7 +291,8 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
     resume_btn.click(resume, inputs=resume_run, outputs=status)
     timer.tick(poll, inputs=[shown, log_scale], outputs=[status, progress, loss_plot, memory_plot, shown,
                                                           train_btn, stop_btn, save_btn, resume_run, resume_btn,
-                                                          retry_btn, retry_state, runs_table, compare, manage],
+                                                          retry_btn, retry_state, runs_table, compare, manage,
+                                                          cancel_btn],
                show_progress="hidden")
     for comp in form:
         comp.change(show_cli, inputs=[dataset_path, mapping, *form], outputs=cli, show_progress="hidden")
