@@ -24,18 +24,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from studio.service import Studio
+def serve(studio):
+    """Launch the app for ``studio`` on a free local port; returns (url, demo)."""
     from studio.ui import build_app, launch_kwargs
 
-    runs = tmp_path_factory.mktemp("browser-runs")
-    studio = Studio(runs)
     demo = build_app(studio)
     port = _free_port()
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                         **launch_kwargs(studio))
-    yield f"http://127.0.0.1:{port}", studio
+    return f"http://127.0.0.1:{port}", demo
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from studio.service import Studio
+
+    studio = Studio(tmp_path_factory.mktemp("browser-runs"))
+    url, demo = serve(studio)
+    yield url, studio
     studio.stop_training()
     demo.close()
 

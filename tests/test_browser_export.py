@@ -8,7 +8,7 @@ import zipfile
 import pytest
 
 from tests.conftest import tiny_run_config, write_csv
-from tests.test_browser import CHROMIUM, _free_port, _page, _shot
+from tests.test_browser import _page, _shot, browser, serve  # noqa: F401 - browser is a fixture
 
 pytestmark = [pytest.mark.browser]
 
@@ -17,7 +17,6 @@ pytestmark = [pytest.mark.browser]
 def app(tmp_path_factory, tiny_model_dir):
     from studio.service import Studio
     from studio.training import run_training
-    from studio.ui import build_app, launch_kwargs
 
     root = tmp_path_factory.mktemp("browser-export")
     studio = Studio(root / "runs")
@@ -26,26 +25,9 @@ def app(tmp_path_factory, tiny_model_dir):
     cfg = tiny_run_config(tiny_model_dir, data, max_steps=4, memory_check=False)
     run = studio.registry.create(cfg)
     assert run_training(cfg, run)["state"] == "finished"
-    demo = build_app(studio)
-    port = _free_port()
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                        **launch_kwargs(studio))
-    yield f"http://127.0.0.1:{port}", studio, run
+    url, demo = serve(studio)
+    yield url, studio, run
     demo.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from pathlib import Path
-
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Debian chromium is missing: run `make browser-deps` (make test does it).")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--disable-gpu", "--disable-quic"])
-        yield b
-        b.close()
 
 
 def test_export_contents_merged_download_and_import(app, browser, tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import gradio as gr
 
 from studio.models import ModelError
-from studio.playground import SamplingSettings
+from studio.playground import SamplingSettings, split_ref
 from studio.service import Studio
 
 
@@ -113,6 +113,9 @@ def build_chat_tab(studio: Studio) -> gr.Dropdown:
         note = studio.chat_memory_note()
         if note:
             lines.append(note)
+        if split_ref(ref)[1]:
+            return ("  \n".join(lines), None, "This is an intermediate checkpoint: *Evaluate* scores it against "
+                    "the base (the result is shown, not stored with the run).")
         evaluation = r.evaluation()
         return "  \n".join(lines), stored_table(r.id), _samples_markdown(evaluation) if evaluation else (
             "Losses recorded during training. *Evaluate* scores both again and answers held-out prompts.")
@@ -159,7 +162,7 @@ def build_chat_tab(studio: Studio) -> gr.Dropdown:
             return gr.skip(), f"**Can't evaluate.** {exc}"
         from studio import evaluation
 
-        rows = evaluation.table_rows(studio.registry.get(ref.split("@")[0]), result)
+        rows = evaluation.table_rows(studio.registry.get(split_ref(ref)[0]), result)
         return rows, _samples_markdown(result)
 
     inputs = [message, base, adapted, run, temperature, top_p, max_new, rep, seed, system]
