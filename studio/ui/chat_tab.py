@@ -1,10 +1,14 @@
-"""Chat tab: one prompt, the base model and the adapted model side by side, streaming.
+"""Chat tab: one prompt, the base model and the adapted model side by side, streaming; and the
+base-vs-adapter evaluation on the run's held-out rows.
 
 Both panes come from one loaded base model: the base pane runs with the adapter disabled.
-Picking another run swaps the adapter; the base is not reloaded.
+Picking another run or checkpoint swaps the adapter; the base is not reloaded. Each request
+names its adapter, so another browser session switching adapters cannot change a reply.
 """
 
 from __future__ import annotations
+
+import re
 
 import gradio as gr
 
@@ -47,10 +51,18 @@ def _strip_last_turn(history: list[dict]) -> tuple[list[dict], str]:
 def _samples_markdown(result: dict) -> str:
     parts = [f"Scored {result['rows']} held-out rows ({result['tokens']:,} answer tokens) in {result['seconds']:.1f}s."]
     for i, s in enumerate(result.get("samples", []), 1):
-        parts.append(f"**Held-out prompt {i}**\n\n```text\n{s['prompt'].strip()[-600:]}\n```\n\n"
+        prompt = s["prompt"].strip()[-600:]
+        parts.append(f"**Held-out prompt {i}**\n\n{_fenced(prompt)}\n\n"
                      f"| expected | base | adapter |\n|---|---|---|\n"
                      f"| {_cell(s['reference'])} | {_cell(s['base'])} | {_cell(s['adapter'])} |")
     return "\n\n".join(parts)
+
+
+def _fenced(text: str) -> str:
+    """A code block that the text cannot close early: the fence is longer than any backtick run in it."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"
 
 
 def _cell(text: str) -> str:
