@@ -268,6 +268,20 @@ def test_upload_train_chat_export(server, browser, tmp_path):
     assert model.active_adapter == "default"
 
 
+def pick_run_to_manage(page, run_id: str) -> None:
+    """Pick a run in the rename/delete dropdown by typing it: near the foot of a long page its
+    option list can open outside the viewport, where a click never lands."""
+    from playwright.sync_api import expect
+
+    box = page.locator("#runs-manage input")
+    box.scroll_into_view_if_needed()
+    box.click()
+    box.fill(run_id)
+    page.get_by_role("option").filter(has_text=run_id).first.wait_for()
+    box.press("Enter")
+    expect(box).to_have_value(run_id, timeout=10_000)
+
+
 def test_chat_checkpoints_regenerate_evaluate_and_manage_runs(server, browser):
     """A checkpoint is selectable next to its run; Regenerate replaces the last answer; the
     evaluation table fills from training and Evaluate answers held-out prompts; a run is renamed
@@ -328,14 +342,12 @@ def test_chat_checkpoints_regenerate_evaluate_and_manage_runs(server, browser):
 
     page.get_by_role("tab", name="Train").click()
     page.get_by_text("Past runs: compare curves and settings").click()
-    page.locator("#runs-manage input").click()
-    page.get_by_role("option").filter(has_text=run.id).first.click()
+    pick_run_to_manage(page, run.id)
     page.locator("#runs-new-name textarea").fill("colours v1")
     page.locator("#runs-rename").click()
     expect(page.locator("#runs-table")).to_contain_text("colours v1", timeout=30_000)
     assert run.name == "colours v1"
-    page.locator("#runs-manage input").click()
-    page.get_by_role("option").filter(has_text=run.id).first.click()
+    pick_run_to_manage(page, run.id)
     page.locator("#runs-delete").click()
     expect(page.locator("#runs-manage-note")).to_contain_text("Tick the box", timeout=30_000)
     assert run.path.exists()
