@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from studio.data import DataError, prepare
-from studio.data.render import IGNORE_INDEX, Example
+from studio.data.render import IGNORE_INDEX, Example, collate
 from studio.playground import Playground, SamplingSettings, split_ref
 from studio.runs import Run
 
@@ -25,16 +25,7 @@ MAX_ROWS = 200  # enough for a stable loss; a bigger eval split is sampled evenl
 
 def _batches(examples: list[Example], pad_id: int):
     for i in range(0, len(examples), BATCH):
-        chunk = examples[i:i + BATCH]
-        width = max(len(e.input_ids) for e in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for j, e in enumerate(chunk):
-            ids[j, :len(e.input_ids)] = torch.tensor(e.input_ids)
-            labels[j, :len(e.labels)] = torch.tensor(e.labels)
-            mask[j, :len(e.input_ids)] = 1
-        yield {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        yield collate(examples[i:i + BATCH], pad_id)
 
 
 def held_out_rows(run: Run, tokenizer) -> list[Example]:

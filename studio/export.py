@@ -116,8 +116,9 @@ def export_zip(run: Run, out: str | Path | None = None) -> Path:
                 _add_file(zf, f, f.name)
         if (run.path / "fingerprint.json").is_file():
             zf.write(run.path / "fingerprint.json", "fingerprint.json")
-        if run.evaluation() is not None:
-            zf.writestr("evaluation.json", json.dumps(run.evaluation(), indent=2))
+        evaluation = run.evaluation()
+        if evaluation is not None:
+            zf.writestr("evaluation.json", json.dumps(evaluation, indent=2))
         status = run.status()
         zf.writestr(RUN_JSON, json.dumps({"run_id": run.id, "exported_at": time.time(), "format": 1,
                                           **{k: status[k] for k in CARRIED_STATUS if k in status}}, indent=2))

@@ -252,21 +252,21 @@ class Playground:
     @torch.no_grad()
     def loss(self, batches, adapted: bool, ref: str | None = None) -> tuple[float, int]:
         """(summed token loss, token count) of the base (``adapted=False``) or the adapter
-        ``ref`` (default: the active one) over batches of {"input_ids", "attention_mask", "labels"}."""
+        ``ref`` (default: the active one) over batches of {"input_ids", "attention_mask", "labels"}:
+        the trainer's own loss, so the numbers compare with the eval losses recorded in training."""
+        from studio.training.loss import LabeledTokenLoss
+
         with self._lock:
             adapted_model, _ = self._use(ref)
-            model = adapted_model if adapted else self.model
+            loss_fn = LabeledTokenLoss(adapted_model if adapted else self.model)
             context = nullcontext if adapted else self._base_context
             total, count = 0.0, 0
             for batch in batches:
                 batch = {k: v.to(self.device) for k, v in batch.items()}
+                n = int((batch["labels"][:, 1:] != -100).sum())
                 with context():
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                labels = batch["labels"][:, 1:]
-                keep = labels != -100
-                loss = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
-                total += float(loss)
-                count += int(keep.sum())
+                    total += float(loss_fn(**batch)) * n
+                count += n
             return total, count
 
 

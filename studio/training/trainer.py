@@ -24,7 +24,7 @@ from studio.config import RunConfig
 from studio.training import distributed
 from studio.training.loss import LabeledTokenLoss
 from studio.data import Example, prepare
-from studio.data.render import IGNORE_INDEX
+from studio.data.render import IGNORE_INDEX, collate
 from studio.runs import Run
 
 MetricsSink = Callable[[dict], None]
@@ -172,18 +172,7 @@ class Trainer:
             yield from batches[self.dist.rank::self.dist.world]
 
     def _collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        width = max(len(e.input_ids) for e in examples)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(examples), width), pad, dtype=torch.long)
-        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for i, e in enumerate(examples):
-            n = len(e.input_ids)
-            ids[i, :n] = torch.tensor(e.input_ids)
-            labels[i, :n] = torch.tensor(e.labels)
-            mask[i, :n] = 1
-        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
-                "labels": labels.to(self.device)}
+        return {k: v.to(self.device) for k, v in collate(examples, self.tokenizer.pad_token_id).items()}
 
     def _autocast(self):
         if not self.use_bf16:
