@@ -113,13 +113,3 @@ def compare(trained_on: dict[str, Any], base: dict[str, Any]) -> tuple[list[str]
             warnings.append("The chat template differs from the one used in training: prompts are "
                             "formatted differently, so replies may not match what it learned.")
     return errors, warnings
-
-
-def adapter_base(adapter_dir: str | Path) -> str | None:
-    """The base named in a PEFT ``adapter_config.json`` (``base_model_name_or_path``)."""
-    try:
-        cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    base = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
-    return base if isinstance(base, str) and base else None

@@ -60,10 +60,7 @@ class SamplingSettings:
 @dataclass
 class LoadedAdapter:
     name: str  # the PEFT adapter name (a sanitised ref)
-    ref: str  # run id, or run id @ checkpoint
-    folder: Path
-    bytes: int
-    warnings: list[str]
+    bytes: int  # its weights on disk, for the memory bound
 
 
 def _adapter_name(ref: str) -> str:
@@ -141,12 +138,12 @@ class Playground:
                 if ref not in self.full_models:
                     self.full_models = {ref: models.load_model(str(weights), "full", self.device).eval()}
             else:
-                self._load_adapter(ref, weights, warnings)
+                self._load_adapter(ref, weights)
             self.active = ref
         self.last_load_s = time.perf_counter() - started
         return warnings
 
-    def _load_adapter(self, ref: str, weights: Path, warnings: list[str]) -> None:
+    def _load_adapter(self, ref: str, weights: Path) -> None:
         from peft import PeftModel
 
         if ref in self.adapters:
@@ -158,7 +155,7 @@ class Playground:
             else:
                 self.model.load_adapter(str(weights), adapter_name=name)
             self.model.eval()
-            self.adapters[ref] = LoadedAdapter(name, ref, weights, _weights_bytes(weights), warnings)
+            self.adapters[ref] = LoadedAdapter(name, _weights_bytes(weights))
             self._evict(keep=ref)
             self._adapter_layers = _peft_layers(self.model)
         self.model.set_adapter(self.adapters[ref].name)
