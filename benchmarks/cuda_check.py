@@ -26,7 +26,7 @@ from studio.config import RunConfig  # noqa: E402
 from studio.runs import RunRegistry  # noqa: E402
 from studio.training import run_training  # noqa: E402
 
-SAMPLE = ROOT / "templates" / "samples" / "instructions.csv"
+SAMPLE = ROOT / "studio" / "templates" / "samples" / "instructions.csv"
 
 
 def with_random_weights(src: Path) -> Path:

@@ -29,7 +29,7 @@ def one(model_dir: str, method: str, seq: int, batch: int, gc: bool) -> dict:
     from studio import models
 
     free0, total = torch.cuda.mem_get_info()
-    model = models.load_model(model_dir, method, "cuda", torch.bfloat16)
+    model = models.load_model(model_dir, method, "cuda", "bf16")
     model.train()  # from_pretrained returns eval mode, where gradient checkpointing is a no-op
     if gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

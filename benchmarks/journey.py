@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 from studio.config import RunConfig  # noqa: E402
 from studio.service import Studio  # noqa: E402
 
-SAMPLE = ROOT / "templates" / "samples" / "instructions.csv"
+SAMPLE = ROOT / "studio" / "templates" / "samples" / "instructions.csv"
 
 
 def measure(studio: Studio, method: str, steps: int) -> dict:

@@ -31,7 +31,7 @@ from studio.data.validate import prompt_key  # noqa: E402
 from studio.runs import RunRegistry  # noqa: E402
 from studio.training import run_training  # noqa: E402
 
-SAMPLE = ROOT / "templates" / "samples" / "instructions.csv"
+SAMPLE = ROOT / "studio" / "templates" / "samples" / "instructions.csv"
 FORMAT = re.compile(r"^\s*ANSWER:\s*(-?\d+)\s*\n\s*WHY:", re.S)
 
 

@@ -1,4 +1,4 @@
-"""Regenerate the sample datasets under templates/samples/ (deterministic; no network).
+"""Regenerate the sample datasets under studio/templates/samples/ (deterministic; no network).
 
     .venv/bin/python benchmarks/make_samples.py
 
@@ -15,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parents[1] / "templates" / "samples"
+OUT = Path(__file__).resolve().parents[1] / "studio" / "templates" / "samples"
 
 CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin",
             "Egypt": "Cairo", "Canada": "Ottawa", "Peru": "Lima", "Kenya": "Nairobi", "Norway": "Oslo",

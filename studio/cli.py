@@ -168,19 +168,18 @@ def _train(args) -> int:
 def _resume(args) -> int:
     from studio.runs import RunRegistry
 
-    registry = RunRegistry(args.runs_dir)
-    registry.mark_orphans_interrupted()  # a run whose process was killed is "running" until now
     try:
-        run = registry.get(args.run)
+        run = RunRegistry(args.runs_dir).get(args.run)
         cfg = run.config()
     except (LookupError, ConfigError) as exc:
         print(exc, file=sys.stderr)
         return 2
-    point = run.resume_point()
-    if point is None:
-        print(f"Run {run.id} cannot be resumed ({run.status().get('state')}): it has no checkpoint, is still "
-              "running, or already reached its final step.", file=sys.stderr)
+    run.mark_if_orphaned()  # a run whose process was killed says "running" until now
+    problem = run.resume_problem()
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
+    point = run.resume_point()
     print(f"Run folder: {run.path}\nResuming from {point.name}", flush=True)
     return _run_and_report(cfg, run, resume=True)
 
@@ -196,6 +195,8 @@ def _run_and_report(cfg, run, resume: bool) -> int:
             print(f"eval at step {m['step']}: loss {m['eval_loss']:.4f}", flush=True)
         elif m["kind"] == "memory_check":
             print(m["summary"], flush=True)
+        elif m["kind"] == "compile":
+            print(m["note"], flush=True)
         elif m["kind"] == "checkpoint":
             print(f"checkpoint saved at step {m['step']}", flush=True)
 
@@ -256,13 +257,15 @@ def _estimate(args) -> int:
     from studio.memory import GIB, shape_for_model
     from studio.models import ModelError
     from studio.planner import Settings, estimate_settings, plan
+    from studio.precision import resolve
 
     hw = hardware.detect()
     device = args.device or hw.device
     targets = "all-linear" if args.lora_targets == "all-linear" else [t.strip() for t in args.lora_targets.split(",")]
     settings = Settings(seq_len=args.seq_len, batch_size=args.batch_size,
                         gradient_checkpointing=args.gradient_checkpointing,
-                        bf16=hw.bf16 if device == hw.device else device == "cuda", lora_r=args.lora_r,
+                        bf16=resolve("auto", hw.bf16 if device == hw.device else device == "cuda") == "bf16",
+                        lora_r=args.lora_r,
                         lora_targets=targets, optimizer=args.optimizer)
     try:
         shape = shape_for_model(args.model)
@@ -329,8 +332,18 @@ def _import(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from studio.runs import RunsFolderError
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    try:
+        return _command(args)
+    except RunsFolderError as exc:  # any command given a --runs-dir it cannot create or write
+        print(exc, file=sys.stderr)
+        return 2
+
+
+def _command(args) -> int:
     if args.command == "train":
         return _train(args)
     if args.command == "export":

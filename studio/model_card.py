@@ -8,6 +8,7 @@ which plotly needs for static images, is not installed here).
 
 from __future__ import annotations
 
+import importlib.resources
 import math
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from xml.sax.saxutils import escape
 from studio.models import DEFAULT_MODEL, DEFAULT_MODEL_LABEL
 from studio.runs import Run
 
-CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "model_card.md"
+CARD_TEMPLATE = importlib.resources.files("studio") / "templates" / "model_card.md"  # package data
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 LOSS_CURVE = "loss_curve.svg"
 # vLLM only accepts these values for max_lora_rank; the card names the smallest that fits r.

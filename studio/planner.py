@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from studio.config import RunConfig
+from studio import precision
 from studio.hardware import Hardware
 from studio.memory import GIB, MIB, Estimate, ModelShape, estimate, shape_for_model
 
@@ -223,7 +224,7 @@ def suggest(shape: ModelShape, method: str, settings: Settings, device: str, ava
 
 def settings_for(config: RunConfig, hw: Hardware) -> Settings:
     t = config.training
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and hw.bf16)
+    bf16 = precision.resolve(t.precision, hw.bf16) == "bf16"
     return Settings(seq_len=config.data.max_length, batch_size=t.batch_size,
                     gradient_accumulation=t.gradient_accumulation,
                     gradient_checkpointing=t.gradient_checkpointing, bf16=bf16, lora_r=config.lora.r,

@@ -24,7 +24,7 @@ from typing import Iterator
 
 import torch
 
-from studio import fingerprint, models
+from studio import fingerprint, models, precision
 from studio.runs import Run
 
 CHECKPOINT_SEP = "@"  # "run-id@step-40" names a run's intermediate checkpoint
@@ -61,6 +61,7 @@ class SamplingSettings:
 class LoadedAdapter:
     name: str  # the PEFT adapter name (a sanitised ref)
     bytes: int  # its weights on disk, for the memory bound
+    precision: str = "fp32"  # the run's precision: its scores and replies are computed in it
 
 
 def _adapter_name(ref: str) -> str:
@@ -78,28 +79,34 @@ class Playground:
         self.max_adapters = max_adapters
         self.max_adapter_bytes = max_adapter_bytes
         self.base_ref: str | None = None
+        self.base_load: tuple[str, str] | None = None  # (method, precision) the base was loaded for
         self.base_fingerprint: dict | None = None
         self.tokenizer = None
         self.model = None  # a PeftModel once an adapter is loaded, else the plain base
         self.adapters: OrderedDict[str, LoadedAdapter] = OrderedDict()  # by ref, least recent first
         self.active: str | None = None  # the ref on the adapted pane
-        self.full_models: dict[str, torch.nn.Module] = {}  # fully fine-tuned runs (one kept)
+        self.full_models: dict[str, tuple[torch.nn.Module, str]] = {}  # ref -> (model, precision); one kept
         self.base_loads = 0  # how many times a base was loaded (tests assert swaps don't reload)
         self.last_load_s = 0.0  # how long the last activate() took (the Chat tab shows it)
         self._adapter_layers: list = []  # PEFT layers the base pane switches off (see _base_context)
         self._lock = threading.Lock()
 
     # ---- loading ---------------------------------------------------------------------------
-    def _ensure_base(self, ref: str, trust_remote_code: bool = False) -> None:
-        if self.base_ref == ref and self.model is not None:
+    def _ensure_base(self, ref: str, load: tuple[str, str], trust_remote_code: bool = False) -> None:
+        """Load the base model ``ref`` for ``load`` = (method, precision) unless it is loaded.
+        The base is loaded the way the run's trainer loaded it (4-bit for QLoRA, the weights'
+        dtype from studio/precision.py), so base and adapter scores here are the training log's
+        numbers. A run trained another way on the same base reloads it; with ``auto`` precision
+        every LoRA run on a machine shares one."""
+        if self.base_ref == ref and self.base_load == load and self.model is not None:
             return
         self.model, self._adapter_layers = None, []  # let the old base go before the new one arrives
         self.full_models, self.adapters, self.active = {}, OrderedDict(), None
         self.tokenizer = models.load_tokenizer(ref, trust_remote_code)
-        self.model = models.load_model(ref, "lora", self.device, trust_remote_code=trust_remote_code)
+        self.model = models.load_model(ref, load[0], self.device, load[1], trust_remote_code)
         self.model.eval()
         self.base_fingerprint = fingerprint.fingerprint(self.model.config, self.tokenizer, ref)
-        self.base_ref = ref
+        self.base_ref, self.base_load = ref, load
         self.base_loads += 1
 
     @staticmethod
@@ -129,21 +136,23 @@ class Playground:
             cfg = run.config()
             ref = run.id if checkpoint is None else f"{run.id}{CHECKPOINT_SEP}{checkpoint}"
             weights = self.weights_for(run, checkpoint)
-            self._ensure_base(cfg.model, cfg.trust_remote_code)
+            run_precision = precision.of_status(run.status())
+            self._ensure_base(cfg.model, base_load_for(cfg.method, run_precision), cfg.trust_remote_code)
             trained_on = run.fingerprint() or fingerprint.read(weights)
             errors, warnings = fingerprint.compare(trained_on, self.base_fingerprint) if trained_on else ([], [])
             if errors:
                 raise ValueError(errors[0])
             if cfg.method == "full":
                 if ref not in self.full_models:
-                    self.full_models = {ref: models.load_model(str(weights), "full", self.device).eval()}
+                    model = models.load_model(str(weights), "full", self.device).eval()
+                    self.full_models = {ref: (model, run_precision)}
             else:
-                self._load_adapter(ref, weights)
+                self._load_adapter(ref, weights, run_precision)
             self.active = ref
         self.last_load_s = time.perf_counter() - started
         return warnings
 
-    def _load_adapter(self, ref: str, weights: Path) -> None:
+    def _load_adapter(self, ref: str, weights: Path, run_precision: str) -> None:
         from peft import PeftModel
 
         if ref in self.adapters:
@@ -155,7 +164,7 @@ class Playground:
             else:
                 self.model.load_adapter(str(weights), adapter_name=name)
             self.model.eval()
-            self.adapters[ref] = LoadedAdapter(name, _weights_bytes(weights))
+            self.adapters[ref] = LoadedAdapter(name, _weights_bytes(weights), run_precision)
             self._evict(keep=ref)
             self._adapter_layers = _peft_layers(self.model)
         self.model.set_adapter(self.adapters[ref].name)
@@ -201,17 +210,18 @@ class Playground:
 
     def _use(self, ref: str | None) -> tuple[torch.nn.Module, str]:
         """The adapted side's model for ``ref`` (default: the active one), its adapter set now,
-        under the lock. Each request names its adapter, so a second browser session switching
-        adapters cannot change what a reply that is already streaming is generated with."""
+        and the run's precision (both panes compute in it), under the lock. Each request names
+        its adapter, so a second browser session switching adapters cannot change what a reply
+        that is already streaming is generated with."""
         ref = ref or self.active
         if self.model is None or ref is None:
             raise ValueError("Pick a trained run first.")
         if ref in self.full_models:
-            return self.full_models[ref], ref
+            return self.full_models[ref]
         if ref not in self.adapters:
             raise ValueError(f"{ref} is no longer loaded (another session loaded others since); pick it again.")
         self.model.set_adapter(self.adapters[ref].name)
-        return self.model, ref
+        return self.model, self.adapters[ref].precision
 
     def encode(self, messages: list[dict[str, str]]) -> torch.Tensor:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -233,10 +243,10 @@ class Playground:
         if problems:
             raise ValueError(" ".join(problems))
         with self._lock:
-            adapted_model, _ = self._use(ref)
+            adapted_model, run_precision = self._use(ref)
             sides = [
-                _Side(self.model, self._base_context, base_ids.to(self.device), settings),
-                _Side(adapted_model, nullcontext, adapted_ids.to(self.device), settings),
+                _Side(self.model, self._base_context, base_ids.to(self.device), settings, run_precision),
+                _Side(adapted_model, nullcontext, adapted_ids.to(self.device), settings, run_precision),
             ]
             eos = _eos_ids(self.tokenizer, self.model)
             for _ in range(settings.max_new_tokens):
@@ -254,17 +264,27 @@ class Playground:
         from studio.training.loss import LabeledTokenLoss
 
         with self._lock:
-            adapted_model, _ = self._use(ref)
+            adapted_model, run_precision = self._use(ref)
             loss_fn = LabeledTokenLoss(adapted_model if adapted else self.model)
             context = nullcontext if adapted else self._base_context
             total, count = 0.0, 0
             for batch in batches:
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 n = int((batch["labels"][:, 1:] != -100).sum())
-                with context():
+                with context(), precision.autocast(self.device, run_precision):
                     total += float(loss_fn(**batch)) * n
                 count += n
             return total, count
+
+
+def base_load_for(method: str, run_precision: str) -> tuple[str, str]:
+    """How the playground loads the base for a run, as its trainer did: (load method, precision).
+    A full fine-tune's base was scored in training as fp32 weights (under the run's autocast),
+    which is what a LoRA load at fp32 gives; a LoRA base loads in the run's compute dtype; a
+    QLoRA base in 4-bit NF4."""
+    if method == "full":
+        return "lora", "fp32"
+    return method, run_precision
 
 
 def _peft_layers(model) -> list:
@@ -293,11 +313,13 @@ def _adapters_off(layers: list):
 class _Side:
     """One pane's decoding state: its model, adapter context, cache, generator and tokens."""
 
-    def __init__(self, model, context, prompt_ids: torch.Tensor, settings: SamplingSettings):
+    def __init__(self, model, context, prompt_ids: torch.Tensor, settings: SamplingSettings,
+                 run_precision: str = "fp32"):
         from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
                                   TemperatureLogitsWarper, TopPLogitsWarper)
 
         self.model, self.context, self.settings = model, context, settings
+        self.precision = run_precision
         self.ids = prompt_ids
         self.next_input = prompt_ids
         self.cache = None
@@ -317,7 +339,8 @@ class _Side:
     def advance(self, eos: set[int]) -> None:
         if self.done:
             return
-        with self.context():
+        # Autocast per forward, never around the generator's yields: it is thread-local state.
+        with self.context(), precision.autocast(self.next_input.device.type, self.precision):
             out = self.model(input_ids=self.next_input, past_key_values=self.cache, use_cache=True)
         self.cache = out.past_key_values
         scores = self.processors(self.ids, out.logits[:, -1, :].float())

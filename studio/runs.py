@@ -171,15 +171,43 @@ class Run:
         return sorted(done, key=lambda d: int(d.name[5:]))
 
     def resume_point(self) -> Path | None:
-        """The checkpoint a Resume continues from, or None when the run cannot be resumed: it is
-        still active, finished all its steps, or never reached a checkpoint."""
+        """The checkpoint a Resume continues from, or None when the run cannot be resumed
+        (:meth:`resume_problem` says why)."""
+        return None if self.resume_problem() else self.checkpoints()[-1]
+
+    def resume_problem(self) -> str | None:
+        """Why a Resume cannot continue this run, as a sentence with what to do; None when it can.
+        Call :meth:`mark_if_orphaned` first: a run whose process was killed still says running."""
         status = self.status()
         state = status.get("state")
-        unfinished = state in ("interrupted", "failed") or (state == "finished" and status.get("stopped"))
-        ckpts = self.checkpoints()
-        if not unfinished or not ckpts:
-            return None
-        return ckpts[-1]
+        if state in ACTIVE_STATES:
+            who = f" (process {status['pid']} is alive)" if status.get("pid") else ""
+            return (f"Run {self.id} cannot be resumed: it is still {state}{who}. Stop it first, or wait for "
+                    "it to finish.")
+        if state == "finished" and not status.get("stopped"):
+            return (f"Run {self.id} cannot be resumed: it already reached its final step "
+                    f"({status.get('step', '?')} of {status.get('total_steps', '?')}). Start a new run to train more.")
+        if not self.checkpoints():
+            return (f"Run {self.id} cannot be resumed: it ended ({state}) before saving its first checkpoint. "
+                    "Train it again (a smaller `training.save_steps` saves sooner).")
+        return None
+
+    def mark_if_orphaned(self) -> bool:
+        """A run left active by a process that is gone can never finish: mark it interrupted, with
+        whether it can be resumed. Judged by this run's own folder, wherever it lies. Returns
+        True when it was marked."""
+        status = self.status()
+        if status.get("state") == "queued" and not status.get("pid"):
+            self.set_status("interrupted", message="It was waiting in the queue when the studio stopped, so it "
+                                                   "never started; train it again.")
+            return True
+        if status.get("state") in ACTIVE_STATES and not _pid_alive(status.get("pid"), status.get("pid_started")):
+            ckpts = self.checkpoints()
+            hint = (f" Resume continues from step {ckpts[-1].name[5:]}." if ckpts
+                    else " It had not saved a checkpoint yet, so it cannot be resumed.")
+            self.set_status("interrupted", message="The process running this job ended before it finished." + hint)
+            return True
+        return False
 
     def truncate_metrics(self, step: int) -> None:
         """Drop records after ``step``: a resumed run redoes those steps and must not draw them twice."""
@@ -205,12 +233,35 @@ def config_diff(a: Run, b: Run) -> list[tuple[str, Any, Any]]:
     return [(k, fa[k], fb.get(k)) for k in fa if fa[k] != fb.get(k)]
 
 
+class RunsFolderError(RuntimeError):
+    """The runs folder cannot be created or written; the message names it and the fix."""
+
+
+def _folder_problem(root: Path, action: str, exc: OSError) -> RunsFolderError:
+    return RunsFolderError(f"The runs folder {root} {action} ({exc.strerror or exc}). Pick a folder you "
+                           f"can write to with --runs-dir DIR (or set ${RUNS_DIR_ENV}).")
+
+
 class RunRegistry:
     """Creates, lists and finds runs under one folder."""
 
     def __init__(self, root: str | Path | None = None):
+        """Raises RunsFolderError when the folder does not exist and cannot be created."""
         self.root = Path(root) if root is not None else default_runs_dir()
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _folder_problem(self.root, "cannot be created", exc) from None
+
+    def check_writable(self) -> None:
+        """Raise RunsFolderError unless a file can be written in the runs folder: a server checks
+        before it starts, so an upload or a Train click never meets a read-only folder."""
+        probe = self.root / f".write-check-{os.getpid()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise _folder_problem(self.root, "cannot be written to", exc) from None
 
     def create(self, config: RunConfig) -> Run:
         stem = Path(config.data.path).stem or "run"
@@ -221,7 +272,12 @@ class RunRegistry:
             n += 1
             name = f"{base}-{n}"
         run = Run(self.root / name)
-        run.path.mkdir(parents=True)
+        try:
+            run.path.mkdir(parents=True)
+        except FileExistsError:
+            raise
+        except OSError as exc:  # a read-only or vanished runs folder: a sentence, not a traceback
+            raise _folder_problem(self.root, "cannot be written to", exc) from None
         atomic_write_text(run.config_path, config.to_yaml())
         run.set_status("queued", created_at=time.time(), method=config.method, model=config.model)
         return run
@@ -239,7 +295,7 @@ class RunRegistry:
         unknown run and ValueError for one still training (stop it first)."""
         run = self.get(ref)
         status = run.status()
-        if status.get("state") in ACTIVE_STATES and _pid_alive(status.get("pid")):
+        if status.get("state") in ACTIVE_STATES and _pid_alive(status.get("pid"), status.get("pid_started")):
             raise ValueError(f"Run {run.id} is still {status['state']}; stop it before deleting it.")
         if run.path.resolve().parent != self.root.resolve():
             raise ValueError(f"{run.path} is not inside the runs folder {self.root}; delete it by hand.")
@@ -261,24 +317,24 @@ class RunRegistry:
     def mark_orphans_interrupted(self) -> None:
         """Runs left active by a process that is gone can never finish: say so on start-up."""
         for run in self.list():
-            status = run.status()
-            if status.get("state") == "queued" and not status.get("pid"):
-                run.set_status("interrupted", message="It was waiting in the queue when the studio stopped, so it "
-                                                      "never started; train it again.")
-            elif status.get("state") in ACTIVE_STATES and not _pid_alive(status.get("pid")):
-                ckpts = run.checkpoints()
-                hint = (f" Resume continues from step {ckpts[-1].name[5:]}." if ckpts
-                        else " It had not saved a checkpoint yet, so it cannot be resumed.")
-                run.set_status("interrupted", message="The process running this job ended before it finished." + hint)
+            run.mark_if_orphaned()
 
 
-def _pid_alive(pid: Any) -> bool:
+def process_started_at() -> float:
+    """This process's start time: stored with its pid, so a reused pid is not taken for it."""
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def _pid_alive(pid: Any, started_at: Any = None) -> bool:
     if not isinstance(pid, int):
         return False
-    if pid == os.getpid():
-        return True
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except OSError:
+        proc = psutil.Process(pid)
+        # A pid is reused after its process ends; a different start time means another process.
+        return not isinstance(started_at, (int, float)) or abs(proc.create_time() - started_at) < 1.0
+    except psutil.Error:
         return False
-    return True

@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-CHATML = (Path(__file__).resolve().parents[1] / "templates" / "chatml.jinja").read_text(encoding="utf-8")
+CHATML = (Path(__file__).resolve().parents[1] / "studio" / "templates" / "chatml.jinja").read_text(encoding="utf-8")
 WORDS = ("the capital of france is paris answer why what colour sky blue grass green plus times "
          "equals number one two three four five six seven eight nine ten hello world model data").split()
 
@@ -48,6 +48,43 @@ def tiny_model_dir(tmp_path_factory) -> Path:
                          initializer_range=0.1)  # big enough that LoRA moves the logits in a few steps
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
     return out
+
+
+def pytest_addoption(parser):
+    parser.addoption("--precision", choices=("auto", "bf16", "fp32", "other"), default="auto",
+                     help="What training.precision `auto` means in this session: the machine's choice (auto), "
+                          "forced to bf16 or fp32, or `other`: the one this machine would not pick. `make test` "
+                          "runs the numeric tests again with `other`, so both precisions are covered on any CPU.")
+
+
+def pytest_configure(config):
+    from studio import hardware, precision
+
+    choice = config.getoption("--precision")
+    machine = precision.resolve("auto", hardware.detect().bf16) if choice in ("auto", "other") else None
+    if choice == "other":
+        choice = "fp32" if machine == "bf16" else "bf16"
+    if choice != "auto":
+        os.environ[precision.AUTO_ENV] = choice  # subprocesses (CLI tests) inherit it
+
+
+def pytest_report_header(config):
+    from studio import hardware, precision
+
+    forced = os.environ.get(precision.AUTO_ENV)
+    return (f"training.precision auto -> {precision.resolve('auto', hardware.detect().bf16)}"
+            + (f" (forced by {precision.AUTO_ENV})" if forced else " (this machine's choice)"))
+
+
+def wait_until(condition, timeout: float, what: str, poll: float = 0.02):
+    """Poll ``condition`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up after {timeout:.0f} s waiting for {what}")
+        time.sleep(poll)
 
 
 def tiny_run_config(model_dir, data, method: str = "lora", dropout: float = 0.0, max_steps: int = 30, **training):

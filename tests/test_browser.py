@@ -14,7 +14,7 @@ import pytest
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = "/usr/bin/chromium"
-SAMPLE = Path(__file__).resolve().parents[1] / "templates" / "samples" / "instructions.csv"
+SAMPLE = Path(__file__).resolve().parents[1] / "studio" / "templates" / "samples" / "instructions.csv"
 SCREENSHOTS = os.environ.get("FS_SCREENSHOTS")  # set to a folder to refresh the README's images
 
 

@@ -10,6 +10,8 @@ from studio.training import Trainer, run_training
 from studio.training import memory_check as mc
 from tests.conftest import tiny_run_config
 
+pytestmark = pytest.mark.numeric  # CI runs these again under the other precision (see conftest.py)
+
 
 def _cfg(model_dir, data, method, **training):
     """Dropout on, so the RNG the check must restore is really used."""

@@ -4,8 +4,11 @@ and swapping adapters never reloads the base."""
 import pytest
 import torch
 
+pytestmark = pytest.mark.numeric  # CI runs these again under the other precision (see conftest.py)
+
 from studio.config import RunConfig
 from studio.playground import Playground, SamplingSettings
+from studio.precision import autocast, of_status, weights_dtype
 from studio.runs import RunRegistry
 from studio.training import run_training
 
@@ -30,10 +33,20 @@ def two_runs(tiny_model_dir, tmp_path_factory):
     return runs
 
 
-def _hf_greedy(model, tokenizer, messages, n=20):
+def _plain(model_dir, run, adapter=None):
+    """Plain transformers (+ PEFT), loaded at the run's recorded precision as its trainer did."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=weights_dtype("lora", of_status(run.status())))
+    return (PeftModel.from_pretrained(model, adapter) if adapter is not None else model).eval()
+
+
+def _hf_greedy(model, tokenizer, messages, run, n=20):
+    """transformers' own greedy generate under the run's autocast: what the playground must match."""
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
+    with torch.no_grad(), autocast("cpu", of_status(run.status())):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                              do_sample=False, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id)
@@ -41,19 +54,14 @@ def _hf_greedy(model, tokenizer, messages, n=20):
 
 
 def test_base_and_adapted_match_plain_transformers_and_peft(two_runs, tiny_model_dir):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     a, _ = two_runs
     pg = Playground()
     pg.activate(a)
     settings = SamplingSettings(max_new_tokens=20)
     *_, (base_text, adapted_text) = pg.stream_pair(PROMPT, PROMPT, settings)
 
-    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    assert base_text == _hf_greedy(plain, pg.tokenizer, PROMPT)
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), a.adapter_dir).eval()
-    assert adapted_text == _hf_greedy(peft_model, pg.tokenizer, PROMPT)
+    assert base_text == _hf_greedy(_plain(tiny_model_dir, a), pg.tokenizer, PROMPT, a)
+    assert adapted_text == _hf_greedy(_plain(tiny_model_dir, a, a.adapter_dir), pg.tokenizer, PROMPT, a)
     assert base_text != adapted_text  # otherwise the comparison proves nothing
 
 
@@ -110,9 +118,6 @@ def run_with_checkpoints(tiny_model_dir, tmp_path_factory):
 
 
 def test_checkpoints_are_selectable_and_match_plain_peft(run_with_checkpoints, tiny_model_dir):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     run = run_with_checkpoints
     assert [c.name for c in run.checkpoints()] == ["step-4", "step-8"]
     pg = Playground()
@@ -122,9 +127,8 @@ def test_checkpoints_are_selectable_and_match_plain_peft(run_with_checkpoints, t
         *_, (_, outputs[ckpt]) = pg.stream_pair(PROMPT, PROMPT, SamplingSettings(max_new_tokens=16))
     assert pg.loaded() == [run.id + "@step-4", run.id, run.id + "@step-8"]
     assert pg.base_loads == 1
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                                           run.path / "checkpoints" / "step-4").eval()
-    assert outputs["step-4"] == _hf_greedy(peft_model, pg.tokenizer, PROMPT, n=16)
+    peft_model = _plain(tiny_model_dir, run, run.path / "checkpoints" / "step-4")
+    assert outputs["step-4"] == _hf_greedy(peft_model, pg.tokenizer, PROMPT, run, n=16)
     with pytest.raises(ValueError, match="no checkpoint 'step-99'"):
         pg.activate(run, "step-99")
 
@@ -172,8 +176,6 @@ def test_adapter_from_another_base_is_refused_naming_both(two_runs, tmp_path):
 
 
 def test_unloading_a_deleted_run_leaves_an_honest_base(two_runs, tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
     a, b = two_runs
     pg = Playground()
     pg.activate(a)
@@ -184,8 +186,7 @@ def test_unloading_a_deleted_run_leaves_an_honest_base(two_runs, tiny_model_dir)
     assert pg.loaded() == [] and not hasattr(pg.model, "peft_config")
     pg.activate(a)
     *_, (base_text, _) = pg.stream_pair(PROMPT, PROMPT, SamplingSettings(max_new_tokens=12))
-    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    assert base_text == _hf_greedy(plain, pg.tokenizer, PROMPT, n=12) and pg.base_loads == 1
+    assert base_text == _hf_greedy(_plain(tiny_model_dir, a), pg.tokenizer, PROMPT, a, n=12) and pg.base_loads == 1
 
 
 def test_bad_sampling_settings_are_refused(two_runs):
@@ -211,6 +212,28 @@ def test_evaluation_scores_base_and_adapter_on_the_held_out_rows(run_with_checkp
     assert run.evaluation()["adapter"] == result["adapter"]
     table = evaluation.table_rows(run)
     assert [r[0] for r in table] == ["base", "adapter"] and table[1][2] < table[0][2]  # perplexity fell
+
+
+@pytest.mark.parametrize("method", ["full", "qlora"])
+def test_evaluation_matches_the_training_log_for_every_method(method, tiny_model_dir, tmp_path):
+    """The Chat tab's Evaluate loads the base as the trainer did (fp32 master weights for full,
+    4-bit NF4 for QLoRA, the run's precision for both), so its losses are the training log's."""
+    from studio import evaluation
+    from tests.conftest import write_csv
+
+    rows = [[f"what is {a} plus {b}", f"sum {a + b}"] for a in range(1, 10) for b in range(1, 4)]
+    data = write_csv(tmp_path / "d.csv", ["instruction", "output"], rows)
+    cfg = RunConfig.from_dict({"model": str(tiny_model_dir), "method": method,
+                               "data": {"path": str(data), "max_length": 64},
+                               "training": {"max_steps": 4, "learning_rate": 1e-3 if method == "full" else 1e-2,
+                                            "memory_check": False}})
+    run = RunRegistry(tmp_path / "runs").create(cfg)
+    status = run_training(cfg, run)
+    assert status["state"] == "finished" and status["precision"] in ("bf16", "fp32")
+    result = evaluation.evaluate(Playground(), run, samples=1, max_new_tokens=4)
+    assert result["base"]["loss"] == pytest.approx(status["base_eval_loss"], rel=1e-4)
+    assert result["adapter"]["loss"] == pytest.approx(status["eval_loss"], rel=1e-4)
+    assert result["adapter"]["loss"] != pytest.approx(result["base"]["loss"], rel=1e-3)  # it trained
 
 
 def test_chat_works_while_a_job_trains(two_runs, tiny_model_dir, instruction_csv, tmp_path):

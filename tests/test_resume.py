@@ -14,6 +14,9 @@ from studio.cli import main
 from studio.config import RunConfig
 from studio.runs import RunRegistry
 from studio.training import JobManager
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.numeric  # CI runs these again under the other precision (see conftest.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 120
@@ -29,8 +32,10 @@ def _losses(run):
     return {m["step"]: m["loss"] for m in run.metrics() if m["kind"] == "train"}
 
 
-def test_sigkill_then_resume_ends_at_the_final_step_with_the_same_losses(tiny_model_dir, instruction_csv, tmp_path):
+def test_sigkill_then_resume_ends_at_the_final_step_with_the_same_losses(tiny_model_dir, instruction_csv, tmp_path,
+                                                                        monkeypatch, capsys):
     reference_runs, killed_runs = tmp_path / "reference", tmp_path / "killed"
+    monkeypatch.chdir(tmp_path)  # `resume FOLDER` without --runs-dir: the default ./runs is elsewhere
     assert main(_args(tiny_model_dir, instruction_csv, reference_runs)) == 0
     reference = RunRegistry(reference_runs).list()[0]
 
@@ -41,20 +46,19 @@ def test_sigkill_then_resume_ends_at_the_final_step_with_the_same_losses(tiny_mo
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.wait(timeout=30)
 
     registry = RunRegistry(killed_runs)
     run = registry.list()[0]
-    assert run.status()["state"] == "running"  # what a crash leaves behind...
-    registry.mark_orphans_interrupted()  # ...until the next start-up looks
-    status = run.status()
-    assert status["state"] == "interrupted" and "Resume continues from step" in status["message"]
+    assert run.status()["state"] == "running"  # what a crash leaves behind
     assert not run.is_trained() and registry.trained() == []  # never listed or exported as finished
     assert main(["export", run.id, "--runs-dir", str(killed_runs)]) == 1
     killed_at = max(_losses(run))
     assert killed_at < STEPS
 
-    assert main(["resume", run.id, "--runs-dir", str(killed_runs)]) == 0
+    # Resumed by the folder `train` printed, with no --runs-dir: the run is judged by its own
+    # folder (its process is gone, so it is interrupted), not by whatever ./runs holds.
+    assert main(["resume", str(run.path)]) == 0
     status = run.status()
     assert status["state"] == "finished" and status["step"] == STEPS and run.is_trained()
     steps = [m["step"] for m in run.metrics() if m["kind"] == "train"]
@@ -64,6 +68,7 @@ def test_sigkill_then_resume_ends_at_the_final_step_with_the_same_losses(tiny_mo
         assert ours[step] == pytest.approx(theirs[step], rel=1e-4), step
     assert len(run.checkpoints()) <= 2  # keep_checkpoints
     assert main(["resume", run.id, "--runs-dir", str(killed_runs)]) == 2  # finished runs cannot be resumed
+    assert "already reached its final step (120 of 120)" in capsys.readouterr().err
 
 
 def test_stop_saves_a_checkpoint_and_the_server_resumes_to_the_end(tiny_model_dir, instruction_csv, runs_dir):
@@ -75,13 +80,12 @@ def test_stop_saves_a_checkpoint_and_the_server_resumes_to_the_end(tiny_model_di
     }).check()
     jobs = JobManager(RunRegistry(runs_dir))
     job = jobs.start(cfg)
-    while not any(m["kind"] == "train" and m["step"] >= 3 for m in job.snapshot()):
-        time.sleep(0.02)
+    wait_until(lambda: any(m["kind"] == "train" and m["step"] >= 3 for m in job.snapshot()), 120, "step 3")
     assert jobs.save_now()
-    while not any(m["kind"] == "checkpoint" for m in job.snapshot()):
-        time.sleep(0.02)
+    wait_until(lambda: any(m["kind"] == "checkpoint" for m in job.snapshot()), 60, "the requested checkpoint")
     jobs.stop()
     job.thread.join(120)
+    assert not job.thread.is_alive(), "the stopped run did not end within 120 s"
     status = job.run.status()
     assert status["state"] == "finished" and status["stopped"] and "Resume" in status["message"]
     assert status["version"] == 1  # a stopped run saved an adapter: version 1
@@ -91,9 +95,29 @@ def test_stop_saves_a_checkpoint_and_the_server_resumes_to_the_end(tiny_model_di
     resumed = jobs.resume(job.run)
     assert resumed.run.path == job.run.path
     resumed.thread.join(120)
+    assert not resumed.thread.is_alive(), "the resumed run did not end within 120 s"
     status = job.run.status()
     assert status["state"] == "finished" and status["step"] == 40 and not status["stopped"]
     assert status["version"] == 2  # the resumed run's adapter replaces it as version 2
     assert job.run.resume_point() is None
     with pytest.raises(LookupError):
         jobs.resume(job.run)
+
+
+def test_each_reason_a_run_cannot_be_resumed_is_named(tmp_path):
+    """Still running (a live process), finished, or no checkpoint: the sentence says which."""
+    from studio.runs import process_started_at
+
+    registry = RunRegistry(tmp_path / "runs")
+    run = registry.create(RunConfig.from_dict({"data": {"path": "x.csv"}}))
+    run.set_status("running", pid=os.getpid(), pid_started=process_started_at(), step=3)
+    assert not run.mark_if_orphaned() and "still running (process" in run.resume_problem()
+    # A dead pid (or a live pid that now belongs to another process) is an orphan.
+    run.set_status("running", pid=os.getpid(), pid_started=process_started_at() - 3600)
+    assert run.mark_if_orphaned() and run.status()["state"] == "interrupted"
+    assert "before saving its first checkpoint" in run.resume_problem()
+    (run.path / "checkpoints" / "step-2").mkdir(parents=True)
+    (run.path / "checkpoints" / "step-2" / "trainer_state.pt").write_bytes(b"")
+    assert run.resume_problem() is None and run.resume_point().name == "step-2"
+    run.set_status("finished", stopped=False, step=10, total_steps=10)
+    assert "already reached its final step (10 of 10)" in run.resume_problem()

@@ -7,7 +7,7 @@ import pytest
 import studio.service as service
 from studio.data import DataError
 
-SAMPLE = Path(__file__).resolve().parents[1] / "templates" / "samples" / "instructions.csv"
+SAMPLE = Path(__file__).resolve().parents[1] / "studio" / "templates" / "samples" / "instructions.csv"
 
 
 def test_import_copies_by_hash_and_remapping_does_not_reread(runs_dir, tiny_model_dir, monkeypatch):

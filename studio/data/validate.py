@@ -22,7 +22,9 @@ FEW_ROWS = 200
 LONG_CELL_CHARS = 20_000
 SHOW_ROWS = 5
 # Mis-decoded UTF-8: "Ã©" for "é", "â€™" for "’", a stray "Â" before a symbol, the replacement char.
-MOJIBAKE = r"Ã[\u0080-\u00bf]|â€|Â[\u0080-\u00bf]|\ufffd"
+# Not a raw string on purpose: Python turns the escapes into the characters themselves, because
+# pandas 3.0 hands pyarrow string columns to RE2, which refuses `\u` escapes (Python's re takes both).
+MOJIBAKE = "Ã[\u0080-\u00bf]|â€|Â[\u0080-\u00bf]|\ufffd"
 
 
 @dataclass

@@ -14,7 +14,7 @@ from studio import fingerprint
 from studio.config import ConfigError, RunConfig
 from studio.data import DataError
 from studio.models import ModelError
-from studio.runs import Run, RunRegistry
+from studio.runs import Run, RunRegistry, process_started_at
 from studio.training.memory_check import MemoryCheckFailed, check_memory
 from studio.training.trainer import EarlyStopped, Trainer, TrainingStopped
 
@@ -30,8 +30,22 @@ def failure_message(exc: BaseException) -> str:
     if is_out_of_memory(exc):
         return ("Ran out of memory. Lower the batch size or max length, or choose QLoRA, "
                 "then train again.")
-    return (f"Training failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}. "
+    if is_compile_failure(exc):
+        return (f"torch.compile failed on this model ({type(exc).__name__}: {_first_line(exc)}). "
+                "Turn Compile off (`training.compile: false`) and train again; the details are in train.log.")
+    return (f"Training failed: {type(exc).__name__}: {_first_line(exc)}. "
             "The full error is in the run's train.log.")
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+
+
+def is_compile_failure(exc: BaseException) -> bool:
+    """An error raised by torch.compile's machinery. Dynamo's suppress_errors turns a failed
+    forward compile into eager execution, but the backward graph compiles at the first
+    backward and its errors are not suppressed."""
+    return type(exc).__module__.startswith(("torch._inductor", "torch._dynamo"))
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -39,8 +53,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def _retry(exc: BaseException, config: RunConfig, device: str | None) -> dict | None:
-    """The one-click retry offered after a memory failure: {"text", "method", "changes"}."""
+    """The one-click retry offered after a memory or compile failure: {"text", "method", "changes"}."""
     fix = None
+    if is_compile_failure(exc) and config.training.compile:
+        return {"text": "Train again without Compile.", "method": config.method,
+                "changes": {"training.compile": False}}
     if isinstance(exc, MemoryCheckFailed):
         fix = exc.suggestion
     elif is_out_of_memory(exc):
@@ -66,17 +83,19 @@ def run_training(config: RunConfig, run: Run, stop_event: threading.Event | None
     checkpoint = run.checkpoints()[-1] if resume and run.checkpoints() else None
     if resume and checkpoint is None:
         return run.set_status("failed", message="This run has no checkpoint to resume from; start a new run.")
-    run.set_status("running", pid=os.getpid(), started_at=time.time(), stopped=False, retry=None,
+    run.set_status("running", pid=os.getpid(), pid_started=process_started_at(), started_at=time.time(),
+                   stopped=False, retry=None,
                    message=f"Resuming from {checkpoint.name}..." if checkpoint else "Loading model and data...")
     try:
         trainer.setup()
         run.set_status("running", total_steps=trainer.total_steps, trainable_params=trainer.trainable_params,
                        train_rows=len(trainer.train_examples), eval_rows=len(trainer.eval_examples),
-                       device=trainer.device, bf16=trainer.use_bf16,
+                       device=trainer.device, precision=trainer.precision, bf16=trainer.use_bf16,
                        message=(f"Compiling {trainer.compiled_layers} layers (about a minute), then training..."
-                                if trainer.compiled_layers else "Training..."),
+                                if trainer.compiled_layers else trainer.compile_note or "Training..."),
                        data_warnings=[f.code for f in trainer.data_findings],
-                       data_sha256=data_digest(config), compiled_layers=trainer.compiled_layers)
+                       data_sha256=data_digest(config), compiled_layers=trainer.compiled_layers,
+                       compile_note=trainer.compile_note)
         if run.writable:  # what the adapter means: checked before it is loaded onto any base
             fingerprint.write(run.path, fingerprint.fingerprint(trainer.model.config, trainer.tokenizer, config.model))
         if config.training.memory_check and not trainer.dist.enabled:  # one process checks itself only
@@ -112,7 +131,8 @@ def run_training(config: RunConfig, run: Run, stop_event: threading.Event | None
                 if stopped else early or f"Finished {trainer.step} steps.")
         return run.set_status("finished", finished_at=time.time(), step=trainer.step, stopped=stopped,
                               early_stopped=early is not None, version=run.version + 1,
-                              final_loss=last.get("loss"), eval_loss=eval_loss, message=done)
+                              final_loss=last.get("loss"), eval_loss=eval_loss, message=done,
+                              compiled_layers=trainer.compiled_layers, compile_note=trainer.compile_note)
     except BaseException as exc:  # noqa: BLE001 - every failure must end as a status, not a crash
         with run.log_path.open("a", encoding="utf-8") as f:
             f.write(traceback.format_exc())
@@ -204,9 +224,11 @@ class JobManager:
             if busy and resume_run is not None:
                 raise RuntimeError(f"Run {self.current.run.id} is still training; stop it or wait "
                                    "for it to finish before resuming another.")
-            if resume_run is not None and resume_run.resume_point() is None:
-                raise LookupError(f"Run {resume_run.id} cannot be resumed: it has no checkpoint, is still "
-                                  "active, or already reached its final step.")
+            if resume_run is not None:
+                resume_run.mark_if_orphaned()
+                problem = resume_run.resume_problem()
+                if problem:
+                    raise LookupError(problem)
             run = resume_run or self.registry.create(config)
             job = Job(run=run, config=config)
             if resume_run is not None:  # the live view starts from what the run already drew

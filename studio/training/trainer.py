@@ -14,14 +14,14 @@ import random
 import shutil
 import threading
 import time
-from contextlib import nullcontext
 from typing import Callable
 
 import torch
 
-from studio import hardware, models
+from studio import hardware, models, precision
 from studio.config import RunConfig
 from studio.training import distributed
+from studio.training.compiling import CompileWatch, compile_layers, inductor_problem
 from studio.training.loss import LabeledTokenLoss
 from studio.data import Example, prepare
 from studio.data.render import IGNORE_INDEX, collate
@@ -40,33 +40,6 @@ class TrainingStopped(Exception):
 
 class EarlyStopped(Exception):
     """Not an error: eval loss stopped improving (``training.early_stopping``)."""
-
-
-def compile_layers(model) -> int:
-    """torch.compile each decoder layer in place; returns how many were compiled (0: not possible).
-
-    Regional compilation: the layers share one code object, so inductor compiles one layer graph
-    (dynamic shapes, so varying batch lengths do not recompile) and every layer reuses it; the
-    state dict keys stay as they are, so saving and resuming are unchanged. It fuses the norm,
-    rotary, activation and residual elementwise work around the matmuls (about 10% of a CPU step
-    on the default model). Evaluation runs without gradients, a second graph, so runs with an
-    eval split compile twice. QLoRA is left out: bitsandbytes' 4-bit layers are untested under
-    torch.compile here.
-    """
-    import torch._dynamo
-
-    from studio.training.loss import causal_lm
-
-    try:
-        layers = causal_lm(model).get_decoder().layers
-    except AttributeError:
-        return 0
-    # A machine without a working C++ compiler (inductor's CPU backend needs one) trains
-    # uncompiled rather than failing.
-    torch._dynamo.config.suppress_errors = True
-    for layer in layers:
-        layer.compile(dynamic=True)
-    return len(layers)
 
 
 class Trainer:
@@ -96,7 +69,7 @@ class Trainer:
         if cfg.method == "qlora" and self.device == "mps":
             raise models.ModelError("QLoRA needs bitsandbytes 4-bit, which is not available on Apple "
                                     "MPS; choose LoRA instead.")
-        self.use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.hw.bf16)
+        self.precision = precision.resolve(t.precision, self.hw.bf16)  # recorded with the run
 
         self.tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
         data = prepare(cfg.data, self.tokenizer, t.seed)
@@ -104,7 +77,7 @@ class Trainer:
         self.data_findings = data.report.findings + data.notes
 
         self.model = self._load_model()
-        self.compiled_layers = compile_layers(self.model) if t.compile and cfg.method != "qlora" else 0
+        self._compile()
         self.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         # The loss computes logits only at labeled positions (studio/training/loss.py). Training
         # steps go through the DDP wrapper around it when several processes train, so the
@@ -116,6 +89,32 @@ class Trainer:
         steps_per_epoch = max(1, batches_per_epoch // (t.gradient_accumulation * self.dist.world))
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
         self._make_optimizer()
+
+    def _compile(self) -> None:
+        """``training.compile``: compile the decoder layers where inductor works; ``compile_note``
+        says why not otherwise (checked again after the first step, see _check_compiled)."""
+        self.compiled_layers, self.compile_note, self._compile_watch = 0, None, None
+        if not self.config.training.compile:
+            return
+        if self.config.method == "qlora":
+            return self._not_compiled("Not compiled: QLoRA's 4-bit layers are not compiled; training runs uncompiled.")
+        problem = inductor_problem()
+        if problem:
+            return self._not_compiled(f"Not compiled: torch.compile does not work on this machine ({problem}); "
+                                      "training runs uncompiled. Installing a C++ compiler usually fixes it.")
+        self._compile_watch = CompileWatch()
+        self.compiled_layers = compile_layers(self.model)
+
+    def _check_compiled(self) -> None:
+        """After the first step every compiled graph has been built: a failed one runs eager."""
+        if self._compile_watch is not None and self._compile_watch.failed():
+            self._not_compiled("Not compiled: torch.compile failed on this model's layers, so they run "
+                               "uncompiled (dynamo's warning is in the log).")
+        self._compile_watch = None
+
+    def _not_compiled(self, note: str) -> None:
+        self.compiled_layers, self.compile_note = 0, note
+        self._emit({"kind": "compile", "step": self.step, "compiled_layers": 0, "note": note, "time": time.time()})
 
     def _make_optimizer(self) -> None:
         from transformers import get_scheduler
@@ -129,8 +128,7 @@ class Trainer:
 
     def _load_model(self):
         cfg = self.config
-        compute = torch.bfloat16 if self.use_bf16 else torch.float32
-        model = models.load_model(cfg.model, cfg.method, self.device, compute, cfg.trust_remote_code)
+        model = models.load_model(cfg.model, cfg.method, self.device, self.precision, cfg.trust_remote_code)
         model.config.use_cache = False
         if cfg.training.gradient_checkpointing:
             # Non-reentrant checkpointing needs no input that requires grad, so it works the
@@ -174,10 +172,12 @@ class Trainer:
     def _collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in collate(examples, self.tokenizer.pad_token_id).items()}
 
+    @property
+    def use_bf16(self) -> bool:
+        return self.precision == "bf16"
+
     def _autocast(self):
-        if not self.use_bf16:
-            return nullcontext()
-        return torch.autocast(device_type=self.device if self.device != "mps" else "cpu", dtype=torch.bfloat16)
+        return precision.autocast(self.device, self.precision)
 
     @property
     def save_every(self) -> int:
@@ -218,6 +218,8 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
+            if self.step == first_step + 1:
+                self._check_compiled()
             now = time.time()
             self._emit({"kind": "train", "step": self.step, "total_steps": self.total_steps,
                         "loss": loss_sum / t.gradient_accumulation, "lr": self.scheduler.get_last_lr()[0],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import importlib.resources
 
 import gradio as gr
 
@@ -12,7 +12,7 @@ from studio.ui.data_tab import build_data_tab, wire_data_tab
 from studio.ui.export_tab import build_export_tab
 from studio.ui.train_tab import build_train_tab
 
-CSS = (Path(__file__).resolve().parents[2] / "assets" / "studio.css")
+CSS = importlib.resources.files("studio.ui") / "studio.css"  # package data, found wherever it is installed
 
 
 def build_app(studio: Studio) -> gr.Blocks:

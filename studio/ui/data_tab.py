@@ -4,8 +4,8 @@ lengths and exactly what the model will be trained on."""
 from __future__ import annotations
 
 import html
+import importlib.resources
 from dataclasses import dataclass
-from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -16,7 +16,7 @@ from studio.models import ModelError
 from studio.service import DatasetView, Studio
 from studio.ui.plots import length_histogram
 
-SAMPLES = Path(__file__).resolve().parents[2] / "templates" / "samples"
+SAMPLES = importlib.resources.files("studio") / "templates" / "samples"  # package data
 SAMPLE_FILES = {"instructions": "instructions.csv", "chat": "chat.jsonl", "text": "text.csv"}
 NONE = "(none)"
 ROLE_LABELS = {"prompt": "Prompt / instruction", "input": "Input (optional)", "response": "Response / output",

@@ -324,18 +324,20 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
     def apply(kept, current_lr):
         """Set the suggested method and settings; each control's change event then re-plans."""
         if not kept or not kept.get("changes"):
-            return (gr.skip(),) * 6
+            return (gr.skip(),) * 7
         ch, new = kept["changes"], kept["suggested_method"]
         return (gr.Radio(value=new), switch_lr(current_lr, new),
                 ch.get("training.batch_size", gr.skip()), ch.get("training.gradient_accumulation", gr.skip()),
-                ch.get("training.gradient_checkpointing", gr.skip()), ch.get("data.max_length", gr.skip()))
+                ch.get("training.gradient_checkpointing", gr.skip()), ch.get("data.max_length", gr.skip()),
+                ch.get("training.compile", gr.skip()))
 
     use_recommended.click(use_rec, inputs=[plan_state, lr], outputs=[method, lr])
     # One click: apply the change the failure suggested to the form, then train with it.
     retry_btn.click(apply, inputs=[retry_state, lr],
-                    outputs=[method, lr, batch, accumulation, checkpointing, max_len]).then(
+                    outputs=[method, lr, batch, accumulation, checkpointing, max_len, compile_]).then(
         start, inputs=[dataset_path, mapping, *form], outputs=[status, cli])
-    apply_fix.click(apply, inputs=[plan_state, lr], outputs=[method, lr, batch, accumulation, checkpointing, max_len])
+    apply_fix.click(apply, inputs=[plan_state, lr],
+                    outputs=[method, lr, batch, accumulation, checkpointing, max_len, compile_])
     return TrainControls(model, max_len, show_plan, plan_inputs, plan_outputs)
 
 
