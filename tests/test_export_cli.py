@@ -120,7 +120,7 @@ def test_core_never_imports_gradio():
     code = ("import sys, studio.service, studio.cli, studio.export, studio.adapter_import, studio.model_card, "
             "studio.playground, studio.training; "
             "print('gradio' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True, timeout=120)
     assert out.stdout.strip() == "False"
 
 

@@ -239,18 +239,16 @@ def test_evaluation_matches_the_training_log_for_every_method(method, tiny_model
 def test_chat_works_while_a_job_trains(two_runs, tiny_model_dir, instruction_csv, tmp_path):
     """The server's training thread and a chat request share the machine, not a lock."""
     import shutil
-    import time
 
     from studio.service import Studio
-    from tests.conftest import tiny_run_config
+    from tests.conftest import tiny_run_config, wait_until
 
     studio = Studio(tmp_path / "runs")
     finished = two_runs[0]
     shutil.copytree(finished.path, studio.registry.root / finished.id)
     job = studio.start_training(tiny_run_config(tiny_model_dir, instruction_csv, max_steps=2000, memory_check=False))
     try:
-        while not any(m["kind"] == "train" for m in job.snapshot()):
-            time.sleep(0.05)
+        wait_until(lambda: any(m["kind"] == "train" for m in job.snapshot()), 120, "the first training step", 0.05)
         studio.activate_run(finished.id)
         steps_before = len(job.snapshot())
         *_, (base_text, adapted_text) = studio.chat(PROMPT, PROMPT, SamplingSettings(max_new_tokens=12), finished.id)
