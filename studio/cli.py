@@ -375,7 +375,7 @@ def _command(args) -> int:
         print(f"Default model ready in {prepare_default_model()}")
         return 0
     if args.command == "ui":
-        from app import serve
+        from studio.ui.server import serve
 
         return serve(args)
     return 2

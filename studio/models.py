@@ -12,6 +12,7 @@ import importlib.resources
 import importlib.util
 import logging
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -38,8 +39,18 @@ def default_model_dir() -> Path:
     return cache_dir() / "models" / "SmolLM2-135M-Instruct"
 
 
+# On a cold cache the first upload's handlers (tokenizer, memory plan) all ask for the default at
+# once; without the lock each converted it into the same temporary folder.
+_PREPARE_LOCK = threading.Lock()
+
+
 def prepare_default_model() -> Path:
     """Convert the bundled GGUF default model to a safetensors folder once; return the folder."""
+    with _PREPARE_LOCK:
+        return _prepare_default_model()
+
+
+def _prepare_default_model() -> Path:
     target = default_model_dir()
     if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
         return target

@@ -1,4 +1,5 @@
-"""Server flags shared by `python app.py` and `finetune-studio ui`, and the bind-safety check."""
+"""Server flags shared by `python app.py` and `finetune-studio ui`, and the checks that refuse a bind
+(unsafe without a password, a busy port) in one sentence before anything slow loads."""
 
 from __future__ import annotations
 
@@ -43,3 +44,47 @@ def resolve_auth(host: str, auth: str | None) -> tuple[str, str] | None:
         raise SystemExit(f"Refusing to serve on {host} without a password: anyone who can reach it could "
                          f"train and read your data. Add --auth user:password (or set ${AUTH_ENV}).")
     return None
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail with a sentence when nothing can serve on ``host:port``; cheap, so call it before
+    anything slow loads.
+
+    Given a port, Gradio does not move to another one (it raises "Cannot find empty port" after
+    the app is built), and neither do we: the address a person opens, or bookmarked, would show
+    whatever holds the port, most often the studio they already started.
+
+    Raises:
+        SystemExit: the port is taken, needs privileges, or the address is not this machine's.
+    """
+    import errno
+    import socket
+
+    if not 0 < port < 65536:
+        raise SystemExit(f"--port must be between 1 and 65535 (got {port}); the default is 7860.")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError):
+        raise SystemExit(f"Cannot serve on {host}: it is not an address or host name this machine can resolve. "
+                         "Use --host 127.0.0.1 (this machine only) or one of this machine's addresses.") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise SystemExit(f"Port {port} is already in use on {host}: is Finetune Studio (or another "
+                                 f"program) already running there? Open http://{_url_host(host)}:{port}, stop that "
+                                 f"program, or start on another port, e.g. --port {port % 65535 + 1}.") from None
+            if exc.errno == errno.EACCES:
+                raise SystemExit(f"Port {port} needs administrator rights (ports below 1024 do). Use a port above "
+                                 "1024, e.g. --port 7860.") from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise SystemExit(f"Cannot serve on {host}: it is not an address of this machine. Use --host "
+                                 "127.0.0.1 (this machine only) or one of this machine's addresses.") from None
+            raise SystemExit(f"Cannot serve on {host}:{port} ({exc.strerror or exc}). Try another --port.") from None
+
+
+def _url_host(host: str) -> str:
+    """The address a browser on this machine opens for a bind address (0.0.0.0 is not one)."""
+    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)

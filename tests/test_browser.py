@@ -25,9 +25,12 @@ def _free_port() -> int:
 
 
 def serve(studio):
-    """Launch the app for ``studio`` on a free local port; returns (url, demo)."""
-    from studio.ui import build_app, launch_kwargs
+    """Launch the app for ``studio`` on a free local port, after the server's own preload
+    (studio/ui/server.py); returns (url, demo)."""
+    from studio.ui.app import build_app, launch_kwargs
+    from studio.warmup import preload
 
+    preload()
     demo = build_app(studio)
     port = _free_port()
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,

@@ -48,7 +48,8 @@ def test_wheel_holds_package_data_and_declares_dependencies(installed):
         names = set(zf.namelist())
         meta = next(zf.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
     assert set(DATA) <= names
-    assert {"studio/__main__.py", "app.py"} <= names
+    assert {"studio/__main__.py", "studio/ui/server.py"} <= names
+    assert not any("/" not in n and n.endswith(".py") for n in names)  # no top-level module such as `app`
     requires = [line.split(": ", 1)[1] for line in meta.splitlines() if line.startswith("Requires-Dist: ")]
     for dist in ("torch", "transformers", "peft", "gradio", "pandas", "gguf", "plotly", "pyarrow"):
         assert any(r.startswith(dist + ">=") for r in requires), (dist, requires)
@@ -63,7 +64,7 @@ import studio
 from studio.model_card import CARD_TEMPLATE
 from studio.models import CHATML_TEMPLATE
 from studio.service import Studio
-from studio.ui import CSS, build_app, launch_kwargs
+from studio.ui.app import CSS, build_app, launch_kwargs
 from studio.ui.data_tab import SAMPLE_FILES, SAMPLES
 
 service = Studio("runs")

@@ -1,48 +1,7 @@
-"""The web UI (the only package that imports gradio): one builder per tab."""
+"""The web UI, the only package that imports gradio: app.py puts the page together from one
+builder per tab; server.py starts it. Importing this package loads nothing heavy, so the server's
+start-up checks (port, password, runs folder) answer before gradio and torch load."""
 
-from __future__ import annotations
+import os
 
-import importlib.resources
-
-import gradio as gr
-
-from studio.service import Studio
-from studio.ui.chat_tab import build_chat_tab, run_choices
-from studio.ui.data_tab import build_data_tab, wire_data_tab
-from studio.ui.export_tab import build_export_tab
-from studio.ui.train_tab import build_train_tab
-
-CSS = importlib.resources.files("studio.ui") / "studio.css"  # package data, found wherever it is installed
-
-
-def build_app(studio: Studio) -> gr.Blocks:
-    """The whole page. Server-owned state lives in ``studio``; per-tab state in gr.State."""
-    with gr.Blocks(title="Finetune Studio") as demo:
-        gr.Markdown("# Finetune Studio\nUpload examples, train, compare, download.")
-        # Per browser tab: the dataset this person picked and its column mapping (column=role pairs).
-        dataset_path, mapping = gr.State(None), gr.State("")
-        with gr.Tabs():
-            with gr.Tab("Data", elem_id="tab-data"):
-                data = build_data_tab()
-            with gr.Tab("Train", elem_id="tab-train"):
-                train = build_train_tab(studio, dataset_path, mapping)
-            with gr.Tab("Chat", elem_id="tab-chat") as chat_tab:
-                chat_run = build_chat_tab(studio)
-            with gr.Tab("Export", elem_id="tab-export") as export_tab:
-                export_run = build_export_tab(studio)
-        wire_data_tab(studio, data, dataset_path, mapping, train.model, train.max_length)
-        # Runs finish while the page is open: refresh the run lists whenever their tab opens.
-        chat_tab.select(lambda: gr.Dropdown(choices=studio.chat_choices()), outputs=chat_run)
-        export_tab.select(lambda: gr.Dropdown(choices=run_choices(studio)), outputs=export_run)
-        demo.load(train.show_plan, inputs=train.plan_inputs, outputs=train.plan_outputs)
-    return demo
-
-
-def launch_kwargs(studio: Studio) -> dict:
-    """Options for ``demo.launch``: files under the runs folder may be downloaded, nothing else;
-    uploads above the largest thing we accept (an adapter zip) are cut off by the server before
-    they are written to disk, not after."""
-    from studio.adapter_import import max_import_bytes
-
-    return {"css": CSS.read_text(encoding="utf-8"), "allowed_paths": [str(studio.registry.root.resolve())],
-            "theme": gr.themes.Soft(), "footer_links": [], "max_file_size": max_import_bytes()}
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio loads: no network calls, no tracking

@@ -107,9 +107,13 @@ def wire_data_tab(studio: Studio, tab: DataTab, dataset_path: gr.State, mapping:
                     *[gr.Dropdown(choices=[NONE], value=NONE) for _ in ROLES])
         try:
             view = studio.inspect_dataset(path, pairs, (model_ref or "default").strip(), int(max_len or 512))
-        except (DataError, ModelError) as exc:
+        except DataError as exc:
             return (None, "", None, 0, f"**Can't use this file.** {exc}", None, "", pd.DataFrame(),
                     *[gr.Dropdown(choices=[NONE], value=NONE) for _ in ROLES])
+        except ModelError as exc:  # the file is fine: keep it, so fixing the model brings the report back
+            return (path, pairs, None, 0, f"**Can't count tokens: the model cannot be loaded.** {exc} Change "
+                    "**Model** on the Train tab; this report updates when you leave that box.", None, "",
+                    pd.DataFrame(), *[gr.Dropdown(choices=[NONE], value=NONE) for _ in ROLES])
         choices = [NONE, *view.columns]
         if view.report is None:  # readable, but no mapping works yet: keep what the person chose so far
             chosen = {role: col for col, _, role in (p.rpartition("=") for p in pairs.split(",") if "=" in p)}
