@@ -24,7 +24,7 @@ from typing import Iterator
 
 import torch
 
-from studio import fingerprint, models, precision
+from studio import fingerprint, hardware, models, precision
 from studio.runs import Run
 
 CHECKPOINT_SEP = "@"  # "run-id@step-40" names a run's intermediate checkpoint
@@ -137,7 +137,7 @@ class Playground:
             ref = run.id if checkpoint is None else f"{run.id}{CHECKPOINT_SEP}{checkpoint}"
             weights = self.weights_for(run, checkpoint)
             run_precision = precision.of_status(run.status())
-            self._ensure_base(cfg.model, base_load_for(cfg.method, run_precision), cfg.trust_remote_code)
+            self._ensure_base(cfg.model, base_load_for(cfg.method, run_precision, self.device), cfg.trust_remote_code)
             trained_on = run.fingerprint() or fingerprint.read(weights)
             errors, warnings = fingerprint.compare(trained_on, self.base_fingerprint) if trained_on else ([], [])
             if errors:
@@ -277,13 +277,16 @@ class Playground:
             return total, count
 
 
-def base_load_for(method: str, run_precision: str) -> tuple[str, str]:
+def base_load_for(method: str, run_precision: str, device: str) -> tuple[str, str]:
     """How the playground loads the base for a run, as its trainer did: (load method, precision).
     A full fine-tune's base was scored in training as fp32 weights (under the run's autocast),
     which is what a LoRA load at fp32 gives; a LoRA base loads in the run's compute dtype; a
-    QLoRA base in 4-bit NF4."""
+    QLoRA base in 4-bit NF4 where bitsandbytes can run here (an adapter imported onto a machine
+    without it chats on the full-precision base instead, close to but not exactly as trained)."""
     if method == "full":
         return "lora", "fp32"
+    if method == "qlora" and hardware.bnb_4bit_support(device == "cuda", device == "mps").get(device) != "yes":
+        return "lora", run_precision
     return method, run_precision
 
 

@@ -258,3 +258,16 @@ def test_chat_works_while_a_job_trains(two_runs, tiny_model_dir, instruction_csv
     finally:
         studio.stop_training()
         job.thread.join(60)
+
+
+def test_base_is_loaded_as_each_method_trained_it(monkeypatch):
+    """fp32 master weights for full, the run's dtype for LoRA, 4-bit for QLoRA where bitsandbytes
+    runs; without it a QLoRA adapter still chats, on the full-precision base."""
+    from studio import hardware
+    from studio.playground import base_load_for
+
+    assert base_load_for("full", "bf16", "cpu") == ("lora", "fp32")
+    assert base_load_for("lora", "bf16", "cpu") == ("lora", "bf16")
+    assert base_load_for("qlora", "bf16", "cpu") == ("qlora", "bf16")
+    monkeypatch.setattr(hardware, "bnb_4bit_support", lambda cuda, mps: {"cpu": "bitsandbytes is not installed"})
+    assert base_load_for("qlora", "bf16", "cpu") == ("lora", "bf16")
