@@ -93,3 +93,34 @@ def test_installed_cli_runs_from_anywhere(installed):
     proc = _python(installed, "-m", "studio.cli", "validate", str(sample))  # the prepared default model
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "300 rows, 300 usable" in proc.stdout and "OK: training can proceed." in proc.stdout
+
+
+def test_installed_package_serves_the_page(installed, tmp_path):
+    """`python -m studio ui` from the wheel, outside the checkout: the page and its css answer."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "studio", "ui", "--port", str(port), "--runs-dir",
+                             str(tmp_path / "runs")], cwd=installed["cwd"], env=installed["env"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline, page = time.monotonic() + 120, None
+        while page is None:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no answer within 120 s:\n" + (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+            except OSError:
+                time.sleep(0.5)
+        assert "Finetune Studio" in page
+        config = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=10).read())
+        assert ".fs-progress" in (config.get("css") or "")  # the packaged css is served
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
