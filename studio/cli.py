@@ -151,6 +151,13 @@ def _train(args) -> int:
         for p in exc.problems:
             print(f"  - {p}", file=sys.stderr)
         return 2
+    from studio.models import ModelError, resolve
+
+    try:  # an unknown model is refused before a run folder is made for it
+        resolve(cfg.model)
+    except ModelError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     distributed.init(dist)
     path = RunRegistry(args.runs_dir).create(cfg).path if dist.main else None
     run = Run(distributed.broadcast(path, dist), writable=dist.main)

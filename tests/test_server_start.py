@@ -113,10 +113,10 @@ def test_cli_validate_unknown_model(instruction_csv, capsys):
 
 def test_cli_train_unknown_model(instruction_csv, runs_dir, capsys):
     assert main(["train", "--data", str(instruction_csv), "--model", UNKNOWN_MODEL, "--runs-dir", str(runs_dir),
-                 "--max-steps", "1"]) == 1
+                 "--max-steps", "1"]) == 2
     out, err = capsys.readouterr()
-    assert _offline_message(UNKNOWN_MODEL) in out
-    assert "Details:" in err and "Traceback" not in out + err
+    assert _offline_message(UNKNOWN_MODEL) in err and "Traceback" not in out + err
+    assert not list(runs_dir.iterdir())  # refused before a run folder was made for it
 
 
 def test_unknown_model_in_the_model_box(instruction_csv, runs_dir):
