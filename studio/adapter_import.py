@@ -39,7 +39,8 @@ import yaml
 from studio import fingerprint, models
 from studio.config import ConfigError, RunConfig
 from studio.model_card import DEFAULT_HUB_ID
-from studio.runs import NAME_MAX, Run, RunRegistry, atomic_write_text
+from studio.files import atomic_write_text
+from studio.runs import NAME_MAX, Run, RunRegistry
 
 MAX_ENV = "FINETUNE_STUDIO_IMPORT_MAX_MB"
 DEFAULT_MAX_BYTES = 2 * 1024**3

@@ -18,44 +18,7 @@ import argparse
 import logging
 import sys
 
-from studio.config import ConfigError, RunConfig, field_help, leaf_fields
-
-# Short flag names for nested fields; every other field is --<section>-<name>.
-_FLAG_ALIASES = {
-    "data.path": "data", "data.eval_fraction": "eval-fraction", "data.max_length": "max-length",
-    "data.mapping": "mapping", "data.eval_rows": "eval-rows", "data.eval_path": "eval-path",
-    "data.max_file_mb": "max-file-mb",
-    "lora.targets": "lora-targets", "training.epochs": "epochs", "training.max_steps": "max-steps",
-    "training.learning_rate": "learning-rate", "training.batch_size": "batch-size",
-    "training.gradient_accumulation": "gradient-accumulation", "training.warmup_ratio": "warmup-ratio",
-    "training.weight_decay": "weight-decay", "training.precision": "precision",
-    "training.gradient_checkpointing": "gradient-checkpointing", "training.memory_check": "memory-check", "training.compile": "compile",
-    "training.eval_steps": "eval-steps", "training.early_stopping": "early-stopping", "training.save_steps": "save-steps",
-    "training.keep_checkpoints": "keep-checkpoints", "training.seed": "seed",
-}
-
-
-def _flag(dotted: str) -> str:
-    return _FLAG_ALIASES.get(dotted, dotted.replace(".", "-").replace("_", "-"))
-
-
-def command_for(config: RunConfig) -> str:
-    """The `finetune-studio train` command that builds this same config (for "copy as CLI")."""
-    import shlex
-
-    defaults = RunConfig().flat()
-    parts = ["finetune-studio", "train"]
-    for dotted, value in config.flat().items():
-        if dotted == "data.path" or value != defaults.get(dotted):
-            parts += [f"--{_flag(dotted)}", shlex.quote(str(value))]
-    return " ".join(parts)
-
-
-def launch_command_for(config: RunConfig, processes: int = 2) -> str:
-    """The same run on several GPUs through accelerate (DDP): see README, "More than one GPU"."""
-    return command_for(config).replace(
-        "finetune-studio train", f"accelerate launch --multi_gpu --num_processes {processes} -m studio.cli train", 1)
-
+from studio.config import ConfigError, RunConfig, field_help, flag_name, leaf_fields
 
 def _bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
@@ -67,7 +30,7 @@ def _bool(text: str) -> bool:
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     for dotted, ftype, default in leaf_fields():
-        p.add_argument(f"--{_flag(dotted)}", dest=dotted, default=None, metavar=ftype.__name__.upper(),
+        p.add_argument(f"--{flag_name(dotted)}", dest=dotted, default=None, metavar=ftype.__name__.upper(),
                        type=_bool if ftype is bool else ftype,
                        help=f"{field_help(dotted)} (default: {default})".replace("%", "%%"))  # argparse formats help with %
 

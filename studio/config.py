@@ -315,6 +315,46 @@ def field_help(dotted: str) -> str:
     return _docstrings(cls).get(leaf, "")
 
 
+# ---- the command line: every setting is a flag (studio/cli.py), and a config prints as a command
+
+# Short flag names for nested fields; every other field is --<section>-<name>.
+_FLAG_ALIASES = {
+    "data.path": "data", "data.eval_fraction": "eval-fraction", "data.max_length": "max-length",
+    "data.mapping": "mapping", "data.eval_rows": "eval-rows", "data.eval_path": "eval-path",
+    "data.max_file_mb": "max-file-mb",
+    "lora.targets": "lora-targets", "training.epochs": "epochs", "training.max_steps": "max-steps",
+    "training.learning_rate": "learning-rate", "training.batch_size": "batch-size",
+    "training.gradient_accumulation": "gradient-accumulation", "training.warmup_ratio": "warmup-ratio",
+    "training.weight_decay": "weight-decay", "training.precision": "precision",
+    "training.gradient_checkpointing": "gradient-checkpointing", "training.memory_check": "memory-check", "training.compile": "compile",
+    "training.eval_steps": "eval-steps", "training.early_stopping": "early-stopping", "training.save_steps": "save-steps",
+    "training.keep_checkpoints": "keep-checkpoints", "training.seed": "seed",
+}
+
+
+def flag_name(dotted: str) -> str:
+    """The CLI flag for a setting, without the dashes: `training.epochs` -> `epochs`."""
+    return _FLAG_ALIASES.get(dotted, dotted.replace(".", "-").replace("_", "-"))
+
+
+def command_for(config: RunConfig) -> str:
+    """The `finetune-studio train` command that builds this same config (for "copy as CLI")."""
+    import shlex
+
+    defaults = RunConfig().flat()
+    parts = ["finetune-studio", "train"]
+    for dotted, value in config.flat().items():
+        if dotted == "data.path" or value != defaults.get(dotted):
+            parts += [f"--{flag_name(dotted)}", shlex.quote(str(value))]
+    return " ".join(parts)
+
+
+def launch_command_for(config: RunConfig, processes: int = 2) -> str:
+    """The same run on several GPUs through accelerate (DDP): see README, "More than one GPU"."""
+    return command_for(config).replace(
+        "finetune-studio train", f"accelerate launch --multi_gpu --num_processes {processes} -m studio.cli train", 1)
+
+
 def leaf_fields() -> list[tuple[str, type, Any]]:
     """(dotted name, type, default) for every scalar setting, in declaration order."""
     out = []

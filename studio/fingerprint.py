@@ -21,6 +21,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from studio.files import atomic_write_text, read_json
+
 FILE = "fingerprint.json"
 
 # Config fields that decide whether adapter weights fit the base: a difference here is fatal.
@@ -70,17 +72,11 @@ def for_model_ref(model_ref: str, trust_remote_code: bool = False) -> dict[str, 
 
 def read(folder: str | Path) -> dict[str, Any] | None:
     """The fingerprint saved in ``folder``, or None when there is none (older runs, other tools)."""
-    path = Path(folder) / FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    data = read_json(Path(folder) / FILE)
     return data if isinstance(data, dict) else None
 
 
 def write(folder: str | Path, fp: dict[str, Any]) -> None:
-    from studio.runs import atomic_write_text
-
     atomic_write_text(Path(folder) / FILE, json.dumps(fp, indent=2))
 
 

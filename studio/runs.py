@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from studio import fingerprint
 from studio.config import RunConfig
+from studio.files import atomic_write_text, read_json
 
 STATES = ("queued", "running", "stopping", "finished", "failed", "interrupted")
 ACTIVE_STATES = ("queued", "running", "stopping")
@@ -39,12 +41,6 @@ RUNS_DIR_ENV = "FINETUNE_STUDIO_RUNS_DIR"
 
 def default_runs_dir() -> Path:
     return Path(os.environ.get(RUNS_DIR_ENV, "runs"))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -105,16 +101,11 @@ class Run:
         return name
 
     def fingerprint(self) -> dict[str, Any] | None:
-        from studio import fingerprint
-
         return fingerprint.read(self.path)
 
     def evaluation(self) -> dict[str, Any] | None:
         """The stored base-vs-adapter evaluation (``evaluation.json``), or None before one ran."""
-        try:
-            data = json.loads((self.path / "evaluation.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
+        data = read_json(self.path / "evaluation.json")
         return data if isinstance(data, dict) else None
 
     def save_evaluation(self, data: dict[str, Any]) -> None:

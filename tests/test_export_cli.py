@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from studio.cli import build_parser, command_for, main
+from studio.cli import build_parser, main
+from studio.config import command_for
 from studio.config import RunConfig
 from studio.export import ExportError, export_zip
 from studio.runs import RunRegistry
@@ -109,7 +110,7 @@ def test_every_config_field_has_a_flag_and_copy_as_cli_round_trips(tmp_path):
     overrides = {k: v for k, v in vars(args).items() if "." in k or k in ("model", "method", "trust_remote_code")}
     assert RunConfig().with_overrides(overrides) == cfg
 
-    from studio.cli import launch_command_for
+    from studio.config import launch_command_for
 
     multi = shlex.split(launch_command_for(cfg, 4))
     assert multi[:7] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "4", "-m", "studio.cli"]

@@ -12,8 +12,7 @@ from typing import Callable
 
 import gradio as gr
 
-from studio.cli import command_for, launch_command_for
-from studio.config import ConfigError, RunConfig, field_help
+from studio.config import ConfigError, RunConfig, command_for, field_help, launch_command_for
 from studio.models import ModelError
 from studio.planner import METHOD_NAMES
 from studio.service import JobView, Studio
