@@ -152,11 +152,13 @@ class RunConfig:
             raise ConfigError([f"{p} must hold a mapping of settings, found {type(raw).__name__}."])
         return cls.from_dict(raw)
 
-    def with_overrides(self, overrides: dict[str, Any]) -> "RunConfig":
-        """A copy with dotted keys (``training.epochs``) replaced; None values are skipped."""
+    def with_overrides(self, overrides: dict[str, Any], skip_none: bool = True) -> "RunConfig":
+        """A copy with dotted keys (``training.epochs``) replaced. None values are skipped (an
+        unset CLI flag), or with ``skip_none=False`` checked like any value (an emptied form box
+        is a mistake to report, not "the default")."""
         merged = self.to_dict()
         for dotted, value in overrides.items():
-            if value is None:
+            if value is None and skip_none:
                 continue
             node = merged
             *parents, leaf = dotted.split(".")

@@ -1,18 +1,24 @@
 """Train tab: model, method and hyperparameters; Train/Stop; live progress, loss and memory.
 
+The settings are a declared form (:class:`Form`): each is added once by its RunConfig dotted
+name, and the config, the command-line box and a suggested change are built from that mapping by
+name, never by position. Handlers are module functions of the ``Studio`` and the tab's
+components (:class:`TrainTab`), so tests can call them without a browser.
+
 The job belongs to the server (``studio.jobs``); this tab only polls it with a gr.Timer, so
 reloading the page or opening a second tab shows the same running job.
 """
 
 from __future__ import annotations
 
+import functools
 import html
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import gradio as gr
 
-from studio.config import ConfigError, RunConfig, command_for, field_help, launch_command_for
+from studio.config import ConfigError, RunConfig, command_for, field_help, launch_command_for, leaf_fields
 from studio.models import ModelError
 from studio.planner import METHOD_NAMES
 from studio.service import JobView, Studio
@@ -20,12 +26,85 @@ from studio.ui.plots import loss_figure, memory_figure, memory_plan_figure, over
 
 POLL_SECONDS = 0.5
 LORA_LR, FULL_LR = RunConfig().training.learning_rate, 2e-5
+FIELD_TYPES = {name: (ftype, default) for name, ftype, default in leaf_fields()}
+# Settings that move the memory estimate: changing one re-plans (the model box re-plans on leave).
+PLANNED = ("method", "training.batch_size", "data.max_length", "lora.r", "lora.dropout", "lora.targets",
+           "training.gradient_accumulation", "training.gradient_checkpointing")
 
 
-def _progress_html(view: JobView) -> str:
-    pct = 100 * view.step / view.total_steps if view.total_steps else 0
-    return (f'<div class="fs-progress" data-step="{view.step}" data-total="{view.total_steps}">'
-            f'<div class="fs-progress-bar" style="width:{pct:.1f}%"></div></div>')
+class Form:
+    """The tab's settings by RunConfig dotted name. ``add`` makes a component of the field's type
+    with its default and docstring help; adding a setting to the page is one ``add`` line."""
+
+    def __init__(self):
+        self.fields: dict[str, gr.Component] = {}
+
+    def add(self, name: str, label: str, component: Callable | None = None, **kwargs) -> gr.Component:
+        ftype, default = FIELD_TYPES[name]
+        kwargs = {"label": label, "info": field_help(name), **kwargs}
+        if component is not None:
+            made = component(value=default, **kwargs)
+        elif ftype is bool:
+            made = gr.Checkbox(default, **kwargs)
+        elif ftype in (int, float):
+            made = gr.Number(value=default, **({"precision": 0} if ftype is int else {}), **kwargs)
+        else:
+            made = gr.Textbox(value=default, **kwargs)
+        self.fields[name] = made
+        return made
+
+    @property
+    def components(self) -> list[gr.Component]:
+        return list(self.fields.values())
+
+    def values(self, data: dict) -> dict[str, Any]:
+        """The form's values by name, from an event's ``{component: value}``."""
+        return {name: data[comp] for name, comp in self.fields.items()}
+
+    def updates(self, changes: dict[str, Any]) -> dict[gr.Component, Any]:
+        """``{component: value}`` for the settings in ``changes`` that the form shows."""
+        return {self.fields[name]: value for name, value in changes.items() if name in self.fields}
+
+
+@dataclass
+class TrainTab:
+    """The tab's components that handlers read or update, by name."""
+
+    form: Form
+    dataset_path: gr.State
+    mapping: gr.State
+    plan_html: gr.HTML
+    plan_plot: gr.Plot
+    plan_state: gr.State
+    use_recommended: gr.Button
+    apply_fix: gr.Button
+    train_btn: gr.Button
+    stop_btn: gr.Button
+    save_btn: gr.Button
+    cancel_btn: gr.Button
+    resume_run: gr.Dropdown
+    resume_btn: gr.Button
+    status: gr.Markdown
+    retry_btn: gr.Button
+    retry_state: gr.State
+    progress: gr.HTML
+    loss_plot: gr.Plot
+    memory_plot: gr.Plot
+    log_scale: gr.Checkbox
+    cli: gr.Code
+    runs_table: gr.Dataframe
+    compare: gr.Dropdown
+    manage: gr.Dropdown
+    shown: gr.State
+
+    @property
+    def inputs(self) -> set:
+        """What the config is built from: the form plus the Data tab's file and column mapping."""
+        return {self.dataset_path, self.mapping, *self.form.components}
+
+    @property
+    def plan_outputs(self) -> list:
+        return [self.plan_html, self.plan_plot, self.plan_state, self.use_recommended, self.apply_fix]
 
 
 @dataclass
@@ -35,54 +114,48 @@ class TrainControls:
     model: gr.Textbox
     max_length: gr.Number
     show_plan: Callable  # re-plan memory: the page runs it on load
-    plan_inputs: list
+    plan_inputs: set
     plan_outputs: list
+    tab: TrainTab  # every component, for tests that call the handlers
+
+
+def _progress_html(view: JobView) -> str:
+    pct = 100 * view.step / view.total_steps if view.total_steps else 0
+    return (f'<div class="fs-progress" data-step="{view.step}" data-total="{view.total_steps}">'
+            f'<div class="fs-progress-bar" style="width:{pct:.1f}%"></div></div>')
 
 
 def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -> TrainControls:
-    defaults = RunConfig()
     hw = studio.hardware
     four_bit = "; ".join(f"QLoRA on {d.upper()}: {why}" for d, why in hw.bnb_4bit.items())
     gr.Markdown(f"**Hardware:** {hw.summary()}  \n{four_bit}", elem_id="hardware-summary")
+    form = Form()
     with gr.Row():
-        model = gr.Textbox(value=defaults.model, label="Model", elem_id="model-name", scale=2,
-                           info="default = SmolLM2-135M-Instruct (bundled, works offline); or a hub id or local folder.")
-        method = gr.Radio(["full", "lora", "qlora"], value=defaults.method, label="Method",
-                          elem_id="method-picker", info=field_help("method"), scale=2)
-    t = defaults.training
+        form.add("model", "Model", elem_id="model-name", scale=2,
+                 info="default = SmolLM2-135M-Instruct (bundled, works offline); or a hub id or local folder.")
+        form.add("method", "Method", functools.partial(gr.Radio, ["full", "lora", "qlora"]),
+                 elem_id="method-picker", scale=2)
     with gr.Row():
-        epochs = gr.Number(value=t.epochs, label="Epochs", info=field_help("training.epochs"), minimum=0)
-        max_steps = gr.Number(value=t.max_steps, label="Max steps", precision=0, elem_id="train-max-steps",
-                              info=field_help("training.max_steps"), minimum=0)
-        lr = gr.Number(value=t.learning_rate, label="Learning rate", info=field_help("training.learning_rate"),
-                       elem_id="train-lr")
-        batch = gr.Number(value=t.batch_size, label="Batch size", precision=0, minimum=1,
-                          info=field_help("training.batch_size"), elem_id="train-batch-size")
-        max_len = gr.Number(value=defaults.data.max_length, label="Max length (tokens)", precision=0,
-                            info=field_help("data.max_length"), elem_id="train-max-length")
+        form.add("training.epochs", "Epochs", minimum=0)
+        form.add("training.max_steps", "Max steps", elem_id="train-max-steps", minimum=0)
+        form.add("training.learning_rate", "Learning rate", elem_id="train-lr")
+        form.add("training.batch_size", "Batch size", minimum=1, elem_id="train-batch-size")
+        form.add("data.max_length", "Max length (tokens)", elem_id="train-max-length")
     with gr.Accordion("LoRA and evaluation", open=False):
-        lo = defaults.lora
         with gr.Row():
-            r = gr.Number(value=lo.r, label="LoRA rank", precision=0, info=field_help("lora.r"))
-            alpha = gr.Number(value=lo.alpha, label="LoRA alpha", precision=0, info=field_help("lora.alpha"))
-            dropout = gr.Number(value=lo.dropout, label="LoRA dropout", info=field_help("lora.dropout"))
-            targets = gr.Textbox(value=lo.targets, label="LoRA targets", info=field_help("lora.targets"))
-            eval_fraction = gr.Number(value=defaults.data.eval_fraction, label="Eval fraction",
-                                      info=field_help("data.eval_fraction"))
-            eval_steps = gr.Number(value=t.eval_steps, label="Eval every N steps", precision=0, minimum=0,
-                                   elem_id="train-eval-steps", info=field_help("training.eval_steps"))
-            early_stopping = gr.Number(value=t.early_stopping, label="Early stopping (evaluations)", precision=0,
-                                       minimum=0, elem_id="train-early-stopping",
-                                       info=field_help("training.early_stopping"))
+            form.add("lora.r", "LoRA rank")
+            form.add("lora.alpha", "LoRA alpha")
+            form.add("lora.dropout", "LoRA dropout")
+            form.add("lora.targets", "LoRA targets")
+            form.add("data.eval_fraction", "Eval fraction")
+            form.add("training.eval_steps", "Eval every N steps", minimum=0, elem_id="train-eval-steps")
+            form.add("training.early_stopping", "Early stopping (evaluations)", minimum=0,
+                     elem_id="train-early-stopping")
     with gr.Row():
-        accumulation = gr.Number(value=t.gradient_accumulation, label="Gradient accumulation", precision=0,
-                                 minimum=1, elem_id="train-accumulation", info=field_help("training.gradient_accumulation"))
-        checkpointing = gr.Checkbox(t.gradient_checkpointing, label="Gradient checkpointing",
-                                    elem_id="train-checkpointing", info=field_help("training.gradient_checkpointing"))
-        memory_check = gr.Checkbox(t.memory_check, label="Check memory before training",
-                                   elem_id="train-memory-check", info=field_help("training.memory_check"))
-        compile_ = gr.Checkbox(t.compile, label="Compile (faster long runs)", elem_id="train-compile",
-                               info=field_help("training.compile"))
+        form.add("training.gradient_accumulation", "Gradient accumulation", minimum=1, elem_id="train-accumulation")
+        form.add("training.gradient_checkpointing", "Gradient checkpointing", elem_id="train-checkpointing")
+        form.add("training.memory_check", "Check memory before training", elem_id="train-memory-check")
+        form.add("training.compile", "Compile (faster long runs)", elem_id="train-compile")
     with gr.Accordion("Memory: which method fits", open=True):
         plan_html = gr.HTML(elem_id="memory-plan")
         with gr.Row():
@@ -131,213 +204,221 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
     timer = gr.Timer(POLL_SECONDS)
     shown = gr.State(None)  # what this browser tab last drew; skip redraws when nothing changed
 
-    form = [model, method, epochs, max_steps, lr, batch, max_len, r, alpha, dropout, targets, eval_fraction,
-            accumulation, checkpointing, memory_check, eval_steps, early_stopping, compile_]
+    tab = TrainTab(form, dataset_path, mapping, plan_html, plan_plot, plan_state, use_recommended, apply_fix,
+                   train_btn, stop_btn, save_btn, cancel_btn, resume_run, resume_btn, status, retry_btn,
+                   retry_state, progress, loss_plot, memory_plot, log_scale, cli, runs_table, compare, manage, shown)
+    bind = functools.partial  # handlers are module functions of (studio, tab, ...)
+    fields, lr = form.fields, form.fields["training.learning_rate"]
 
-    def to_config(path, pairs, model, method, epochs, max_steps, lr, batch, max_len, r, alpha, dropout, targets, ev,
-                  accumulation, checkpointing, memory_check, eval_steps, early_stopping, compile_):
-        return RunConfig.from_dict({
-            "model": model, "method": method,
-            "data": {"path": path or "", "mapping": pairs or "", "max_length": max_len, "eval_fraction": ev},
-            "lora": {"r": r, "alpha": alpha, "dropout": dropout, "targets": targets},
-            "training": {"epochs": epochs, "max_steps": max_steps, "learning_rate": lr, "batch_size": batch,
-                         "gradient_accumulation": accumulation, "gradient_checkpointing": checkpointing,
-                         "memory_check": memory_check, "eval_steps": eval_steps, "early_stopping": early_stopping,
-                         "compile": compile_},
-        })
-
-    def show_plan(path, pairs, *values):
-        """Re-plan on every change that moves memory; problems show in place of the table."""
-        hidden = (gr.Button(visible=False), gr.Button(visible=False))
-        try:
-            cfg = to_config(path, pairs, *values)
-            problems = cfg.validate(check_data_file=False)
-            if problems:
-                return _problems_html(problems), None, None, *hidden
-            plan, basis = studio.memory_plan(cfg)
-        except ConfigError as exc:
-            return _problems_html(exc.problems), None, None, *hidden
-        except ModelError as exc:
-            return _problems_html([str(exc)]), None, None, *hidden
-        keep = {"recommended": plan.recommended,
-                "changes": plan.suggestion.changes if plan.suggestion else None,
-                "suggested_method": plan.suggestion.method if plan.suggestion else None}
-        rec = plan.recommended
-        return (plan_table_html(plan, cfg.method, basis), memory_plan_figure(plan), keep,
-                gr.Button(visible=bool(rec and rec != cfg.method),
-                          value=f"Use {METHOD_NAMES[rec]}" if rec else "Use the recommended method"),
-                gr.Button(visible=plan.suggestion is not None))
-
-    def start(path, pairs, *values):
-        if not path:
-            gr.Warning("Upload a dataset on the Data tab first.")
-            return "**Upload a dataset on the Data tab first.**", gr.skip()
-        try:
-            cfg = to_config(path, pairs, *values)
-            job = studio.start_training(cfg)
-        except ConfigError as exc:
-            problems = "\n".join(f"- {p}" for p in exc.problems)
-            return f"**Fix these settings first:**\n{problems}", gr.skip()
-        except RuntimeError as exc:
-            gr.Warning(str(exc))
-            return f"**{exc}**", gr.skip()
-        position = studio.jobs.queue_position(job)
-        if position:
-            gr.Info(f"Queued at position {position}: it starts by itself when the runs before it end.")
-            return f"Queued `{job.run.id}` at position {position}.", _commands(cfg)
-        return "Starting...", _commands(cfg)
-
-    def show_cli(path, pairs, *values):
-        try:
-            return _commands(to_config(path, pairs, *values))
-        except ConfigError:
-            return gr.skip()
-
-    def poll(last, log):
-        view = studio.job_view()
-        key = (view.run_id, view.state, view.message, len(view.train), len(view.evals), log, tuple(view.queued))
-        if key == last:
-            return (gr.skip(),) * 16
-        running = view.active and view.state != "stopping"
-        # The resumable list changes only when a job changes state: refresh it then.
-        changed = key[:3] != (last or (None,) * 3)[:3] or key[-1] != (last or (None,) * 7)[-1]
-        resumable = gr.Dropdown(choices=studio.resumable_runs()) if changed else gr.skip()
-        table = studio.runs_table() if changed else gr.skip()
-        run_ids = gr.Dropdown(choices=[r.id for r in studio.registry.list()]) if changed else gr.skip()
-        retry = view.retry and {"changes": view.retry["changes"], "suggested_method": view.retry["method"]}
-        memory = memory_figure(view.train, view.memory_peak_mib, view.memory_estimate_mib)
-        return (view.progress_text(), _progress_html(view), loss_figure(view.train, view.evals, log),
-                memory, key, gr.Button(value="Queue another run" if view.active else "Train"),
-                gr.Button(interactive=running), gr.Button(interactive=running), resumable,
-                gr.Button(interactive=not view.active), gr.Button(visible=bool(retry)), retry, table, run_ids, run_ids,
-                gr.Button(visible=bool(view.queued)))
-
-    def compare_runs(run_ids, log):
-        run_ids = run_ids or []
-        if len(run_ids) < 2:
-            return None, "Pick two or more runs to overlay their curves and compare their settings."
-        try:
-            fig = overlay_figure(studio.curves(run_ids), log)
-            a, b = run_ids[0], run_ids[1]
-            rows = studio.config_diff(a, b)
-        except (LookupError, ConfigError) as exc:
-            return None, f"**{exc}**"
-        if not rows:
-            return fig, f"`{a}` and `{b}` used the same settings."
-        table = "\n".join(f"| `{k}` | {_cell(va)} | {_cell(vb)} |" for k, va, vb in rows)
-        return fig, f"Settings that differ:\n\n| setting | `{a}` | `{b}` |\n|---|---|---|\n{table}"
-
-    def after_change(note):
-        ids = [r.id for r in studio.registry.list()]
-        return (note, studio.runs_table(), gr.Dropdown(choices=ids, value=None),
-                gr.Dropdown(choices=ids, value=[]), False)
-
-    def rename(run_id, name):
-        if not run_id:
-            return "Pick a run to rename.", *(gr.skip(),) * 4
-        try:
-            name = studio.rename_run(run_id, name)
-        except (LookupError, ValueError) as exc:
-            return f"**{exc}**", *(gr.skip(),) * 4
-        return after_change(f"`{run_id}` is now called **{name}**.")
-
-    def delete(run_id, sure):
-        if not run_id:
-            return "Pick a run to delete.", *(gr.skip(),) * 4
-        if not sure:
-            return "Tick the box to confirm: deleting removes the run's files for good.", *(gr.skip(),) * 4
-        try:
-            studio.delete_run(run_id)
-        except (LookupError, ValueError) as exc:
-            return f"**{exc}**", *(gr.skip(),) * 4
-        return after_change(f"Deleted `{run_id}`.")
-
-    def resume(run_id):
-        if not run_id:
-            gr.Warning("Pick a run to resume.")
-            return gr.skip()
-        try:
-            studio.resume_training(run_id)
-        except (LookupError, ConfigError, RuntimeError) as exc:
-            gr.Warning(str(exc))
-            return f"**{exc}**"
-        return f"Resuming {run_id}..."
-
-    def save_now():
-        if studio.save_now():
-            gr.Info("A checkpoint will be saved after the current step.")
-        else:
-            gr.Info("No training is running.")
-
-    train_btn.click(start, inputs=[dataset_path, mapping, *form], outputs=[status, cli])
-    def stop():
-        if not studio.stop_training():
-            gr.Info("No training is running.")
-
-    stop_btn.click(stop)
-
-    def cancel_queued():
-        dropped = studio.cancel_queued()
-        gr.Info(f"Cancelled {len(dropped)} queued run{'s' if len(dropped) != 1 else ''}." if dropped
-                else "Nothing is queued.")
-
-    cancel_btn.click(cancel_queued)
-    save_btn.click(save_now)
-    compare.change(compare_runs, inputs=[compare, log_scale], outputs=[overlay, diff])
+    train_btn.click(bind(start, studio, tab), inputs=tab.inputs, outputs=[status, cli])
+    stop_btn.click(bind(stop, studio))
+    cancel_btn.click(bind(cancel_queued, studio))
+    save_btn.click(bind(save_now, studio))
+    compare.change(bind(compare_runs, studio), inputs=[compare, log_scale], outputs=[overlay, diff])
     manage_outputs = [manage_note, runs_table, manage, compare, confirm]
-    rename_btn.click(rename, inputs=[manage, new_name], outputs=manage_outputs)
-    delete_btn.click(delete, inputs=[manage, confirm], outputs=manage_outputs)
-    resume_btn.click(resume, inputs=resume_run, outputs=status)
-    timer.tick(poll, inputs=[shown, log_scale], outputs=[status, progress, loss_plot, memory_plot, shown,
-                                                          train_btn, stop_btn, save_btn, resume_run, resume_btn,
-                                                          retry_btn, retry_state, runs_table, compare, manage,
-                                                          cancel_btn],
+    rename_btn.click(bind(rename, studio), inputs=[manage, new_name], outputs=manage_outputs)
+    delete_btn.click(bind(delete, studio), inputs=[manage, confirm], outputs=manage_outputs)
+    resume_btn.click(bind(resume, studio), inputs=resume_run, outputs=status)
+    timer.tick(bind(poll, studio, tab), inputs=[shown, log_scale],
+               outputs=[status, progress, loss_plot, memory_plot, shown, train_btn, stop_btn, save_btn, resume_run,
+                        resume_btn, retry_btn, retry_state, runs_table, compare, manage, cancel_btn],
                show_progress="hidden")
-    for comp in form:
-        comp.change(show_cli, inputs=[dataset_path, mapping, *form], outputs=cli, show_progress="hidden")
+    for comp in form.components:
+        comp.change(bind(show_cli, tab), inputs=tab.inputs, outputs=cli, show_progress="hidden")
 
-    plan_outputs = [plan_html, plan_plot, plan_state, use_recommended, apply_fix]
-    plan_inputs = [dataset_path, mapping, *form]
+    show = bind(show_plan, studio, tab)
     # The model box re-plans when left or submitted, not per keystroke (reading a config can be slow).
-    model.submit(show_plan, inputs=plan_inputs, outputs=plan_outputs, show_progress="hidden")
-    model.blur(show_plan, inputs=plan_inputs, outputs=plan_outputs, show_progress="hidden")
-    for comp in (method, batch, max_len, r, dropout, targets, accumulation, checkpointing):
-        comp.change(show_plan, inputs=plan_inputs, outputs=plan_outputs, show_progress="hidden")
-    dataset_path.change(show_plan, inputs=plan_inputs, outputs=plan_outputs, show_progress="hidden")
-    mapping.change(show_plan, inputs=plan_inputs, outputs=plan_outputs, show_progress="hidden")
+    fields["model"].submit(show, inputs=tab.inputs, outputs=tab.plan_outputs, show_progress="hidden")
+    fields["model"].blur(show, inputs=tab.inputs, outputs=tab.plan_outputs, show_progress="hidden")
+    for comp in (*(fields[name] for name in PLANNED), dataset_path, mapping):
+        comp.change(show, inputs=tab.inputs, outputs=tab.plan_outputs, show_progress="hidden")
 
-    def switch_lr(current_lr, new_method):
-        """Full fine-tuning wants about a tenth of LoRA's learning rate: when the button switches
-        method and the rate is still the other family's default, switch the rate too."""
-        if new_method == "full" and current_lr == LORA_LR:
-            return FULL_LR
-        if new_method != "full" and current_lr == FULL_LR:
-            return LORA_LR
+    use_recommended.click(bind(use_recommendation, tab), inputs=[plan_state, lr], outputs=[fields["method"], lr])
+    # One click: apply the change the failure suggested to the form, then train with it.
+    retry_btn.click(bind(apply_change, tab), inputs=[retry_state, lr], outputs=form.components).then(
+        bind(start, studio, tab), inputs=tab.inputs, outputs=[status, cli])
+    apply_fix.click(bind(apply_change, tab), inputs=[plan_state, lr], outputs=form.components)
+    return TrainControls(fields["model"], fields["data.max_length"], show, tab.inputs, tab.plan_outputs, tab)
+
+
+# ---- handlers: module functions of the Studio and the tab's components ------------------------
+
+def form_config(tab: TrainTab, data: dict) -> RunConfig:
+    """The RunConfig the form describes, from an event's ``{component: value}``.
+    Raises ConfigError (a box emptied or holding the wrong type is reported, not defaulted)."""
+    values = {**tab.form.values(data), "data.path": data[tab.dataset_path] or "",
+              "data.mapping": data[tab.mapping] or ""}
+    return RunConfig().with_overrides(values, skip_none=False)
+
+
+def show_plan(studio: Studio, tab: TrainTab, data: dict):
+    """Re-plan on every change that moves memory; problems show in place of the table."""
+    hidden = (gr.Button(visible=False), gr.Button(visible=False))
+    try:
+        cfg = form_config(tab, data)
+        problems = cfg.validate(check_data_file=False)
+        if problems:
+            return _problems_html(problems), None, None, *hidden
+        plan, basis = studio.memory_plan(cfg)
+    except ConfigError as exc:
+        return _problems_html(exc.problems), None, None, *hidden
+    except ModelError as exc:
+        return _problems_html([str(exc)]), None, None, *hidden
+    keep = {"recommended": plan.recommended,
+            "changes": plan.suggestion.changes if plan.suggestion else None,
+            "suggested_method": plan.suggestion.method if plan.suggestion else None}
+    rec = plan.recommended
+    return (plan_table_html(plan, cfg.method, basis), memory_plan_figure(plan), keep,
+            gr.Button(visible=bool(rec and rec != cfg.method),
+                      value=f"Use {METHOD_NAMES[rec]}" if rec else "Use the recommended method"),
+            gr.Button(visible=plan.suggestion is not None))
+
+
+def start(studio: Studio, tab: TrainTab, data: dict):
+    """Train (or queue) the run the form describes: returns (status markdown, command box)."""
+    if not data[tab.dataset_path]:
+        gr.Warning("Upload a dataset on the Data tab first.")
+        return "**Upload a dataset on the Data tab first.**", gr.skip()
+    try:
+        cfg = form_config(tab, data)
+        job = studio.start_training(cfg)
+    except ConfigError as exc:
+        problems = "\n".join(f"- {p}" for p in exc.problems)
+        return f"**Fix these settings first:**\n{problems}", gr.skip()
+    except RuntimeError as exc:
+        gr.Warning(str(exc))
+        return f"**{exc}**", gr.skip()
+    position = studio.jobs.queue_position(job)
+    if position:
+        gr.Info(f"Queued at position {position}: it starts by itself when the runs before it end.")
+        return f"Queued `{job.run.id}` at position {position}.", _commands(cfg)
+    return "Starting...", _commands(cfg)
+
+
+def show_cli(tab: TrainTab, data: dict):
+    try:
+        return _commands(form_config(tab, data))
+    except ConfigError:
         return gr.skip()
 
-    def use_rec(kept, current_lr):
-        if not kept or not kept.get("recommended"):
-            return gr.skip(), gr.skip()
-        return gr.Radio(value=kept["recommended"]), switch_lr(current_lr, kept["recommended"])
 
-    def apply(kept, current_lr):
-        """Set the suggested method and settings; each control's change event then re-plans."""
-        if not kept or not kept.get("changes"):
-            return (gr.skip(),) * 7
-        ch, new = kept["changes"], kept["suggested_method"]
-        return (gr.Radio(value=new), switch_lr(current_lr, new),
-                ch.get("training.batch_size", gr.skip()), ch.get("training.gradient_accumulation", gr.skip()),
-                ch.get("training.gradient_checkpointing", gr.skip()), ch.get("data.max_length", gr.skip()),
-                ch.get("training.compile", gr.skip()))
+def poll(studio: Studio, tab: TrainTab, last, log) -> dict:
+    """Redraw what the server's job changed since this browser tab last drew (nothing otherwise)."""
+    view = studio.job_view()
+    key = (view.run_id, view.state, view.message, len(view.train), len(view.evals), log, tuple(view.queued))
+    if key == last:
+        return {}
+    running = view.active and view.state != "stopping"
+    out = {tab.status: view.progress_text(), tab.progress: _progress_html(view),
+           tab.loss_plot: loss_figure(view.train, view.evals, log),
+           tab.memory_plot: memory_figure(view.train, view.memory_peak_mib, view.memory_estimate_mib),
+           tab.shown: key, tab.train_btn: gr.Button(value="Queue another run" if view.active else "Train"),
+           tab.stop_btn: gr.Button(interactive=running), tab.save_btn: gr.Button(interactive=running),
+           tab.resume_btn: gr.Button(interactive=not view.active), tab.cancel_btn: gr.Button(visible=bool(view.queued))}
+    retry = view.retry and {"changes": view.retry["changes"], "suggested_method": view.retry["method"]}
+    out |= {tab.retry_btn: gr.Button(visible=bool(retry)), tab.retry_state: retry}
+    # The run lists change only when a job changes state: refresh them then.
+    if key[:3] != (last or (None,) * 3)[:3] or key[-1] != (last or (None,) * 7)[-1]:
+        run_ids = [r.id for r in studio.registry.list()]
+        out |= {tab.resume_run: gr.Dropdown(choices=studio.resumable_runs()), tab.runs_table: studio.runs_table(),
+                tab.compare: gr.Dropdown(choices=run_ids), tab.manage: gr.Dropdown(choices=run_ids)}
+    return out
 
-    use_recommended.click(use_rec, inputs=[plan_state, lr], outputs=[method, lr])
-    # One click: apply the change the failure suggested to the form, then train with it.
-    retry_btn.click(apply, inputs=[retry_state, lr],
-                    outputs=[method, lr, batch, accumulation, checkpointing, max_len, compile_]).then(
-        start, inputs=[dataset_path, mapping, *form], outputs=[status, cli])
-    apply_fix.click(apply, inputs=[plan_state, lr],
-                    outputs=[method, lr, batch, accumulation, checkpointing, max_len, compile_])
-    return TrainControls(model, max_len, show_plan, plan_inputs, plan_outputs)
+
+def switch_lr(current_lr, new_method):
+    """Full fine-tuning wants about a tenth of LoRA's learning rate: when a button switches
+    method and the rate is still the other family's default, switch the rate too."""
+    if new_method == "full" and current_lr == LORA_LR:
+        return FULL_LR
+    if new_method != "full" and current_lr == FULL_LR:
+        return LORA_LR
+    return gr.skip()
+
+
+def use_recommendation(tab: TrainTab, kept, current_lr):
+    if not kept or not kept.get("recommended"):
+        return gr.skip(), gr.skip()
+    return gr.Radio(value=kept["recommended"]), switch_lr(current_lr, kept["recommended"])
+
+
+def apply_change(tab: TrainTab, kept, current_lr) -> dict:
+    """Set the suggested method and settings by name; each control's change event then re-plans."""
+    if not kept or not kept.get("changes"):
+        return {}
+    new = kept["suggested_method"]
+    fields = tab.form.fields
+    return {fields["method"]: gr.Radio(value=new), fields["training.learning_rate"]: switch_lr(current_lr, new),
+            **tab.form.updates(kept["changes"])}
+
+
+def compare_runs(studio: Studio, run_ids, log):
+    run_ids = run_ids or []
+    if len(run_ids) < 2:
+        return None, "Pick two or more runs to overlay their curves and compare their settings."
+    try:
+        fig = overlay_figure(studio.curves(run_ids), log)
+        a, b = run_ids[0], run_ids[1]
+        rows = studio.config_diff(a, b)
+    except (LookupError, ConfigError) as exc:
+        return None, f"**{exc}**"
+    if not rows:
+        return fig, f"`{a}` and `{b}` used the same settings."
+    table = "\n".join(f"| `{k}` | {_cell(va)} | {_cell(vb)} |" for k, va, vb in rows)
+    return fig, f"Settings that differ:\n\n| setting | `{a}` | `{b}` |\n|---|---|---|\n{table}"
+
+
+def _after_change(studio: Studio, note: str):
+    ids = [r.id for r in studio.registry.list()]
+    return note, studio.runs_table(), gr.Dropdown(choices=ids, value=None), gr.Dropdown(choices=ids, value=[]), False
+
+
+def rename(studio: Studio, run_id, name):
+    if not run_id:
+        return "Pick a run to rename.", *(gr.skip(),) * 4
+    try:
+        name = studio.rename_run(run_id, name)
+    except (LookupError, ValueError) as exc:
+        return f"**{exc}**", *(gr.skip(),) * 4
+    return _after_change(studio, f"`{run_id}` is now called **{name}**.")
+
+
+def delete(studio: Studio, run_id, sure):
+    if not run_id:
+        return "Pick a run to delete.", *(gr.skip(),) * 4
+    if not sure:
+        return "Tick the box to confirm: deleting removes the run's files for good.", *(gr.skip(),) * 4
+    try:
+        studio.delete_run(run_id)
+    except (LookupError, ValueError) as exc:
+        return f"**{exc}**", *(gr.skip(),) * 4
+    return _after_change(studio, f"Deleted `{run_id}`.")
+
+
+def resume(studio: Studio, run_id):
+    if not run_id:
+        gr.Warning("Pick a run to resume.")
+        return gr.skip()
+    try:
+        studio.resume_training(run_id)
+    except (LookupError, ConfigError, RuntimeError) as exc:
+        gr.Warning(str(exc))
+        return f"**{exc}**"
+    return f"Resuming {run_id}..."
+
+
+def save_now(studio: Studio):
+    gr.Info("A checkpoint will be saved after the current step." if studio.save_now() else "No training is running.")
+
+
+def stop(studio: Studio):
+    if not studio.stop_training():
+        gr.Info("No training is running.")
+
+
+def cancel_queued(studio: Studio):
+    dropped = studio.cancel_queued()
+    gr.Info(f"Cancelled {len(dropped)} queued run{'s' if len(dropped) != 1 else ''}." if dropped
+            else "Nothing is queued.")
 
 
 VERDICTS = {"fits": ("fits", "fs-fits"), "tight": ("tight", "fs-tight"), "no": ("does not fit", "fs-nofit"),

@@ -1,0 +1,72 @@
+"""The Train tab's handlers, called without a browser: the declared form builds the config by
+name, a suggested change lands on the right controls, an emptied box is reported."""
+
+import gradio as gr
+import pytest
+
+from studio.config import ConfigError, RunConfig
+from studio.service import Studio
+from studio.ui import train_tab
+
+
+@pytest.fixture
+def tab(tmp_path):
+    studio = Studio(tmp_path / "runs")
+    with gr.Blocks():
+        dataset_path, mapping = gr.State(None), gr.State("")
+        controls = train_tab.build_train_tab(studio, dataset_path, mapping)
+    return studio, controls.tab
+
+
+def _data(tab, **values):
+    """An event's {component: value}: the form's defaults, a file, and ``values`` by dotted name."""
+    data = {comp: comp.value for comp in tab.form.components}
+    data |= {tab.dataset_path: "train.csv", tab.mapping: ""}
+    data |= {tab.form.fields[name]: value for name, value in values.items()}
+    return data
+
+
+def test_every_form_field_is_a_config_setting_and_builds_the_config(tab):
+    _, tab = tab
+    names = set(tab.form.fields)
+    assert names <= set(RunConfig().flat()) and {"model", "method", "training.compile", "lora.r"} <= names
+    cfg = train_tab.form_config(tab, _data(tab, **{"training.batch_size": 8, "lora.targets": "q_proj,v_proj"}))
+    expected = RunConfig().with_overrides({"data.path": "train.csv", "training.batch_size": 8,
+                                           "lora.targets": "q_proj,v_proj"})
+    assert cfg == expected
+
+
+def test_an_emptied_box_is_reported_not_defaulted(tab):
+    _, tab = tab
+    with pytest.raises(ConfigError, match=r"`training.batch_size` must be int \(got None\)"):
+        train_tab.form_config(tab, _data(tab, **{"training.batch_size": None}))
+
+
+def test_a_suggested_change_lands_on_its_controls_by_name(tab):
+    _, tab = tab
+    kept = {"changes": {"training.batch_size": 2, "training.gradient_checkpointing": True,
+                        "training.compile": False, "not.a.field": 1}, "suggested_method": "full"}
+    out = train_tab.apply_change(tab, kept, train_tab.LORA_LR)
+    fields = tab.form.fields
+    assert out[fields["method"]].value == "full"
+    assert out[fields["training.learning_rate"]] == train_tab.FULL_LR  # full wants a tenth of LoRA's rate
+    assert out[fields["training.batch_size"]] == 2 and out[fields["training.gradient_checkpointing"]] is True
+    assert out[fields["training.compile"]] is False and len(out) == 5
+    assert train_tab.apply_change(tab, None, train_tab.LORA_LR) == {}
+
+
+def test_start_without_a_dataset_says_so_and_bad_settings_are_listed(tab):
+    studio, tab = tab
+    data = _data(tab)
+    data[tab.dataset_path] = None
+    status, _ = train_tab.start(studio, tab, data)
+    assert "Upload a dataset" in status
+    status, _ = train_tab.start(studio, tab, _data(tab, **{"lora.r": 0}))
+    assert status.startswith("**Fix these settings first:**") and "`lora.r` must be between 1 and 256" in status
+
+
+def test_poll_redraws_only_what_changed(tab):
+    studio, tab = tab
+    first = train_tab.poll(studio, tab, None, False)
+    assert first[tab.status] and tab.runs_table in first  # the first draw fills everything
+    assert train_tab.poll(studio, tab, first[tab.shown], False) == {}  # nothing changed: nothing sent
