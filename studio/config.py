@@ -25,6 +25,7 @@ import yaml
 
 METHODS = ("full", "lora", "qlora")
 PRECISIONS = ("auto", "bf16", "fp32")
+LR_SCHEDULERS = ("cosine", "linear", "constant")  # after the warmup; names transformers' get_scheduler knows
 
 
 class ConfigError(ValueError):
@@ -85,6 +86,8 @@ class TrainingConfig:
     """Micro-batches summed into one optimizer step (effective batch = batch_size x this)."""
     warmup_ratio: float = 0.05
     """Share of steps over which the learning rate ramps up from 0."""
+    lr_scheduler: str = "cosine"
+    """How the learning rate falls after the warmup: cosine (to 0, the usual choice), linear (to 0) or constant."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     precision: str = "auto"
@@ -212,6 +215,8 @@ class RunConfig:
             p.append(f"`training.gradient_accumulation` must be between 1 and 1024 (got {t.gradient_accumulation}).")
         if not 0 <= t.warmup_ratio < 1:
             p.append(f"`training.warmup_ratio` must be at least 0 and below 1 (got {t.warmup_ratio}).")
+        if t.lr_scheduler not in LR_SCHEDULERS:
+            p.append(f"`training.lr_scheduler` must be one of {', '.join(LR_SCHEDULERS)} (got {t.lr_scheduler!r}).")
         if t.weight_decay < 0:
             p.append(f"`training.weight_decay` must be 0 or more (got {t.weight_decay}).")
         if t.precision not in PRECISIONS:
@@ -327,6 +332,7 @@ _FLAG_ALIASES = {
     "lora.targets": "lora-targets", "training.epochs": "epochs", "training.max_steps": "max-steps",
     "training.learning_rate": "learning-rate", "training.batch_size": "batch-size",
     "training.gradient_accumulation": "gradient-accumulation", "training.warmup_ratio": "warmup-ratio",
+    "training.lr_scheduler": "lr-scheduler",
     "training.weight_decay": "weight-decay", "training.precision": "precision",
     "training.gradient_checkpointing": "gradient-checkpointing", "training.memory_check": "memory-check", "training.compile": "compile",
     "training.eval_steps": "eval-steps", "training.early_stopping": "early-stopping", "training.save_steps": "save-steps",

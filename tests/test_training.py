@@ -305,3 +305,25 @@ sys.exit(main(["train", "--config", {str(config_path)!r}, "--runs-dir", {str(tmp
         assert proc.returncode == 1 and status["state"] == "failed"
         assert status["message"].startswith("torch.compile failed on this model") and "Turn Compile off" in status["message"]
         assert status["retry"]["changes"] == {"training.compile": False}
+
+
+@pytest.mark.parametrize("schedule, last_lr", [("cosine", 0.0), ("linear", 0.0), ("constant", 1e-2)])
+def test_lr_scheduler_shapes_the_learning_rate_after_warmup(tiny_model_dir, instruction_csv, runs_dir, schedule,
+                                                            last_lr):
+    cfg = tiny_run_config(tiny_model_dir, instruction_csv, max_steps=10, warmup_ratio=0.2, lr_scheduler=schedule)
+    trainer = Trainer(cfg, RunRegistry(runs_dir).create(cfg))
+    trainer.setup()
+    lrs = []
+    for _ in range(10):
+        lrs.append(trainer.scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+    assert lrs[0] == 0.0 and lrs[2] == pytest.approx(1e-2)  # two warmup steps, then the peak
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(last_lr, abs=1e-9)
+    if schedule == "linear":
+        assert lrs[6] == pytest.approx(1e-2 * 4 / 8)  # halfway down a straight line
+
+
+def test_lr_scheduler_is_validated():
+    problems = RunConfig.from_dict({"training": {"lr_scheduler": "step"}}).validate(check_data_file=False)
+    assert "`training.lr_scheduler` must be one of cosine, linear, constant (got 'step')." in problems

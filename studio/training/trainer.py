@@ -122,7 +122,9 @@ class Trainer:
         t = self.config.training
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-        self.scheduler = get_scheduler("cosine", self.optimizer,
+        # "constant" still warms up: transformers calls that one constant_with_warmup.
+        name = "constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler
+        self.scheduler = get_scheduler(name, self.optimizer,
                                        num_warmup_steps=int(t.warmup_ratio * self.total_steps),
                                        num_training_steps=self.total_steps)
 

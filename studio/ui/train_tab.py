@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from studio.config import ConfigError, RunConfig, command_for, field_help, launch_command_for, leaf_fields
+from studio.config import (LR_SCHEDULERS, ConfigError, RunConfig, command_for, field_help, launch_command_for,
+                           leaf_fields)
 from studio.models import ModelError
 from studio.planner import METHOD_NAMES
 from studio.service import JobView, Studio
@@ -139,6 +140,7 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
         form.add("training.epochs", "Epochs", minimum=0)
         form.add("training.max_steps", "Max steps", elem_id="train-max-steps", minimum=0)
         form.add("training.learning_rate", "Learning rate", elem_id="train-lr")
+        form.add("training.lr_scheduler", "LR schedule", functools.partial(gr.Dropdown, list(LR_SCHEDULERS)))
         form.add("training.batch_size", "Batch size", minimum=1, elem_id="train-batch-size")
         form.add("data.max_length", "Max length (tokens)", elem_id="train-max-length")
     with gr.Accordion("LoRA and evaluation", open=False):
