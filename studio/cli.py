@@ -18,7 +18,7 @@ import argparse
 import logging
 import sys
 
-from studio.config import ConfigError, RunConfig, field_help, flag_name, leaf_fields
+from studio.config import METHODS, ConfigError, RunConfig, field_help, flag_name, leaf_fields
 
 def _bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     est = sub.add_parser("estimate", help="Estimate peak training memory from the model's config alone.")
     est.add_argument("--model", default="default", help="default, a hub id or a local folder (only config.json is read).")
-    est.add_argument("--method", choices=("full", "lora", "qlora"), default="lora")
+    est.add_argument("--method", choices=METHODS, default="lora")
     est.add_argument("--seq-len", type=int, default=RunConfig().data.max_length)
     est.add_argument("--batch-size", type=int, default=RunConfig().training.batch_size)
     est.add_argument("--gradient-checkpointing", action="store_true")

@@ -25,6 +25,7 @@ from typing import Iterator
 import torch
 
 from studio import fingerprint, hardware, models, precision
+from studio.data.render import labeled_tokens
 from studio.runs import Run
 
 CHECKPOINT_SEP = "@"  # "run-id@step-40" names a run's intermediate checkpoint
@@ -276,7 +277,7 @@ class Playground:
             total, count = 0.0, 0
             for batch in batches:
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                n = int((batch["labels"][:, 1:] != -100).sum())
+                n = labeled_tokens(batch)
                 with context(), precision.autocast(self.device, run_precision):
                     total += float(loss_fn(**batch)) * n
                 count += n

@@ -159,7 +159,7 @@ class Run:
         if not root.is_dir():
             return []
         done = [d for d in root.glob("step-*") if (d / "trainer_state.pt").exists() and d.name[5:].isdigit()]
-        return sorted(done, key=lambda d: int(d.name[5:]))
+        return sorted(done, key=checkpoint_step)
 
     def resume_point(self) -> Path | None:
         """The checkpoint a Resume continues from, or None when the run cannot be resumed
@@ -194,7 +194,7 @@ class Run:
             return True
         if status.get("state") in ACTIVE_STATES and not _pid_alive(status.get("pid"), status.get("pid_started")):
             ckpts = self.checkpoints()
-            hint = (f" Resume continues from step {ckpts[-1].name[5:]}." if ckpts
+            hint = (f" Resume continues from step {checkpoint_step(ckpts[-1])}." if ckpts
                     else " It had not saved a checkpoint yet, so it cannot be resumed.")
             self.set_status("interrupted", message="The process running this job ended before it finished." + hint)
             return True
@@ -309,6 +309,11 @@ class RunRegistry:
         """Runs left active by a process that is gone can never finish: say so on start-up."""
         for run in self.list():
             run.mark_if_orphaned()
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step a checkpoint folder (``checkpoints/step-N``) was saved at."""
+    return int(checkpoint.name.removeprefix("step-"))
 
 
 def process_started_at() -> float:

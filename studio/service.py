@@ -25,7 +25,7 @@ from studio.planner import Plan, plan, settings_for
 from studio.adapter_import import import_adapter_zip
 from studio.export import export_merged, export_zip
 from studio.playground import CHECKPOINT_SEP, Playground, SamplingSettings, split_ref
-from studio.runs import Run, RunRegistry, config_diff
+from studio.runs import Run, RunRegistry, checkpoint_step, config_diff
 from studio.training import Job, JobManager
 
 PREVIEW_ROWS = 20
@@ -206,7 +206,7 @@ class Studio:
             point = run.resume_point()
             if point is not None:
                 s = run.status()
-                out.append((f"{run.id} ({s.get('state')}, from step {point.name[5:]} of "
+                out.append((f"{run.id} ({s.get('state')}, from step {checkpoint_step(point)} of "
                             f"{s.get('total_steps', '?')})", run.id))
         return out
 
@@ -290,7 +290,7 @@ class Studio:
         for run in self.trained_runs():
             out.append((self.run_label(run), run.id))
             for ckpt in reversed(run.checkpoints()):
-                out.append((f"    {run.id} · checkpoint at step {ckpt.name[5:]}", f"{run.id}{CHECKPOINT_SEP}{ckpt.name}"))
+                out.append((f"    {run.id} · checkpoint at step {checkpoint_step(ckpt)}", f"{run.id}{CHECKPOINT_SEP}{ckpt.name}"))
         return out
 
     def activate_run(self, ref: str) -> tuple[Run, list[str]]:

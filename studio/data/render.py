@@ -35,6 +35,11 @@ class Example:
         return sum(1 for t in self.labels if t != IGNORE_INDEX)
 
 
+def labeled_tokens(batch: dict) -> int:
+    """Tokens a batch is scored on: labeled positions after the first (each predicts the next)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 def collate(examples: list[Example], pad_id: int) -> dict:
     """A batch padded to its own longest row: input_ids, attention_mask and labels tensors."""
     import torch

@@ -14,7 +14,7 @@ from studio import fingerprint
 from studio.config import ConfigError, RunConfig
 from studio.data import DataError
 from studio.models import ModelError
-from studio.runs import Run, RunRegistry, process_started_at
+from studio.runs import Run, RunRegistry, checkpoint_step, process_started_at
 from studio.training.memory_check import MemoryCheckFailed, check_memory
 from studio.training.trainer import EarlyStopped, Trainer, TrainingStopped
 
@@ -232,7 +232,7 @@ class JobManager:
             run = resume_run or self.registry.create(config)
             job = Job(run=run, config=config)
             if resume_run is not None:  # the live view starts from what the run already drew
-                job.metrics = [m for m in run.metrics() if m.get("step", 0) <= int(run.resume_point().name[5:])]
+                job.metrics = [m for m in run.metrics() if m.get("step", 0) <= checkpoint_step(run.resume_point())]
             job.thread = threading.Thread(target=self._run, name=f"train-{run.id}", daemon=True,
                                           args=(job, resume_run is not None))
             if busy:

@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from studio.data.render import IGNORE_INDEX
+from studio.data.render import labeled_tokens
 from studio.memory import GIB, MIB, shape_for_model
 
 STEPS = 2
@@ -114,7 +114,7 @@ def check_memory(trainer) -> MemoryCheck:
     device = trainer.device
     shape = shape_for_model(cfg.model, cfg.trust_remote_code)
     # The output layer runs at labeled positions only (training/loss.py): the estimate counts those.
-    labeled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if trainer.loss_fn.labeled_only else rows * width
+    labeled = labeled_tokens(batch) if trainer.loss_fn.labeled_only else rows * width
     settings = replace(settings_for(cfg, trainer.hw), seq_len=width, batch_size=rows, bf16=trainer.use_bf16,
                        labeled_share=labeled / (rows * width))
     breakdown = estimate_settings(shape, cfg.method, settings, device).breakdown

@@ -24,7 +24,7 @@ from studio.training import distributed
 from studio.training.compiling import CompileWatch, compile_layers, inductor_problem
 from studio.training.loss import LabeledTokenLoss
 from studio.data import Example, prepare
-from studio.data.render import IGNORE_INDEX, collate
+from studio.data.render import collate, labeled_tokens
 from studio.runs import Run
 
 MetricsSink = Callable[[dict], None]
@@ -214,7 +214,7 @@ class Trainer:
                 (loss / t.gradient_accumulation).backward()
                 loss_sum += loss.item()
                 tokens += int(batch["attention_mask"].sum())
-                labeled += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+                labeled += labeled_tokens(batch)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
             self.optimizer.step()
             self.scheduler.step()
@@ -260,7 +260,7 @@ class Trainer:
             batch = self._collate(self.eval_examples[i:i + bs])
             with self._autocast():
                 loss = self.loss_fn(**batch)
-            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            n = labeled_tokens(batch)
             total += loss.item() * n
             count += n
         self.model.train()

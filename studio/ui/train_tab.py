@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from studio.config import (LR_SCHEDULERS, ConfigError, RunConfig, command_for, field_help, launch_command_for,
+from studio.config import (LR_SCHEDULERS, METHODS, ConfigError, RunConfig, command_for, field_help, launch_command_for,
                            leaf_fields)
 from studio.models import ModelError
 from studio.planner import METHOD_NAMES
@@ -134,7 +134,7 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
     with gr.Row():
         form.add("model", "Model", elem_id="model-name", scale=2,
                  info="default = SmolLM2-135M-Instruct (bundled, works offline); or a hub id or local folder.")
-        form.add("method", "Method", functools.partial(gr.Radio, ["full", "lora", "qlora"]),
+        form.add("method", "Method", functools.partial(gr.Radio, list(METHODS)),
                  elem_id="method-picker", scale=2)
     with gr.Row():
         form.add("training.epochs", "Epochs", minimum=0)
