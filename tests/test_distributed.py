@@ -86,3 +86,38 @@ def test_an_fsdp_or_deepspeed_launch_is_refused_not_silently_replicated(monkeypa
     assert main(["train", "--data", str(instruction_csv), "--model", str(tiny_model_dir),
                  "--runs-dir", str(tmp_path / "runs")]) == 2
     assert "does not shard" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_gradient_accumulation_all_reduces_once_per_step(tiny_model_dir, instruction_csv, tmp_path):
+    """Under DDP the micro-batches before a step's last run inside no_sync: one all-reduce per
+    optimizer step instead of one per micro-batch (the gradients still sum over all of them)."""
+    from contextlib import contextmanager
+
+    from studio.training import Trainer
+    from tests.conftest import tiny_run_config
+
+    cfg = tiny_run_config(tiny_model_dir, instruction_csv, max_steps=3, gradient_accumulation=3,
+                          memory_check=False)
+    trainer = Trainer(cfg, RunRegistry(tmp_path / "runs").create(cfg))
+    trainer.setup()
+
+    class CountingDDP:  # stands in for DistributedDataParallel around the loss
+        def __init__(self, loss_fn):
+            self.loss_fn, self.calls, self.unsynced, self.in_no_sync = loss_fn, 0, 0, False
+
+        def __call__(self, **batch):
+            self.calls += 1
+            self.unsynced += self.in_no_sync
+            return self.loss_fn(**batch)
+
+        @contextmanager
+        def no_sync(self):
+            self.in_no_sync = True
+            try:
+                yield
+            finally:
+                self.in_no_sync = False
+
+    trainer.forward_loss = ddp = CountingDDP(trainer.loss_fn)
+    trainer.train()
+    assert (ddp.calls, ddp.unsynced) == (9, 6)  # 3 steps x 3 micro-batches; the last of each syncs

@@ -14,6 +14,7 @@ import random
 import shutil
 import threading
 import time
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -203,15 +204,20 @@ class Trainer:
                 self.save_event.clear()
                 self.save_checkpoint()
             step_start, loss_sum, tokens, labeled = time.time(), 0.0, 0, 0
-            for _ in range(t.gradient_accumulation):
+            for micro_step in range(t.gradient_accumulation):
                 batch = self._collate([self.train_examples[j] for j in next(indices)])
                 self.micro += 1
-                with self._autocast():
-                    loss = self.forward_loss(**batch)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"The loss became {loss.item()} at step {self.step + 1}; "
-                                             "lower the learning rate.")
-                (loss / t.gradient_accumulation).backward()
+                # Under DDP only the last micro-batch of a step all-reduces gradients: the earlier
+                # ones accumulate locally (no_sync), one all-reduce per step instead of one per micro-batch.
+                last = micro_step == t.gradient_accumulation - 1
+                sync = nullcontext() if last or not hasattr(self.forward_loss, "no_sync") else self.forward_loss.no_sync()
+                with sync:
+                    with self._autocast():
+                        loss = self.forward_loss(**batch)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"The loss became {loss.item()} at step {self.step + 1}; "
+                                                 "lower the learning rate.")
+                    (loss / t.gradient_accumulation).backward()
                 loss_sum += loss.item()
                 tokens += int(batch["attention_mask"].sum())
                 labeled += labeled_tokens(batch)
