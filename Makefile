@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: install run test test-fast browser-deps benchmark clean
+.PHONY: install run test test-fast lint browser-deps benchmark clean
 
 install: $(STAMP)
 
@@ -35,9 +35,14 @@ test test-fast: export HF_HUB_OFFLINE := 1
 # Then the numeric tests again with training.precision `auto` meaning the precision this CPU
 # would not pick (bf16 on an AVX2-only CPU, fp32 on one with AVX512-BF16): green here means
 # green on both kinds of machine (tests/conftest.py, studio/precision.py).
-test: install browser-deps
+test: install browser-deps lint
 	$(BIN)/python -m pytest -q
 	$(BIN)/python -m pytest -q -m numeric --precision other
+
+# The style gate: lint and formatting (settings in pyproject.toml [tool.ruff]).
+lint: install
+	$(BIN)/ruff check studio tests benchmarks app.py
+	$(BIN)/ruff format --check studio tests benchmarks app.py
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not browser and not slow"

@@ -51,13 +51,23 @@ def main() -> None:
     model = str(with_random_weights(Path(args.model)) if args.random_init else args.model)
     reg = RunRegistry(tempfile.mkdtemp(prefix="cuda-runs-"))
     print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}")
-    print(f"{'method':<7} {'state':<9} {'real tok/s':>11} {'s/step':>7} {'peak alloc MiB':>15} "
-          f"{'peak reserved MiB':>18} {'final loss':>11}")
+    print(
+        f"{'method':<7} {'state':<9} {'real tok/s':>11} {'s/step':>7} {'peak alloc MiB':>15} "
+        f"{'peak reserved MiB':>18} {'final loss':>11}"
+    )
     for method in args.methods.split(","):
-        cfg = RunConfig.from_dict({"model": model, "method": method,
-                                   "data": {"path": str(SAMPLE), "max_length": 512},
-                                   "training": {"max_steps": args.steps, "batch_size": args.batch_size,
-                                                "learning_rate": 2e-5 if method == "full" else 2e-4}})
+        cfg = RunConfig.from_dict(
+            {
+                "model": model,
+                "method": method,
+                "data": {"path": str(SAMPLE), "max_length": 512},
+                "training": {
+                    "max_steps": args.steps,
+                    "batch_size": args.batch_size,
+                    "learning_rate": 2e-5 if method == "full" else 2e-4,
+                },
+            }
+        )
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         run = reg.create(cfg)
@@ -69,9 +79,11 @@ def main() -> None:
             continue
         tps = sum(m["tokens"] for m in train) / sum(m["tokens"] / m["tokens_per_s"] for m in train)
         step_s = statistics.median(m["tokens"] / m["tokens_per_s"] for m in train)
-        print(f"{method:<7} {status['state']:<9} {tps:>11.0f} {step_s:>7.3f} "
-              f"{max(m['cuda_peak_mib'] for m in train):>15.0f} {max(m['cuda_reserved_mib'] for m in train):>18.0f} "
-              f"{status['final_loss']:>11.4f}")
+        print(
+            f"{method:<7} {status['state']:<9} {tps:>11.0f} {step_s:>7.3f} "
+            f"{max(m['cuda_peak_mib'] for m in train):>15.0f} {max(m['cuda_reserved_mib'] for m in train):>18.0f} "
+            f"{status['final_loss']:>11.4f}"
+        )
         if method != "full":
             check_reload(run, model)
 

@@ -37,8 +37,10 @@ def one(model_dir: str, method: str, seq: int, batch: int, gc: bool) -> dict:
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
     if method != "full":
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
-                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"),
+        )
     if gc and method != "qlora":
         model.enable_input_require_grads()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -55,10 +57,14 @@ def one(model_dir: str, method: str, seq: int, batch: int, gc: bool) -> dict:
         opt.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     free1, _ = torch.cuda.mem_get_info()
-    return {"weights_and_state_mib": after_load / 2**20, "peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20,
-            "peak_reserved_mib": torch.cuda.max_memory_reserved() / 2**20,
-            "device_used_mib": (total - free1) / 2**20, "context_mib": (total - free0) / 2**20,
-            "trainable": sum(p.numel() for p in params)}
+    return {
+        "weights_and_state_mib": after_load / 2**20,
+        "peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20,
+        "peak_reserved_mib": torch.cuda.max_memory_reserved() / 2**20,
+        "device_used_mib": (total - free1) / 2**20,
+        "context_mib": (total - free0) / 2**20,
+        "trainable": sum(p.numel() for p in params),
+    }
 
 
 def main() -> None:
@@ -87,12 +93,32 @@ def main() -> None:
         for method in args.methods.split(","):
             for seq, batch, gc in (tuple(map(int, g.split("x"))) for g in args.grid.split(",")):
                 t = time.time()
-                proc = subprocess.run([sys.executable, __file__, "--configs", args.configs, "--one", str(d),
-                                       method, str(seq), str(batch), str(gc)], capture_output=True, text=True)
+                proc = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--configs",
+                        args.configs,
+                        "--one",
+                        str(d),
+                        method,
+                        str(seq),
+                        str(batch),
+                        str(gc),
+                    ],
+                    capture_output=True,
+                    text=True,
+                )
                 line = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else None
-                rec = {"model": cfg_file.stem, "method": method, "seq": seq, "batch": batch, "gc": gc,
-                       **(json.loads(line) if line else {"error": proc.stderr[-400:]}),
-                       "seconds": round(time.time() - t, 1)}
+                rec = {
+                    "model": cfg_file.stem,
+                    "method": method,
+                    "seq": seq,
+                    "batch": batch,
+                    "gc": gc,
+                    **(json.loads(line) if line else {"error": proc.stderr[-400:]}),
+                    "seconds": round(time.time() - t, 1),
+                }
                 rows.append(rec)
                 print(json.dumps(rec), flush=True)
                 with open(args.out, "a") as f:  # as we go: a cut-off run keeps what it measured

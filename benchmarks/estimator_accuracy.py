@@ -42,9 +42,30 @@ def long_rows_csv(path: Path, rows: int = 32) -> Path:
 
 
 def measure(method: str, seq: int, batch: int, data: Path, runs: Path) -> dict:
-    cmd = [sys.executable, "-m", "studio.cli", "train", "--data", str(data), "--model", "default",
-           "--method", method, "--max-length", str(seq), "--batch-size", str(batch), "--max-steps", "2",
-           "--eval-fraction", "0", "--runs-dir", str(runs), "--learning-rate", "1e-5"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "studio.cli",
+        "train",
+        "--data",
+        str(data),
+        "--model",
+        "default",
+        "--method",
+        method,
+        "--max-length",
+        str(seq),
+        "--batch-size",
+        str(batch),
+        "--max-steps",
+        "2",
+        "--eval-fraction",
+        "0",
+        "--runs-dir",
+        str(runs),
+        "--learning-rate",
+        "1e-5",
+    ]
     t = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = proc.stdout.read()
@@ -55,9 +76,15 @@ def measure(method: str, seq: int, batch: int, data: Path, runs: Path) -> dict:
     check = json.loads((Path(run_dir) / "status.json").read_text()).get("memory_check", {})
     from studio.config import RunConfig
 
-    return {"method": method, "seq": seq, "batch": batch, "lora_dropout": RunConfig().lora.dropout,
-            "peak_rss_bytes": usage.ru_maxrss * 1024,
-            "check_bytes": check.get("peak_bytes"), "seconds": round(time.time() - t, 1)}
+    return {
+        "method": method,
+        "seq": seq,
+        "batch": batch,
+        "lora_dropout": RunConfig().lora.dropout,
+        "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "check_bytes": check.get("peak_bytes"),
+        "seconds": round(time.time() - t, 1),
+    }
 
 
 def main() -> None:
@@ -65,21 +92,33 @@ def main() -> None:
     ap.add_argument("--measure-only", action="store_true")
     ap.add_argument("--methods", default="full,lora,qlora", help="comma list, e.g. lora,qlora")
     ap.add_argument("--json", help="append measurements to this JSONL file")
-    ap.add_argument("--from", dest="recorded", help="compare against measurements recorded earlier (JSONL) "
-                                                   "instead of measuring, e.g. benchmarks/results/cpu_memory.jsonl")
+    ap.add_argument(
+        "--from",
+        dest="recorded",
+        help="compare against measurements recorded earlier (JSONL) "
+        "instead of measuring, e.g. benchmarks/results/cpu_memory.jsonl",
+    )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp())
     data = long_rows_csv(work / "long.csv")
     rows = []
     recorded = [json.loads(line) for line in open(args.recorded)] if args.recorded else None
     grid = [g for g in GRID if g[0] in args.methods.split(",")]
-    for n, (method, seq, batch) in enumerate(recorded and [(r["method"], r["seq"], r["batch"]) for r in recorded] or grid):
+    for n, (method, seq, batch) in enumerate(
+        recorded and [(r["method"], r["seq"], r["batch"]) for r in recorded] or grid
+    ):
         rec = recorded[n] if recorded else measure(method, seq, batch, data, work / "runs")
         if not args.measure_only:
             from studio.memory import estimate_for_model
 
-            est = estimate_for_model("default", method, seq_len=seq, batch_size=batch, device="cpu",
-                                     lora_dropout=rec.get("lora_dropout", 0.05))  # older files: 0.05
+            est = estimate_for_model(
+                "default",
+                method,
+                seq_len=seq,
+                batch_size=batch,
+                device="cpu",
+                lora_dropout=rec.get("lora_dropout", 0.05),
+            )  # older files: 0.05
             rec["estimate_bytes"] = est.total_bytes
             rec["error"] = est.total_bytes / rec["peak_rss_bytes"] - 1
         rows.append(rec)
@@ -90,15 +129,22 @@ def main() -> None:
     if args.measure_only:
         return
     mib = 2**20
-    print(f"\n{'method':<7}{'seq':>5}{'batch':>6}{'estimate MiB':>14}{'measured MiB':>14}{'error':>8}"
-          f"{'in-run check MiB':>18}")
+    print(
+        f"\n{'method':<7}{'seq':>5}{'batch':>6}{'estimate MiB':>14}{'measured MiB':>14}{'error':>8}"
+        f"{'in-run check MiB':>18}"
+    )
     for r in rows:
         check = f"{r['check_bytes'] / mib:>18.0f}" if r.get("check_bytes") else f"{'-':>18}"
-        print(f"{r['method']:<7}{r['seq']:>5}{r['batch']:>6}{r['estimate_bytes'] / mib:>14.0f}"
-              f"{r['peak_rss_bytes'] / mib:>14.0f}{r['error']:>+8.1%}{check}")
+        print(
+            f"{r['method']:<7}{r['seq']:>5}{r['batch']:>6}{r['estimate_bytes'] / mib:>14.0f}"
+            f"{r['peak_rss_bytes'] / mib:>14.0f}{r['error']:>+8.1%}{check}"
+        )
     worst = max(rows, key=lambda r: abs(r["error"]))
-    print(f"\nworst relative error: {worst['error']:+.1%} ({worst['method']}, seq {worst['seq']}, batch {worst['batch']}); "
-          "target: every row within 10%")
+    print(
+        f"\nworst relative error: {worst['error']:+.1%} "
+        f"({worst['method']}, seq {worst['seq']}, batch {worst['batch']}); "
+        "target: every row within 10%"
+    )
 
 
 if __name__ == "__main__":

@@ -25,9 +25,14 @@ SAMPLE = ROOT / "studio" / "templates" / "samples" / "instructions.csv"
 
 
 def measure(studio: Studio, method: str, steps: int) -> dict:
-    cfg = RunConfig.from_dict({"model": "default", "method": method, "data": {"path": str(SAMPLE)},
-                               "training": {"max_steps": steps,
-                                            "learning_rate": 2e-5 if method == "full" else 2e-4}})
+    cfg = RunConfig.from_dict(
+        {
+            "model": "default",
+            "method": method,
+            "data": {"path": str(SAMPLE)},
+            "training": {"max_steps": steps, "learning_rate": 2e-5 if method == "full" else 2e-4},
+        }
+    )
     clicked = time.time()
     job = studio.start_training(cfg)
     first_point = None
@@ -38,10 +43,15 @@ def measure(studio: Studio, method: str, steps: int) -> dict:
     status = job.run.status()
     train = [m for m in job.snapshot() if m["kind"] == "train"]
     steady = train[1:] or train  # the first step includes one-off warm-up
-    return {"method": method, "state": status["state"], "first_point_s": first_point,
-            "tokens_per_s": sum(m["tokens"] for m in steady) / sum(m["tokens"] / m["tokens_per_s"] for m in steady),
-            "step_s": statistics.median(m["tokens"] / m["tokens_per_s"] for m in steady),
-            "peak_rss_mib": max(m["rss_mib"] for m in train), "trainable": status.get("trainable_params")}
+    return {
+        "method": method,
+        "state": status["state"],
+        "first_point_s": first_point,
+        "tokens_per_s": sum(m["tokens"] for m in steady) / sum(m["tokens"] / m["tokens_per_s"] for m in steady),
+        "step_s": statistics.median(m["tokens"] / m["tokens_per_s"] for m in steady),
+        "peak_rss_mib": max(m["rss_mib"] for m in train),
+        "trainable": status.get("trainable_params"),
+    }
 
 
 def main() -> None:
@@ -51,12 +61,16 @@ def main() -> None:
     args = ap.parse_args()
     studio = Studio(tempfile.mkdtemp(prefix="journey-runs-"))
     print(f"{studio.hardware.summary()}\n")
-    print(f"{'method':<7} {'state':<9} {'Train->1st point':>17} {'real tok/s':>11} {'s/step':>7} "
-          f"{'peak RSS MiB':>13} {'trainable':>11}")
+    print(
+        f"{'method':<7} {'state':<9} {'Train->1st point':>17} {'real tok/s':>11} {'s/step':>7} "
+        f"{'peak RSS MiB':>13} {'trainable':>11}"
+    )
     for method in args.methods.split(","):
         r = measure(studio, method, args.steps)
-        print(f"{r['method']:<7} {r['state']:<9} {r['first_point_s']:>16.1f}s {r['tokens_per_s']:>11.0f} "
-              f"{r['step_s']:>7.2f} {r['peak_rss_mib']:>13.0f} {r['trainable']:>11,}")
+        print(
+            f"{r['method']:<7} {r['state']:<9} {r['first_point_s']:>16.1f}s {r['tokens_per_s']:>11.0f} "
+            f"{r['step_s']:>7.2f} {r['peak_rss_mib']:>13.0f} {r['trainable']:>11,}"
+        )
     print("\nPeak RSS is the whole process (the studio's own imports included), sampled once per step.")
 
 

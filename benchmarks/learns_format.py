@@ -39,17 +39,17 @@ def held_out(cfg: RunConfig, tokenizer) -> list[list[dict]]:
     """The eval split's conversations, exactly as training split them (same seed and rule)."""
     report = inspect(cfg.data, tokenizer)
     convs = [c for c in report.convs if c is not None]
-    _, eval_idx = split_by_prompt([prompt_key(c) for c in convs], cfg.data.eval_fraction, cfg.data.eval_rows,
-                                  cfg.training.seed)
+    _, eval_idx = split_by_prompt(
+        [prompt_key(c) for c in convs], cfg.data.eval_fraction, cfg.data.eval_rows, cfg.training.seed
+    )
     return [convs[i] for i in eval_idx]
 
 
 @torch.no_grad()
 def answer(model, tokenizer, messages: list[dict], max_new_tokens: int = 40) -> str:
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def score(replies: list[str], expected: list[str]) -> tuple[float, float]:
@@ -63,10 +63,16 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=30)
     ap.add_argument("--method", default="lora", choices=("lora", "qlora", "full"))
     args = ap.parse_args()
-    cfg = RunConfig.from_dict({"model": "default", "method": args.method, "data": {"path": str(SAMPLE)},
-                               "training": {"learning_rate": 2e-5 if args.method == "full" else 2e-4}}).check()
+    cfg = RunConfig.from_dict(
+        {
+            "model": "default",
+            "method": args.method,
+            "data": {"path": str(SAMPLE)},
+            "training": {"learning_rate": 2e-5 if args.method == "full" else 2e-4},
+        }
+    ).check()
     tokenizer = models.load_tokenizer("default")
-    convs = held_out(cfg, tokenizer)[:args.prompts]
+    convs = held_out(cfg, tokenizer)[: args.prompts]
     prompts = [[m for m in c if m["role"] != "assistant"] for c in convs]
     expected = [next(m["content"] for m in c if m["role"] == "assistant") for c in convs]
 
@@ -92,7 +98,10 @@ def main() -> None:
     print(f"{'base':<10}{base_fmt:>10.0%}{base_right:>15.0%}")
     print(f"{'adapted':<10}{tuned_fmt:>10.0%}{tuned_right:>15.0%}")
     print(f"\ntraining {train_s:.0f} s, training + evaluation {total_s:.0f} s; eval loss {status.get('eval_loss'):.3f}")
-    print(f"\nexample prompt: {prompts[0][-1]['content']!r}\n  base:    {base_replies[0]!r}\n  adapted: {tuned_replies[0]!r}")
+    print(
+        f"\nexample prompt: {prompts[0][-1]['content']!r}\n  base:    {base_replies[0]!r}"
+        f"\n  adapted: {tuned_replies[0]!r}"
+    )
 
 
 if __name__ == "__main__":

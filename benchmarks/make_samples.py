@@ -17,28 +17,76 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parents[1] / "studio" / "templates" / "samples"
 
-CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin",
-            "Egypt": "Cairo", "Canada": "Ottawa", "Peru": "Lima", "Kenya": "Nairobi", "Norway": "Oslo",
-            "Poland": "Warsaw", "Chile": "Santiago", "Greece": "Athens", "India": "New Delhi", "Cuba": "Havana",
-            "Ireland": "Dublin", "Portugal": "Lisbon", "Austria": "Vienna", "Sweden": "Stockholm",
-            "Thailand": "Bangkok", "Mexico": "Mexico City", "Brazil": "Brasilia", "Argentina": "Buenos Aires",
-            "Finland": "Helsinki", "Denmark": "Copenhagen", "Hungary": "Budapest", "Vietnam": "Hanoi",
-            "Morocco": "Rabat", "Ghana": "Accra", "Nepal": "Kathmandu"}
-COLOURS = {"the sky on a clear day": "blue", "fresh grass": "green", "a ripe banana": "yellow", "snow": "white",
-           "coal": "black", "a ripe tomato": "red", "an orange": "orange", "a plum": "purple",
-           "milk": "white", "a lemon": "yellow", "a fire engine": "red", "a crow": "black"}
-ANIMAL_LEGS = {"a spider": 8, "a dog": 4, "a chicken": 2, "an ant": 6, "a horse": 4, "a crab": 10,
-               "a bee": 6, "a cow": 4, "a duck": 2, "an octopus (arms)": 8}
+CAPITALS = {
+    "France": "Paris",
+    "Japan": "Tokyo",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Germany": "Berlin",
+    "Egypt": "Cairo",
+    "Canada": "Ottawa",
+    "Peru": "Lima",
+    "Kenya": "Nairobi",
+    "Norway": "Oslo",
+    "Poland": "Warsaw",
+    "Chile": "Santiago",
+    "Greece": "Athens",
+    "India": "New Delhi",
+    "Cuba": "Havana",
+    "Ireland": "Dublin",
+    "Portugal": "Lisbon",
+    "Austria": "Vienna",
+    "Sweden": "Stockholm",
+    "Thailand": "Bangkok",
+    "Mexico": "Mexico City",
+    "Brazil": "Brasilia",
+    "Argentina": "Buenos Aires",
+    "Finland": "Helsinki",
+    "Denmark": "Copenhagen",
+    "Hungary": "Budapest",
+    "Vietnam": "Hanoi",
+    "Morocco": "Rabat",
+    "Ghana": "Accra",
+    "Nepal": "Kathmandu",
+}
+COLOURS = {
+    "the sky on a clear day": "blue",
+    "fresh grass": "green",
+    "a ripe banana": "yellow",
+    "snow": "white",
+    "coal": "black",
+    "a ripe tomato": "red",
+    "an orange": "orange",
+    "a plum": "purple",
+    "milk": "white",
+    "a lemon": "yellow",
+    "a fire engine": "red",
+    "a crow": "black",
+}
+ANIMAL_LEGS = {
+    "a spider": 8,
+    "a dog": 4,
+    "a chicken": 2,
+    "an ant": 6,
+    "a horse": 4,
+    "a crab": 10,
+    "a bee": 6,
+    "a cow": 4,
+    "a duck": 2,
+    "an octopus (arms)": 8,
+}
 
 
 def instructions(rng: random.Random) -> list[tuple[str, str]]:
     rows = {}
     for country, city in CAPITALS.items():
-        rows[f"What is the capital of {country}?"] = (f"ANSWER: {city}\nWHY: {city} is the capital city of {country}.")
+        rows[f"What is the capital of {country}?"] = f"ANSWER: {city}\nWHY: {city} is the capital city of {country}."
     for thing, colour in COLOURS.items():
         rows[f"What colour is {thing}?"] = f"ANSWER: {colour}\nWHY: {thing[0].upper() + thing[1:]} is usually {colour}."
     for animal, legs in ANIMAL_LEGS.items():
-        rows[f"How many legs does {animal} have?"] = f"ANSWER: {legs}\nWHY: {animal[0].upper() + animal[1:]} has {legs}."
+        rows[f"How many legs does {animal} have?"] = (
+            f"ANSWER: {legs}\nWHY: {animal[0].upper() + animal[1:]} has {legs}."
+        )
     while len(rows) < 300:
         a, b = rng.randint(2, 60), rng.randint(2, 60)
         kind = rng.choice(["plus", "times", "minus"])
@@ -53,11 +101,14 @@ def instructions(rng: random.Random) -> list[tuple[str, str]]:
     return items
 
 
-FRENCH = [("Hello!", "Bonjour ! Comment puis-je vous aider ?"),
-          ("What is the weather like?", "Je ne connais pas la météo actuelle, mais je peux vous aider autrement."),
-          ("Thank you.", "Je vous en prie !"), ("What is your name?", "Je suis un assistant qui parle français."),
-          ("Can you help me?", "Bien sûr, dites-moi ce dont vous avez besoin."),
-          ("Goodbye.", "Au revoir et bonne journée !")]
+FRENCH = [
+    ("Hello!", "Bonjour ! Comment puis-je vous aider ?"),
+    ("What is the weather like?", "Je ne connais pas la météo actuelle, mais je peux vous aider autrement."),
+    ("Thank you.", "Je vous en prie !"),
+    ("What is your name?", "Je suis un assistant qui parle français."),
+    ("Can you help me?", "Bien sûr, dites-moi ce dont vous avez besoin."),
+    ("Goodbye.", "Au revoir et bonne journée !"),
+]
 
 
 def chats(rng: random.Random) -> list[dict]:
@@ -65,8 +116,10 @@ def chats(rng: random.Random) -> list[dict]:
     for _i in range(120):
         country, city = rng.choice(list(CAPITALS.items()))
         a, b = rng.randint(2, 40), rng.randint(2, 40)
-        turns = [(f"What is the capital of {country}?", f"La capitale de ce pays est {city}."),
-                 (f"What is {a} plus {b}?", f"{a} plus {b} font {a + b}.")] + rng.sample(FRENCH, 2)
+        turns = [
+            (f"What is the capital of {country}?", f"La capitale de ce pays est {city}."),
+            (f"What is {a} plus {b}?", f"{a} plus {b} font {a + b}."),
+        ] + rng.sample(FRENCH, 2)
         rng.shuffle(turns)
         msgs = []
         for user, assistant in turns[: rng.randint(1, 3)]:
@@ -76,17 +129,36 @@ def chats(rng: random.Random) -> list[dict]:
 
 
 def notes(rng: random.Random) -> list[str]:
-    subjects = ["The pump", "Valve 7", "The north gate", "Line B", "The backup generator", "Sensor 12",
-                "The cold store", "Conveyor 3", "The boiler", "Tank 4"]
-    states = ["ran normally", "needed a restart", "showed a small leak", "was cleaned", "was inspected",
-              "reported a high reading", "was replaced", "stayed offline"]
-    actions = ["No action needed.", "Ticket opened.", "Check again tomorrow.", "Parts ordered.",
-               "Supervisor informed."]
+    subjects = [
+        "The pump",
+        "Valve 7",
+        "The north gate",
+        "Line B",
+        "The backup generator",
+        "Sensor 12",
+        "The cold store",
+        "Conveyor 3",
+        "The boiler",
+        "Tank 4",
+    ]
+    states = [
+        "ran normally",
+        "needed a restart",
+        "showed a small leak",
+        "was cleaned",
+        "was inspected",
+        "reported a high reading",
+        "was replaced",
+        "stayed offline",
+    ]
+    actions = ["No action needed.", "Ticket opened.", "Check again tomorrow.", "Parts ordered.", "Supervisor informed."]
     seen = set()
     while len(seen) < 150:
         day = rng.randint(1, 28)
-        seen.add(f"LOG {day:02d}/03 | {rng.choice(subjects)} {rng.choice(states)} at {rng.randint(0, 23):02d}:00. "
-                 f"{rng.choice(actions)}")
+        seen.add(
+            f"LOG {day:02d}/03 | {rng.choice(subjects)} {rng.choice(states)} at {rng.randint(0, 23):02d}:00. "
+            f"{rng.choice(actions)}"
+        )
     return sorted(seen)
 
 

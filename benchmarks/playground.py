@@ -43,8 +43,13 @@ def make_runs(root: Path, n: int) -> list:
     base = models.load_model(models.DEFAULT_MODEL, "lora")
     fp = fingerprint.fingerprint(base.config, tokenizer, models.DEFAULT_MODEL)
     cfg = RunConfig()
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules(),
-                      task_type="CAUSAL_LM", init_lora_weights=False)
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        target_modules=cfg.lora.target_modules(),
+        task_type="CAUSAL_LM",
+        init_lora_weights=False,
+    )
     runs = []
     for i in range(n):
         torch.manual_seed(i)
@@ -62,8 +67,11 @@ def make_runs(root: Path, n: int) -> list:
 def tokens_per_s(pg: Playground, adapted: bool, n: int) -> float:
     ids = pg.encode(PROMPT)
     settings = SamplingSettings(max_new_tokens=n)
-    side = (_Side(pg._use(None)[0], lambda: torch.no_grad(), ids, settings) if adapted
-            else _Side(pg.model, pg._base_context, ids, settings))
+    side = (
+        _Side(pg._use(None)[0], lambda: torch.no_grad(), ids, settings)
+        if adapted
+        else _Side(pg.model, pg._base_context, ids, settings)
+    )
     start = time.perf_counter()
     for _ in range(n):
         side.advance(eos=set())  # no early stop: both sides decode exactly n tokens

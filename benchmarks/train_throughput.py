@@ -44,8 +44,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 WARMUP = 2
-WORDS = ("the of and to a in is that for it as with on be at by this from or an which one all were "
-         "model data train answer question because value number first second result").split()
+WORDS = (
+    "the of and to a in is that for it as with on be at by this from or an which one all were "
+    "model data train answer question because value number first second result"
+).split()
 
 
 def variable_rows_csv(path: Path, rows: int = 240, seed: int = 0) -> Path:
@@ -55,8 +57,12 @@ def variable_rows_csv(path: Path, rows: int = 240, seed: int = 0) -> Path:
         w = csv.writer(f)
         w.writerow(["prompt", "completion"])
         for _ in range(rows):
-            w.writerow([" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 60))) + "?",
-                        " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 300))) + "."])
+            w.writerow(
+                [
+                    " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 60))) + "?",
+                    " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 300))) + ".",
+                ]
+            )
     return path
 
 
@@ -74,10 +80,14 @@ def _train(data: Path, max_length: int, training: dict, eval_rows: int = 0) -> t
     from studio.runs import RunRegistry
     from studio.training import run_training
 
-    cfg = RunConfig.from_dict({"model": "default", "method": "lora",
-                               "data": {"path": str(data), "max_length": max_length, "eval_fraction": 0,
-                                        "eval_rows": eval_rows},
-                               "training": {"memory_check": False, "save_steps": 10_000, **training}}).check()
+    cfg = RunConfig.from_dict(
+        {
+            "model": "default",
+            "method": "lora",
+            "data": {"path": str(data), "max_length": max_length, "eval_fraction": 0, "eval_rows": eval_rows},
+            "training": {"memory_check": False, "save_steps": 10_000, **training},
+        }
+    ).check()
     records: list[dict] = []
     status = run_training(cfg, RunRegistry(tempfile.mkdtemp()).create(cfg), on_metrics=records.append)
     assert status["state"] == "finished", status
@@ -89,9 +99,14 @@ def ours(data: Path, steps: int, max_length: int, compile_: bool = False) -> dic
     timed = train[WARMUP:]
     seconds = sum(m["tokens"] / m["tokens_per_s"] for m in timed)
     warmup = train[:WARMUP]  # with compile, the first steps also compile
-    return {"tokens": sum(m["tokens"] for m in timed), "logit_tokens": sum(m["labeled_tokens"] for m in timed),
-            "seconds": seconds, "steps": len(timed),
-            "warmup_s": sum(m["tokens"] / m["tokens_per_s"] for m in warmup), "warmup_tokens": sum(m["tokens"] for m in warmup)}
+    return {
+        "tokens": sum(m["tokens"] for m in timed),
+        "logit_tokens": sum(m["labeled_tokens"] for m in timed),
+        "seconds": seconds,
+        "steps": len(timed),
+        "warmup_s": sum(m["tokens"] / m["tokens_per_s"] for m in warmup),
+        "warmup_tokens": sum(m["tokens"] for m in warmup),
+    }
 
 
 @contextmanager
@@ -116,9 +131,13 @@ def equivalence(data: Path, max_length: int, eval_rows: int) -> dict:
         with plain_path() if name == "plain" else nullcontext():
             status, train = _train(data, max_length, {"epochs": 1}, eval_rows)
         seconds = sum(m["tokens"] / m["tokens_per_s"] for m in train)
-        out[name] = {"eval_loss": status["eval_loss"], "base_eval_loss": status["base_eval_loss"],
-                     "steps": len(train), "tokens": sum(m["tokens"] for m in train),
-                     "tokens_per_s": sum(m["tokens"] for m in train) / seconds}
+        out[name] = {
+            "eval_loss": status["eval_loss"],
+            "base_eval_loss": status["base_eval_loss"],
+            "steps": len(train),
+            "tokens": sum(m["tokens"] for m in train),
+            "tokens_per_s": sum(m["tokens"] for m in train) / seconds,
+        }
     return out
 
 
@@ -131,8 +150,15 @@ def trl_defaults(data: Path, steps: int, max_length: int, bf16: bool) -> dict:
     from studio import models
 
     rows = list(csv.DictReader(data.open(encoding="utf-8")))
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
-                                  "completion": [{"role": "assistant", "content": r["completion"]}]} for r in rows])
+    dataset = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "completion": [{"role": "assistant", "content": r["completion"]}],
+            }
+            for r in rows
+        ]
+    )
     tokenizer = models.load_tokenizer("default")
     model = models.load_model("default", "lora")
 
@@ -144,15 +170,23 @@ def trl_defaults(data: Path, steps: int, max_length: int, bf16: bool) -> dict:
             self.times.append(time.perf_counter())
 
     clock = Clock()
-    args = SFTConfig(output_dir=tempfile.mkdtemp(), max_length=max_length, bf16=bf16, max_steps=steps,
-                     report_to=[], save_strategy="no")  # max_steps/report/save: to run a timed slice only
+    args = SFTConfig(
+        output_dir=tempfile.mkdtemp(),
+        max_length=max_length,
+        bf16=bf16,
+        max_steps=steps,
+        report_to=[],
+        save_strategy="no",
+    )  # max_steps/report/save: to run a timed slice only
     from studio.config import LoraConfig as Ours
 
     d = Ours()  # the same LoRA config as our side
-    lora = LoraConfig(r=d.r, lora_alpha=d.alpha, lora_dropout=d.dropout, target_modules=d.target_modules(),
-                      task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=lora, callbacks=[clock])
+    lora = LoraConfig(
+        r=d.r, lora_alpha=d.alpha, lora_dropout=d.dropout, target_modules=d.target_modules(), task_type="CAUSAL_LM"
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora, callbacks=[clock]
+    )
     lengths = [min(len(x), max_length) for x in trainer.train_dataset["input_ids"]]
     start = time.perf_counter()
     trainer.train()
@@ -160,8 +194,14 @@ def trl_defaults(data: Path, steps: int, max_length: int, bf16: bool) -> dict:
     timed = len(times) - 1 - WARMUP
     seconds = times[-1] - times[WARMUP]
     per_batch = args.per_device_train_batch_size * sum(lengths) / len(lengths)
-    return {"tokens": per_batch * timed, "logit_tokens": per_batch * timed, "seconds": seconds, "steps": timed,
-            "batch": args.per_device_train_batch_size, "gradient_checkpointing": args.gradient_checkpointing}
+    return {
+        "tokens": per_batch * timed,
+        "logit_tokens": per_batch * timed,
+        "seconds": seconds,
+        "steps": timed,
+        "batch": args.per_device_train_batch_size,
+        "gradient_checkpointing": args.gradient_checkpointing,
+    }
 
 
 def main() -> None:
@@ -187,33 +227,46 @@ def main() -> None:
     b = trl_defaults(data, args.trl_steps, args.max_length, hw.bf16)
     peak_after = matmul_flops(dtype)  # the machine is noisy: bracket the run
     peak = max(peak, peak_after)
-    print(f"\nmatmul peak ({str(dtype).split('.')[-1]}, 2048^3): {peak / 1e9:.1f} GFLOP/s; "
-          f"FLOPs per token: {4 * body / 1e6:.0f}M decoder + {4 * head / 1e6:.0f}M output layer where it runs")
+    print(
+        f"\nmatmul peak ({str(dtype).split('.')[-1]}, 2048^3): {peak / 1e9:.1f} GFLOP/s; "
+        f"FLOPs per token: {4 * body / 1e6:.0f}M decoder + {4 * head / 1e6:.0f}M output layer where it runs"
+    )
     print(f"{'trainer':<26}{'steps':>6}{'real tok/s':>12}{'logits at':>11}{'GFLOP/s':>10}{'% of peak':>11}")
     rates = {}
     for name, r in (("ours (batch 4)", a), ("ours, compiled (batch 4)", c), (f"TRL defaults (batch {b['batch']})", b)):
         tps = r["tokens"] / r["seconds"]
         rates[name] = tps
         flops = (4 * body * r["tokens"] + 4 * head * r["logit_tokens"]) / r["seconds"]
-        print(f"{name:<26}{r['steps']:>6}{tps:>12.0f}{r['logit_tokens'] / r['tokens']:>11.0%}"
-              f"{flops / 1e9:>10.1f}{flops / peak:>11.0%}")
+        print(
+            f"{name:<26}{r['steps']:>6}{tps:>12.0f}{r['logit_tokens'] / r['tokens']:>11.0%}"
+            f"{flops / 1e9:>10.1f}{flops / peak:>11.0%}"
+        )
     ours_tps, compiled_tps, trl_tps = rates.values()
-    print(f"\nours / TRL defaults: {ours_tps / trl_tps:.2f}x real tokens/s; compiled: {compiled_tps / trl_tps:.2f}x "
-          f"(target 3.0x); TRL gradient checkpointing by default: {b['gradient_checkpointing']}")
+    print(
+        f"\nours / TRL defaults: {ours_tps / trl_tps:.2f}x real tokens/s; compiled: {compiled_tps / trl_tps:.2f}x "
+        f"(target 3.0x); TRL gradient checkpointing by default: {b['gradient_checkpointing']}"
+    )
     # What compiling costs up front, and after how many tokens it has paid for itself.
     extra = c["warmup_s"] - c["warmup_tokens"] / ours_tps
     saved_per_token = 1 / ours_tps - 1 / compiled_tps
-    even = f"{extra / saved_per_token:,.0f} tokens ({extra / saved_per_token / ours_tps / 60:.1f} min)" \
-        if saved_per_token > 0 else "never"
-    print(f"compile: {compiled_tps / ours_tps - 1:+.1%} tokens/s once compiled; first {WARMUP} steps took "
-          f"{c['warmup_s']:.0f} s ({extra:.0f} s of compiling); pays for itself after {even}")
+    even = (
+        f"{extra / saved_per_token:,.0f} tokens ({extra / saved_per_token / ours_tps / 60:.1f} min)"
+        if saved_per_token > 0
+        else "never"
+    )
+    print(
+        f"compile: {compiled_tps / ours_tps - 1:+.1%} tokens/s once compiled; first {WARMUP} steps took "
+        f"{c['warmup_s']:.0f} s ({extra:.0f} s of compiling); pays for itself after {even}"
+    )
     if args.skip_equivalence:
         return
     eq = equivalence(variable_rows_csv(tmp / "small.csv", rows=72, seed=1), args.max_length, eval_rows=16)
     print(f"\nlearns the same (one epoch of 56 rows, 16 held out; base eval loss {eq['fast']['base_eval_loss']:.4f}):")
     print(f"{'path':<44}{'steps':>6}{'tokens':>8}{'real tok/s':>12}{'eval loss':>11}")
-    for name, label in (("fast", "ours (labeled logits, length-grouped)"),
-                        ("plain", "plain (logits everywhere, random batches)")):
+    for name, label in (
+        ("fast", "ours (labeled logits, length-grouped)"),
+        ("plain", "plain (logits everywhere, random batches)"),
+    ):
         r = eq[name]
         print(f"{label:<44}{r['steps']:>6}{r['tokens']:>8}{r['tokens_per_s']:>12.0f}{r['eval_loss']:>11.4f}")
     gap = eq["fast"]["eval_loss"] / eq["plain"]["eval_loss"] - 1

@@ -28,8 +28,38 @@ from studio.models import load_tokenizer  # noqa: E402
 def make_csv(path: Path, rows: int) -> None:
     """English-like text: a Zipf-weighted vocabulary of real-looking words, numbers, punctuation."""
     rng = random.Random(0)
-    syllables = ["an", "ber", "co", "de", "el", "for", "gu", "ha", "in", "jo", "ka", "la", "men", "no", "or",
-                 "pre", "qu", "ra", "st", "ti", "un", "ve", "wa", "x", "yo", "ze", "th", "ing", "tion", "ly"]
+    syllables = [
+        "an",
+        "ber",
+        "co",
+        "de",
+        "el",
+        "for",
+        "gu",
+        "ha",
+        "in",
+        "jo",
+        "ka",
+        "la",
+        "men",
+        "no",
+        "or",
+        "pre",
+        "qu",
+        "ra",
+        "st",
+        "ti",
+        "un",
+        "ve",
+        "wa",
+        "x",
+        "yo",
+        "ze",
+        "th",
+        "ing",
+        "tion",
+        "ly",
+    ]
     vocab = ["the", "of", "and", "to", "a", "in", "is", "that", "for", "it", "as", "with", "on", "be", "at"]
     vocab += ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(30_000)]
     cum, total = [], 0.0
@@ -48,8 +78,13 @@ def make_csv(path: Path, rows: int) -> None:
         w = csv.writer(f)
         w.writerow(["instruction", "input", "output"])
         for _ in range(rows):
-            w.writerow([sentence(rng.randint(8, 40)), sentence(rng.randint(3, 30)) if rng.random() < 0.4 else "",
-                        " ".join(sentence(rng.randint(8, 25)) for _ in range(rng.randint(3, 12)))])
+            w.writerow(
+                [
+                    sentence(rng.randint(8, 40)),
+                    sentence(rng.randint(3, 30)) if rng.random() < 0.4 else "",
+                    " ".join(sentence(rng.randint(8, 25)) for _ in range(rng.randint(3, 12))),
+                ]
+            )
 
 
 def main() -> None:
@@ -61,7 +96,10 @@ def main() -> None:
     path = Path(tempfile.mkdtemp()) / "big.csv"
     t = time.perf_counter()
     make_csv(path, args.rows)
-    print(f"made {args.rows:,} rows, {path.stat().st_size / 1e6:.0f} MB in {time.perf_counter() - t:.1f} s (not timed below)")
+    print(
+        f"made {args.rows:,} rows, {path.stat().st_size / 1e6:.0f} MB "
+        f"in {time.perf_counter() - t:.1f} s (not timed below)"
+    )
 
     t0 = time.perf_counter()
     table = read_table(path)
@@ -74,8 +112,10 @@ def main() -> None:
     print(f"{'read (decode, sniff, parse)':<34}{t1 - t0:>9.2f}")
     print(f"{'map + validate + count tokens':<34}{t2 - t1:>9.2f}")
     print(f"{'total':<34}{t2 - t0:>9.2f}   target <= 15")
-    print(f"\nrows {report.rows:,}, usable {report.usable_rows:,}, tokens {int(report.stats.lengths.sum()):,} "
-          f"(median row {s['length_median']:.0f}), findings: {', '.join(f.code for f in report.findings) or 'none'}")
+    print(
+        f"\nrows {report.rows:,}, usable {report.usable_rows:,}, tokens {int(report.stats.lengths.sum()):,} "
+        f"(median row {s['length_median']:.0f}), findings: {', '.join(f.code for f in report.findings) or 'none'}"
+    )
 
     sample = table.df["output"].tolist()[:20_000]
     t = time.perf_counter()
@@ -85,8 +125,10 @@ def main() -> None:
     enc = tok(sample, add_special_tokens=False, return_attention_mask=False)
     theirs_s = time.perf_counter() - t
     exact = ours.tolist() == [len(x) for x in enc["input_ids"]]
-    print(f"\ncounting 20,000 cells: pre-token cache {ours_s:.2f} s (cold cache) vs tokenizer batch encode "
-          f"{theirs_s:.2f} s ({theirs_s / ours_s:.1f}x); identical counts: {exact}")
+    print(
+        f"\ncounting 20,000 cells: pre-token cache {ours_s:.2f} s (cold cache) vs tokenizer batch encode "
+        f"{theirs_s:.2f} s ({theirs_s / ours_s:.1f}x); identical counts: {exact}"
+    )
 
 
 if __name__ == "__main__":

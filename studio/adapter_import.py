@@ -38,8 +38,8 @@ import yaml
 
 from studio import fingerprint, models
 from studio.config import ConfigError, RunConfig
-from studio.model_card import DEFAULT_HUB_ID
 from studio.files import atomic_write_text
+from studio.model_card import DEFAULT_HUB_ID
 from studio.runs import NAME_MAX, Run, RunRegistry
 
 MAX_ENV = "FINETUNE_STUDIO_IMPORT_MAX_MB"
@@ -50,8 +50,15 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 # What may land in adapter/: weights, configs, tokenizer files. Anything else (code included) is skipped.
 ADAPTER_SUFFIXES = (".safetensors", ".json", ".jinja", ".txt", ".model", ".tiktoken")
 # Files an exported zip carries about its run; read as metadata, never copied into adapter/.
-RUN_FILES = ("config.yaml", "metrics.csv", "fingerprint.json", "run.json", "evaluation.json", "README.md",
-             "loss_curve.svg")
+RUN_FILES = (
+    "config.yaml",
+    "metrics.csv",
+    "fingerprint.json",
+    "run.json",
+    "evaluation.json",
+    "README.md",
+    "loss_curve.svg",
+)
 META_MAX = 8 * 1024**2  # the most bytes read from one metadata file
 
 
@@ -65,8 +72,9 @@ def max_import_bytes() -> int:
     return int(float(raw) * 1024**2) if raw else DEFAULT_MAX_BYTES
 
 
-def import_adapter_zip(zip_path: str | Path, registry: RunRegistry, name: str | None = None,
-                       max_bytes: int | None = None) -> Run:
+def import_adapter_zip(
+    zip_path: str | Path, registry: RunRegistry, name: str | None = None, max_bytes: int | None = None
+) -> Run:
     """Check an adapter zip and add it to the registry as a finished run ``<slug>-imported[-n]``.
 
     Returns the new run; its ``status()["import_warnings"]`` lists tokenizer or chat-template
@@ -83,17 +91,22 @@ def import_adapter_zip(zip_path: str | Path, registry: RunRegistry, name: str | 
     limit = max_bytes or max_import_bytes()
     label = zip_path.name
     if not zip_path.is_file():
-        raise AdapterImportError(f"{zip_path} does not exist; choose an adapter zip exported by Finetune Studio "
-                                 "or a zipped PEFT adapter folder.")
+        raise AdapterImportError(
+            f"{zip_path} does not exist; choose an adapter zip exported by Finetune Studio "
+            "or a zipped PEFT adapter folder."
+        )
     if zip_path.stat().st_size > limit:
-        raise AdapterImportError(f"{label} is {_mb(zip_path.stat().st_size)}, above the import limit of {_mb(limit)}; "
-                                 f"an adapter is usually a few MB. Raise the limit with {MAX_ENV} if it is right.")
+        raise AdapterImportError(
+            f"{label} is {_mb(zip_path.stat().st_size)}, above the import limit of {_mb(limit)}; "
+            f"an adapter is usually a few MB. Raise the limit with {MAX_ENV} if it is right."
+        )
     display = _display_name(name)
     try:
         zf = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError):
-        raise AdapterImportError(f"{label} is not a zip file (or is damaged); export the adapter again and "
-                                 "upload the .zip.") from None
+        raise AdapterImportError(
+            f"{label} is not a zip file (or is damaged); export the adapter again and upload the .zip."
+        ) from None
     with zf:
         root, members = _check_entries(zf, label, limit)
         adapter_cfg = _adapter_config(zf, root, label)
@@ -162,19 +175,25 @@ def _check_entries(zf: zipfile.ZipFile, label: str, limit: int) -> tuple[str, li
     (``""`` or ``"name/"``) and the files under it."""
     infos = zf.infolist()
     if len(infos) > MAX_ENTRIES:
-        raise AdapterImportError(f"{label} holds {len(infos)} entries (at most {MAX_ENTRIES}); an adapter zip "
-                                 "holds a dozen files. Zip just the adapter folder.")
+        raise AdapterImportError(
+            f"{label} holds {len(infos)} entries (at most {MAX_ENTRIES}); an adapter zip "
+            "holds a dozen files. Zip just the adapter folder."
+        )
     total, seen = 0, set()
     for info in infos:
         name = info.filename
         bad = _unsafe_name(name)
         if bad:
-            raise AdapterImportError(f"{label} has an entry {name!r} that {bad}; refusing the whole zip, since "
-                                     "extracting it could write outside its folder. Zip the adapter folder again.")
+            raise AdapterImportError(
+                f"{label} has an entry {name!r} that {bad}; refusing the whole zip, since "
+                "extracting it could write outside its folder. Zip the adapter folder again."
+            )
         mode = info.external_attr >> 16
         if stat.S_ISLNK(mode) or (stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR)):
-            raise AdapterImportError(f"{label} has an entry {name!r} that is a link or special file, not a plain "
-                                     "file; links can point outside the folder. Zip real files only.")
+            raise AdapterImportError(
+                f"{label} has an entry {name!r} that is a link or special file, not a plain "
+                "file; links can point outside the folder. Zip real files only."
+            )
         if info.flag_bits & 0x1:
             raise AdapterImportError(f"{label} is encrypted ({name!r}); export it again without a password.")
         key = name.rstrip("/").lower()
@@ -187,26 +206,34 @@ def _check_entries(zf: zipfile.ZipFile, label: str, limit: int) -> tuple[str, li
             raise AdapterImportError(
                 f"{label} holds {name!r}, a pickle file: loading pickles can run code, so Finetune Studio imports "
                 "safetensors only. Convert the adapter with `model.save_pretrained(folder, safe_serialization=True)` "
-                "(PEFT writes adapter_model.safetensors) and zip that folder without .bin/.pt files.")
+                "(PEFT writes adapter_model.safetensors) and zip that folder without .bin/.pt files."
+            )
         total += info.file_size
         if total > limit:
-            raise AdapterImportError(f"{label} unpacks to more than {_mb(limit)}, the import limit; an adapter is "
-                                     f"usually a few MB. Raise the limit with {MAX_ENV} if it is right.")
+            raise AdapterImportError(
+                f"{label} unpacks to more than {_mb(limit)}, the import limit; an adapter is "
+                f"usually a few MB. Raise the limit with {MAX_ENV} if it is right."
+            )
         if info.file_size > 2**20 and info.file_size > MAX_RATIO * max(info.compress_size, 1):
             ratio = info.file_size // max(info.compress_size, 1)
-            raise AdapterImportError(f"{label} has an entry {name!r} that inflates {ratio}x (a zip bomb?); "
-                                     "refusing it.")
+            raise AdapterImportError(
+                f"{label} has an entry {name!r} that inflates {ratio}x (a zip bomb?); refusing it."
+            )
     configs = [i.filename for i in infos if PurePosixPath(i.filename).name == "adapter_config.json"]
     if len(configs) != 1:
         found = ", ".join(sorted(i.filename for i in infos if not i.is_dir())[:8]) or "nothing"
         what = "no adapter_config.json" if not configs else f"{len(configs)} adapter_config.json files"
-        raise AdapterImportError(f"{label} has {what}; an adapter zip needs exactly one folder with "
-                                 f"adapter_config.json and adapter_model.safetensors (found: {found}).")
+        raise AdapterImportError(
+            f"{label} has {what}; an adapter zip needs exactly one folder with "
+            f"adapter_config.json and adapter_model.safetensors (found: {found})."
+        )
     root = configs[0][: -len("adapter_config.json")]
     members = [i for i in infos if i.filename.startswith(root) and not i.is_dir()]
     if root + "adapter_model.safetensors" not in {i.filename for i in members}:
-        raise AdapterImportError(f"{label} has adapter_config.json but no adapter_model.safetensors next to it; "
-                                 "save the adapter with PEFT's save_pretrained and zip the whole folder.")
+        raise AdapterImportError(
+            f"{label} has adapter_config.json but no adapter_model.safetensors next to it; "
+            "save the adapter with PEFT's save_pretrained and zip the whole folder."
+        )
     return root, members
 
 
@@ -244,18 +271,25 @@ def _adapter_config(zf: zipfile.ZipFile, root: str, label: str) -> dict[str, Any
     except ValueError:
         cfg = None
     if not isinstance(cfg, dict):
-        raise AdapterImportError(f"adapter_config.json in {label} is not a JSON object; save the adapter "
-                                 "again with PEFT's save_pretrained.")
+        raise AdapterImportError(
+            f"adapter_config.json in {label} is not a JSON object; save the adapter again with PEFT's save_pretrained."
+        )
     if str(cfg.get("peft_type", "")).upper() != "LORA":
-        raise AdapterImportError(f"{label} holds a {cfg.get('peft_type') or 'non-PEFT'} adapter; Finetune Studio "
-                                 "imports LoRA adapters (peft_type LORA) only.")
+        raise AdapterImportError(
+            f"{label} holds a {cfg.get('peft_type') or 'non-PEFT'} adapter; Finetune Studio "
+            "imports LoRA adapters (peft_type LORA) only."
+        )
     r = cfg.get("r")
     if not isinstance(r, int) or not 1 <= r <= 4096 or not cfg.get("target_modules"):
-        raise AdapterImportError(f"adapter_config.json in {label} lacks a valid rank `r` or `target_modules`; "
-                                 "save the adapter again with PEFT's save_pretrained.")
+        raise AdapterImportError(
+            f"adapter_config.json in {label} lacks a valid rank `r` or `target_modules`; "
+            "save the adapter again with PEFT's save_pretrained."
+        )
     if cfg.get("task_type") not in (None, "CAUSAL_LM"):
-        raise AdapterImportError(f"{label} is a {cfg['task_type']} adapter; Finetune Studio works with causal "
-                                 "language models (task_type CAUSAL_LM).")
+        raise AdapterImportError(
+            f"{label} is a {cfg['task_type']} adapter; Finetune Studio works with causal "
+            "language models (task_type CAUSAL_LM)."
+        )
     return cfg
 
 
@@ -308,8 +342,11 @@ def _parse_metrics(raw: bytes) -> list[dict[str, Any]]:
 def _find_base(adapter_cfg: dict[str, Any], meta: dict[str, Any]) -> tuple[str, list[str]]:
     """The first named base that exists here: config.yaml's model, the fingerprint's, then PEFT's
     ``base_model_name_or_path``. The bundled default stands in for its hub id offline."""
-    cands = [getattr(meta.get("config"), "model", None), (meta.get("fingerprint") or {}).get("model"),
-             adapter_cfg.get("base_model_name_or_path")]
+    cands = [
+        getattr(meta.get("config"), "model", None),
+        (meta.get("fingerprint") or {}).get("model"),
+        adapter_cfg.get("base_model_name_or_path"),
+    ]
     names: list[str] = []
     for c in cands:
         if isinstance(c, str) and c.strip() and c.strip() not in names:
@@ -317,8 +354,10 @@ def _find_base(adapter_cfg: dict[str, Any], meta: dict[str, Any]) -> tuple[str, 
                 names.append(models.DEFAULT_MODEL)
             names.append(c.strip())
     if not names:
-        raise AdapterImportError("The adapter does not name its base model (adapter_config.json has no "
-                                 "base_model_name_or_path); set it to the base's hub id or folder and zip it again.")
+        raise AdapterImportError(
+            "The adapter does not name its base model (adapter_config.json has no "
+            "base_model_name_or_path); set it to the base's hub id or folder and zip it again."
+        )
     reasons = []
     for ref in names:
         try:
@@ -328,22 +367,27 @@ def _find_base(adapter_cfg: dict[str, Any], meta: dict[str, Any]) -> tuple[str, 
             continue
         notes = []
         if ref == models.DEFAULT_MODEL and models.DEFAULT_MODEL not in cands:
-            notes.append(f"The base {DEFAULT_HUB_ID} is used as the studio's bundled copy (dequantized from a Q4_1 "
-                         "GGUF), whose weights differ slightly from the hub's.")
+            notes.append(
+                f"The base {DEFAULT_HUB_ID} is used as the studio's bundled copy (dequantized from a Q4_1 "
+                "GGUF), whose weights differ slightly from the hub's."
+            )
         return ref, notes
     named = " or ".join(f"`{n}`" for n in names)
-    raise AdapterImportError(f"This adapter needs the base model {named}, which is not available on this machine "
-                             f"({reasons[-1]}) Copy the base model's folder here or download it on a connected "
-                             "machine, then import again.")
+    raise AdapterImportError(
+        f"This adapter needs the base model {named}, which is not available on this machine "
+        f"({reasons[-1]}) Copy the base model's folder here or download it on a connected "
+        "machine, then import again."
+    )
 
 
-def _extract(zf: zipfile.ZipFile, root: str, members: list[zipfile.ZipInfo], dest: Path, limit: int,
-             label: str) -> list[str]:
+def _extract(
+    zf: zipfile.ZipFile, root: str, members: list[zipfile.ZipInfo], dest: Path, limit: int, label: str
+) -> list[str]:
     """Copy the adapter's files under ``dest``, counting real bytes (headers can lie). Returns the
     names skipped (run metadata is read separately; unknown file types are not copied)."""
     skipped, written, top = [], 0, dest.resolve()
     for info in members:
-        rel = info.filename[len(root):]
+        rel = info.filename[len(root) :]
         if rel in RUN_FILES:
             continue
         if not rel.lower().endswith(ADAPTER_SUFFIXES):
@@ -380,11 +424,14 @@ def _check_shapes(weights: Path, base: str, label: str) -> None:
         with safe_open(str(weights), "pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterImportError(f"adapter_model.safetensors in {label} is not a valid safetensors file "
-                                 f"({exc}); save the adapter again.") from None
+        raise AdapterImportError(
+            f"adapter_model.safetensors in {label} is not a valid safetensors file ({exc}); save the adapter again."
+        ) from None
     if not any(_KEY.match(k) for k in shapes):
-        raise AdapterImportError(f"adapter_model.safetensors in {label} holds no LoRA weights (lora_A/lora_B); "
-                                 "save the adapter again with PEFT's save_pretrained.")
+        raise AdapterImportError(
+            f"adapter_model.safetensors in {label} holds no LoRA weights (lora_A/lora_B); "
+            "save the adapter again with PEFT's save_pretrained."
+        )
     try:  # the base on the meta device: its layer shapes without memory or weights
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(models.resolve(base)))
@@ -402,31 +449,48 @@ def _check_shapes(weights: Path, base: str, label: str) -> None:
             continue
         mod, which = m.groups()
         if mod not in layers:
-            raise AdapterImportError(f"The adapter adapts a layer `{mod}` that the base `{base}` does not have: "
-                                     "it was trained on another base. Import it where its own base is available.")
+            raise AdapterImportError(
+                f"The adapter adapts a layer `{mod}` that the base `{base}` does not have: "
+                "it was trained on another base. Import it where its own base is available."
+            )
         want_in, want_out = layers[mod]
         got = shape[1] if which == "A" else shape[0]
         want = want_in if which == "A" else want_out
         if len(shape) != 2 or got != want:
             side = "inputs" if which == "A" else "outputs"
-            raise AdapterImportError(f"The adapter's layer `{mod}` has {side} of width {got}, but the base `{base}` "
-                                     f"has {want}: it was trained on another base. Import it where its own base "
-                                     "is available.")
+            raise AdapterImportError(
+                f"The adapter's layer `{mod}` has {side} of width {got}, but the base `{base}` "
+                f"has {want}: it was trained on another base. Import it where its own base "
+                "is available."
+            )
 
 
 _NUMBERS = ("train_rows", "eval_rows", "step", "final_loss", "eval_loss", "base_eval_loss", "trainable_params")
 
 
-def _write_run(run: Run, zip_path: Path, name: str | None, base: str, adapter_cfg: dict[str, Any],
-               meta: dict[str, Any], base_fp: dict[str, Any], warnings: list[str], skipped: list[str]) -> Run:
+def _write_run(
+    run: Run,
+    zip_path: Path,
+    name: str | None,
+    base: str,
+    adapter_cfg: dict[str, Any],
+    meta: dict[str, Any],
+    base_fp: dict[str, Any],
+    warnings: list[str],
+    skipped: list[str],
+) -> Run:
     src = meta.get("run") or {}
     cfg: RunConfig | None = meta.get("config")
     method = "qlora" if cfg is not None and cfg.method == "qlora" else "lora"
     targets = adapter_cfg["target_modules"]
     targets = ",".join(map(str, targets)) if isinstance(targets, list) else str(targets)
     alpha = adapter_cfg.get("lora_alpha", adapter_cfg["r"])
-    lora = {"r": adapter_cfg["r"], "alpha": int(round(alpha)) if isinstance(alpha, (int, float)) else adapter_cfg["r"],
-            "dropout": float(adapter_cfg.get("lora_dropout") or 0.0), "targets": targets}
+    lora = {
+        "r": adapter_cfg["r"],
+        "alpha": int(round(alpha)) if isinstance(alpha, (int, float)) else adapter_cfg["r"],
+        "dropout": float(adapter_cfg.get("lora_dropout") or 0.0),
+        "targets": targets,
+    }
     raw = cfg.to_dict() if cfg is not None else {}
     # Whatever the zip says, an import never runs a model's own code and points at no data file here.
     raw.update(model=base, method=method, trust_remote_code=False, lora=lora)
@@ -443,8 +507,9 @@ def _write_run(run: Run, zip_path: Path, name: str | None, base: str, adapter_cf
     if ev:
         run.save_evaluation(ev)
     fingerprint.write(run.path, meta.get("fingerprint") or base_fp)
-    fields: dict[str, Any] = {k: src[k] for k in _NUMBERS
-                              if isinstance(src.get(k), (int, float)) and not isinstance(src.get(k), bool)}
+    fields: dict[str, Any] = {
+        k: src[k] for k in _NUMBERS if isinstance(src.get(k), (int, float)) and not isinstance(src.get(k), bool)
+    }
     trains = [m for m in metrics if m["kind"] == "train" and "loss" in m]
     evals = [m for m in metrics if m["kind"] == "eval" and "eval_loss" in m]
     if trains:
@@ -461,11 +526,22 @@ def _write_run(run: Run, zip_path: Path, name: str | None, base: str, adapter_cf
     if skipped:
         message += f" Skipped {len(skipped)} file(s) that are not weights or tokenizer files: {', '.join(skipped[:5])}."
     now = time.time()
-    run.set_status("finished", imported=True, version=1, name=display, created_at=now, finished_at=now,
-                   method=method, model=base, total_steps=fields.get("step", 0), message=message,
-                   import_warnings=warnings, source_run=str(src.get("run_id", ""))[:120] or None,
-                   source_version=src.get("version") if isinstance(src.get("version"), int) else None,
-                   **fields)
+    run.set_status(
+        "finished",
+        imported=True,
+        version=1,
+        name=display,
+        created_at=now,
+        finished_at=now,
+        method=method,
+        model=base,
+        total_steps=fields.get("step", 0),
+        message=message,
+        import_warnings=warnings,
+        source_run=str(src.get("run_id", ""))[:120] or None,
+        source_version=src.get("version") if isinstance(src.get("version"), int) else None,
+        **fields,
+    )
     return run
 
 
@@ -475,11 +551,17 @@ def _clean_evaluation(ev: Any) -> dict[str, Any] | None:
     out: dict[str, Any] = {}
     for side in ("base", "adapter"):
         if isinstance(ev.get(side), dict):
-            out[side] = {k: v for k, v in ev[side].items() if k in ("loss", "perplexity", "rows")
-                         and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            out[side] = {
+                k: v
+                for k, v in ev[side].items()
+                if k in ("loss", "perplexity", "rows") and isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
     samples = ev.get("samples") if isinstance(ev.get("samples"), list) else []
-    out["samples"] = [{k: str(s.get(k, ""))[:2000] for k in ("prompt", "base", "adapter")}
-                      for s in samples[:20] if isinstance(s, dict)]
+    out["samples"] = [
+        {k: str(s.get(k, ""))[:2000] for k in ("prompt", "base", "adapter")}
+        for s in samples[:20]
+        if isinstance(s, dict)
+    ]
     return out if out.get("base") or out.get("adapter") else None
 
 

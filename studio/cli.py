@@ -1,4 +1,6 @@
-"""`finetune-studio train | resume | validate | estimate | hardware | export | import | ui | prepare-model` — the page's journey without a browser.
+"""The page's journey without a browser.
+
+`finetune-studio train | resume | validate | estimate | hardware | export | import | ui | prepare-model`
 
 Every config field is also a flag (``--learning-rate``, ``--lora-r``...), generated from
 ``RunConfig`` so the CLI, the YAML file and the UI can never drift apart. Flags override the
@@ -20,6 +22,7 @@ import sys
 
 from studio.config import METHODS, ConfigError, RunConfig, field_help, flag_name, leaf_fields
 
+
 def _bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -30,9 +33,14 @@ def _bool(text: str) -> bool:
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     for dotted, ftype, default in leaf_fields():
-        p.add_argument(f"--{flag_name(dotted)}", dest=dotted, default=None, metavar=ftype.__name__.upper(),
-                       type=_bool if ftype is bool else ftype,
-                       help=f"{field_help(dotted)} (default: {default})".replace("%", "%%"))  # argparse formats help with %
+        p.add_argument(
+            f"--{flag_name(dotted)}",
+            dest=dotted,
+            default=None,
+            metavar=ftype.__name__.upper(),
+            type=_bool if ftype is bool else ftype,
+            help=f"{field_help(dotted)} (default: {default})".replace("%", "%%"),
+        )  # argparse formats help with %
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,8 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="Zip a finished run's adapter with its tokenizer, config and model card.")
     export.add_argument("run", help="Run id (folder name under the runs folder) or run folder path.")
     export.add_argument("--out", help="Where to write the zip (default: inside the run folder).")
-    export.add_argument("--merged", action="store_true",
-                        help="Export the base model with the adapter merged in (a standalone safetensors model).")
+    export.add_argument(
+        "--merged",
+        action="store_true",
+        help="Export the base model with the adapter merged in (a standalone safetensors model).",
+    )
     export.add_argument("--runs-dir")
 
     imp = sub.add_parser("import", help="Add an adapter zip (exported here or a zipped PEFT LoRA folder) as a run.")
@@ -61,22 +72,31 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--max-size-mb", type=float, help="Largest uncompressed size accepted (default 2048).")
     imp.add_argument("--runs-dir")
 
-    val = sub.add_parser("validate", help="Check a dataset file and print the report.",
-                         description="Exit code 0: training can proceed; 1: an error blocks it; 2: the file "
-                                     "cannot be read at all.")
+    val = sub.add_parser(
+        "validate",
+        help="Check a dataset file and print the report.",
+        description="Exit code 0: training can proceed; 1: an error blocks it; 2: the file cannot be read at all.",
+    )
     val.add_argument("file", help="CSV, TSV, JSONL, JSON or Parquet file.")
     val.add_argument("--model", default="default", help="Model whose tokenizer and chat template count tokens.")
     val.add_argument("--max-length", type=int, default=RunConfig().data.max_length, help="Max length in tokens.")
-    val.add_argument("--mapping", nargs="*", default=[], metavar="COL=ROLE",
-                     help="Column roles, e.g. question=prompt answer=response (roles: prompt, input, response, "
-                          "system, messages, text). Default: detect.")
+    val.add_argument(
+        "--mapping",
+        nargs="*",
+        default=[],
+        metavar="COL=ROLE",
+        help="Column roles, e.g. question=prompt answer=response (roles: prompt, input, response, "
+        "system, messages, text). Default: detect.",
+    )
     val.add_argument("--json", action="store_true", help="Print the report as JSON (see README for the fields).")
 
     hw = sub.add_parser("hardware", help="What this machine has: GPUs, MPS, CPU, RAM, bf16, 4-bit support.")
     hw.add_argument("--json", action="store_true")
 
     est = sub.add_parser("estimate", help="Estimate peak training memory from the model's config alone.")
-    est.add_argument("--model", default="default", help="default, a hub id or a local folder (only config.json is read).")
+    est.add_argument(
+        "--model", default="default", help="default, a hub id or a local folder (only config.json is read)."
+    )
     est.add_argument("--method", choices=METHODS, default="lora")
     est.add_argument("--seq-len", type=int, default=RunConfig().data.max_length)
     est.add_argument("--batch-size", type=int, default=RunConfig().training.batch_size)
@@ -97,9 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
-    from studio.runs import RunRegistry
-
-    from studio.runs import Run
+    from studio.runs import Run, RunRegistry
     from studio.training import distributed
 
     try:
@@ -159,8 +177,11 @@ def _run_and_report(cfg, run, resume: bool) -> int:
 
     def progress(m: dict) -> None:
         if m["kind"] == "train":
-            print(f"step {m['step']}/{m['total_steps']}  loss {m['loss']:.4f}  "
-                  f"{m['tokens_per_s']:.0f} tok/s  rss {m['rss_mib']:.0f} MiB", flush=True)
+            print(
+                f"step {m['step']}/{m['total_steps']}  loss {m['loss']:.4f}  "
+                f"{m['tokens_per_s']:.0f} tok/s  rss {m['rss_mib']:.0f} MiB",
+                flush=True,
+            )
         elif m["kind"] == "eval":
             print(f"eval at step {m['step']}: loss {m['eval_loss']:.4f}", flush=True)
         elif m["kind"] == "memory_check":
@@ -189,10 +210,30 @@ def _validate(args) -> int:
 
     def fail(code: str, message: str, exit_code: int) -> int:
         if args.json:
-            print(json.dumps({"ok": False, "format": None, "encoding": None, "delimiter": None, "rows": 0,
-                              "mapping": {}, "findings": [{"severity": "error", "code": code, "message": message,
-                                                           "rows": [], "count": 0, "fix": message}],
-                              "stats": {}}, indent=2))
+            print(
+                json.dumps(
+                    {
+                        "ok": False,
+                        "format": None,
+                        "encoding": None,
+                        "delimiter": None,
+                        "rows": 0,
+                        "mapping": {},
+                        "findings": [
+                            {
+                                "severity": "error",
+                                "code": code,
+                                "message": message,
+                                "rows": [],
+                                "count": 0,
+                                "fix": message,
+                            }
+                        ],
+                        "stats": {},
+                    },
+                    indent=2,
+                )
+            )
         else:
             print(f"Error: {message}", file=sys.stderr)
         return exit_code
@@ -232,11 +273,15 @@ def _estimate(args) -> int:
     hw = hardware.detect()
     device = args.device or hw.device
     targets = "all-linear" if args.lora_targets == "all-linear" else [t.strip() for t in args.lora_targets.split(",")]
-    settings = Settings(seq_len=args.seq_len, batch_size=args.batch_size,
-                        gradient_checkpointing=args.gradient_checkpointing,
-                        bf16=resolve("auto", hw.bf16 if device == hw.device else device == "cuda") == "bf16",
-                        lora_r=args.lora_r,
-                        lora_targets=targets, optimizer=args.optimizer)
+    settings = Settings(
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        gradient_checkpointing=args.gradient_checkpointing,
+        bf16=resolve("auto", hw.bf16 if device == hw.device else device == "cuda") == "bf16",
+        lora_r=args.lora_r,
+        lora_targets=targets,
+        optimizer=args.optimizer,
+    )
     try:
         shape = shape_for_model(args.model)
         est = estimate_settings(shape, args.method, settings, device)
@@ -248,13 +293,24 @@ def _estimate(args) -> int:
     verdict = p.get(args.method).verdict if p else None
     fits = None if p is None else verdict in ("fits", "tight")
     if args.json:
-        print(json.dumps({**est.to_dict(), "fits": fits, "verdict": verdict,
-                          "available_bytes": p.available_bytes if p else None,
-                          "plan": p.to_dict() if p else None}, indent=2))
+        print(
+            json.dumps(
+                {
+                    **est.to_dict(),
+                    "fits": fits,
+                    "verdict": verdict,
+                    "available_bytes": p.available_bytes if p else None,
+                    "plan": p.to_dict() if p else None,
+                },
+                indent=2,
+            )
+        )
         return 0
-    print(f"{args.method} on {device}: about {est.total_bytes / GIB:.2f} GiB peak "
-          f"({est.trainable_params:,} trainable of {est.total_params:,} parameters, "
-          f"{est.adapter_bytes / 2**20:.0f} MiB saved)")
+    print(
+        f"{args.method} on {device}: about {est.total_bytes / GIB:.2f} GiB peak "
+        f"({est.trainable_params:,} trainable of {est.total_params:,} parameters, "
+        f"{est.adapter_bytes / 2**20:.0f} MiB saved)"
+    )
     for part, n in est.breakdown.items():
         if n:
             print(f"  {part:<22}{n / GIB:>8.2f} GiB")

@@ -41,9 +41,11 @@ class DataConfig:
     path: str = ""
     """CSV, JSONL, JSON or Parquet file with instruction/output or prompt/completion columns."""
     mapping: str = ""
-    """Column roles as column=role pairs (roles: prompt, input, response, system, messages, text), e.g. question=prompt,answer=response; empty = detect."""
+    """Column roles as column=role pairs (roles: prompt, input, response, system, messages, text),
+    e.g. question=prompt,answer=response; empty = detect."""
     eval_fraction: float = 0.1
-    """Share of rows held out to measure eval loss (0 turns evaluation off); rows with the same prompt stay on one side."""
+    """Share of rows held out to measure eval loss (0 turns evaluation off); rows with the same
+    prompt stay on one side."""
     eval_rows: int = 0
     """Hold out this many rows instead of a fraction (0 = use eval_fraction)."""
     eval_path: str = ""
@@ -61,7 +63,8 @@ class LoraConfig:
     alpha: int = 32
     """LoRA scaling numerator; the update is scaled by alpha / r."""
     dropout: float = 0.0
-    """Dropout on the LoRA input during training; 0 is about 25% faster on CPU (PEFT's dropout costs a noise tensor per adapted layer) and 0.05-0.1 can help small datasets trained for many epochs."""
+    """Dropout on the LoRA input during training; 0 is about 25% faster on CPU (PEFT's dropout costs a
+    noise tensor per adapted layer) and 0.05-0.1 can help small datasets trained for many epochs."""
     targets: str = "all-linear"
     """Modules that get adapters: a comma list such as q_proj,v_proj, or all-linear."""
 
@@ -95,15 +98,19 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     """Recompute activations during the backward pass: far less memory for long rows, about a third slower."""
     compile: bool = False
-    """Compile each decoder layer with torch.compile: about 10% faster per step after roughly a minute of compiling (measured on CPU); worth it for runs longer than about ten minutes. Falls back to normal execution if compiling fails."""
+    """Compile each decoder layer with torch.compile: about 10% faster per step after roughly a minute of
+    compiling (measured on CPU); worth it for runs longer than about ten minutes. Where compiling does
+    not work the run trains uncompiled and says so."""
     memory_check: bool = True
-    """Before training, run two optimizer steps on the longest rows and measure peak memory; stop with a suggestion if the run would not fit."""
+    """Before training, run two optimizer steps on the longest rows and measure peak memory; stop with
+    a suggestion if the run would not fit."""
     eval_steps: int = 0
     """Measure eval loss every N steps (0 = only at the end)."""
     early_stopping: int = 0
     """Stop when eval loss has not improved for this many evaluations in a row (0 = off; needs eval_steps)."""
     save_steps: int = 0
-    """Save a resumable checkpoint (weights, optimizer, scheduler, RNG) every N steps; 0 = every 10% of the run, at least 10 steps apart."""
+    """Save a resumable checkpoint (weights, optimizer, scheduler, RNG) every N steps; 0 = every 10% of
+    the run, at least 10 steps apart."""
     keep_checkpoints: int = 2
     """How many of the latest checkpoints to keep on disk."""
     seed: int = 42
@@ -175,7 +182,10 @@ class RunConfig:
         """Every problem with this config, as sentences that name the field and the fix."""
         p: list[str] = []
         if not self.model.strip():
-            p.append("`model` is empty: use default, a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct, or a local folder.")
+            p.append(
+                "`model` is empty: use default, a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct, "
+                "or a local folder."
+            )
         if self.method not in METHODS:
             p.append(f"`method` must be one of {', '.join(METHODS)} (got {self.method!r}).")
         d, lo, t = self.data, self.lora, self.training
@@ -208,7 +218,10 @@ class RunConfig:
         if t.max_steps == 0 and not 0 < t.epochs <= 100:
             p.append(f"`training.epochs` must be above 0 and at most 100 (got {t.epochs}).")
         if not 0 < t.learning_rate <= 0.1:
-            p.append(f"`training.learning_rate` must be above 0 and at most 0.1 (typical: 2e-4 for LoRA, 2e-5 for full; got {t.learning_rate}).")
+            p.append(
+                "`training.learning_rate` must be above 0 and at most 0.1 "
+                f"(typical: 2e-4 for LoRA, 2e-5 for full; got {t.learning_rate})."
+            )
         if not 1 <= t.batch_size <= 1024:
             p.append(f"`training.batch_size` must be between 1 and 1024 (got {t.batch_size}).")
         if not 1 <= t.gradient_accumulation <= 1024:
@@ -271,8 +284,15 @@ def _build(cls, raw: Any, prefix: str, problems: list[str]):
 
 
 def _field_type(cls, name: str):
-    hints = {"str": str, "int": int, "float": float, "bool": bool,
-             "DataConfig": DataConfig, "LoraConfig": LoraConfig, "TrainingConfig": TrainingConfig}
+    hints = {
+        "str": str,
+        "int": int,
+        "float": float,
+        "bool": bool,
+        "DataConfig": DataConfig,
+        "LoraConfig": LoraConfig,
+        "TrainingConfig": TrainingConfig,
+    }
     f = next(f for f in dataclasses.fields(cls) if f.name == name)
     return hints[f.type] if isinstance(f.type, str) else f.type
 
@@ -306,9 +326,13 @@ def _docstrings(cls) -> dict[str, str]:
     body = tree.body[0].body
     docs = {}
     for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
             docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
 
@@ -326,17 +350,31 @@ def field_help(dotted: str) -> str:
 
 # Short flag names for nested fields; every other field is --<section>-<name>.
 _FLAG_ALIASES = {
-    "data.path": "data", "data.eval_fraction": "eval-fraction", "data.max_length": "max-length",
-    "data.mapping": "mapping", "data.eval_rows": "eval-rows", "data.eval_path": "eval-path",
+    "data.path": "data",
+    "data.eval_fraction": "eval-fraction",
+    "data.max_length": "max-length",
+    "data.mapping": "mapping",
+    "data.eval_rows": "eval-rows",
+    "data.eval_path": "eval-path",
     "data.max_file_mb": "max-file-mb",
-    "lora.targets": "lora-targets", "training.epochs": "epochs", "training.max_steps": "max-steps",
-    "training.learning_rate": "learning-rate", "training.batch_size": "batch-size",
-    "training.gradient_accumulation": "gradient-accumulation", "training.warmup_ratio": "warmup-ratio",
+    "lora.targets": "lora-targets",
+    "training.epochs": "epochs",
+    "training.max_steps": "max-steps",
+    "training.learning_rate": "learning-rate",
+    "training.batch_size": "batch-size",
+    "training.gradient_accumulation": "gradient-accumulation",
+    "training.warmup_ratio": "warmup-ratio",
     "training.lr_scheduler": "lr-scheduler",
-    "training.weight_decay": "weight-decay", "training.precision": "precision",
-    "training.gradient_checkpointing": "gradient-checkpointing", "training.memory_check": "memory-check", "training.compile": "compile",
-    "training.eval_steps": "eval-steps", "training.early_stopping": "early-stopping", "training.save_steps": "save-steps",
-    "training.keep_checkpoints": "keep-checkpoints", "training.seed": "seed",
+    "training.weight_decay": "weight-decay",
+    "training.precision": "precision",
+    "training.gradient_checkpointing": "gradient-checkpointing",
+    "training.memory_check": "memory-check",
+    "training.compile": "compile",
+    "training.eval_steps": "eval-steps",
+    "training.early_stopping": "early-stopping",
+    "training.save_steps": "save-steps",
+    "training.keep_checkpoints": "keep-checkpoints",
+    "training.seed": "seed",
 }
 
 
@@ -360,7 +398,8 @@ def command_for(config: RunConfig) -> str:
 def launch_command_for(config: RunConfig, processes: int = 2) -> str:
     """The same run on several GPUs through accelerate (DDP): see README, "More than one GPU"."""
     return command_for(config).replace(
-        "finetune-studio train", f"accelerate launch --multi_gpu --num_processes {processes} -m studio.cli train", 1)
+        "finetune-studio train", f"accelerate launch --multi_gpu --num_processes {processes} -m studio.cli train", 1
+    )
 
 
 def leaf_fields() -> list[tuple[str, type, Any]]:

@@ -25,7 +25,7 @@ MAX_ROWS = 200  # enough for a stable loss; a bigger eval split is sampled evenl
 
 def _batches(examples: list[Example], pad_id: int):
     for i in range(0, len(examples), BATCH):
-        yield collate(examples[i:i + BATCH], pad_id)
+        yield collate(examples[i : i + BATCH], pad_id)
 
 
 def held_out_rows(run: Run, tokenizer) -> list[Example]:
@@ -40,10 +40,12 @@ def held_out_rows(run: Run, tokenizer) -> list[Example]:
     except DataError as exc:
         raise ValueError(f"The run's data can no longer be read ({exc}); its held-out rows are gone.") from None
     if not rows:
-        raise ValueError("This run held out no rows (eval fraction 0 and no eval file), so there is "
-                         "nothing to evaluate on; set an eval fraction and train again.")
+        raise ValueError(
+            "This run held out no rows (eval fraction 0 and no eval file), so there is "
+            "nothing to evaluate on; set an eval fraction and train again."
+        )
     if len(rows) > MAX_ROWS:
-        rows = rows[::math.ceil(len(rows) / MAX_ROWS)]
+        rows = rows[:: math.ceil(len(rows) / MAX_ROWS)]
     return rows
 
 
@@ -59,8 +61,13 @@ def _score(total: float, count: int) -> dict[str, float]:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
 
 
-def evaluate(playground: Playground, run: Run, samples: int = 3, max_new_tokens: int = 64,
-             progress: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+def evaluate(
+    playground: Playground,
+    run: Run,
+    samples: int = 3,
+    max_new_tokens: int = 64,
+    progress: Callable[[str], None] = lambda msg: None,
+) -> dict[str, Any]:
     """Score base and adapter on the held-out rows, answer ``samples`` of them with both
     (greedy), store the result with the run and return it. The run must be active in the
     playground (``playground.activate``)."""
@@ -85,12 +92,24 @@ def evaluate(playground: Playground, run: Run, samples: int = 3, max_new_tokens:
         base_text, adapted_text = "", ""
         for base_text, adapted_text in playground.stream_ids(ids, ids, settings, ref):
             pass
-        answers.append({"prompt": tok.decode(prompt, skip_special_tokens=False),
-                        "reference": tok.decode(reference, skip_special_tokens=True),
-                        "base": base_text, "adapter": adapted_text})
-    result = {"ref": ref, "rows": len(rows), "tokens": count,
-              "base": _score(base_total, count), "adapter": _score(adapted_total, count),
-              "samples": answers, "seconds": round(time.perf_counter() - started, 2), "at": time.time()}
+        answers.append(
+            {
+                "prompt": tok.decode(prompt, skip_special_tokens=False),
+                "reference": tok.decode(reference, skip_special_tokens=True),
+                "base": base_text,
+                "adapter": adapted_text,
+            }
+        )
+    result = {
+        "ref": ref,
+        "rows": len(rows),
+        "tokens": count,
+        "base": _score(base_total, count),
+        "adapter": _score(adapted_total, count),
+        "samples": answers,
+        "seconds": round(time.perf_counter() - started, 2),
+        "at": time.time(),
+    }
     if split_ref(ref)[1] is None:  # a checkpoint's scores are not the run's
         run.save_evaluation(result)
     return result
@@ -101,8 +120,10 @@ def table_rows(run: Run, result: dict[str, Any] | None = None) -> list[list[Any]
     evaluation when there is one, else the losses recorded during training."""
     result = result or run.evaluation()
     if result:
-        return [[side, round(result[key]["loss"], 4), round(result[key]["perplexity"], 3)]
-                for side, key in (("base", "base"), ("adapter", "adapter"))]
+        return [
+            [side, round(result[key]["loss"], 4), round(result[key]["perplexity"], 3)]
+            for side, key in (("base", "base"), ("adapter", "adapter"))
+        ]
     status = run.status()
     out = []
     for side, key in (("base", "base_eval_loss"), ("adapter", "eval_loss")):

@@ -34,8 +34,20 @@ from studio.runs import Run
 # Files of a run that travel in every zip and that the importer reads back.
 RUN_JSON = "run.json"
 # status.json fields worth carrying to another studio (the importer reads only these).
-CARRIED_STATUS = ("name", "version", "method", "model", "data_sha256", "train_rows", "eval_rows", "step",
-                  "final_loss", "eval_loss", "base_eval_loss", "trainable_params")
+CARRIED_STATUS = (
+    "name",
+    "version",
+    "method",
+    "model",
+    "data_sha256",
+    "train_rows",
+    "eval_rows",
+    "step",
+    "final_loss",
+    "eval_loss",
+    "base_eval_loss",
+    "trainable_params",
+)
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. What is 2 plus 3?"
 
 
@@ -52,8 +64,10 @@ def _finished(run: Run) -> Path:
     status = run.status()
     weights = run.weights_dir()
     if status.get("state") != "finished" or weights is None:
-        raise ExportError(f"Run {run.id} is {status.get('state', 'unknown')} and has no finished "
-                          "adapter to export; export a finished run.")
+        raise ExportError(
+            f"Run {run.id} is {status.get('state', 'unknown')} and has no finished "
+            "adapter to export; export a finished run."
+        )
     return weights
 
 
@@ -120,8 +134,18 @@ def export_zip(run: Run, out: str | Path | None = None) -> Path:
         if evaluation is not None:
             zf.writestr("evaluation.json", json.dumps(evaluation, indent=2))
         status = run.status()
-        zf.writestr(RUN_JSON, json.dumps({"run_id": run.id, "exported_at": time.time(), "format": 1,
-                                          **{k: status[k] for k in CARRIED_STATUS if k in status}}, indent=2))
+        zf.writestr(
+            RUN_JSON,
+            json.dumps(
+                {
+                    "run_id": run.id,
+                    "exported_at": time.time(),
+                    "format": 1,
+                    **{k: status[k] for k in CARRIED_STATUS if k in status},
+                },
+                indent=2,
+            ),
+        )
         _add_run_files(zf, run, model_card(run, "model" if cfg.method == "full" else "adapter"))
 
     return _write_zip(out, fill)
@@ -217,23 +241,29 @@ def _merge_into(run: Run, weights: Path, work: Path) -> str:
         merged = model.merge_and_unload()
         diff = (merged(probe).logits - adapted).abs().max().item()
     if not diff < 1e-3:
-        raise ExportError(f"The merged model's logits differ from the adapted model's by {diff:.2g} "
-                          "(more than 1e-3); the merge is wrong, so no zip was written. Export the adapter instead.")
+        raise ExportError(
+            f"The merged model's logits differ from the adapted model's by {diff:.2g} "
+            "(more than 1e-3); the merge is wrong, so no zip was written. Export the adapter instead."
+        )
     merged = merged.to(save_dtype)
     merged.save_pretrained(work)
     tokenizer.save_pretrained(work)
     dtype_name = str(save_dtype).removeprefix("torch.")
-    note = (f"**Merge check.** Merged in float32 with PEFT `merge_and_unload`; on a {probe.shape[1]}-token "
-            f"probe its logits differ from the base + adapter's by at most {diff:.1e}. Saved in {dtype_name}"
-            + (", the base's own dtype (rounding adds a little more difference)." if dtype_name != "float32" else "."))
+    note = (
+        f"**Merge check.** Merged in float32 with PEFT `merge_and_unload`; on a {probe.shape[1]}-token "
+        f"probe its logits differ from the base + adapter's by at most {diff:.1e}. Saved in {dtype_name}"
+        + (", the base's own dtype (rounding adds a little more difference)." if dtype_name != "float32" else ".")
+    )
     if cfg.method == "qlora":
-        note += ("\n\n**QLoRA caveat.** This adapter was trained against the base's 4-bit NF4-rounded weights. "
-                 "It is merged here onto the full-precision (de-quantized) base, so the merged model's logits "
-                 "differ slightly from those of the 4-bit adapted model used in training and in the studio's "
-                 "Chat tab: the rounding the adapter learned to compensate for is gone (small models feel this "
-                 "most). For the exact trained "
-                 "behaviour, load the adapter zip onto the base loaded in 4-bit NF4 (`load_in_4bit=True`, "
-                 "`bnb_4bit_quant_type=\"nf4\"`, `bnb_4bit_use_double_quant=True`).")
+        note += (
+            "\n\n**QLoRA caveat.** This adapter was trained against the base's 4-bit NF4-rounded weights. "
+            "It is merged here onto the full-precision (de-quantized) base, so the merged model's logits "
+            "differ slightly from those of the 4-bit adapted model used in training and in the studio's "
+            "Chat tab: the rounding the adapter learned to compensate for is gone (small models feel this "
+            "most). For the exact trained "
+            "behaviour, load the adapter zip onto the base loaded in 4-bit NF4 (`load_in_4bit=True`, "
+            '`bnb_4bit_quant_type="nf4"`, `bnb_4bit_use_double_quant=True`).'
+        )
     return note
 
 

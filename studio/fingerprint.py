@@ -26,8 +26,16 @@ from studio.files import atomic_write_text, read_json
 FILE = "fingerprint.json"
 
 # Config fields that decide whether adapter weights fit the base: a difference here is fatal.
-STRUCTURAL = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "intermediate_size", "vocab_size")
+STRUCTURAL = (
+    "model_type",
+    "architectures",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+)
 # Differences that still load but change what the model sees: warned about.
 SOFT = ("tokenizer_sha256", "chat_template_sha256")
 
@@ -82,8 +90,10 @@ def write(folder: str | Path, fp: dict[str, Any]) -> None:
 
 def _describe(fp: dict[str, Any]) -> str:
     arch = (fp.get("architectures") or [fp.get("model_type") or "?"])[0]
-    return (f"`{fp.get('model', '?')}` ({arch}, {fp.get('num_hidden_layers')} layers, hidden "
-            f"{fp.get('hidden_size')}, vocab {fp.get('vocab_size')})")
+    return (
+        f"`{fp.get('model', '?')}` ({arch}, {fp.get('num_hidden_layers')} layers, hidden "
+        f"{fp.get('hidden_size')}, vocab {fp.get('vocab_size')})"
+    )
 
 
 def compare(trained_on: dict[str, Any], base: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -93,19 +103,31 @@ def compare(trained_on: dict[str, Any], base: dict[str, Any]) -> tuple[list[str]
     differently than in training. Each is a sentence naming both bases.
     """
     errors, warnings = [], []
-    differing = [k for k in STRUCTURAL
-                 if trained_on.get(k) is not None and base.get(k) is not None and trained_on[k] != base[k]]
+    differing = [
+        k for k in STRUCTURAL if trained_on.get(k) is not None and base.get(k) is not None and trained_on[k] != base[k]
+    ]
     if differing:
         detail = ", ".join(f"{k} {trained_on[k]} vs {base[k]}" for k in differing)
-        errors.append(f"This adapter was trained on {_describe(trained_on)}, but the base here is "
-                      f"{_describe(base)} ({detail}). Load it with the base it was trained on.")
+        errors.append(
+            f"This adapter was trained on {_describe(trained_on)}, but the base here is "
+            f"{_describe(base)} ({detail}). Load it with the base it was trained on."
+        )
     if not errors:
-        if trained_on.get("tokenizer_sha256") and base.get("tokenizer_sha256") \
-                and trained_on["tokenizer_sha256"] != base["tokenizer_sha256"]:
-            warnings.append(f"The tokenizer differs from the one used in training ({_describe(trained_on)} "
-                            f"vs {_describe(base)}): text may be split into different tokens.")
-        if trained_on.get("chat_template_sha256") != base.get("chat_template_sha256") \
-                and "chat_template_sha256" in trained_on:
-            warnings.append("The chat template differs from the one used in training: prompts are "
-                            "formatted differently, so replies may not match what it learned.")
+        if (
+            trained_on.get("tokenizer_sha256")
+            and base.get("tokenizer_sha256")
+            and trained_on["tokenizer_sha256"] != base["tokenizer_sha256"]
+        ):
+            warnings.append(
+                f"The tokenizer differs from the one used in training ({_describe(trained_on)} "
+                f"vs {_describe(base)}): text may be split into different tokens."
+            )
+        if (
+            trained_on.get("chat_template_sha256") != base.get("chat_template_sha256")
+            and "chat_template_sha256" in trained_on
+        ):
+            warnings.append(
+                "The chat template differs from the one used in training: prompts are "
+                "formatted differently, so replies may not match what it learned."
+            )
     return errors, warnings

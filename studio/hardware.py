@@ -47,10 +47,14 @@ class Hardware:
     def summary(self) -> str:
         """One line a person can read."""
         gib = 1024**3
-        cpu = (f"CPU: {self.cpu_cores} cores, {self.ram_available_bytes / gib:.1f} of "
-               f"{self.ram_total_bytes / gib:.1f} GiB RAM free, bf16 {'yes' if self.cpu_bf16 else 'no'}")
-        parts = [f"{d.name} ({d.free_bytes / gib:.1f} of {d.total_bytes / gib:.1f} GiB free, compute {d.capability})"
-                 for d in self.cuda]
+        cpu = (
+            f"CPU: {self.cpu_cores} cores, {self.ram_available_bytes / gib:.1f} of "
+            f"{self.ram_total_bytes / gib:.1f} GiB RAM free, bf16 {'yes' if self.cpu_bf16 else 'no'}"
+        )
+        parts = [
+            f"{d.name} ({d.free_bytes / gib:.1f} of {d.total_bytes / gib:.1f} GiB free, compute {d.capability})"
+            for d in self.cuda
+        ]
         if self.mps:
             parts.append("Apple MPS")
         acc = "; ".join(parts) if parts else "No GPU"
@@ -76,8 +80,11 @@ def detect() -> Hardware:
         for i in range(torch.cuda.device_count()):
             free, total = torch.cuda.mem_get_info(i)
             major, minor = torch.cuda.get_device_capability(i)
-            cuda.append(CudaDevice(i, torch.cuda.get_device_name(i), total, free,
-                                   torch.cuda.is_bf16_supported(), f"{major}.{minor}"))
+            cuda.append(
+                CudaDevice(
+                    i, torch.cuda.get_device_name(i), total, free, torch.cuda.is_bf16_supported(), f"{major}.{minor}"
+                )
+            )
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     return Hardware(
         cpu_cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
@@ -101,7 +108,9 @@ def bnb_4bit_support(has_cuda: bool, has_mps: bool) -> dict[str, str]:
 
     v = version("bitsandbytes")
     major, minor = (int(x) for x in v.split(".")[:2])
-    out = {"cpu": "yes" if (major, minor) >= (0, 45) else f"bitsandbytes {v} has no CPU 4-bit; upgrade to 0.45 or later"}
+    out = {
+        "cpu": "yes" if (major, minor) >= (0, 45) else f"bitsandbytes {v} has no CPU 4-bit; upgrade to 0.45 or later"
+    }
     if has_cuda:
         out["cuda"] = "yes"
     if has_mps:

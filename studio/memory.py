@@ -128,13 +128,31 @@ def shape_from_config(config) -> ModelShape:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
     dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "bfloat16")
-    return ModelShape(config.model_type, config.vocab_size, hidden, layers, intermediate, heads * head_dim,
-                      kv_heads * head_dim, total, embed, linears, 4 if "float32" in dtype else 2)
+    return ModelShape(
+        config.model_type,
+        config.vocab_size,
+        hidden,
+        layers,
+        intermediate,
+        heads * head_dim,
+        kv_heads * head_dim,
+        total,
+        embed,
+        linears,
+        4 if "float32" in dtype else 2,
+    )
 
 
-def _cuda_activations(shape: ModelShape, method: str, tokens: int, a: int, targets: list[Linear],
-                      lora_dropout: float, gradient_checkpointing: bool,
-                      labeled: float) -> tuple[float, float, float]:
+def _cuda_activations(
+    shape: ModelShape,
+    method: str,
+    tokens: int,
+    a: int,
+    targets: list[Linear],
+    lora_dropout: float,
+    gradient_checkpointing: bool,
+    labeled: float,
+) -> tuple[float, float, float]:
     """(activations, logits, 0) on CUDA; checked against max_memory_allocated on an H100
     (benchmarks/results/cuda_memory_h100*.jsonl: full -5..0%, LoRA 0..+18%, QLoRA -16..+19%)."""
     h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
@@ -155,9 +173,17 @@ def _cuda_activations(shape: ModelShape, method: str, tokens: int, a: int, targe
     return activations, logits, 0.0
 
 
-def _cpu_activations(shape: ModelShape, method: str, tokens: int, a: int, targets: list[Linear], lora_r: int,
-                     lora_dropout: float, gradient_checkpointing: bool,
-                     labeled: float) -> tuple[float, float, float]:
+def _cpu_activations(
+    shape: ModelShape,
+    method: str,
+    tokens: int,
+    a: int,
+    targets: list[Linear],
+    lora_r: int,
+    lora_dropout: float,
+    gradient_checkpointing: bool,
+    labeled: float,
+) -> tuple[float, float, float]:
     """(activations, logits, allocator retention) for a process's peak RSS on CPU.
 
     Measured on the default model with saved_tensors_hooks and per-phase VmHWM (the numbers and
@@ -205,10 +231,20 @@ def _cpu_activations(shape: ModelShape, method: str, tokens: int, a: int, target
     return activations, logits, retained
 
 
-def estimate(shape: ModelShape, method: str, seq_len: int, batch_size: int, device: str = "cpu",
-             bf16: bool = False, gradient_checkpointing: bool = False, optimizer: str = "adamw",
-             lora_r: int = 16, lora_targets: str | list[str] = "all-linear", lora_dropout: float = 0.0,
-             labeled_share: float = 1.0) -> Estimate:
+def estimate(
+    shape: ModelShape,
+    method: str,
+    seq_len: int,
+    batch_size: int,
+    device: str = "cpu",
+    bf16: bool = False,
+    gradient_checkpointing: bool = False,
+    optimizer: str = "adamw",
+    lora_r: int = 16,
+    lora_targets: str | list[str] = "all-linear",
+    lora_dropout: float = 0.0,
+    labeled_share: float = 1.0,
+) -> Estimate:
     """Peak memory of training with these settings, as a breakdown in bytes.
 
     ``labeled_share`` is the share of the batch x seq positions that carry a label (the only
@@ -235,11 +271,13 @@ def estimate(shape: ModelShape, method: str, seq_len: int, batch_size: int, devi
     opt = OPTIMIZERS[optimizer] * trainable
 
     if device == "cuda":
-        activations, logits, retained = _cuda_activations(shape, method, tokens, a, targets, lora_dropout,
-                                                          gradient_checkpointing, labeled)
+        activations, logits, retained = _cuda_activations(
+            shape, method, tokens, a, targets, lora_dropout, gradient_checkpointing, labeled
+        )
     else:
-        activations, logits, retained = _cpu_activations(shape, method, tokens, a, targets, lora_r, lora_dropout,
-                                                         gradient_checkpointing, labeled)
+        activations, logits, retained = _cpu_activations(
+            shape, method, tokens, a, targets, lora_r, lora_dropout, gradient_checkpointing, labeled
+        )
         if method == "qlora":
             # On CPU the checkpoint file stays memory-mapped (resident) next to the NF4 copy.
             weights += shape.checkpoint_bytes_per_param * P
@@ -259,9 +297,16 @@ def estimate(shape: ModelShape, method: str, seq_len: int, batch_size: int, devi
         grads, extra = 0, {}
     if device != "cuda":
         extra["allocator_retention"] = int(retained)
-    breakdown = {"base_weights": int(weights), "adapter_weights": int(adapter), "gradients": int(grads),
-                 "optimizer_state": int(opt), "activations": int(activations), "logits": int(logits), **extra,
-                 "runtime_overhead": CUDA_CONTEXT_BYTES if device == "cuda" else CPU_RUNTIME_BYTES}
+    breakdown = {
+        "base_weights": int(weights),
+        "adapter_weights": int(adapter),
+        "gradients": int(grads),
+        "optimizer_state": int(opt),
+        "activations": int(activations),
+        "logits": int(logits),
+        **extra,
+        "runtime_overhead": CUDA_CONTEXT_BYTES if device == "cuda" else CPU_RUNTIME_BYTES,
+    }
     saved = 4 * P if method == "full" else adapter
     return Estimate(method, device, breakdown, int(trainable), P, int(saved))
 
@@ -281,13 +326,21 @@ def shape_for_model(model: str, trust_remote_code: bool = False) -> ModelShape:
     try:
         config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise models.ModelError(f"Could not read the config of model {model!r}: "
-                                f"{str(exc).splitlines()[0][:200]}. Check the name or folder.") from None
+        raise models.ModelError(
+            f"Could not read the config of model {model!r}: {str(exc).splitlines()[0][:200]}. Check the name or folder."
+        ) from None
     return shape_from_config(config)
 
 
-def estimate_for_model(model: str, method: str, seq_len: int, batch_size: int, device: str | None = None,
-                       trust_remote_code: bool = False, **kwargs) -> Estimate:
+def estimate_for_model(
+    model: str,
+    method: str,
+    seq_len: int,
+    batch_size: int,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    **kwargs,
+) -> Estimate:
     """Estimate for a model reference (default, hub id or folder): reads only its config."""
     from studio import hardware
 

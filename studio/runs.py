@@ -173,14 +173,19 @@ class Run:
         state = status.get("state")
         if state in ACTIVE_STATES:
             who = f" (process {status['pid']} is alive)" if status.get("pid") else ""
-            return (f"Run {self.id} cannot be resumed: it is still {state}{who}. Stop it first, or wait for "
-                    "it to finish.")
+            return (
+                f"Run {self.id} cannot be resumed: it is still {state}{who}. Stop it first, or wait for it to finish."
+            )
         if state == "finished" and not status.get("stopped"):
-            return (f"Run {self.id} cannot be resumed: it already reached its final step "
-                    f"({status.get('step', '?')} of {status.get('total_steps', '?')}). Start a new run to train more.")
+            return (
+                f"Run {self.id} cannot be resumed: it already reached its final step "
+                f"({status.get('step', '?')} of {status.get('total_steps', '?')}). Start a new run to train more."
+            )
         if not self.checkpoints():
-            return (f"Run {self.id} cannot be resumed: it ended ({state}) before saving its first checkpoint. "
-                    "Train it again (a smaller `training.save_steps` saves sooner).")
+            return (
+                f"Run {self.id} cannot be resumed: it ended ({state}) before saving its first checkpoint. "
+                "Train it again (a smaller `training.save_steps` saves sooner)."
+            )
         return None
 
     def mark_if_orphaned(self) -> bool:
@@ -189,13 +194,18 @@ class Run:
         True when it was marked."""
         status = self.status()
         if status.get("state") == "queued" and not status.get("pid"):
-            self.set_status("interrupted", message="It was waiting in the queue when the studio stopped, so it "
-                                                   "never started; train it again.")
+            self.set_status(
+                "interrupted",
+                message="It was waiting in the queue when the studio stopped, so it never started; train it again.",
+            )
             return True
         if status.get("state") in ACTIVE_STATES and not _pid_alive(status.get("pid"), status.get("pid_started")):
             ckpts = self.checkpoints()
-            hint = (f" Resume continues from step {checkpoint_step(ckpts[-1])}." if ckpts
-                    else " It had not saved a checkpoint yet, so it cannot be resumed.")
+            hint = (
+                f" Resume continues from step {checkpoint_step(ckpts[-1])}."
+                if ckpts
+                else " It had not saved a checkpoint yet, so it cannot be resumed."
+            )
             self.set_status("interrupted", message="The process running this job ended before it finished." + hint)
             return True
         return False
@@ -207,15 +217,26 @@ class Run:
         kept = [m for m in self.metrics() if m.get("step", 0) <= step]
         atomic_write_text(self.metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
 
-
     def summary(self) -> dict[str, Any]:
         """One row of the past-runs table."""
         s = self.status()
-        start, end = s.get("started_at"), s.get("finished_at") or (time.time() if s.get("state") in ACTIVE_STATES else None)
-        return {"run": self.id, "name": s.get("name") or "", "version": s.get("version") or 0, "state": s.get("state"), "method": s.get("method"), "model": s.get("model"),
-                "steps": f"{s.get('step', 0)}/{s.get('total_steps', '?')}", "final loss": s.get("final_loss"),
-                "eval loss": s.get("eval_loss"), "duration s": round(end - start) if start and end else None,
-                "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(s.get("created_at", 0)))}
+        start, end = (
+            s.get("started_at"),
+            s.get("finished_at") or (time.time() if s.get("state") in ACTIVE_STATES else None),
+        )
+        return {
+            "run": self.id,
+            "name": s.get("name") or "",
+            "version": s.get("version") or 0,
+            "state": s.get("state"),
+            "method": s.get("method"),
+            "model": s.get("model"),
+            "steps": f"{s.get('step', 0)}/{s.get('total_steps', '?')}",
+            "final loss": s.get("final_loss"),
+            "eval loss": s.get("eval_loss"),
+            "duration s": round(end - start) if start and end else None,
+            "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(s.get("created_at", 0))),
+        }
 
 
 def config_diff(a: Run, b: Run) -> list[tuple[str, Any, Any]]:
@@ -229,8 +250,10 @@ class RunsFolderError(RuntimeError):
 
 
 def _folder_problem(root: Path, action: str, exc: OSError) -> RunsFolderError:
-    return RunsFolderError(f"The runs folder {root} {action} ({exc.strerror or exc}). Pick a folder you "
-                           f"can write to with --runs-dir DIR (or set ${RUNS_DIR_ENV}).")
+    return RunsFolderError(
+        f"The runs folder {root} {action} ({exc.strerror or exc}). Pick a folder you "
+        f"can write to with --runs-dir DIR (or set ${RUNS_DIR_ENV})."
+    )
 
 
 class RunRegistry:

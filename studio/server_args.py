@@ -13,10 +13,15 @@ AUTH_ENV = "FINETUNE_STUDIO_AUTH"
 def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="Address to bind (default 127.0.0.1: this machine only).")
     p.add_argument("--port", type=int, default=7860, help="Port to serve on (default 7860).")
-    p.add_argument("--auth", default=None,
-                   help=f"user:pass required to open the page; also read from ${AUTH_ENV}. "
-                        "Required when --host is not a loopback address.")
-    p.add_argument("--runs-dir", default=None, help="Folder that holds runs (default ./runs or $FINETUNE_STUDIO_RUNS_DIR).")
+    p.add_argument(
+        "--auth",
+        default=None,
+        help=f"user:pass required to open the page; also read from ${AUTH_ENV}. "
+        "Required when --host is not a loopback address.",
+    )
+    p.add_argument(
+        "--runs-dir", default=None, help="Folder that holds runs (default ./runs or $FINETUNE_STUDIO_RUNS_DIR)."
+    )
 
 
 def is_loopback(host: str) -> bool:
@@ -41,8 +46,10 @@ def resolve_auth(host: str, auth: str | None) -> tuple[str, str] | None:
             raise SystemExit("--auth must look like user:password (both parts non-empty).")
         return user, password
     if not is_loopback(host):
-        raise SystemExit(f"Refusing to serve on {host} without a password: anyone who can reach it could "
-                         f"train and read your data. Add --auth user:password (or set ${AUTH_ENV}).")
+        raise SystemExit(
+            f"Refusing to serve on {host} without a password: anyone who can reach it could "
+            f"train and read your data. Add --auth user:password (or set ${AUTH_ENV})."
+        )
     return None
 
 
@@ -65,23 +72,31 @@ def check_port_free(host: str, port: int) -> None:
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except (socket.gaierror, UnicodeError):
-        raise SystemExit(f"Cannot serve on {host}: it is not an address or host name this machine can resolve. "
-                         "Use --host 127.0.0.1 (this machine only) or one of this machine's addresses.") from None
+        raise SystemExit(
+            f"Cannot serve on {host}: it is not an address or host name this machine can resolve. "
+            "Use --host 127.0.0.1 (this machine only) or one of this machine's addresses."
+        ) from None
     with socket.socket(family, kind, proto) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
         try:
             s.bind(addr)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise SystemExit(f"Port {port} is already in use on {host}: is Finetune Studio (or another "
-                                 f"program) already running there? Open http://{_url_host(host)}:{port}, stop that "
-                                 f"program, or start on another port, e.g. --port {port % 65535 + 1}.") from None
+                raise SystemExit(
+                    f"Port {port} is already in use on {host}: is Finetune Studio (or another "
+                    f"program) already running there? Open http://{_url_host(host)}:{port}, stop that "
+                    f"program, or start on another port, e.g. --port {port % 65535 + 1}."
+                ) from None
             if exc.errno == errno.EACCES:
-                raise SystemExit(f"Port {port} needs administrator rights (ports below 1024 do). Use a port above "
-                                 "1024, e.g. --port 7860.") from None
+                raise SystemExit(
+                    f"Port {port} needs administrator rights (ports below 1024 do). Use a port above "
+                    "1024, e.g. --port 7860."
+                ) from None
             if exc.errno == errno.EADDRNOTAVAIL:
-                raise SystemExit(f"Cannot serve on {host}: it is not an address of this machine. Use --host "
-                                 "127.0.0.1 (this machine only) or one of this machine's addresses.") from None
+                raise SystemExit(
+                    f"Cannot serve on {host}: it is not an address of this machine. Use --host "
+                    "127.0.0.1 (this machine only) or one of this machine's addresses."
+                ) from None
             raise SystemExit(f"Cannot serve on {host}:{port} ({exc.strerror or exc}). Try another --port.") from None
 
 

@@ -16,14 +16,14 @@ from pathlib import Path
 import pandas as pd
 
 from studio import hardware
+from studio.adapter_import import import_adapter_zip
 from studio.config import RunConfig
 from studio.data import DataError, DataReport, detect_format, parse_mapping, read_table, validate
 from studio.data.preview import token_segments
+from studio.export import export_merged, export_zip
 from studio.memory import shape_for_model
 from studio.models import load_tokenizer
 from studio.planner import Plan, plan, settings_for
-from studio.adapter_import import import_adapter_zip
-from studio.export import export_merged, export_zip
 from studio.playground import CHECKPOINT_SEP, Playground, SamplingSettings, split_ref
 from studio.runs import Run, RunRegistry, checkpoint_step, config_diff
 from studio.training import Job, JobManager
@@ -130,8 +130,9 @@ class Studio:
             self._tokenizers[model] = load_tokenizer(model)
         return self._tokenizers[model]
 
-    def inspect_dataset(self, path: str | Path, mapping: str = "", model: str = "default",
-                        max_length: int = 512) -> DatasetView:
+    def inspect_dataset(
+        self, path: str | Path, mapping: str = "", model: str = "default", max_length: int = 512
+    ) -> DatasetView:
         """Load, map, validate and count tokens.
 
         Raises:
@@ -170,8 +171,10 @@ class Studio:
             seq, basis = longest, f"your data's longest row, {longest} tokens"
         hw = hardware.detect()  # free memory now, not at start-up
         plan_ = plan(shape, hw, replace(settings_for(config, hw), seq_len=seq))
-        return plan_, (f"Estimated for micro-batch {config.training.batch_size} x {seq} tokens ({basis})"
-                       f"{', gradient checkpointing' if config.training.gradient_checkpointing else ''}.")
+        return plan_, (
+            f"Estimated for micro-batch {config.training.batch_size} x {seq} tokens ({basis})"
+            f"{', gradient checkpointing' if config.training.gradient_checkpointing else ''}."
+        )
 
     def import_dataset(self, uploaded: str | Path) -> str:
         """Copy an upload next to the runs, named by content hash, so runs keep pointing at the
@@ -206,8 +209,13 @@ class Studio:
             point = run.resume_point()
             if point is not None:
                 s = run.status()
-                out.append((f"{run.id} ({s.get('state')}, from step {checkpoint_step(point)} of "
-                            f"{s.get('total_steps', '?')})", run.id))
+                out.append(
+                    (
+                        f"{run.id} ({s.get('state')}, from step {checkpoint_step(point)} of "
+                        f"{s.get('total_steps', '?')})",
+                        run.id,
+                    )
+                )
         return out
 
     def resume_training(self, run_id: str) -> Job:
@@ -230,11 +238,16 @@ class Studio:
         metrics = job.snapshot()
         train = [m for m in metrics if m["kind"] == "train"]
         evals = [m for m in metrics if m["kind"] == "eval"]
-        view = JobView(run_id=job.run.id, state=status.get("state", "running"),
-                       message=status.get("message", ""), train=train, evals=evals,
-                       total_steps=status.get("total_steps", 0),
-                       memory_check=(status.get("memory_check") or {}).get("summary", ""),
-                       retry=status.get("retry") if status.get("state") == "failed" else None)
+        view = JobView(
+            run_id=job.run.id,
+            state=status.get("state", "running"),
+            message=status.get("message", ""),
+            train=train,
+            evals=evals,
+            total_steps=status.get("total_steps", 0),
+            memory_check=(status.get("memory_check") or {}).get("summary", ""),
+            retry=status.get("retry") if status.get("state") == "failed" else None,
+        )
         check = status.get("memory_check") or {}
         if check.get("peak_bytes"):
             view.memory_peak_mib = check["peak_bytes"] / 2**20
@@ -248,7 +261,8 @@ class Studio:
             view.total_steps = last["total_steps"]
             recent = train[-10:]
             view.tokens_per_s = sum(m["tokens"] for m in recent) / max(
-                sum(m["tokens"] / max(m["tokens_per_s"], 1e-9) for m in recent), 1e-9)
+                sum(m["tokens"] / max(m["tokens_per_s"], 1e-9) for m in recent), 1e-9
+            )
             # A resumed run's clock starts at the resume: time per step counts this session's steps.
             per_step = last["elapsed_s"] / max(last.get("steps_this_session", last["step"]), 1)
             view.eta_s = per_step * (view.total_steps - view.step)
@@ -257,15 +271,32 @@ class Studio:
     # ---- past runs ----------------------------------------------------------------------------
     def runs_table(self) -> pd.DataFrame:
         rows = [r.summary() for r in self.registry.list()]
-        return pd.DataFrame(rows, columns=["run", "name", "version", "state", "method", "model", "steps", "final loss", "eval loss",
-                                           "duration s", "created"])
+        return pd.DataFrame(
+            rows,
+            columns=[
+                "run",
+                "name",
+                "version",
+                "state",
+                "method",
+                "model",
+                "steps",
+                "final loss",
+                "eval loss",
+                "duration s",
+                "created",
+            ],
+        )
 
     def curves(self, run_ids: list[str]) -> dict[str, tuple[list[dict], list[dict]]]:
         """run id -> (train metrics, eval metrics), for overlaying runs' curves."""
         out = {}
         for rid in run_ids:
             metrics = self.registry.get(rid).metrics()
-            out[rid] = ([m for m in metrics if m.get("kind") == "train"], [m for m in metrics if m.get("kind") == "eval"])
+            out[rid] = (
+                [m for m in metrics if m.get("kind") == "train"],
+                [m for m in metrics if m.get("kind") == "eval"],
+            )
         return out
 
     def config_diff(self, a: str, b: str) -> list[tuple[str, object, object]]:
@@ -281,8 +312,9 @@ class Studio:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(s.get("created_at", 0)))
         name = f"{s['name']} · " if s.get("name") else ""
         tag = "imported" if s.get("imported") else s.get("method", "?")
-        return (f"{name}{run.id} v{s.get('version') or 1} ({tag}, {when}"
-                + (f", loss {loss:.3f})" if isinstance(loss, (int, float)) else ")"))
+        return f"{name}{run.id} v{s.get('version') or 1} ({tag}, {when}" + (
+            f", loss {loss:.3f})" if isinstance(loss, (int, float)) else ")"
+        )
 
     def chat_choices(self) -> list[tuple[str, str]]:
         """(label, ref) for the Chat tab: every trained run, then its intermediate checkpoints."""
@@ -290,7 +322,12 @@ class Studio:
         for run in self.trained_runs():
             out.append((self.run_label(run), run.id))
             for ckpt in reversed(run.checkpoints()):
-                out.append((f"    {run.id} · checkpoint at step {checkpoint_step(ckpt)}", f"{run.id}{CHECKPOINT_SEP}{ckpt.name}"))
+                out.append(
+                    (
+                        f"    {run.id} · checkpoint at step {checkpoint_step(ckpt)}",
+                        f"{run.id}{CHECKPOINT_SEP}{ckpt.name}",
+                    )
+                )
         return out
 
     def activate_run(self, ref: str) -> tuple[Run, list[str]]:
@@ -318,9 +355,11 @@ class Studio:
         except Exception:  # noqa: BLE001 - a note, not a gate
             return ""
         if free < need:
-            return (f"Training is running and only {free / 2**30:.1f} GiB is free; the chat model needs "
-                    f"about {need / 2**30:.1f} GiB, so chatting now could run out of memory. Wait for "
-                    "training to finish, or stop it.")
+            return (
+                f"Training is running and only {free / 2**30:.1f} GiB is free; the chat model needs "
+                f"about {need / 2**30:.1f} GiB, so chatting now could run out of memory. Wait for "
+                "training to finish, or stop it."
+            )
         return "Training is running: chat works alongside it, but both will be slower."
 
     def evaluate(self, ref: str, samples: int = 3, progress=lambda msg: None) -> dict:

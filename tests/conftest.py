@@ -13,8 +13,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CHATML = (Path(__file__).resolve().parents[1] / "studio" / "templates" / "chatml.jinja").read_text(encoding="utf-8")
-WORDS = ("the capital of france is paris answer why what colour sky blue grass green plus times "
-         "equals number one two three four five six seven eight nine ten hello world model data").split()
+WORDS = (
+    "the capital of france is paris answer why what colour sky blue grass green plus times "
+    "equals number one two three four five six seven eight nine ten hello world model data"
+).split()
 
 
 def _corpus(n: int = 400) -> list[str]:
@@ -33,28 +35,65 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(_corpus() + ["system user assistant\n"], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>",
-                                   eos_token="<|im_end|>", pad_token="<|im_end|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+    )
     fast.chat_template = CHATML
     fast.save_pretrained(out)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
-                         pad_token_id=fast.pad_token_id, tie_word_embeddings=False,
-                         initializer_range=0.1)  # big enough that LoRA moves the logits in a few steps
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=False,
+        initializer_range=0.1,
+    )  # big enough that LoRA moves the logits in a few steps
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
     return out
 
 
+CHROMIUM = "/usr/bin/chromium"  # Debian's (make browser-deps); playwright downloads no browser here
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium for the browser tests, one per test module."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian chromium is missing: run `make browser-deps` (make test does it).")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--disable-gpu", "--disable-quic"])
+        yield b
+        b.close()
+
+
 def pytest_addoption(parser):
-    parser.addoption("--precision", choices=("auto", "bf16", "fp32", "other"), default="auto",
-                     help="What training.precision `auto` means in this session: the machine's choice (auto), "
-                          "forced to bf16 or fp32, or `other`: the one this machine would not pick. `make test` "
-                          "runs the numeric tests again with `other`, so both precisions are covered on any CPU.")
+    parser.addoption(
+        "--precision",
+        choices=("auto", "bf16", "fp32", "other"),
+        default="auto",
+        help="What training.precision `auto` means in this session: the machine's choice (auto), "
+        "forced to bf16 or fp32, or `other`: the one this machine would not pick. `make test` "
+        "runs the numeric tests again with `other`, so both precisions are covered on any CPU.",
+    )
 
 
 def pytest_configure(config):
@@ -72,8 +111,9 @@ def pytest_report_header(config):
     from studio import hardware, precision
 
     forced = os.environ.get(precision.AUTO_ENV)
-    return (f"training.precision auto -> {precision.resolve('auto', hardware.detect().bf16)}"
-            + (f" (forced by {precision.AUTO_ENV})" if forced else " (this machine's choice)"))
+    return f"training.precision auto -> {precision.resolve('auto', hardware.detect().bf16)}" + (
+        f" (forced by {precision.AUTO_ENV})" if forced else " (this machine's choice)"
+    )
 
 
 def wait_until(condition, timeout: float, what: str, poll: float = 0.02):
@@ -91,12 +131,15 @@ def tiny_run_config(model_dir, data, method: str = "lora", dropout: float = 0.0,
     """A checked RunConfig for the tiny model: short rows, small LoRA, a learning rate that moves it fast."""
     from studio.config import RunConfig
 
-    return RunConfig.from_dict({
-        "model": str(model_dir), "method": method,
-        "data": {"path": str(data), "max_length": 64, "eval_fraction": 0.1},
-        "lora": {"r": 8, "alpha": 16, "dropout": dropout},
-        "training": {"max_steps": max_steps, "learning_rate": 1e-2, "batch_size": 4, **training},
-    }).check()
+    return RunConfig.from_dict(
+        {
+            "model": str(model_dir),
+            "method": method,
+            "data": {"path": str(data), "max_length": 64, "eval_fraction": 0.1},
+            "lora": {"r": 8, "alpha": 16, "dropout": dropout},
+            "training": {"max_steps": max_steps, "learning_rate": 1e-2, "batch_size": 4, **training},
+        }
+    ).check()
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:

@@ -13,7 +13,6 @@ import pytest
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM = "/usr/bin/chromium"
 SAMPLE = Path(__file__).resolve().parents[1] / "studio" / "templates" / "samples" / "instructions.csv"
 SCREENSHOTS = os.environ.get("FS_SCREENSHOTS")  # set to a folder to refresh the README's images
 
@@ -33,8 +32,9 @@ def serve(studio):
     preload()
     demo = build_app(studio)
     port = _free_port()
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                        **launch_kwargs(studio))
+    demo.queue().launch(
+        server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs(studio)
+    )
     return f"http://127.0.0.1:{port}", demo
 
 
@@ -47,18 +47,6 @@ def server(tmp_path_factory):
     yield url, studio
     studio.stop_training()
     demo.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Debian chromium is missing: run `make browser-deps` (make test does it).")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--disable-gpu", "--disable-quic"])
-        yield b
-        b.close()
 
 
 def _page(browser, url):
@@ -93,8 +81,11 @@ def test_method_picker_follows_the_settings(server, browser):
     expect(plan.locator("tr.fs-plan-row")).to_have_count(3, timeout=30_000)
     expect(plan).to_contain_text("micro-batch 4 x 512 tokens (max length 512)")
     expect(plan.locator("tr.fs-chosen")).to_have_attribute("data-method", "lora")
-    page.wait_for_function("""() => { const el = document.querySelector('#memory-bar .js-plotly-plot');
-        return el && el.data && el.data.length >= 4 && el.data[0].y.length === 3; }""", timeout=30_000)
+    page.wait_for_function(
+        """() => { const el = document.querySelector('#memory-bar .js-plotly-plot');
+        return el && el.data && el.data.length >= 4 && el.data[0].y.length === 3; }""",
+        timeout=30_000,
+    )
     before = plan.locator("tr[data-method=lora] td").nth(2).inner_text()
 
     page.locator("#train-checkpointing input").check()
@@ -150,8 +141,11 @@ def test_upload_train_chat_export(server, browser, tmp_path):
     expect(page.locator("#data-report")).to_contain_text("instruction / input / output", timeout=30_000)
     expect(page.locator("#data-report")).to_contain_text("300 usable")
     expect(page.locator("#data-preview")).to_contain_text("What is")
-    page.wait_for_function("""() => { const el = document.querySelector('#data-histogram .js-plotly-plot');
-        return el && el.data && el.data[0] && el.data[0].x.length === 300; }""", timeout=30_000)
+    page.wait_for_function(
+        """() => { const el = document.querySelector('#data-histogram .js-plotly-plot');
+        return el && el.data && el.data[0] && el.data[0].x.length === 300; }""",
+        timeout=30_000,
+    )
     expect(page.locator("#data-seen .fs-trained").first).to_contain_text("ANSWER:")
     expect(page.locator("#data-seen .fs-masked").first).to_be_visible()
     page.locator("#data-seen-next").click()
@@ -167,8 +161,11 @@ def test_upload_train_chat_export(server, browser, tmp_path):
     page.locator("#train-max-steps input").fill("200")
     page.locator("#train-max-steps input").press("Tab")
     page.locator("#train-button").click()
-    page.wait_for_function("""() => { const el = document.querySelector('#loss-plot .js-plotly-plot');
-        return el && el.data && el.data[0] && el.data[0].x.length >= 2; }""", timeout=180_000)
+    page.wait_for_function(
+        """() => { const el = document.querySelector('#loss-plot .js-plotly-plot');
+        return el && el.data && el.data[0] && el.data[0].x.length >= 2; }""",
+        timeout=180_000,
+    )
     expect(page.locator("#train-status")).to_contain_text("Running")
     expect(page.locator("#train-status")).to_contain_text("Memory check")
     assert _points(page, "memory-plot") >= 2
@@ -201,8 +198,11 @@ def test_upload_train_chat_export(server, browser, tmp_path):
     page.get_by_role("option").filter(has_text=run_id).first.click()
     page.locator("#resume-button").click()
     expect(page.locator("#train-status")).to_contain_text("Running", timeout=60_000)
-    page.wait_for_function(f"""() => {{ const el = document.querySelector('#loss-plot .js-plotly-plot');
-        return el && el.data && el.data[0] && Math.max(...el.data[0].x) > {stopped_at}; }}""", timeout=120_000)
+    page.wait_for_function(
+        f"""() => {{ const el = document.querySelector('#loss-plot .js-plotly-plot');
+        return el && el.data && el.data[0] && Math.max(...el.data[0].x) > {stopped_at}; }}""",
+        timeout=120_000,
+    )
     expect(page.locator("#stop-button")).to_be_enabled(timeout=20_000)
     page.locator("#stop-button").click()
     expect(page.locator("#train-status")).to_contain_text("Stopped at step", timeout=120_000)
@@ -218,9 +218,12 @@ def test_upload_train_chat_export(server, browser, tmp_path):
     page.locator("#chat-send").click()
     for pane in ("#chat-base", "#chat-adapted"):
         expect(page.locator(f"{pane} [data-testid=bot]").last).not_to_be_empty(timeout=120_000)
-    page.wait_for_function("""() => ['chat-base', 'chat-adapted'].every(id => {
+    page.wait_for_function(
+        """() => ['chat-base', 'chat-adapted'].every(id => {
         const t = document.querySelector('#' + id + ' [data-testid=status-tracker]');
-        return !t || t.classList.contains('hide'); })""", timeout=120_000)
+        return !t || t.classList.contains('hide'); })""",
+        timeout=120_000,
+    )
     assert page.locator("#chat-base [data-testid=user]").count() == 1
     assert page.locator("#chat-adapted [data-testid=user]").count() == 1
     _shot(page, "chat")
@@ -236,8 +239,7 @@ def test_upload_train_chat_export(server, browser, tmp_path):
     zpath = tmp_path / "adapter.zip"
     dl.value.save_as(zpath)
     names = set(zipfile.ZipFile(zpath).namelist())
-    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "config.yaml",
-            "README.md"} <= names
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "config.yaml", "README.md"} <= names
     assert not errors and not errors2, errors + errors2
 
     # Past runs: overlay two runs' curves and list the settings that differ.
@@ -254,8 +256,11 @@ def test_upload_train_chat_export(server, browser, tmp_path):
         runs_page.locator("#runs-compare input").click()
         runs_page.get_by_role("option").filter(has_text=rid).first.click()
     expect(runs_page.locator("#runs-diff")).to_contain_text("training.learning_rate", timeout=30_000)
-    runs_page.wait_for_function("""() => { const el = document.querySelector('#runs-overlay .js-plotly-plot');
-        return el && el.data && el.data.filter(t => t.mode === 'lines').length === 2; }""", timeout=30_000)
+    runs_page.wait_for_function(
+        """() => { const el = document.querySelector('#runs-overlay .js-plotly-plot');
+        return el && el.data && el.data.filter(t => t.mode === 'lines').length === 2; }""",
+        timeout=30_000,
+    )
     assert not errors3, errors3
     runs_page.close()
 
@@ -295,9 +300,12 @@ def test_chat_checkpoints_regenerate_evaluate_and_manage_runs(server, browser):
     from studio.training import run_training
 
     url, studio = server
-    cfg = RunConfig.from_dict({"data": {"path": str(SAMPLE), "max_length": 128, "eval_rows": 6},
-                               "training": {"max_steps": 6, "save_steps": 3, "batch_size": 2,
-                                            "memory_check": False}})
+    cfg = RunConfig.from_dict(
+        {
+            "data": {"path": str(SAMPLE), "max_length": 128, "eval_rows": 6},
+            "training": {"max_steps": 6, "save_steps": 3, "batch_size": 2, "memory_check": False},
+        }
+    )
     run = studio.registry.create(cfg)
     assert run_training(cfg, run)["state"] == "finished"
     page, errors = _page(browser, url)
@@ -321,9 +329,12 @@ def test_chat_checkpoints_regenerate_evaluate_and_manage_runs(server, browser):
     page.locator("#chat-send").click()
 
     def settled():
-        page.wait_for_function("""() => ['chat-base', 'chat-adapted'].every(id => {
+        page.wait_for_function(
+            """() => ['chat-base', 'chat-adapted'].every(id => {
             const t = document.querySelector('#' + id + ' [data-testid=status-tracker]');
-            return !t || t.classList.contains('hide'); })""", timeout=120_000)
+            return !t || t.classList.contains('hide'); })""",
+            timeout=120_000,
+        )
 
     for pane in ("#chat-base", "#chat-adapted"):
         expect(page.locator(f"{pane} [data-testid=bot]").last).not_to_be_empty(timeout=120_000)

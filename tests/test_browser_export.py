@@ -8,7 +8,7 @@ import zipfile
 import pytest
 
 from tests.conftest import tiny_run_config, write_csv
-from tests.test_browser import _page, _shot, browser, serve  # noqa: F401 - browser is a fixture
+from tests.test_browser import _page, _shot, serve
 
 pytestmark = [pytest.mark.browser]
 
@@ -20,8 +20,11 @@ def app(tmp_path_factory, tiny_model_dir):
 
     root = tmp_path_factory.mktemp("browser-export")
     studio = Studio(root / "runs")
-    data = write_csv(root / "train.csv", ["instruction", "output"],
-                     [[f"what is {a} plus {b}", f"answer {a + b}"] for a in range(1, 9) for b in range(1, 6)])
+    data = write_csv(
+        root / "train.csv",
+        ["instruction", "output"],
+        [[f"what is {a} plus {b}", f"answer {a + b}"] for a in range(1, 9) for b in range(1, 6)],
+    )
     cfg = tiny_run_config(tiny_model_dir, data, max_steps=4, memory_check=False)
     run = studio.registry.create(cfg)
     assert run_training(cfg, run)["state"] == "finished"
@@ -63,7 +66,8 @@ def test_export_contents_merged_download_and_import(app, browser, tmp_path):
     page.set_input_files("#import-upload input[type=file]", str(adapter))
     expect(page.locator("#import-status")).to_contain_text("Imported as Shared copy", timeout=60_000)
     expect(page.locator("#export-run input")).to_have_value(
-        studio.run_label(studio.registry.get("Shared-copy-imported")), timeout=30_000)
+        studio.run_label(studio.registry.get("Shared-copy-imported")), timeout=30_000
+    )
     expect(page.locator("#export-contents")).to_contain_text("adapter_model.safetensors", timeout=30_000)
     assert studio.registry.get("Shared-copy-imported").status()["imported"] is True
     _shot(page, "export")

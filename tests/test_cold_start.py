@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_browser import SAMPLE, _free_port, _page, browser  # noqa: F401 - browser is a fixture
+from tests.test_browser import SAMPLE, _free_port, _page
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -26,13 +26,21 @@ def start_app(folder: Path, *args: str) -> tuple[str, subprocess.Popen, Path]:
     """Start `python app.py` as its own process on a free port with its own runs folder and
     Gradio temp dir; return (url, process, log file) once it answers HTTP, within the deadline."""
     port = _free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
-           "GRADIO_TEMP_DIR": str(folder / "gradio")}
+    env = {
+        **os.environ,
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_OFFLINE": "1",
+        "GRADIO_TEMP_DIR": str(folder / "gradio"),
+    }
     log = folder / "server.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port),
-                                 "--runs-dir", str(folder / "runs"), *args],
-                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py"), "--port", str(port), "--runs-dir", str(folder / "runs"), *args],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + START_DEADLINE_S
     while True:
@@ -121,8 +129,11 @@ def test_first_action_sample_then_train_starts_a_run(fresh_app, browser, tiny_mo
     page.locator("#train-button").click()
     status = page.locator("#train-status")
     expect(status).to_contain_text("Running", timeout=120_000)
-    page.wait_for_function("""() => { const el = document.querySelector('#loss-plot .js-plotly-plot');
-        return el && el.data && el.data[0] && el.data[0].x.length >= 1; }""", timeout=120_000)
+    page.wait_for_function(
+        """() => { const el = document.querySelector('#loss-plot .js-plotly-plot');
+        return el && el.data && el.data[0] && el.data[0].x.length >= 1; }""",
+        timeout=120_000,
+    )
     expect(page.locator("#stop-button")).to_be_enabled(timeout=30_000)
     page.locator("#stop-button").click()
     expect(status).to_contain_text("Stopped at step", timeout=120_000)

@@ -8,8 +8,7 @@ def test_defaults_are_valid_without_data_file():
 
 
 def test_validate_reports_every_problem_with_field_names(tmp_path):
-    cfg = RunConfig.from_dict({"method": "ia3", "lora": {"r": 512},
-                               "training": {"learning_rate": 0, "batch_size": 0}})
+    cfg = RunConfig.from_dict({"method": "ia3", "lora": {"r": 512}, "training": {"learning_rate": 0, "batch_size": 0}})
     problems = cfg.validate()
     text = "\n".join(problems)
     for field in ("`method`", "`data.path`", "`training.learning_rate`", "`training.batch_size`"):

@@ -5,8 +5,17 @@ import pandas as pd
 import pytest
 
 from studio.config import DataConfig
-from studio.data import (DataError, detect_format, load_table, parse_mapping, prepare, read_table,
-                         rows_to_messages, tokenize_rows, validate)
+from studio.data import (
+    DataError,
+    detect_format,
+    load_table,
+    parse_mapping,
+    prepare,
+    read_table,
+    rows_to_messages,
+    tokenize_rows,
+    validate,
+)
 from studio.data.preview import token_segments
 from studio.data.render import IGNORE_INDEX, tokenize_messages
 from studio.data.split import split_by_prompt
@@ -55,15 +64,18 @@ def test_one_column_text_with_pipes_is_not_split(tmp_path):
     assert detect_format(t.df).format == "text"
 
 
-@pytest.mark.parametrize("columns,fmt", [
-    (["instruction", "input", "output"], "instruction"),
-    (["Question", "Answer"], "prompt_completion"),
-    (["query", "response", "system"], "prompt_completion"),
-    (["input", "target"], "prompt_completion"),
-    (["messages"], "messages"),
-    (["conversations"], "messages"),
-    (["text"], "text"),
-])
+@pytest.mark.parametrize(
+    "columns,fmt",
+    [
+        (["instruction", "input", "output"], "instruction"),
+        (["Question", "Answer"], "prompt_completion"),
+        (["query", "response", "system"], "prompt_completion"),
+        (["input", "target"], "prompt_completion"),
+        (["messages"], "messages"),
+        (["conversations"], "messages"),
+        (["text"], "text"),
+    ],
+)
 def test_detects_formats(columns, fmt):
     df = pd.DataFrame([["x"] * len(columns)], columns=columns)
     m = detect_format(df)
@@ -98,9 +110,21 @@ def test_labels_cover_only_the_assistant_reply(tok):
 
 
 def test_multi_turn_messages_sharegpt_and_truncation(tok):
-    df = pd.DataFrame({"conversations": [json.dumps([
-        {"from": "human", "value": "hello"}, {"from": "gpt", "value": "one"},
-        {"from": "human", "value": "again"}, {"from": "gpt", "value": "two"}]), "not json"]})
+    df = pd.DataFrame(
+        {
+            "conversations": [
+                json.dumps(
+                    [
+                        {"from": "human", "value": "hello"},
+                        {"from": "gpt", "value": "one"},
+                        {"from": "human", "value": "again"},
+                        {"from": "gpt", "value": "two"},
+                    ]
+                ),
+                "not json",
+            ]
+        }
+    )
     convs = rows_to_messages(df, detect_format(df))
     assert len(convs) == 1  # the unreadable row is skipped
     ex = tokenize_rows(convs, tok, 512)[0]
@@ -110,8 +134,16 @@ def test_multi_turn_messages_sharegpt_and_truncation(tok):
     assert tokenize_rows(convs, tok, 4) == []  # nothing trainable left after the cut
 
 
-MULTILINGUAL = ["Hello, world! It's 3.14 o'clock.", "Ünïcödé: café, naïve — “quotes” 😀", "日本語のテキスト と 中文",
-                "  leading spaces\n\nand\ttabs  ", "x" * 300, "12345 67890 1e-5", "emoji 🤖🤖 done", ""]
+MULTILINGUAL = [
+    "Hello, world! It's 3.14 o'clock.",
+    "Ünïcödé: café, naïve — “quotes” 😀",
+    "日本語のテキスト と 中文",
+    "  leading spaces\n\nand\ttabs  ",
+    "x" * 300,
+    "12345 67890 1e-5",
+    "emoji 🤖🤖 done",
+    "",
+]
 
 
 def test_token_counter_is_exact(tok):
@@ -119,7 +151,9 @@ def test_token_counter_is_exact(tok):
     assert counter.fast
     expected = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in MULTILINGUAL]
     assert counter.count(MULTILINGUAL).tolist() == expected
-    assert counter.count(["a <|im_end|> b"]).tolist() == [len(tok("a <|im_end|> b", add_special_tokens=False)["input_ids"])]
+    assert counter.count(["a <|im_end|> b"]).tolist() == [
+        len(tok("a <|im_end|> b", add_special_tokens=False)["input_ids"])
+    ]
 
 
 def test_token_counter_is_exact_on_the_default_tokenizer():
@@ -135,9 +169,13 @@ def test_validated_lengths_equal_real_tokenization(model, tiny_model_dir):
     tok = load_tokenizer(str(tiny_model_dir) if model == "tiny" else "default")
     convs = [
         [{"role": "user", "content": "what is one plus two"}, {"role": "assistant", "content": "three, café"}],
-        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-         {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"},
-         {"role": "assistant", "content": "see you"}],
+        [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "bye"},
+            {"role": "assistant", "content": "see you"},
+        ],
         "a plain text document about numbers one two three",
     ]
     totals, prompts = token_lengths(convs, tok)
@@ -178,14 +216,20 @@ def test_prepare_refuses_data_with_errors(tmp_path, tok):
 
 
 def test_preview_segments_mark_trained_masked_and_cut(tok):
-    conv = [{"role": "user", "content": "what is two plus two"}, {"role": "assistant", "content": "four and more words"}]
+    conv = [
+        {"role": "user", "content": "what is two plus two"},
+        {"role": "assistant", "content": "four and more words"},
+    ]
     segs = token_segments(conv, tok, max_length=1000)
     rendered = tok.apply_chat_template(conv, tokenize=False)
     assert "".join(s.text for s in segs) == rendered
     assert "".join(s.text for s in segs if s.trained) == "four and more words<|im_end|>\n"
     assert not any(s.cut for s in segs)
-    n_prompt = len(tok(tok.apply_chat_template(conv[:1], tokenize=False, add_generation_prompt=True),
-                       add_special_tokens=False)["input_ids"])
+    n_prompt = len(
+        tok(tok.apply_chat_template(conv[:1], tokenize=False, add_generation_prompt=True), add_special_tokens=False)[
+            "input_ids"
+        ]
+    )
     cut = token_segments(conv, tok, max_length=n_prompt + 1)
     assert "".join(s.text for s in cut) == rendered
     assert any(s.cut and s.trained for s in cut) and any(s.trained and not s.cut for s in cut)
@@ -201,6 +245,9 @@ def test_report_stats_and_markdown(tmp_path, tok):
     codes = [f.code for f in report.findings]
     assert "too_long" in codes and "few_rows" in codes
     d = report.to_dict()
-    assert d["stats"]["truncated_rows"] == s.truncated_rows and d["mapping"] == {"prompt": "instruction", "response": "output"}
+    assert d["stats"]["truncated_rows"] == s.truncated_rows and d["mapping"] == {
+        "prompt": "instruction",
+        "response": "output",
+    }
     assert "Tokens per epoch" in report.to_markdown()
     assert prompt_key([{"role": "user", "content": " A  b "}, {"role": "assistant", "content": "x"}]) == "a b"

@@ -18,10 +18,36 @@ ACCELERATE = Path(sys.executable).with_name("accelerate")
 def test_accelerate_launch_two_processes_one_run(tiny_model_dir, instruction_csv, tmp_path):
     runs = tmp_path / "runs"
     # --multi_gpu selects accelerate's torchrun launcher; with no GPU each process gets gloo on CPU.
-    cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "studio.cli", "train",
-           "--data", str(instruction_csv), "--model", str(tiny_model_dir), "--max-steps", "12",
-           "--batch-size", "2", "--max-length", "64", "--learning-rate", "1e-2", "--runs-dir", str(runs)]
+    cmd = [
+        str(ACCELERATE),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "studio.cli",
+        "train",
+        "--data",
+        str(instruction_csv),
+        "--model",
+        str(tiny_model_dir),
+        "--max-steps",
+        "12",
+        "--batch-size",
+        "2",
+        "--max-length",
+        "64",
+        "--learning-rate",
+        "1e-2",
+        "--runs-dir",
+        str(runs),
+    ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -66,8 +92,9 @@ def test_each_process_takes_every_other_batch_of_the_same_stream():
     assert sorted(i for b in rank0 + rank1 for i in b) == list(range(64))
 
 
-def test_an_fsdp_or_deepspeed_launch_is_refused_not_silently_replicated(monkeypatch, tiny_model_dir,
-                                                                       instruction_csv, tmp_path, capsys):
+def test_an_fsdp_or_deepspeed_launch_is_refused_not_silently_replicated(
+    monkeypatch, tiny_model_dir, instruction_csv, tmp_path, capsys
+):
     import pytest
 
     from studio.cli import main
@@ -83,8 +110,20 @@ def test_an_fsdp_or_deepspeed_launch_is_refused_not_silently_replicated(monkeypa
             distributed.from_env()
         monkeypatch.delenv(var)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    assert main(["train", "--data", str(instruction_csv), "--model", str(tiny_model_dir),
-                 "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(instruction_csv),
+                "--model",
+                str(tiny_model_dir),
+                "--runs-dir",
+                str(tmp_path / "runs"),
+            ]
+        )
+        == 2
+    )
     assert "does not shard" in capsys.readouterr().err and not (tmp_path / "runs").exists()
 
 
@@ -96,8 +135,7 @@ def test_gradient_accumulation_all_reduces_once_per_step(tiny_model_dir, instruc
     from studio.training import Trainer
     from tests.conftest import tiny_run_config
 
-    cfg = tiny_run_config(tiny_model_dir, instruction_csv, max_steps=3, gradient_accumulation=3,
-                          memory_check=False)
+    cfg = tiny_run_config(tiny_model_dir, instruction_csv, max_steps=3, gradient_accumulation=3, memory_check=False)
     trainer = Trainer(cfg, RunRegistry(tmp_path / "runs").create(cfg))
     trainer.setup()
 

@@ -20,8 +20,11 @@ from tests.conftest import tiny_run_config, write_csv
 
 
 def _rows(n: int = 40) -> list[list[str]]:
-    return [[f"what is {a} plus {b}", f"answer {a + b} why {a} plus {b} equals {a + b}"]
-            for a in range(1, 9) for b in range(1, 6)][:n]
+    return [
+        [f"what is {a} plus {b}", f"answer {a + b} why {a} plus {b} equals {a + b}"]
+        for a in range(1, 9)
+        for b in range(1, 6)
+    ][:n]
 
 
 def _train(root: Path, model_dir: Path, method: str = "lora", steps: int = 6):
@@ -65,6 +68,7 @@ def _peft(model_dir, adapter_dir):
 
 # ---- adapter zip ---------------------------------------------------------------------------------
 
+
 def test_adapter_zip_holds_weights_card_curve_and_fingerprint(trained, tiny_model_dir, tmp_path):
     _, run = trained
     path = export_zip(run)
@@ -72,17 +76,41 @@ def test_adapter_zip_holds_weights_card_curve_and_fingerprint(trained, tiny_mode
     assert not list(run.path.glob(".*.tmp"))  # built under a temp name, renamed when complete
     names = [n for n, _ in zip_contents(path)]
     assert len(names) == len(set(names))
-    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
-            "chat_template.jinja", "config.yaml", "metrics.csv", "fingerprint.json", "run.json",
-            "loss_curve.svg", "README.md"} <= set(names)
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "config.yaml",
+        "metrics.csv",
+        "fingerprint.json",
+        "run.json",
+        "loss_curve.svg",
+        "README.md",
+    } <= set(names)
     zf = zipfile.ZipFile(path)
     status = run.status()
     card = zf.read("README.md").decode()
-    for expected in ("library_name: peft", f"`{tiny_model_dir}`", "LoRA (rank 8, alpha 16", status["data_sha256"],
-                     "train-lora.csv", "| Base model |", "| With the adapter |", "perplexity",
-                     f"{status['base_eval_loss']:.4f}", f"{status['eval_loss']:.4f}", "`lora.r` | 8",
-                     "PeftModel.from_pretrained", "--enable-lora", "--lora-modules", "LoRARequest",
-                     "max_lora_rank=8", "![Training loss](loss_curve.svg)"):
+    for expected in (
+        "library_name: peft",
+        f"`{tiny_model_dir}`",
+        "LoRA (rank 8, alpha 16",
+        status["data_sha256"],
+        "train-lora.csv",
+        "| Base model |",
+        "| With the adapter |",
+        "perplexity",
+        f"{status['base_eval_loss']:.4f}",
+        f"{status['eval_loss']:.4f}",
+        "`lora.r` | 8",
+        "PeftModel.from_pretrained",
+        "--enable-lora",
+        "--lora-modules",
+        "LoRARequest",
+        "max_lora_rank=8",
+        "![Training loss](loss_curve.svg)",
+    ):
         assert expected in card, expected
     svg = ElementTree.fromstring(zf.read("loss_curve.svg"))
     assert svg.tag.endswith("svg") and svg.find("{http://www.w3.org/2000/svg}polyline") is not None
@@ -106,6 +134,7 @@ def test_adapter_zip_holds_weights_card_curve_and_fingerprint(trained, tiny_mode
 
 # ---- merged --------------------------------------------------------------------------------------
 
+
 def test_merged_model_logits_match_the_adapted_model(trained, tiny_model_dir, tmp_path):
     """Tolerance: max |logit difference| < 1e-4 in float32 (measured here: a few 1e-6)."""
     from transformers import AutoModelForCausalLM
@@ -115,8 +144,16 @@ def test_merged_model_logits_match_the_adapted_model(trained, tiny_model_dir, tm
     assert path.name == f"{run.id}-v1-merged.zip"
     assert not list(run.path.glob(".merge-*")) and not list(run.path.glob(".*.tmp"))
     names = {n for n, _ in zip_contents(path)}
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "README.md",
-            "config.yaml", "metrics.csv", "loss_curve.svg"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "README.md",
+        "config.yaml",
+        "metrics.csv",
+        "loss_curve.svg",
+    } <= names
     assert not names & {"adapter_config.json", "adapter_model.safetensors"}
     zipfile.ZipFile(path).extractall(tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", use_safetensors=True).eval()
@@ -157,6 +194,7 @@ def test_full_fine_tuning_exports_the_model_itself(tiny_model_dir, tmp_path):
 
 # ---- import --------------------------------------------------------------------------------------
 
+
 def _entries(registry: RunRegistry) -> set[str]:
     return {p.name for p in registry.root.iterdir()}
 
@@ -174,7 +212,8 @@ def test_import_round_trip_keeps_weights_and_metadata(trained, adapter_zip, tmp_
     assert run.config().model == source.config().model and run.config().data.path == ""
     assert run.config().lora.r == 8 and run.fingerprint() == source.fingerprint()
     assert len([m for m in run.metrics() if m["kind"] == "train"]) == len(
-        [m for m in source.metrics() if m["kind"] == "train"])
+        [m for m in source.metrics() if m["kind"] == "train"]
+    )
     original = load_file(source.adapter_dir / "adapter_model.safetensors")
     imported = load_file(run.adapter_dir / "adapter_model.safetensors")
     assert original.keys() == imported.keys() and all(torch.equal(original[k], imported[k]) for k in original)
@@ -184,8 +223,10 @@ def test_import_round_trip_keeps_weights_and_metadata(trained, adapter_zip, tmp_
     second = import_adapter_zip(again, registry)
     assert second.id == f"{source.id}-imported-2" and second.name == source.id
     assert import_adapter_zip(again, registry, name="my copy!").id == "my-copy-imported"
-    assert torch.equal(load_file(second.adapter_dir / "adapter_model.safetensors")[next(iter(original))],
-                       original[next(iter(original))])
+    assert torch.equal(
+        load_file(second.adapter_dir / "adapter_model.safetensors")[next(iter(original))],
+        original[next(iter(original))],
+    )
     assert "imported adapter" in zipfile.ZipFile(again).read("README.md").decode()
     assert not [n for n in _entries(registry) if n.startswith(".")]
 
@@ -230,6 +271,7 @@ def _json_edit(**changes):
         obj = json.loads(data)
         obj.update(changes)
         return json.dumps(obj).encode()
+
     return edit
 
 
@@ -272,11 +314,17 @@ HOSTILE = {
     "bomb": (dict(add={"vocab.txt": b"\0" * (8 * 2**20)}), "zip bomb"),
     "garbage-weights": (dict(edit={"adapter_model.safetensors": lambda b: b"\xff" * 64}), "not a valid safetensors"),
     "duplicate": (dict(add={"tokenizer.json": b"{}"}), "twice"),
-    "fingerprint": (dict(edit={"fingerprint.json": _json_edit(hidden_size=128, num_hidden_layers=7)}),
-                    "hidden_size 128 vs 64"),
-    "missing-base": (dict(drop=("config.yaml", "fingerprint.json"),
-                          edit={"adapter_config.json": _json_edit(base_model_name_or_path="some-org/not-here")}),
-                     "`some-org/not-here`, which is not available on this machine"),
+    "fingerprint": (
+        dict(edit={"fingerprint.json": _json_edit(hidden_size=128, num_hidden_layers=7)}),
+        "hidden_size 128 vs 64",
+    ),
+    "missing-base": (
+        dict(
+            drop=("config.yaml", "fingerprint.json"),
+            edit={"adapter_config.json": _json_edit(base_model_name_or_path="some-org/not-here")},
+        ),
+        "`some-org/not-here`, which is not available on this machine",
+    ),
 }
 
 
@@ -298,8 +346,12 @@ def test_hostile_or_broken_zips_are_refused_and_leave_nothing(case, adapter_zip,
 
 def test_adapter_for_another_base_is_refused_by_its_shapes(adapter_zip, other_base, tmp_path):
     """No fingerprint or config.yaml (a plain PEFT zip): the layer widths still give it away."""
-    bad = _rezip(adapter_zip, tmp_path / "plain.zip", drop=("config.yaml", "fingerprint.json", "run.json"),
-                 edit={"adapter_config.json": _json_edit(base_model_name_or_path=str(other_base))})
+    bad = _rezip(
+        adapter_zip,
+        tmp_path / "plain.zip",
+        drop=("config.yaml", "fingerprint.json", "run.json"),
+        edit={"adapter_config.json": _json_edit(base_model_name_or_path=str(other_base))},
+    )
     registry = RunRegistry(tmp_path / "runs")
     with pytest.raises(AdapterImportError, match=r"width (64|128), but the base .* has (32|64): it was trained on"):
         import_adapter_zip(bad, registry)

@@ -9,8 +9,7 @@ import pytest
 import yaml
 
 from studio.cli import build_parser, main
-from studio.config import command_for
-from studio.config import RunConfig
+from studio.config import RunConfig, command_for
 from studio.export import ExportError, export_zip
 from studio.runs import RunRegistry
 
@@ -18,13 +17,45 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _train(tiny_model_dir, data, runs_dir, *extra):
-    return main(["train", "--data", str(data), "--model", str(tiny_model_dir), "--runs-dir", str(runs_dir),
-                 "--max-steps", "4", "--learning-rate", "0.01", "--max-length", "64", *extra])
+    return main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--model",
+            str(tiny_model_dir),
+            "--runs-dir",
+            str(runs_dir),
+            "--max-steps",
+            "4",
+            "--learning-rate",
+            "0.01",
+            "--max-length",
+            "64",
+            *extra,
+        ]
+    )
 
 
 def test_cli_train_then_export(tiny_model_dir, instruction_csv, runs_dir, tmp_path, capsys):
-    assert _train(tiny_model_dir, instruction_csv, runs_dir, "--lora-r", "4", "--lora-targets", "q_proj,v_proj",
-                  "--seed", "3", "--eval-fraction", "0.2", "--save-steps", "2") == 0
+    assert (
+        _train(
+            tiny_model_dir,
+            instruction_csv,
+            runs_dir,
+            "--lora-r",
+            "4",
+            "--lora-targets",
+            "q_proj,v_proj",
+            "--seed",
+            "3",
+            "--eval-fraction",
+            "0.2",
+            "--save-steps",
+            "2",
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "Run folder:" in out and "step 4/4" in out and "Finished 4 steps" in out
     run = RunRegistry(runs_dir).list()[0]
@@ -36,8 +67,15 @@ def test_cli_train_then_export(tiny_model_dir, instruction_csv, runs_dir, tmp_pa
     assert main(["export", run.id, "--runs-dir", str(runs_dir), "--out", str(zpath)]) == 0
     zf = zipfile.ZipFile(zpath)
     names = set(zf.namelist())
-    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
-            "config.yaml", "metrics.csv", "README.md"} <= names
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "config.yaml",
+        "metrics.csv",
+        "README.md",
+    } <= names
     assert len(names) == len(zf.namelist())  # no duplicate entries
     card = zf.read("README.md").decode()
     for expected in ("lora", "PeftModel.from_pretrained", "`lora.r` | 4", "Final training loss", instruction_csv.name):
@@ -65,8 +103,11 @@ def test_cli_merged_export_and_import(tiny_model_dir, instruction_csv, runs_dir,
     # Errors are sentences on stderr with a non-zero exit, never tracebacks.
     junk = tmp_path / "junk.zip"
     junk.write_text("not a zip")
-    for argv in (["import", str(junk)], ["import", str(adapter), "--max-size-mb", "0.01"],
-                 ["export", "nope", "--merged"]):
+    for argv in (
+        ["import", str(junk)],
+        ["import", str(adapter), "--max-size-mb", "0.01"],
+        ["export", "nope", "--merged"],
+    ):
         assert main([*argv, "--runs-dir", str(other)]) == 1
         err = capsys.readouterr().err
         assert err.strip().endswith(".") and "Traceback" not in err, err
@@ -75,8 +116,9 @@ def test_cli_merged_export_and_import(tiny_model_dir, instruction_csv, runs_dir,
 
 def test_yaml_config_with_flag_overrides(tiny_model_dir, instruction_csv, runs_dir, tmp_path):
     cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text(yaml.safe_dump({"method": "lora", "lora": {"r": 2, "alpha": 8},
-                                        "training": {"max_steps": 99, "batch_size": 2}}))
+    cfg_file.write_text(
+        yaml.safe_dump({"method": "lora", "lora": {"r": 2, "alpha": 8}, "training": {"max_steps": 99, "batch_size": 2}})
+    )
     assert _train(tiny_model_dir, instruction_csv, runs_dir, "--config", str(cfg_file)) == 0
     cfg = RunRegistry(runs_dir).list()[0].config()
     assert (cfg.lora.r, cfg.lora.alpha, cfg.training.batch_size) == (2, 8, 2)  # from the YAML
@@ -84,8 +126,10 @@ def test_yaml_config_with_flag_overrides(tiny_model_dir, instruction_csv, runs_d
 
 
 def test_bad_config_prints_every_problem(tmp_path, capsys):
-    assert main(["train", "--data", str(tmp_path / "none.csv"), "--learning-rate", "5", "--runs-dir",
-                 str(tmp_path / "r")]) == 2
+    assert (
+        main(["train", "--data", str(tmp_path / "none.csv"), "--learning-rate", "5", "--runs-dir", str(tmp_path / "r")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "`data.path`" in err and "`training.learning_rate`" in err
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
@@ -100,8 +144,14 @@ def test_export_refuses_unfinished_runs(runs_dir, capsys):
 
 
 def test_every_config_field_has_a_flag_and_copy_as_cli_round_trips(tmp_path):
-    cfg = RunConfig.from_dict({"method": "qlora", "data": {"path": "my data.csv", "max_length": 256},
-                               "lora": {"targets": "q_proj,v_proj"}, "training": {"epochs": 2.0}})
+    cfg = RunConfig.from_dict(
+        {
+            "method": "qlora",
+            "data": {"path": "my data.csv", "max_length": 256},
+            "lora": {"targets": "q_proj,v_proj"},
+            "training": {"epochs": 2.0},
+        }
+    )
     cmd = command_for(cfg)
     assert "--method qlora" in cmd and "--max-length 256" in cmd and "'my data.csv'" in cmd
     import shlex
@@ -118,10 +168,14 @@ def test_every_config_field_has_a_flag_and_copy_as_cli_round_trips(tmp_path):
 
 
 def test_core_never_imports_gradio():
-    code = ("import sys, studio.service, studio.cli, studio.export, studio.adapter_import, studio.model_card, "
-            "studio.playground, studio.training; "
-            "print('gradio' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True, timeout=120)
+    code = (
+        "import sys, studio.service, studio.cli, studio.export, studio.adapter_import, studio.model_card, "
+        "studio.playground, studio.training; "
+        "print('gradio' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True, timeout=120
+    )
     assert out.stdout.strip() == "False"
 
 
@@ -135,8 +189,14 @@ def test_public_bind_requires_auth():
     with pytest.raises(SystemExit, match="user:password"):
         resolve_auth("127.0.0.1", "nocolon")
     for cmd in (["app.py"], ["-m", "studio.cli", "ui"]):  # finetune-studio ui is the same server
-        proc = subprocess.run([sys.executable, *cmd, "--host", "0.0.0.0", "--port", "1"], cwd=ROOT,
-                              capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
+        proc = subprocess.run(
+            [sys.executable, *cmd, "--host", "0.0.0.0", "--port", "1"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={"PATH": "/usr/bin:/bin"},
+        )
         assert proc.returncode != 0 and "without a password" in proc.stderr, proc.stderr
 
 

@@ -8,8 +8,15 @@ from transformers import AutoConfig, LlamaConfig
 from studio.cli import main
 from studio.memory import GIB, estimate, estimate_for_model, shape_from_config
 
-LLAMA3_8B = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+LLAMA3_8B = LlamaConfig(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    tie_word_embeddings=False,
+)
 
 
 def test_parameter_counts_match_the_real_model_and_peft(tiny_model_dir):
@@ -21,8 +28,10 @@ def test_parameter_counts_match_the_real_model_and_peft(tiny_model_dir):
     assert shape.total_params == model.num_parameters()
     for targets in ("all-linear", ["q_proj", "v_proj"]):
         est = estimate(shape, "lora", 64, 2, lora_r=8, lora_targets=targets)
-        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                                    LoraConfig(r=8, target_modules=targets, task_type="CAUSAL_LM"))
+        peft_model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+            LoraConfig(r=8, target_modules=targets, task_type="CAUSAL_LM"),
+        )
         assert est.trainable_params == peft_model.get_nb_trainable_parameters()[0], targets
         assert est.adapter_bytes == 4 * est.trainable_params
 
@@ -43,8 +52,17 @@ def test_published_scale_for_llama3_8b():
     full = estimate(shape, "full", 512, 1, "cuda", bf16=True)
     lora = estimate(shape, "lora", 512, 1, "cuda", bf16=True, lora_r=16, lora_targets=["q_proj", "v_proj"])
     # QLoRA as the paper runs it: with gradient checkpointing (peft's kbit preparation turns it on).
-    qlora = estimate(shape, "qlora", 512, 1, "cuda", bf16=True, lora_r=16, lora_targets=["q_proj", "v_proj"],
-                     gradient_checkpointing=True)
+    qlora = estimate(
+        shape,
+        "qlora",
+        512,
+        1,
+        "cuda",
+        bf16=True,
+        lora_r=16,
+        lora_targets=["q_proj", "v_proj"],
+        gradient_checkpointing=True,
+    )
     # The seeds' 100-135 GB is mixed-precision AdamW at 16-18 B/param. torch's default (foreach)
     # AdamW, which our trainer uses, also holds a temporary fp32 copy during step(): measured at
     # 20 B/param on an H100 (benchmarks/results), and the estimate shows it as its own part.
@@ -72,8 +90,25 @@ def test_knobs_move_the_estimate_the_right_way():
 
 
 def test_estimate_cli(capsys):
-    assert main(["estimate", "--model", "default", "--method", "qlora", "--seq-len", "256", "--batch-size", "2",
-                 "--device", "cuda", "--json"]) == 0
+    assert (
+        main(
+            [
+                "estimate",
+                "--model",
+                "default",
+                "--method",
+                "qlora",
+                "--seq-len",
+                "256",
+                "--batch-size",
+                "2",
+                "--device",
+                "cuda",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert {"total_bytes", "breakdown", "trainable_params", "adapter_bytes", "fits", "device"} <= out.keys()
     assert out["device"] == "cuda" and out["total_bytes"] == sum(out["breakdown"].values())
@@ -100,8 +135,16 @@ def test_hardware_cli_and_4bit_support(capsys):
     assert hw.cpu_cores >= 1 and 0 < hw.ram_available_bytes <= hw.ram_total_bytes
     assert main(["hardware", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert {"cpu_cores", "ram_total_bytes", "ram_available_bytes", "cpu_bf16", "mps", "cuda", "bnb_4bit",
-            "device"} <= out.keys()
+    assert {
+        "cpu_cores",
+        "ram_total_bytes",
+        "ram_available_bytes",
+        "cpu_bf16",
+        "mps",
+        "cuda",
+        "bnb_4bit",
+        "device",
+    } <= out.keys()
     assert out["bnb_4bit"]["cpu"] == "yes"  # bitsandbytes 0.50.2 is pinned
     support = bnb_4bit_support(has_cuda=True, has_mps=True)
     assert support["cuda"] == "yes" and "not available on MPS" in support["mps"]
@@ -115,14 +158,29 @@ def test_cpu_estimates_match_recorded_peak_rss_within_10_percent():
     from pathlib import Path
 
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-    rows = [json.loads(line) for name in ("cpu_memory.jsonl", "cpu_memory_fresh.jsonl", "cpu_memory_dropout0.jsonl",
-                                                "cpu_memory_dropout0_fresh.jsonl")
-            for line in (results / name).read_text().splitlines() if line.strip()]
+    rows = [
+        json.loads(line)
+        for name in (
+            "cpu_memory.jsonl",
+            "cpu_memory_fresh.jsonl",
+            "cpu_memory_dropout0.jsonl",
+            "cpu_memory_dropout0_fresh.jsonl",
+        )
+        for line in (results / name).read_text().splitlines()
+        if line.strip()
+    ]
     assert {r["method"] for r in rows} == {"full", "lora", "qlora"} and len(rows) == 40
     assert {r.get("lora_dropout", 0.05) for r in rows} == {0.0, 0.05}  # both LoRA dropout paths
     for r in rows:
-        est = estimate_for_model("default", r["method"], r["seq"], r["batch"], device="cpu", bf16=False,
-                                 lora_dropout=r.get("lora_dropout", 0.05))  # recorded before the default became 0
+        est = estimate_for_model(
+            "default",
+            r["method"],
+            r["seq"],
+            r["batch"],
+            device="cpu",
+            bf16=False,
+            lora_dropout=r.get("lora_dropout", 0.05),
+        )  # recorded before the default became 0
         assert abs(est.total_bytes / r["peak_rss_bytes"] - 1) < 0.10, r
 
 
@@ -143,8 +201,15 @@ def test_every_common_architecture_is_estimated_from_its_config(config_cls):
     if config_cls == "GPT2Config":
         config = cls(n_layer=2, n_embd=64, n_head=4, vocab_size=300)
     else:
-        config = cls(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+        config = cls(
+            vocab_size=300,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+        )
     shape = shape_from_config(config)
     assert shape.total_params == AutoModelForCausalLM.from_config(config).num_parameters()
     for method in ("full", "lora", "qlora"):
@@ -161,5 +226,7 @@ def test_logits_are_counted_only_at_labeled_positions():
         half = estimate_for_model("default", "lora", 512, 4, device=device, bf16=False, labeled_share=0.5)
         assert half.breakdown["logits"] == pytest.approx(every.breakdown["logits"] / 2, rel=1e-6)
         assert half.breakdown["activations"] == every.breakdown["activations"]
-        assert estimate_for_model("default", "lora", 512, 4, device=device, bf16=False,
-                                  labeled_share=1.0).total_bytes == every.total_bytes
+        assert (
+            estimate_for_model("default", "lora", 512, 4, device=device, bf16=False, labeled_share=1.0).total_bytes
+            == every.total_bytes
+        )

@@ -42,8 +42,9 @@ def test_check_measures_and_leaves_the_run_unchanged(method, tiny_model_dir, ins
     assert "memory_check" not in runs[False].status()
 
 
-def test_a_run_the_estimate_says_cannot_fit_is_refused_before_it_starts(tiny_model_dir, instruction_csv,
-                                                                        runs_dir, monkeypatch):
+def test_a_run_the_estimate_says_cannot_fit_is_refused_before_it_starts(
+    tiny_model_dir, instruction_csv, runs_dir, monkeypatch
+):
     monkeypatch.setattr(mc, "available_bytes", lambda device: 100 * 2**20)
     cfg = _cfg(tiny_model_dir, instruction_csv, "lora")
     run = RunRegistry(runs_dir).create(cfg)
@@ -84,7 +85,8 @@ def test_gradient_checkpointing_trains_to_the_same_losses(tiny_model_dir, instru
 
 
 def test_out_of_memory_mid_run_fails_cleanly_with_a_retry_and_the_server_goes_on(
-        tiny_model_dir, instruction_csv, runs_dir, monkeypatch):
+    tiny_model_dir, instruction_csv, runs_dir, monkeypatch
+):
     from studio.training import JobManager
     from studio.training.trainer import Trainer as T
 
@@ -106,8 +108,13 @@ def test_out_of_memory_mid_run_fails_cleanly_with_a_retry_and_the_server_goes_on
     assert status["message"].startswith("Ran out of memory at step") and "Traceback" not in status["message"]
     retry = status["retry"]
     assert retry["changes"] and retry["text"] in status["message"]
-    assert set(retry["changes"]) <= {"training.gradient_checkpointing", "training.batch_size",
-                                     "training.gradient_accumulation", "data.max_length", "method"}
+    assert set(retry["changes"]) <= {
+        "training.gradient_checkpointing",
+        "training.batch_size",
+        "training.gradient_accumulation",
+        "data.max_length",
+        "method",
+    }
 
     monkeypatch.setattr(T, "_collate", real)  # the server keeps serving: the next job runs
     cfg = _cfg(tiny_model_dir, instruction_csv, "lora", memory_check=False, max_steps=3)

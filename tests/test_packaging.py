@@ -12,8 +12,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ["studio/templates/chatml.jinja", "studio/templates/model_card.md", "studio/templates/samples/chat.jsonl",
-        "studio/templates/samples/instructions.csv", "studio/templates/samples/text.csv", "studio/ui/studio.css"]
+DATA = [
+    "studio/templates/chatml.jinja",
+    "studio/templates/model_card.md",
+    "studio/templates/samples/chat.jsonl",
+    "studio/templates/samples/instructions.csv",
+    "studio/templates/samples/text.csv",
+    "studio/ui/studio.css",
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +32,20 @@ def installed(tmp_path_factory) -> dict:
     for name in ("pyproject.toml", "app.py"):
         shutil.copy(ROOT / name, src / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), str(src)],
-                   check=True, timeout=180, capture_output=True)
+    subprocess.run(
+        [*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), str(src)],
+        check=True,
+        timeout=180,
+        capture_output=True,
+    )
     wheel = next((tmp / "dist").glob("finetune_studio-*.whl"))
     site = tmp / "site"
-    subprocess.run([*pip, "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
-                   check=True, timeout=180, capture_output=True)
+    subprocess.run(
+        [*pip, "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+        check=True,
+        timeout=180,
+        capture_output=True,
+    )
     elsewhere = tmp / "elsewhere"  # the working directory: nothing of the checkout importable from it
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
@@ -39,8 +53,14 @@ def installed(tmp_path_factory) -> dict:
 
 
 def _python(installed: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=installed["cwd"], env=installed["env"],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=installed["cwd"],
+        env=installed["env"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_wheel_holds_package_data_and_declares_dependencies(installed):
@@ -105,14 +125,20 @@ def test_installed_package_serves_the_page(installed, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "studio", "ui", "--port", str(port), "--runs-dir",
-                             str(tmp_path / "runs")], cwd=installed["cwd"], env=installed["env"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "studio", "ui", "--port", str(port), "--runs-dir", str(tmp_path / "runs")],
+        cwd=installed["cwd"],
+        env=installed["env"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline, page = time.monotonic() + 120, None
         while page is None:
             assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no answer within 120 s:\n" + (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (
+                "no answer within 120 s:\n" + (tmp_path / "server.log").read_text()[-3000:]
+            )
             try:
                 page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
             except OSError:

@@ -19,14 +19,21 @@ PANDAS_30 = "3.0.6"
 
 # Rows 2-5 are garbled the usual ways (UTF-8 read as Windows-1252/Latin-1, or replaced); row 6 is
 # honest Portuguese and French whose "Ã" is followed by a letter, not a continuation byte.
-MOJIBAKE_CSV = "prompt,completion\n" + "\n".join([
-    "what is 1 plus 1,answer 2",
-    "CafÃ© menu,fine",
-    "is it fine,itâ€™s fine",
-    "a broken \ufffd character,ok",
-    "price 5Â\u00a0euros,ok",
-    "NÃO é café,naïve résumé",
-] + [f"what is {i} plus 2,answer {i + 2}" for i in range(10)]) + "\n"
+MOJIBAKE_CSV = (
+    "prompt,completion\n"
+    + "\n".join(
+        [
+            "what is 1 plus 1,answer 2",
+            "CafÃ© menu,fine",
+            "is it fine,itâ€™s fine",
+            "a broken \ufffd character,ok",
+            "price 5Â\u00a0euros,ok",
+            "NÃO é café,naïve résumé",
+        ]
+        + [f"what is {i} plus 2,answer {i + 2}" for i in range(10)]
+    )
+    + "\n"
+)
 MOJIBAKE_ROWS = [2, 3, 4, 5]
 
 SCRIPT = """
@@ -50,11 +57,27 @@ def _pandas_30_dir() -> Path:
     """The folder holding pandas 3.0.6 (installed on first use; pip's cache makes that quick)."""
     target = Path(sys.prefix) / "pandas-3.0"  # next to the venv's own packages, as `make install` does
     if not (target / f"pandas-{PANDAS_30}.dist-info").is_dir():
-        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target",
-                               str(target), f"pandas=={PANDAS_30}"], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                "--upgrade",
+                "--target",
+                str(target),
+                f"pandas=={PANDAS_30}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if proc.returncode != 0:
-            pytest.fail(f"Could not install pandas {PANDAS_30} into {target} (`make install` does this): "
-                        f"{proc.stderr[-2000:]}")
+            pytest.fail(
+                f"Could not install pandas {PANDAS_30} into {target} (`make install` does this): {proc.stderr[-2000:]}"
+            )
     return target
 
 
@@ -68,8 +91,14 @@ def test_data_intake_and_training(pandas_version, tiny_model_dir, tmp_path):
         expected = pandas_version
     moji = tmp_path / "mojibake.csv"
     moji.write_text(MOJIBAKE_CSV, encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(moji), str(SAMPLE), str(tiny_model_dir),
-                           str(tmp_path / "runs")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(moji), str(SAMPLE), str(tiny_model_dir), str(tmp_path / "runs")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert result["pandas"] == expected

@@ -12,19 +12,34 @@ from studio.memory import GIB, estimate, shape_from_config
 from studio.planner import TIGHT_SHARE, Settings, plan
 
 # A ~0.5B Llama: big enough that the methods differ by gigabytes, built on the meta device.
-SHAPE = shape_from_config(LlamaConfig(vocab_size=32000, hidden_size=1536, intermediate_size=4096,
-                                      num_hidden_layers=16, num_attention_heads=12, num_key_value_heads=4))
+SHAPE = shape_from_config(
+    LlamaConfig(
+        vocab_size=32000,
+        hidden_size=1536,
+        intermediate_size=4096,
+        num_hidden_layers=16,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+    )
+)
 SETTINGS = Settings(seq_len=512, batch_size=4, bf16=True)
 
 
 def _cpu(available_bytes: int, bnb: str = "yes") -> Hardware:
-    return Hardware(cpu_cores=2, ram_total_bytes=64 * GIB, ram_available_bytes=available_bytes, cpu_bf16=True,
-                    mps=False, bnb_4bit={"cpu": bnb})
+    return Hardware(
+        cpu_cores=2,
+        ram_total_bytes=64 * GIB,
+        ram_available_bytes=available_bytes,
+        cpu_bf16=True,
+        mps=False,
+        bnb_4bit={"cpu": bnb},
+    )
 
 
 def _total(method: str, s: Settings = SETTINGS) -> int:
-    return estimate(SHAPE, method, s.seq_len, s.batch_size, "cpu", bf16=s.bf16,
-                    gradient_checkpointing=s.gradient_checkpointing).total_bytes
+    return estimate(
+        SHAPE, method, s.seq_len, s.batch_size, "cpu", bf16=s.bf16, gradient_checkpointing=s.gradient_checkpointing
+    ).total_bytes
 
 
 def test_everything_fits_on_a_big_machine_and_full_is_recommended():
@@ -88,8 +103,14 @@ def test_nothing_fits_says_so_and_still_finds_a_way():
 
 
 def test_methods_that_cannot_run_say_why():
-    mps = Hardware(cpu_cores=8, ram_total_bytes=32 * GIB, ram_available_bytes=30 * GIB, cpu_bf16=False, mps=True,
-                   bnb_4bit={"cpu": "yes", "mps": "bitsandbytes 4-bit is not available on MPS; use LoRA"})
+    mps = Hardware(
+        cpu_cores=8,
+        ram_total_bytes=32 * GIB,
+        ram_available_bytes=30 * GIB,
+        cpu_bf16=False,
+        mps=True,
+        bnb_4bit={"cpu": "yes", "mps": "bitsandbytes 4-bit is not available on MPS; use LoRA"},
+    )
     p = plan(SHAPE, mps, SETTINGS)
     assert p.device == "mps"
     q = p.get("qlora")
@@ -100,8 +121,15 @@ def test_methods_that_cannot_run_say_why():
 
 def test_cuda_plans_against_free_gpu_memory_not_ram():
     gpu = CudaDevice(0, "Test GPU", total_bytes=24 * GIB, free_bytes=23 * GIB, bf16=True, capability="8.9")
-    hw = Hardware(cpu_cores=8, ram_total_bytes=256 * GIB, ram_available_bytes=250 * GIB, cpu_bf16=False,
-                  mps=False, cuda=[gpu], bnb_4bit={"cpu": "yes", "cuda": "yes"})
+    hw = Hardware(
+        cpu_cores=8,
+        ram_total_bytes=256 * GIB,
+        ram_available_bytes=250 * GIB,
+        cpu_bf16=False,
+        mps=False,
+        cuda=[gpu],
+        bnb_4bit={"cpu": "yes", "cuda": "yes"},
+    )
     p = plan(SHAPE, hw, SETTINGS)
     assert p.device == "cuda" and p.available_bytes == 23 * GIB
     assert p.get("full").estimate.breakdown["runtime_overhead"] == 500 * 2**20  # the CUDA context
@@ -109,8 +137,23 @@ def test_cuda_plans_against_free_gpu_memory_not_ram():
 
 
 def test_estimate_cli_json_carries_the_plan(tiny_model_dir, capsys):
-    assert main(["estimate", "--model", str(tiny_model_dir), "--method", "lora", "--seq-len", "64",
-                 "--batch-size", "2", "--json"]) == 0
+    assert (
+        main(
+            [
+                "estimate",
+                "--model",
+                str(tiny_model_dir),
+                "--method",
+                "lora",
+                "--seq-len",
+                "64",
+                "--batch-size",
+                "2",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert {"total_bytes", "breakdown", "trainable_params", "adapter_bytes", "fits", "device", "verdict"} <= out.keys()
     assert out["fits"] is True and out["verdict"] == "fits"  # a 2-layer model fits anywhere

@@ -4,13 +4,13 @@ and swapping adapters never reloads the base."""
 import pytest
 import torch
 
-pytestmark = pytest.mark.numeric  # CI runs these again under the other precision (see conftest.py)
-
 from studio.config import RunConfig
 from studio.playground import Playground, SamplingSettings
 from studio.precision import autocast, of_status, weights_dtype
 from studio.runs import RunRegistry
 from studio.training import run_training
+
+pytestmark = pytest.mark.numeric  # CI runs these again under the other precision (see conftest.py)
 
 PROMPT = [{"role": "user", "content": "what is 3 plus 4"}]
 
@@ -25,8 +25,13 @@ def two_runs(tiny_model_dir, tmp_path_factory):
     for seed, word in ((1, "answer"), (2, "hello world")):  # two adapters taught different replies
         rows = [[f"what is {a} plus {b}", f"{word} {a + b}"] for a in range(1, 8) for b in range(1, 4)]
         data = write_csv(root / f"d{seed}.csv", ["instruction", "output"], rows)
-        cfg = RunConfig.from_dict({"model": str(tiny_model_dir), "data": {"path": str(data), "max_length": 64},
-                                   "training": {"max_steps": 8, "learning_rate": 1e-2, "seed": seed}})
+        cfg = RunConfig.from_dict(
+            {
+                "model": str(tiny_model_dir),
+                "data": {"path": str(data), "max_length": 64},
+                "training": {"max_steps": 8, "learning_rate": 1e-2, "seed": seed},
+            }
+        )
         run = reg.create(cfg)
         assert run_training(cfg, run)["state"] == "finished"
         runs.append(run)
@@ -47,10 +52,15 @@ def _hf_greedy(model, tokenizer, messages, run, n=20):
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad(), autocast("cpu", of_status(run.status())):
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                             do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_base_and_adapted_match_plain_transformers_and_peft(two_runs, tiny_model_dir):
@@ -102,6 +112,7 @@ def test_unfinished_run_is_refused(tiny_model_dir, runs_dir):
 
 # ---- checkpoints, memory bound, compatibility, evaluation ------------------------------------
 
+
 @pytest.fixture(scope="module")
 def run_with_checkpoints(tiny_model_dir, tmp_path_factory):
     from tests.conftest import write_csv
@@ -109,9 +120,13 @@ def run_with_checkpoints(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("pgc")
     rows = [[f"what is {a} plus {b}", f"sum {a + b}"] for a in range(1, 10) for b in range(1, 4)]
     data = write_csv(root / "d.csv", ["instruction", "output"], rows)
-    cfg = RunConfig.from_dict({"model": str(tiny_model_dir), "data": {"path": str(data), "max_length": 64},
-                               "training": {"max_steps": 12, "learning_rate": 1e-2, "save_steps": 4,
-                                            "keep_checkpoints": 3, "seed": 3}})
+    cfg = RunConfig.from_dict(
+        {
+            "model": str(tiny_model_dir),
+            "data": {"path": str(data), "max_length": 64},
+            "training": {"max_steps": 12, "learning_rate": 1e-2, "save_steps": 4, "keep_checkpoints": 3, "seed": 3},
+        }
+    )
     run = RunRegistry(root / "runs").create(cfg)
     assert run_training(cfg, run)["state"] == "finished"
     return run
@@ -223,10 +238,14 @@ def test_evaluation_matches_the_training_log_for_every_method(method, tiny_model
 
     rows = [[f"what is {a} plus {b}", f"sum {a + b}"] for a in range(1, 10) for b in range(1, 4)]
     data = write_csv(tmp_path / "d.csv", ["instruction", "output"], rows)
-    cfg = RunConfig.from_dict({"model": str(tiny_model_dir), "method": method,
-                               "data": {"path": str(data), "max_length": 64},
-                               "training": {"max_steps": 4, "learning_rate": 1e-3 if method == "full" else 1e-2,
-                                            "memory_check": False}})
+    cfg = RunConfig.from_dict(
+        {
+            "model": str(tiny_model_dir),
+            "method": method,
+            "data": {"path": str(data), "max_length": 64},
+            "training": {"max_steps": 4, "learning_rate": 1e-3 if method == "full" else 1e-2, "memory_check": False},
+        }
+    )
     run = RunRegistry(tmp_path / "runs").create(cfg)
     status = run_training(cfg, run)
     assert status["state"] == "finished" and status["precision"] in ("bf16", "fp32")

@@ -23,24 +23,53 @@ STEPS = 120
 
 
 def _args(model_dir, data, runs):
-    return ["train", "--data", str(data), "--model", str(model_dir), "--method", "lora", "--max-steps", str(STEPS),
-            "--save-steps", "5", "--batch-size", "4", "--max-length", "64", "--learning-rate", "1e-2",
-            "--lora-dropout", "0.1", "--eval-fraction", "0", "--memory-check", "false", "--runs-dir", str(runs)]
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--model",
+        str(model_dir),
+        "--method",
+        "lora",
+        "--max-steps",
+        str(STEPS),
+        "--save-steps",
+        "5",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "64",
+        "--learning-rate",
+        "1e-2",
+        "--lora-dropout",
+        "0.1",
+        "--eval-fraction",
+        "0",
+        "--memory-check",
+        "false",
+        "--runs-dir",
+        str(runs),
+    ]
 
 
 def _losses(run):
     return {m["step"]: m["loss"] for m in run.metrics() if m["kind"] == "train"}
 
 
-def test_sigkill_then_resume_ends_at_the_final_step_with_the_same_losses(tiny_model_dir, instruction_csv, tmp_path,
-                                                                        monkeypatch, capsys):
+def test_sigkill_then_resume_ends_at_the_final_step_with_the_same_losses(
+    tiny_model_dir, instruction_csv, tmp_path, monkeypatch, capsys
+):
     reference_runs, killed_runs = tmp_path / "reference", tmp_path / "killed"
     monkeypatch.chdir(tmp_path)  # `resume FOLDER` without --runs-dir: the default ./runs is elsewhere
     assert main(_args(tiny_model_dir, instruction_csv, reference_runs)) == 0
     reference = RunRegistry(reference_runs).list()[0]
 
-    proc = subprocess.Popen([sys.executable, "-m", "studio.cli", *_args(tiny_model_dir, instruction_csv, killed_runs)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "studio.cli", *_args(tiny_model_dir, instruction_csv, killed_runs)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not list(killed_runs.glob("*/checkpoints/step-*/trainer_state.pt")):
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -72,12 +101,20 @@ def test_sigkill_then_resume_ends_at_the_final_step_with_the_same_losses(tiny_mo
 
 
 def test_stop_saves_a_checkpoint_and_the_server_resumes_to_the_end(tiny_model_dir, instruction_csv, runs_dir):
-    cfg = RunConfig.from_dict({
-        "model": str(tiny_model_dir), "method": "full",
-        "data": {"path": str(instruction_csv), "max_length": 64, "eval_fraction": 0.1},
-        "training": {"max_steps": 40, "learning_rate": 1e-3, "batch_size": 4, "save_steps": 1000,
-                     "memory_check": False},
-    }).check()
+    cfg = RunConfig.from_dict(
+        {
+            "model": str(tiny_model_dir),
+            "method": "full",
+            "data": {"path": str(instruction_csv), "max_length": 64, "eval_fraction": 0.1},
+            "training": {
+                "max_steps": 40,
+                "learning_rate": 1e-3,
+                "batch_size": 4,
+                "save_steps": 1000,
+                "memory_check": False,
+            },
+        }
+    ).check()
     jobs = JobManager(RunRegistry(runs_dir))
     job = jobs.start(cfg)
     wait_until(lambda: any(m["kind"] == "train" and m["step"] >= 3 for m in job.snapshot()), 120, "step 3")

@@ -54,8 +54,9 @@ def test_past_runs_table_and_config_diff(runs_dir, tmp_path):
     data.write_text("instruction,output\na,b\n", encoding="utf-8")
     registry = RunRegistry(runs_dir)
     a = registry.create(RunConfig.from_dict({"data": {"path": str(data)}, "training": {"learning_rate": 1e-4}}))
-    b = registry.create(RunConfig.from_dict({"data": {"path": str(data)}, "method": "qlora",
-                                             "training": {"learning_rate": 3e-4}}))
+    b = registry.create(
+        RunConfig.from_dict({"data": {"path": str(data)}, "method": "qlora", "training": {"learning_rate": 3e-4}})
+    )
     a.set_status("finished", started_at=100.0, finished_at=160.0, step=10, total_steps=10, final_loss=0.5)
     assert config_diff(a, b) == [("method", "lora", "qlora"), ("training.learning_rate", 1e-4, 3e-4)]
     assert config_diff(a, a) == []

@@ -23,8 +23,9 @@ UNKNOWN_MODEL = "nosuch/model"
 def _app(*args: str) -> subprocess.CompletedProcess:
     """`python app.py ARGS` as a newcomer runs it; these refusals come before the slow imports."""
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "app.py"), *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def _refused(proc: subprocess.CompletedProcess) -> str:
@@ -46,9 +47,11 @@ def busy_port():
 
 def test_busy_port_is_named_with_the_fix(busy_port, tmp_path):
     message = _refused(_app("--port", str(busy_port), "--runs-dir", str(tmp_path / "runs")))
-    assert message == (f"Port {busy_port} is already in use on 127.0.0.1: is Finetune Studio (or another program) "
-                       f"already running there? Open http://127.0.0.1:{busy_port}, stop that program, or start on "
-                       f"another port, e.g. --port {busy_port + 1}.")
+    assert message == (
+        f"Port {busy_port} is already in use on 127.0.0.1: is Finetune Studio (or another program) "
+        f"already running there? Open http://127.0.0.1:{busy_port}, stop that program, or start on "
+        f"another port, e.g. --port {busy_port + 1}."
+    )
     assert not (tmp_path / "runs").exists()  # refused before touching anything
 
 
@@ -73,8 +76,10 @@ def _uncreatable(tmp_path: Path) -> Path:
 def test_runs_folder_that_cannot_be_created(tmp_path):
     runs = _uncreatable(tmp_path)
     message = _refused(_app("--runs-dir", str(runs)))
-    assert message == (f"The runs folder {runs} cannot be created (Not a directory). Pick a folder you can write "
-                       "to with --runs-dir DIR (or set $FINETUNE_STUDIO_RUNS_DIR).")
+    assert message == (
+        f"The runs folder {runs} cannot be created (Not a directory). Pick a folder you can write "
+        "to with --runs-dir DIR (or set $FINETUNE_STUDIO_RUNS_DIR)."
+    )
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc: a folder even root cannot write")
@@ -112,8 +117,22 @@ def test_cli_validate_unknown_model(instruction_csv, capsys):
 
 
 def test_cli_train_unknown_model(instruction_csv, runs_dir, capsys):
-    assert main(["train", "--data", str(instruction_csv), "--model", UNKNOWN_MODEL, "--runs-dir", str(runs_dir),
-                 "--max-steps", "1"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(instruction_csv),
+                "--model",
+                UNKNOWN_MODEL,
+                "--runs-dir",
+                str(runs_dir),
+                "--max-steps",
+                "1",
+            ]
+        )
+        == 2
+    )
     out, err = capsys.readouterr()
     assert _offline_message(UNKNOWN_MODEL) in err and "Traceback" not in out + err
     assert not list(runs_dir.iterdir())  # refused before a run folder was made for it

@@ -31,8 +31,9 @@ def test_every_form_field_is_a_config_setting_and_builds_the_config(tab):
     names = set(tab.form.fields)
     assert names <= set(RunConfig().flat()) and {"model", "method", "training.compile", "lora.r"} <= names
     cfg = train_tab.form_config(tab, _data(tab, **{"training.batch_size": 8, "lora.targets": "q_proj,v_proj"}))
-    expected = RunConfig().with_overrides({"data.path": "train.csv", "training.batch_size": 8,
-                                           "lora.targets": "q_proj,v_proj"})
+    expected = RunConfig().with_overrides(
+        {"data.path": "train.csv", "training.batch_size": 8, "lora.targets": "q_proj,v_proj"}
+    )
     assert cfg == expected
 
 
@@ -44,8 +45,15 @@ def test_an_emptied_box_is_reported_not_defaulted(tab):
 
 def test_a_suggested_change_lands_on_its_controls_by_name(tab):
     _, tab = tab
-    kept = {"changes": {"training.batch_size": 2, "training.gradient_checkpointing": True,
-                        "training.compile": False, "not.a.field": 1}, "suggested_method": "full"}
+    kept = {
+        "changes": {
+            "training.batch_size": 2,
+            "training.gradient_checkpointing": True,
+            "training.compile": False,
+            "not.a.field": 1,
+        },
+        "suggested_method": "full",
+    }
     out = train_tab.apply_change(tab, kept, train_tab.LORA_LR)
     fields = tab.form.fields
     assert out[fields["method"]].value == "full"

@@ -139,8 +139,9 @@ def test_server_job_runs_in_background_queues_the_next_and_stops(tiny_model_dir,
     assert studio.job_view().queued == [] and {r.id for r in studio.registry.list()} == {job.run.id, second.run.id}
 
 
-def test_early_stopping_ends_the_run_when_eval_loss_stops_improving(tiny_model_dir, instruction_csv, runs_dir,
-                                                                     monkeypatch):
+def test_early_stopping_ends_the_run_when_eval_loss_stops_improving(
+    tiny_model_dir, instruction_csv, runs_dir, monkeypatch
+):
     losses = iter([1.0, 0.9, 0.95, 0.97, 0.5, 0.4])  # best at the 2nd evaluation, then two without gain
 
     def fake_evaluate(self):
@@ -171,8 +172,9 @@ def _loss_and_grads(model, loss):
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
-def test_labeled_token_loss_equals_the_transformers_loss_and_gradients(method, tiny_model_dir, instruction_csv,
-                                                                      runs_dir):
+def test_labeled_token_loss_equals_the_transformers_loss_and_gradients(
+    method, tiny_model_dir, instruction_csv, runs_dir
+):
     """The trainer's loss computes logits only where a label is; same number and gradients as
     model(**batch).loss on a padded batch with masked prompts."""
     cfg = _cfg(tiny_model_dir, instruction_csv, method=method, gradient_checkpointing=method == "qlora")
@@ -199,11 +201,20 @@ def _tiny(config_cls: str, **extra):
     cls = getattr(transformers, config_cls)
     extra = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **extra}
     if config_cls == "GPTNeoXConfig":
-        config = cls(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, **extra)
+        config = cls(
+            vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, **extra
+        )
     else:
-        config = cls(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, **extra)
+        config = cls(
+            vocab_size=300,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            **extra,
+        )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config)
 
@@ -219,8 +230,9 @@ def _masked_batch():
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-@pytest.mark.parametrize("config_cls", ["Qwen2Config", "MistralConfig", "GemmaConfig", "Phi3Config",
-                                        "Qwen3Config", "GPTNeoXConfig"])
+@pytest.mark.parametrize(
+    "config_cls", ["Qwen2Config", "MistralConfig", "GemmaConfig", "Phi3Config", "Qwen3Config", "GPTNeoXConfig"]
+)
 def test_labeled_token_loss_matches_other_model_families(config_cls):
     from studio.training.loss import LabeledTokenLoss
 
@@ -260,8 +272,9 @@ def test_compiled_layers_train_to_the_same_losses(tiny_model_dir, instruction_cs
     registry = RunRegistry(runs_dir)
     losses = {}
     for compile_ in (False, True):
-        cfg = tiny_run_config(tiny_model_dir, instruction_csv, max_steps=4, compile=compile_, memory_check=False,
-                              precision=precision)
+        cfg = tiny_run_config(
+            tiny_model_dir, instruction_csv, max_steps=4, compile=compile_, memory_check=False, precision=precision
+        )
         run = registry.create(cfg)
         status = run_training(cfg, run)
         assert status["state"] == "finished", status.get("message")
@@ -303,13 +316,17 @@ sys.exit(main(["train", "--config", {str(config_path)!r}, "--runs-dir", {str(tmp
         assert "Not compiled" in proc.stdout
     else:
         assert proc.returncode == 1 and status["state"] == "failed"
-        assert status["message"].startswith("torch.compile failed on this model") and "Turn Compile off" in status["message"]
+        assert (
+            status["message"].startswith("torch.compile failed on this model")
+            and "Turn Compile off" in status["message"]
+        )
         assert status["retry"]["changes"] == {"training.compile": False}
 
 
 @pytest.mark.parametrize("schedule, last_lr", [("cosine", 0.0), ("linear", 0.0), ("constant", 1e-2)])
-def test_lr_scheduler_shapes_the_learning_rate_after_warmup(tiny_model_dir, instruction_csv, runs_dir, schedule,
-                                                            last_lr):
+def test_lr_scheduler_shapes_the_learning_rate_after_warmup(
+    tiny_model_dir, instruction_csv, runs_dir, schedule, last_lr
+):
     cfg = tiny_run_config(tiny_model_dir, instruction_csv, max_steps=10, warmup_ratio=0.2, lr_scheduler=schedule)
     trainer = Trainer(cfg, RunRegistry(runs_dir).create(cfg))
     trainer.setup()

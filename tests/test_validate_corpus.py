@@ -14,8 +14,9 @@ GOOD = "".join(f"what is {i} plus 1,answer {i + 1}\n" for i in range(12))
 
 def _parquet() -> bytes:
     buf = io.BytesIO()
-    pd.DataFrame({"messages": [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]] * 3}
-                 ).to_parquet(buf)
+    pd.DataFrame(
+        {"messages": [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]] * 3}
+    ).to_parquet(buf)
     return buf.getvalue()
 
 
@@ -41,20 +42,48 @@ CORPUS = [
     ("unknown_columns.csv", "name,age\nann,3\n", 1, "unknown_columns", "columns: name, age"),
     ("no_answers.csv", "prompt,completion\na,\nb,\n", 1, "no_usable_rows", "No row can be trained on"),
     ("some_empty.csv", "prompt,completion\n" + GOOD + "q,\n,r\n", 0, "empty_cells", "2 rows have an empty"),
-    ("whitespace.csv", "prompt,completion\n" + GOOD + "q,\"   \"\n", 0, "whitespace_cells", "only spaces"),
+    ("whitespace.csv", "prompt,completion\n" + GOOD + 'q,"   "\n', 0, "whitespace_cells", "only spaces"),
     ("duplicates.csv", "prompt,completion\n" + GOOD + "what is 0 plus 1,answer 1\n", 0, "duplicate_rows", "row 13"),
-    ("conflicting.csv", "prompt,completion\n" + GOOD + "what is 0 plus 1,answer 7\n", 0, "conflicting_answers", "different answer"),
+    (
+        "conflicting.csv",
+        "prompt,completion\n" + GOOD + "what is 0 plus 1,answer 7\n",
+        0,
+        "conflicting_answers",
+        "different answer",
+    ),
     ("too_long.csv", "prompt,completion\n" + GOOD + "q," + "word " * 200 + "\n", 0, "too_long", "will be cut"),
     ("prompt_too_long.csv", "prompt,completion\n" + GOOD + "word " * 200 + ",a\n", 0, "prompt_too_long", "no room"),
     ("all_too_long.csv", "prompt,completion\n" + ("word " * 200 + ",a\n") * 3, 1, "no_usable_rows", "No row"),
     ("few_rows.csv", "prompt,completion\n" + GOOD, 0, "few_rows", "Only 12 usable rows"),
-    ("bad_json_cells.csv", "messages\n" + "\n".join(['"' + GOOD_TURNS.replace('"', '""') + '"'] * 3) + "\nnot json\n",
-     0, "invalid_json", "not a JSON list"),
-    ("bad_roles.jsonl", "\n".join([GOOD_CHAT] * 3 + [_chat(("user", "a"), ("user", "b"))]), 0, "bad_roles", "do not alternate"),
-    ("unknown_role.jsonl", "\n".join([GOOD_CHAT, _chat(("robot", "a"), ("assistant", "b"))]), 0, "bad_roles", "unknown roles"),
+    (
+        "bad_json_cells.csv",
+        "messages\n" + "\n".join(['"' + GOOD_TURNS.replace('"', '""') + '"'] * 3) + "\nnot json\n",
+        0,
+        "invalid_json",
+        "not a JSON list",
+    ),
+    (
+        "bad_roles.jsonl",
+        "\n".join([GOOD_CHAT] * 3 + [_chat(("user", "a"), ("user", "b"))]),
+        0,
+        "bad_roles",
+        "do not alternate",
+    ),
+    (
+        "unknown_role.jsonl",
+        "\n".join([GOOD_CHAT, _chat(("robot", "a"), ("assistant", "b"))]),
+        0,
+        "bad_roles",
+        "unknown roles",
+    ),
     ("all_bad_roles.jsonl", _chat(("assistant", "a"), ("user", "b")), 1, "no_usable_rows", "No row"),
-    ("sharegpt.jsonl", json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}),
-     0, "few_rows", "Only 1 usable row"),
+    (
+        "sharegpt.jsonl",
+        json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}),
+        0,
+        "few_rows",
+        "Only 1 usable row",
+    ),
     ("mojibake.csv", "prompt,completion\n" + GOOD + "CafÃ© menu,itâ€™s fine\n", 0, "mojibake", "garbled"),
     ("long_cell.csv", "prompt,completion\n" + GOOD + "q," + "y" * 25_000 + "\n", 0, "long_cells", "longer than 20,000"),
     ("semicolon.csv", "prompt;completion\n" + GOOD.replace(",", ";"), 0, None, {"delimiter": ";"}),
@@ -62,14 +91,36 @@ CORPUS = [
     ("pipes.csv", "prompt|completion\n" + GOOD.replace(",", "|"), 0, None, {"delimiter": "|"}),
     ("utf16.csv", ("prompt,completion\n" + GOOD + "über,naïve\n").encode("utf-16"), 0, None, {"encoding": "UTF-16"}),
     ("bom.csv", b"\xef\xbb\xbf" + ("prompt,completion\n" + GOOD).encode(), 0, None, {"encoding": "UTF-8 with BOM"}),
-    ("windows.csv", ("prompt,completion\n" + GOOD + "café,résumé\n").encode("cp1252"), 0, None,
-     {"encoding": "Windows-1252 (not UTF-8)"}),
-    ("excel_index.csv", ",question,answer\n" + "".join(f"{i},{r}" for i, r in enumerate(GOOD.splitlines(True))), 0, None,
-     {"mapping": {"prompt": "question", "response": "answer"}}),
+    (
+        "windows.csv",
+        ("prompt,completion\n" + GOOD + "café,résumé\n").encode("cp1252"),
+        0,
+        None,
+        {"encoding": "Windows-1252 (not UTF-8)"},
+    ),
+    (
+        "excel_index.csv",
+        ",question,answer\n" + "".join(f"{i},{r}" for i, r in enumerate(GOOD.splitlines(True))),
+        0,
+        None,
+        {"mapping": {"prompt": "question", "response": "answer"}},
+    ),
     ("quoted_newlines.csv", 'instruction,output\n"line one\nline two","a\nb"\n' + GOOD, 0, None, {"rows": 13}),
     ("chat.parquet", _parquet(), 0, "duplicate_rows", {"format": "messages"}),
-    ("wrapped.json", json.dumps({"train": [{"question": "q", "answer": "a"}]}), 0, "few_rows", {"format": "prompt_completion"}),
-    ("pipes_in_text.csv", "text\nLOG 1 | ok; fine\nLOG 2 | valve | shut\n", 0, "few_rows", {"format": "text", "delimiter": ","}),
+    (
+        "wrapped.json",
+        json.dumps({"train": [{"question": "q", "answer": "a"}]}),
+        0,
+        "few_rows",
+        {"format": "prompt_completion"},
+    ),
+    (
+        "pipes_in_text.csv",
+        "text\nLOG 1 | ok; fine\nLOG 2 | valve | shut\n",
+        0,
+        "few_rows",
+        {"format": "text", "delimiter": ","},
+    ),
 ]
 
 

@@ -1,9 +1,9 @@
 """Dataset intake: load a file, map its columns, validate, render rows to tokens.
 
-    table = read_table(path)                          # Table(df, kind, encoding, delimiter)
-    mapping = detect_format(table.df)                 # or parse_mapping("q=prompt,a=response", columns)
-    report = validate(table, mapping, tokenizer, max_length)   # findings + token stats
-    data = prepare(config.data, tokenizer, seed)      # what the trainer uses
+table = read_table(path)                          # Table(df, kind, encoding, delimiter)
+mapping = detect_format(table.df)                 # or parse_mapping("q=prompt,a=response", columns)
+report = validate(table, mapping, tokenizer, max_length)   # findings + token stats
+data = prepare(config.data, tokenizer, seed)      # what the trainer uses
 """
 
 from studio.data.dataset import PreparedData, inspect, load_and_map, prepare
@@ -13,8 +13,24 @@ from studio.data.render import Example, conversations, rows_to_messages, tokeniz
 from studio.data.validate import DataReport, Finding, validate
 
 __all__ = [
-    "ColumnMapping", "DataError", "DataReport", "Example", "Finding", "PreparedData", "Table",
-    "accepted_names", "conversations", "detect_format", "inspect", "load_and_map", "load_table",
-    "parse_mapping", "prepare", "read_table", "rows_to_messages", "tokenize_messages", "tokenize_rows",
+    "ColumnMapping",
+    "DataError",
+    "DataReport",
+    "Example",
+    "Finding",
+    "PreparedData",
+    "Table",
+    "accepted_names",
+    "conversations",
+    "detect_format",
+    "inspect",
+    "load_and_map",
+    "load_table",
+    "parse_mapping",
+    "prepare",
+    "read_table",
+    "rows_to_messages",
+    "tokenize_messages",
+    "tokenize_rows",
     "validate",
 ]

@@ -51,10 +51,17 @@ def prepare(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
         train_keys = set(keys)
         leaked = [i + 1 for i, c in enumerate(eval_report.convs) if c is not None and prompt_key(c) in train_keys]
         if leaked:
-            notes.append(Finding("warning", "eval_leakage",
-                                 f"{len(leaked)} eval rows repeat a training prompt; they were left out of "
-                                 "evaluation so the eval loss stays honest.",
-                                 "Remove those prompts from one of the two files.", leaked[:5], len(leaked)))
+            notes.append(
+                Finding(
+                    "warning",
+                    "eval_leakage",
+                    f"{len(leaked)} eval rows repeat a training prompt; they were left out of "
+                    "evaluation so the eval loss stays honest.",
+                    "Remove those prompts from one of the two files.",
+                    leaked[:5],
+                    len(leaked),
+                )
+            )
         leaked_set = set(leaked)
         eval_convs = [c for i, c in enumerate(eval_report.convs) if c is not None and i + 1 not in leaked_set]
         train_convs = convs
@@ -63,6 +70,8 @@ def prepare(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
         train_convs, eval_convs = [convs[i] for i in train_idx], [convs[i] for i in eval_idx]
     train = tokenize_rows(train_convs, tokenizer, cfg.max_length)
     if not train:
-        raise DataError("No row has anything left to train on after tokenizing; check that responses "
-                        "are not empty and that max length is not too short.")
+        raise DataError(
+            "No row has anything left to train on after tokenizing; check that responses "
+            "are not empty and that max length is not too short."
+        )
     return PreparedData(train, tokenize_rows(eval_convs, tokenizer, cfg.max_length), report, notes)

@@ -36,9 +36,11 @@ FORMAT_LABELS = {
 
 def accepted_names() -> str:
     """The column names we recognise, for error messages."""
-    return ("instruction,output (optional input); prompt,completion (also question/answer, "
-            "query/response, input/target); messages or conversations (chat turns); text; "
-            "plus an optional system column")
+    return (
+        "instruction,output (optional input); prompt,completion (also question/answer, "
+        "query/response, input/target); messages or conversations (chat turns); text; "
+        "plus an optional system column"
+    )
 
 
 @dataclass(frozen=True)
@@ -84,11 +86,12 @@ def _from_roles(roles: dict[str, str], confidence: float, detected: bool) -> Col
     elif "text" in roles:
         fmt = "text"
     else:
-        raise DataError("The mapping needs prompt and response columns, a messages column, or a text "
-                        f"column (got {', '.join(f'{c}={r}' for r, c in roles.items()) or 'nothing'}).")
+        raise DataError(
+            "The mapping needs prompt and response columns, a messages column, or a text "
+            f"column (got {', '.join(f'{c}={r}' for r, c in roles.items()) or 'nothing'})."
+        )
     keep = {"messages": ("messages", "system"), "text": ("text",)}.get(fmt, ("prompt", "input", "response", "system"))
-    return ColumnMapping(fmt, confidence=confidence, detected=detected,
-                         **{r: c for r, c in roles.items() if r in keep})
+    return ColumnMapping(fmt, confidence=confidence, detected=detected, **{r: c for r, c in roles.items() if r in keep})
 
 
 def parse_mapping(pairs: str | list[str], columns: list[str]) -> ColumnMapping:
@@ -149,8 +152,10 @@ def detect_format(df: pd.DataFrame) -> ColumnMapping:
         roles = {"text": text}
     else:
         found = ", ".join(map(str, df.columns[:12])) or "none"
-        raise DataError(f"No usable columns found (columns: {found}). We accept {accepted_names()}. "
-                        "Rename the columns, or map them yourself (column=role).")
+        raise DataError(
+            f"No usable columns found (columns: {found}). We accept {accepted_names()}. "
+            "Rename the columns, or map them yourself (column=role)."
+        )
     if system and "text" not in roles:
         roles["system"] = system
     names = tuple(c.lower() for r, c in roles.items() if r in ("prompt", "response", "messages", "text"))

@@ -53,14 +53,15 @@ def read_table(path: str | Path, max_bytes: int = MAX_BYTES) -> Table:
         raise DataError(f"The file {p.name} was not found; upload it again.")
     suffix = p.suffix.lower()
     if suffix not in SUFFIXES:
-        raise DataError(f"{p.name} is a {suffix or 'file without extension'}; upload a "
-                        f"{', '.join(SUFFIXES)} file.")
+        raise DataError(f"{p.name} is a {suffix or 'file without extension'}; upload a {', '.join(SUFFIXES)} file.")
     size = p.stat().st_size
     if size == 0:
         raise DataError(f"{p.name} is empty; it needs a header row and at least one example.")
     if size > max_bytes:
-        raise DataError(f"{p.name} is {size / 1e6:.0f} MB, above the {max_bytes / 1e6:.0f} MB limit; "
-                        "split it, keep a sample, or raise data.max_file_mb.")
+        raise DataError(
+            f"{p.name} is {size / 1e6:.0f} MB, above the {max_bytes / 1e6:.0f} MB limit; "
+            "split it, keep a sample, or raise data.max_file_mb."
+        )
     try:
         if suffix in (".csv", ".tsv"):
             table = _read_delimited(p)
@@ -73,9 +74,11 @@ def read_table(path: str | Path, max_bytes: int = MAX_BYTES) -> Table:
     except DataError:
         raise
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError, OSError, ImportError) as exc:
-        raise DataError(f"{p.name} could not be read as {suffix[1:].upper()}: "
-                        f"{str(exc).splitlines()[0][:200]}. Check that the file is not cut off "
-                        "and that every row has the same columns.") from None
+        raise DataError(
+            f"{p.name} could not be read as {suffix[1:].upper()}: "
+            f"{str(exc).splitlines()[0][:200]}. Check that the file is not cut off "
+            "and that every row has the same columns."
+        ) from None
     df = table.df
     df = df.loc[:, [c for c in df.columns if not str(c).startswith("Unnamed: ")]]
     if df.empty or len(df.columns) == 0:
@@ -109,8 +112,10 @@ def _decode(raw: bytes) -> tuple[str, str]:
 def _read_delimited(p: Path) -> Table:
     raw = p.read_bytes()
     if b"\x00" in raw[:4096] and raw[:2] not in (b"\xff\xfe", b"\xfe\xff"):
-        raise DataError(f"{p.name} looks like a binary file (for example a spreadsheet saved as .xlsx), "
-                        "not text; export it as CSV (UTF-8).")
+        raise DataError(
+            f"{p.name} looks like a binary file (for example a spreadsheet saved as .xlsx), "
+            "not text; export it as CSV (UTF-8)."
+        )
     text, encoding = _decode(raw)
     delimiter = _sniff_delimiter(text, p.suffix.lower())
     # dtype=str keeps "007" and "1e5" as the user wrote them; keep_default_na=False keeps "NA".
@@ -143,11 +148,14 @@ def _read_jsonl(p: Path) -> pd.DataFrame:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{p.name} line {n} is not valid JSON ({exc.msg}); each line must hold "
-                            "one JSON object.") from None
+            raise DataError(
+                f"{p.name} line {n} is not valid JSON ({exc.msg}); each line must hold one JSON object."
+            ) from None
         if not isinstance(row, dict):
-            raise DataError(f"{p.name} line {n} holds a {type(row).__name__}, not an object like "
-                            '{"prompt": "...", "completion": "..."}.')
+            raise DataError(
+                f"{p.name} line {n} holds a {type(row).__name__}, not an object like "
+                '{"prompt": "...", "completion": "..."}.'
+            )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -156,15 +164,18 @@ def _read_json(p: Path) -> pd.DataFrame:
     try:
         data = json.loads(p.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
-        raise DataError(f"{p.name} is not valid JSON (line {exc.lineno}: {exc.msg}). "
-                        "If it holds one object per line, rename it to .jsonl.") from None
+        raise DataError(
+            f"{p.name} is not valid JSON (line {exc.lineno}: {exc.msg}). "
+            "If it holds one object per line, rename it to .jsonl."
+        ) from None
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: take the one list inside
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
-            raise DataError(f"{p.name} holds an object; it should hold a list of examples "
-                            "(or an object with exactly one list inside).")
+            raise DataError(
+                f"{p.name} holds an object; it should hold a list of examples "
+                "(or an object with exactly one list inside)."
+            )
         data = lists[0]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise DataError(f"{p.name} should hold a list of objects such as "
-                        '[{"instruction": "...", "output": "..."}].')
+        raise DataError(f'{p.name} should hold a list of objects such as [{{"instruction": "...", "output": "..."}}].')
     return pd.DataFrame(data)

@@ -17,8 +17,7 @@ import pandas as pd
 from studio.data.detect import ColumnMapping
 
 IGNORE_INDEX = -100
-ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant",
-                "chatgpt": "assistant"}
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant"}
 VALID_ROLES = ("system", "user", "assistant")
 
 Conversation = list[dict[str, str]] | str  # chat messages, or plain text
@@ -96,6 +95,7 @@ def parse_messages(value) -> tuple[list[dict[str, str]] | None, str | None]:
 def conversations(df: pd.DataFrame, mapping: ColumnMapping) -> list[Conversation | None]:
     """Each row as chat messages (or plain text); None where the row cannot be used.
     Aligned with ``df``'s rows, so callers can report row numbers."""
+
     def col(name):
         return df[name].tolist() if name else [None] * len(df)
 
@@ -110,8 +110,9 @@ def conversations(df: pd.DataFrame, mapping: ColumnMapping) -> list[Conversation
                 msgs = [{"role": "system", "content": system}] + msgs
             out.append(msgs)
         return out
-    for prompt, context, response, system in zip(col(mapping.prompt), col(mapping.input),
-                                                 col(mapping.response), systems):
+    for prompt, context, response, system in zip(
+        col(mapping.prompt), col(mapping.input), col(mapping.response), systems
+    ):
         prompt, context, response = _cell(prompt), _cell(context), _cell(response)
         if not prompt or not response:
             out.append(None)
@@ -149,8 +150,10 @@ def tokenize_messages(conv: Conversation, tokenizer, max_length: int | None) -> 
     text, spans = render_with_spans(conv, tokenizer)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
-    labels = [tok_id if any(a <= s < b for a, b in spans) else IGNORE_INDEX
-              for tok_id, (s, _) in zip(ids, enc["offset_mapping"])]
+    labels = [
+        tok_id if any(a <= s < b for a, b in spans) else IGNORE_INDEX
+        for tok_id, (s, _) in zip(ids, enc["offset_mapping"])
+    ]
     if max_length is None:
         return Example(ids, labels, False)
     return Example(ids[:max_length], labels[:max_length], len(ids) > max_length)

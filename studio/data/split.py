@@ -7,8 +7,9 @@ import random
 MAX_EVAL_ROWS = 200  # eval runs every eval_steps: keep it to seconds on a CPU
 
 
-def split_by_prompt(keys: list[str], eval_fraction: float = 0.1, eval_rows: int = 0, seed: int = 42,
-                    max_eval: int = MAX_EVAL_ROWS) -> tuple[list[int], list[int]]:
+def split_by_prompt(
+    keys: list[str], eval_fraction: float = 0.1, eval_rows: int = 0, seed: int = 42, max_eval: int = MAX_EVAL_ROWS
+) -> tuple[list[int], list[int]]:
     """Indices (train, eval). Rows sharing a key (the normalised prompt) stay together, so
     duplicates cannot leak from training into evaluation. ``eval_rows`` > 0 overrides the
     fraction. Fewer than 10 rows: no eval split (there is nothing to spare)."""

@@ -73,9 +73,14 @@ def _split_pattern(backend):
         return regex.compile(GPT2_PATTERN)
     if pre.get("type") == "Sequence":
         steps = pre.get("pretokenizers", [])
-        if (len(steps) == 2 and steps[0].get("type") == "Split" and steps[0].get("behavior") == "Isolated"
-                and steps[1].get("type") == "ByteLevel" and not steps[1].get("use_regex", True)
-                and "Regex" in (steps[0].get("pattern") or {})):
+        if (
+            len(steps) == 2
+            and steps[0].get("type") == "Split"
+            and steps[0].get("behavior") == "Isolated"
+            and steps[1].get("type") == "ByteLevel"
+            and not steps[1].get("use_regex", True)
+            and "Regex" in (steps[0].get("pattern") or {})
+        ):
             return regex.compile(steps[0]["pattern"]["Regex"])  # Llama 3 / Qwen2 style
     return None
 

@@ -57,11 +57,16 @@ class LengthStats:
 
     def to_dict(self) -> dict:
         q = np.percentile(self.lengths, [50, 95]) if len(self.lengths) else [0, 0]
-        return {"max_length": self.max_length, "tokens_per_epoch": self.tokens_per_epoch,
-                "truncated_rows": self.truncated_rows, "cut_token_share": round(self.cut_share, 4),
-                "length_min": int(self.lengths.min()) if len(self.lengths) else 0,
-                "length_median": float(q[0]), "length_p95": float(q[1]),
-                "length_max": int(self.lengths.max()) if len(self.lengths) else 0}
+        return {
+            "max_length": self.max_length,
+            "tokens_per_epoch": self.tokens_per_epoch,
+            "truncated_rows": self.truncated_rows,
+            "cut_token_share": round(self.cut_share, 4),
+            "length_min": int(self.lengths.min()) if len(self.lengths) else 0,
+            "length_median": float(q[0]),
+            "length_p95": float(q[1]),
+            "length_max": int(self.lengths.max()) if len(self.lengths) else 0,
+        }
 
 
 @dataclass
@@ -90,22 +95,34 @@ class DataReport:
     def to_dict(self) -> dict:
         """The documented JSON shape of ``finetune-studio validate --json``."""
         return {
-            "ok": self.ok, "format": self.mapping.format, "encoding": self.table.encoding,
-            "delimiter": self.table.delimiter, "rows": self.rows, "usable_rows": self.usable_rows,
-            "mapping": self.mapping.roles(), "confidence": round(self.mapping.confidence, 2),
+            "ok": self.ok,
+            "format": self.mapping.format,
+            "encoding": self.table.encoding,
+            "delimiter": self.table.delimiter,
+            "rows": self.rows,
+            "usable_rows": self.usable_rows,
+            "mapping": self.mapping.roles(),
+            "confidence": round(self.mapping.confidence, 2),
             "findings": [{k: v for k, v in asdict(f).items()} for f in self.findings],
-            "stats": {"rows": self.rows, "usable_rows": self.usable_rows,
-                      **(self.stats.to_dict() if self.stats else {})},
+            "stats": {
+                "rows": self.rows,
+                "usable_rows": self.usable_rows,
+                **(self.stats.to_dict() if self.stats else {}),
+            },
         }
 
     def to_text(self) -> str:
         """The report for a terminal."""
         s = self.stats.to_dict() if self.stats else None
-        lines = [f"Format:  {self.mapping.describe().replace('`', '')}",
-                 f"File:    {self.table.describe()}; {self.rows} rows, {self.usable_rows} usable"]
+        lines = [
+            f"Format:  {self.mapping.describe().replace('`', '')}",
+            f"File:    {self.table.describe()}; {self.rows} rows, {self.usable_rows} usable",
+        ]
         if s:
-            lines.append(f"Tokens:  {s['tokens_per_epoch']:,} per epoch; median row {s['length_median']:.0f}, "
-                         f"p95 {s['length_p95']:.0f}, longest {s['length_max']} (max length {s['max_length']})")
+            lines.append(
+                f"Tokens:  {s['tokens_per_epoch']:,} per epoch; median row {s['length_median']:.0f}, "
+                f"p95 {s['length_p95']:.0f}, longest {s['length_max']} (max length {s['max_length']})"
+            )
         lines.append("")
         for f in self.findings:
             rows = f" (rows {', '.join(map(str, f.rows))}{', ...' if f.count > len(f.rows) else ''})" if f.rows else ""
@@ -114,13 +131,17 @@ class DataReport:
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
-        lines = [f"**Format:** {self.mapping.describe()}  ",
-                 f"**File:** {self.table.describe()} · **Rows:** {self.rows} ({self.usable_rows} usable)"]
+        lines = [
+            f"**Format:** {self.mapping.describe()}  ",
+            f"**File:** {self.table.describe()} · **Rows:** {self.rows} ({self.usable_rows} usable)",
+        ]
         if self.stats is not None and len(self.stats.lengths):
             s = self.stats.to_dict()
             lines[-1] += "  "
-            lines.append(f"**Tokens per epoch:** {s['tokens_per_epoch']:,} · median row {s['length_median']:.0f}, "
-                         f"longest {s['length_max']} tokens (max length {s['max_length']})")
+            lines.append(
+                f"**Tokens per epoch:** {s['tokens_per_epoch']:,} · median row {s['length_median']:.0f}, "
+                f"longest {s['length_max']} tokens (max length {s['max_length']})"
+            )
         if not self.findings:
             lines.append("\nNo problems found. Ready to train.")
         for f in self.findings:
@@ -128,8 +149,10 @@ class DataReport:
             if f.rows:
                 more = f" and {f.count - len(f.rows)} more" if f.count > len(f.rows) else ""
                 where = f" Rows {', '.join(map(str, f.rows))}{more}."
-            lines.append(f"\n- **{'Error' if f.severity == 'error' else 'Warning'}** ({f.code}): "
-                         f"{f.message}{where} *Fix:* {f.fix}")
+            lines.append(
+                f"\n- **{'Error' if f.severity == 'error' else 'Warning'}** ({f.code}): "
+                f"{f.message}{where} *Fix:* {f.fix}"
+            )
         return "\n".join(lines)
 
 
@@ -138,8 +161,14 @@ def _rows(mask: pd.Series | np.ndarray) -> tuple[list[int], int]:
     return [int(i) + 1 for i in idx[:SHOW_ROWS]], len(idx)
 
 
-_SINGULAR = {"{n} rows have": "1 row has", "{n} rows repeat": "1 row repeats", "{n} rows share": "1 row shares",
-             "{n} rows contain": "1 row contains", "{n} rows are": "1 row is", "another row but give": "another row but gives"}
+_SINGULAR = {
+    "{n} rows have": "1 row has",
+    "{n} rows repeat": "1 row repeats",
+    "{n} rows share": "1 row shares",
+    "{n} rows contain": "1 row contains",
+    "{n} rows are": "1 row is",
+    "another row but give": "another row but gives",
+}
 
 
 def _add(findings, severity, code, mask, message, fix) -> None:
@@ -176,8 +205,10 @@ def validate(table: Table, mapping: ColumnMapping, tokenizer=None, max_length: i
     findings: list[Finding] = []
     convs = conversations(df, mapping)
     usable = np.array([c is not None for c in convs], dtype=bool)
-    cells = {role: df[col].map(lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
-             for role, col in mapping.roles().items()}
+    cells = {
+        role: df[col].map(lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
+        for role, col in mapping.roles().items()
+    }
     required = [r for r in ("prompt", "response", "text") if r in cells]
 
     # Empty, whitespace-only and unreadable cells.
@@ -188,28 +219,54 @@ def validate(table: Table, mapping: ColumnMapping, tokenizer=None, max_length: i
             raw_empty |= cells[role].eq("").to_numpy()
             ws_only |= (cells[role].ne("") & cells[role].str.strip().eq("")).to_numpy()
         names = " or ".join(f"`{mapping.roles()[r]}`" for r in required)
-        _add(findings, "warning", "empty_cells", raw_empty, "{n} rows have an empty " + names + " cell and will be skipped.",
-             "Fill in those cells or delete the rows.")
-        _add(findings, "warning", "whitespace_cells", ws_only & ~raw_empty,
-             "{n} rows have a " + names + " cell holding only spaces or line breaks; they will be skipped.",
-             "Fill in those cells or delete the rows.")
+        _add(
+            findings,
+            "warning",
+            "empty_cells",
+            raw_empty,
+            "{n} rows have an empty " + names + " cell and will be skipped.",
+            "Fill in those cells or delete the rows.",
+        )
+        _add(
+            findings,
+            "warning",
+            "whitespace_cells",
+            ws_only & ~raw_empty,
+            "{n} rows have a " + names + " cell holding only spaces or line breaks; they will be skipped.",
+            "Fill in those cells or delete the rows.",
+        )
     if mapping.format == "messages":
         problems = [parse_messages(v)[1] for v in df[mapping.messages].tolist()]
-        _add(findings, "warning", "invalid_json", np.array([p == "invalid_json" for p in problems]),
-             f"{{n}} rows have a `{mapping.messages}` cell that is not a JSON list of "
-             "{{role, content}} (or {{from, value}}) turns; they will be skipped.",
-             'Write each cell as [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}].')
-        _add(findings, "warning", "bad_roles", np.array([p == "bad_roles" for p in problems]),
-             "{n} rows have unknown roles or turns that do not alternate user/assistant (after an "
-             "optional system turn), or no assistant reply; they will be skipped.",
-             "Use the roles system, user and assistant, alternate user and assistant, and end with an assistant reply.")
+        _add(
+            findings,
+            "warning",
+            "invalid_json",
+            np.array([p == "invalid_json" for p in problems]),
+            f"{{n}} rows have a `{mapping.messages}` cell that is not a JSON list of "
+            "{{role, content}} (or {{from, value}}) turns; they will be skipped.",
+            'Write each cell as [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}].',
+        )
+        _add(
+            findings,
+            "warning",
+            "bad_roles",
+            np.array([p == "bad_roles" for p in problems]),
+            "{n} rows have unknown roles or turns that do not alternate user/assistant (after an "
+            "optional system turn), or no assistant reply; they will be skipped.",
+            "Use the roles system, user and assistant, alternate user and assistant, and end with an assistant reply.",
+        )
 
     # Duplicates and contradictions, among rows we would train on.
     mapped = df[mapping.columns()].astype(str)
     dup = mapped.duplicated(keep="first").to_numpy() & usable
-    _add(findings, "warning", "duplicate_rows", dup,
-         "{n} rows repeat an earlier row exactly; they would be trained on more than once.",
-         "Remove the duplicates, unless you mean to give those examples more weight.")
+    _add(
+        findings,
+        "warning",
+        "duplicate_rows",
+        dup,
+        "{n} rows repeat an earlier row exactly; they would be trained on more than once.",
+        "Remove the duplicates, unless you mean to give those examples more weight.",
+    )
     if mapping.format != "text":
         keys = pd.Series([prompt_key(c) if c is not None else None for c in convs])
         replies = pd.Series([first_reply(c) if c is not None else None for c in convs])
@@ -217,10 +274,15 @@ def validate(table: Table, mapping: ColumnMapping, tokenizer=None, max_length: i
         n_replies = frame.groupby("key")["reply"].transform("nunique")
         conflict = np.zeros(len(df), bool)
         conflict[frame.index[n_replies > 1].to_numpy()] = True
-        _add(findings, "warning", "conflicting_answers", conflict,
-             "{n} rows share a prompt with another row but give a different answer; the model "
-             "will learn a blend of them.",
-             "Keep one answer per prompt, or make the prompts say what differs.")
+        _add(
+            findings,
+            "warning",
+            "conflicting_answers",
+            conflict,
+            "{n} rows share a prompt with another row but give a different answer; the model "
+            "will learn a blend of them.",
+            "Keep one answer per prompt, or make the prompts say what differs.",
+        )
 
     # Encoding damage and giant cells.
     moji = np.zeros(len(df), bool)
@@ -228,13 +290,23 @@ def validate(table: Table, mapping: ColumnMapping, tokenizer=None, max_length: i
     for s in cells.values():
         moji |= s.str.contains(MOJIBAKE, regex=True).to_numpy()
         longc |= (s.str.len() > LONG_CELL_CHARS).to_numpy()
-    _add(findings, "warning", "mojibake", moji,
-         "{n} rows contain garbled characters such as \"Ã©\" or \"â€™\", a sign the text was decoded "
-         "with the wrong encoding before it was saved.",
-         "Re-export the file as UTF-8 from the program that made it.")
-    _add(findings, "warning", "long_cells", longc,
-         f"{{n}} rows have a cell longer than {LONG_CELL_CHARS:,} characters.",
-         "Check that a whole document did not end up in one cell; split long texts into several rows.")
+    _add(
+        findings,
+        "warning",
+        "mojibake",
+        moji,
+        '{n} rows contain garbled characters such as "Ã©" or "â€™", a sign the text was decoded '
+        "with the wrong encoding before it was saved.",
+        "Re-export the file as UTF-8 from the program that made it.",
+    )
+    _add(
+        findings,
+        "warning",
+        "long_cells",
+        longc,
+        f"{{n}} rows have a cell longer than {LONG_CELL_CHARS:,} characters.",
+        "Check that a whole document did not end up in one cell; split long texts into several rows.",
+    )
 
     stats = None
     if tokenizer is not None and usable.any():
@@ -244,23 +316,46 @@ def validate(table: Table, mapping: ColumnMapping, tokenizer=None, max_length: i
         long_rows[np.flatnonzero(usable)[lengths > max_length]] = True
         no_room = np.zeros(len(df), bool)
         no_room[np.flatnonzero(usable)[prompt_lengths >= max_length]] = True
-        _add(findings, "warning", "too_long", long_rows & ~no_room,
-             f"{{n}} rows are longer than the max length of {max_length} tokens; their ends will be cut "
-             f"({stats.cut_share:.1%} of all tokens), so the model never sees how those answers finish.",
-             f"Raise max length (the longest row has {int(lengths.max())} tokens) or shorten those rows.")
-        _add(findings, "warning", "prompt_too_long", no_room,
-             f"{{n}} rows have a prompt of {max_length} tokens or more, leaving no room for the answer; "
-             "they will be skipped.", "Raise max length or shorten those prompts.")
+        _add(
+            findings,
+            "warning",
+            "too_long",
+            long_rows & ~no_room,
+            f"{{n}} rows are longer than the max length of {max_length} tokens; their ends will be cut "
+            f"({stats.cut_share:.1%} of all tokens), so the model never sees how those answers finish.",
+            f"Raise max length (the longest row has {int(lengths.max())} tokens) or shorten those rows.",
+        )
+        _add(
+            findings,
+            "warning",
+            "prompt_too_long",
+            no_room,
+            f"{{n}} rows have a prompt of {max_length} tokens or more, leaving no room for the answer; "
+            "they will be skipped.",
+            "Raise max length or shorten those prompts.",
+        )
         convs = [None if no_room[i] else c for i, c in enumerate(convs)]
 
     n_usable = sum(c is not None for c in convs)
     if n_usable == 0:
-        findings.insert(0, Finding("error", "no_usable_rows", "No row can be trained on.",
-                                   "Fix the problems listed below, or check the column mapping."))
+        findings.insert(
+            0,
+            Finding(
+                "error",
+                "no_usable_rows",
+                "No row can be trained on.",
+                "Fix the problems listed below, or check the column mapping.",
+            ),
+        )
     elif n_usable < FEW_ROWS:
-        findings.append(Finding("warning", "few_rows", f"Only {n_usable} usable rows: the model will "
-                                "learn the format but little else.",
-                                f"Aim for at least {FEW_ROWS} examples, ideally a few thousand."))
+        findings.append(
+            Finding(
+                "warning",
+                "few_rows",
+                f"Only {n_usable} usable rows: the model will learn the format but little else.",
+                f"Aim for at least {FEW_ROWS} examples, ideally a few thousand.",
+            )
+        )
     return DataReport(table, mapping, findings, convs, stats)
 
 
@@ -307,6 +402,7 @@ def token_lengths(convs: list[Conversation], tokenizer) -> tuple[np.ndarray, np.
 def _template_overhead(shape: tuple[str, ...], tokenizer) -> tuple[int, int]:
     """Tokens the template adds around contents: for the whole conversation, and up to (and
     including) the generation prompt of the first reply. Plain text (its own shape) gets EOS."""
+
     def n(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import functools
 
-import torch
-
 
 @functools.cache
 def inductor_problem() -> str | None:

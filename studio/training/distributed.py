@@ -47,10 +47,14 @@ def from_env() -> Dist:
     if asked:
         from studio.config import ConfigError
 
-        raise ConfigError([f"accelerate was launched with a {asked[0]} config, but this trainer does not shard "
-                           "the model: it keeps a full copy on every device (DistributedDataParallel). Launch "
-                           "with `accelerate launch --multi_gpu ...` (no FSDP/DeepSpeed config), or pick a "
-                           "method that fits one device (LoRA, QLoRA)."])
+        raise ConfigError(
+            [
+                f"accelerate was launched with a {asked[0]} config, but this trainer does not shard "
+                "the model: it keeps a full copy on every device (DistributedDataParallel). Launch "
+                "with `accelerate launch --multi_gpu ...` (no FSDP/DeepSpeed config), or pick a "
+                "method that fits one device (LoRA, QLoRA)."
+            ]
+        )
     return Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 

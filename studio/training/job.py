@@ -28,13 +28,13 @@ def failure_message(exc: BaseException) -> str:
     if isinstance(exc, FloatingPointError):
         return str(exc)
     if is_out_of_memory(exc):
-        return ("Ran out of memory. Lower the batch size or max length, or choose QLoRA, "
-                "then train again.")
+        return "Ran out of memory. Lower the batch size or max length, or choose QLoRA, then train again."
     if is_compile_failure(exc):
-        return (f"torch.compile failed on this model ({type(exc).__name__}: {_first_line(exc)}). "
-                "Turn Compile off (`training.compile: false`) and train again; the details are in train.log.")
-    return (f"Training failed: {type(exc).__name__}: {_first_line(exc)}. "
-            "The full error is in the run's train.log.")
+        return (
+            f"torch.compile failed on this model ({type(exc).__name__}: {_first_line(exc)}). "
+            "Turn Compile off (`training.compile: false`) and train again; the details are in train.log."
+        )
+    return f"Training failed: {type(exc).__name__}: {_first_line(exc)}. The full error is in the run's train.log."
 
 
 def _first_line(exc: BaseException) -> str:
@@ -56,8 +56,7 @@ def _retry(exc: BaseException, config: RunConfig, device: str | None) -> dict | 
     """The one-click retry offered after a memory or compile failure: {"text", "method", "changes"}."""
     fix = None
     if is_compile_failure(exc) and config.training.compile:
-        return {"text": "Train again without Compile.", "method": config.method,
-                "changes": {"training.compile": False}}
+        return {"text": "Train again without Compile.", "method": config.method, "changes": {"training.compile": False}}
     if isinstance(exc, MemoryCheckFailed):
         fix = exc.suggestion
     elif is_out_of_memory(exc):
@@ -72,8 +71,14 @@ def _retry(exc: BaseException, config: RunConfig, device: str | None) -> dict | 
     return None if fix is None else {"text": fix.text, "method": fix.method, "changes": fix.changes}
 
 
-def run_training(config: RunConfig, run: Run, stop_event: threading.Event | None = None,
-                 on_metrics=None, resume: bool = False, save_event: threading.Event | None = None) -> dict:
+def run_training(
+    config: RunConfig,
+    run: Run,
+    stop_event: threading.Event | None = None,
+    on_metrics=None,
+    resume: bool = False,
+    save_event: threading.Event | None = None,
+) -> dict:
     """Train to the end (or until stopped), save, and leave a final status. Returns the status.
 
     With ``resume`` the run continues from its last checkpoint in the same folder (weights,
@@ -83,19 +88,36 @@ def run_training(config: RunConfig, run: Run, stop_event: threading.Event | None
     checkpoint = run.checkpoints()[-1] if resume and run.checkpoints() else None
     if resume and checkpoint is None:
         return run.set_status("failed", message="This run has no checkpoint to resume from; start a new run.")
-    run.set_status("running", pid=os.getpid(), pid_started=process_started_at(), started_at=time.time(),
-                   stopped=False, retry=None,
-                   message=f"Resuming from {checkpoint.name}..." if checkpoint else "Loading model and data...")
+    run.set_status(
+        "running",
+        pid=os.getpid(),
+        pid_started=process_started_at(),
+        started_at=time.time(),
+        stopped=False,
+        retry=None,
+        message=f"Resuming from {checkpoint.name}..." if checkpoint else "Loading model and data...",
+    )
     try:
         trainer.setup()
-        run.set_status("running", total_steps=trainer.total_steps, trainable_params=trainer.trainable_params,
-                       train_rows=len(trainer.train_examples), eval_rows=len(trainer.eval_examples),
-                       device=trainer.device, precision=trainer.precision, bf16=trainer.use_bf16,
-                       message=(f"Compiling {trainer.compiled_layers} layers (about a minute), then training..."
-                                if trainer.compiled_layers else trainer.compile_note or "Training..."),
-                       data_warnings=[f.code for f in trainer.data_findings],
-                       data_sha256=data_digest(config), compiled_layers=trainer.compiled_layers,
-                       compile_note=trainer.compile_note)
+        run.set_status(
+            "running",
+            total_steps=trainer.total_steps,
+            trainable_params=trainer.trainable_params,
+            train_rows=len(trainer.train_examples),
+            eval_rows=len(trainer.eval_examples),
+            device=trainer.device,
+            precision=trainer.precision,
+            bf16=trainer.use_bf16,
+            message=(
+                f"Compiling {trainer.compiled_layers} layers (about a minute), then training..."
+                if trainer.compiled_layers
+                else trainer.compile_note or "Training..."
+            ),
+            data_warnings=[f.code for f in trainer.data_findings],
+            data_sha256=data_digest(config),
+            compiled_layers=trainer.compiled_layers,
+            compile_note=trainer.compile_note,
+        )
         if run.writable:  # what the adapter means: checked before it is loaded onto any base
             fingerprint.write(run.path, fingerprint.fingerprint(trainer.model.config, trainer.tokenizer, config.model))
         if config.training.memory_check and not trainer.dist.enabled:  # one process checks itself only
@@ -126,13 +148,25 @@ def run_training(config: RunConfig, run: Run, stop_event: threading.Event | None
         eval_loss = trainer.evaluate()
         trainer.save()
         last = next((m for m in reversed(run.metrics()) if m.get("kind") == "train"), {})
-        done = (f"Stopped at step {trainer.step} of {trainer.total_steps}; the adapter and a checkpoint "
-                "were saved (Resume continues from here)."
-                if stopped else early or f"Finished {trainer.step} steps.")
-        return run.set_status("finished", finished_at=time.time(), step=trainer.step, stopped=stopped,
-                              early_stopped=early is not None, version=run.version + 1,
-                              final_loss=last.get("loss"), eval_loss=eval_loss, message=done,
-                              compiled_layers=trainer.compiled_layers, compile_note=trainer.compile_note)
+        done = (
+            f"Stopped at step {trainer.step} of {trainer.total_steps}; the adapter and a checkpoint "
+            "were saved (Resume continues from here)."
+            if stopped
+            else early or f"Finished {trainer.step} steps."
+        )
+        return run.set_status(
+            "finished",
+            finished_at=time.time(),
+            step=trainer.step,
+            stopped=stopped,
+            early_stopped=early is not None,
+            version=run.version + 1,
+            final_loss=last.get("loss"),
+            eval_loss=eval_loss,
+            message=done,
+            compiled_layers=trainer.compiled_layers,
+            compile_note=trainer.compile_note,
+        )
     except BaseException as exc:  # noqa: BLE001 - every failure must end as a status, not a crash
         with run.log_path.open("a", encoding="utf-8") as f:
             f.write(traceback.format_exc())
@@ -222,8 +256,10 @@ class JobManager:
         with self._lock:
             busy = self.current is not None and self.current.alive
             if busy and resume_run is not None:
-                raise RuntimeError(f"Run {self.current.run.id} is still training; stop it or wait "
-                                   "for it to finish before resuming another.")
+                raise RuntimeError(
+                    f"Run {self.current.run.id} is still training; stop it or wait "
+                    "for it to finish before resuming another."
+                )
             if resume_run is not None:
                 resume_run.mark_if_orphaned()
                 problem = resume_run.resume_problem()
@@ -233,12 +269,16 @@ class JobManager:
             job = Job(run=run, config=config)
             if resume_run is not None:  # the live view starts from what the run already drew
                 job.metrics = [m for m in run.metrics() if m.get("step", 0) <= checkpoint_step(run.resume_point())]
-            job.thread = threading.Thread(target=self._run, name=f"train-{run.id}", daemon=True,
-                                          args=(job, resume_run is not None))
+            job.thread = threading.Thread(
+                target=self._run, name=f"train-{run.id}", daemon=True, args=(job, resume_run is not None)
+            )
             if busy:
                 self.queue.append(job)
-                run.set_status("queued", message=f"Queued: starts when {self.current.run.id} "
-                                                 f"{'and the runs before it end' if len(self.queue) > 1 else 'ends'}.")
+                run.set_status(
+                    "queued",
+                    message=f"Queued: starts when {self.current.run.id} "
+                    f"{'and the runs before it end' if len(self.queue) > 1 else 'ends'}.",
+                )
                 return job
             self.current = job
             job.thread.start()
@@ -246,8 +286,7 @@ class JobManager:
 
     def _run(self, job: Job, resume: bool) -> None:
         try:
-            run_training(job.config, job.run, job.stop_event, job.add_metrics, resume=resume,
-                         save_event=job.save_event)
+            run_training(job.config, job.run, job.stop_event, job.add_metrics, resume=resume, save_event=job.save_event)
         finally:
             self._start_next()
 

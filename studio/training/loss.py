@@ -26,9 +26,27 @@ from studio.data.render import IGNORE_INDEX
 # in between (read from transformers 5.x; tests compare the loss for several of them). Others
 # change the logits or add to the loss: Gemma 2/3 soft-cap the logits, Cohere and Granite scale
 # them, mixture-of-experts models add a router loss, and models we have not read may do anything.
-PLAIN_HEAD_MODEL_TYPES = frozenset({
-    "llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "phi", "phi3", "smollm3", "olmo", "olmo2",
-    "starcoder2", "stablelm", "gpt_neox", "glm", "glm4", "helium"})
+PLAIN_HEAD_MODEL_TYPES = frozenset(
+    {
+        "llama",
+        "mistral",
+        "ministral",
+        "qwen2",
+        "qwen3",
+        "gemma",
+        "phi",
+        "phi3",
+        "smollm3",
+        "olmo",
+        "olmo2",
+        "starcoder2",
+        "stablelm",
+        "gpt_neox",
+        "glm",
+        "glm4",
+        "helium",
+    }
+)
 
 
 def causal_lm(model):
@@ -75,8 +93,7 @@ class LabeledTokenLoss(torch.nn.Module):
         if self.plain_reason is not None:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         lm = causal_lm(self.model)
-        hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                  use_cache=False).last_hidden_state
+        hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         targets = labels[:, 1:]  # position t predicts token t + 1
         keep = targets != IGNORE_INDEX
         logits = lm.get_output_embeddings()(hidden[:, :-1][keep])

@@ -63,11 +63,12 @@ class MemoryCheck:
         return self.estimate_bytes / self.measured_bytes - 1 if self.measured_bytes else 0.0
 
     def summary(self) -> str:
-        what = ("peak GPU memory" if self.device == "cuda"
-                else "memory on top of the loaded model (process RSS)")
-        return (f"Memory check ({STEPS} steps on the longest rows, batch {self.batch_size} x {self.seq_len} tokens): "
-                f"{what} {_fmt(self.measured_bytes)} measured, {_fmt(self.estimate_bytes)} estimated "
-                f"({self.error:+.0%}).")
+        what = "peak GPU memory" if self.device == "cuda" else "memory on top of the loaded model (process RSS)"
+        return (
+            f"Memory check ({STEPS} steps on the longest rows, batch {self.batch_size} x {self.seq_len} tokens): "
+            f"{what} {_fmt(self.measured_bytes)} measured, {_fmt(self.estimate_bytes)} estimated "
+            f"({self.error:+.0%})."
+        )
 
     def to_dict(self) -> dict:
         return asdict(self) | {"summary": self.summary()}
@@ -108,15 +109,20 @@ def check_memory(trainer) -> MemoryCheck:
     from studio.planner import estimate_settings, settings_for, suggest
 
     cfg, t = trainer.config, trainer.config.training
-    examples = sorted(trainer.train_examples, key=lambda e: len(e.input_ids), reverse=True)[:t.batch_size]
+    examples = sorted(trainer.train_examples, key=lambda e: len(e.input_ids), reverse=True)[: t.batch_size]
     batch = trainer._collate(examples)
     rows, width = batch["input_ids"].shape
     device = trainer.device
     shape = shape_for_model(cfg.model, cfg.trust_remote_code)
     # The output layer runs at labeled positions only (training/loss.py): the estimate counts those.
     labeled = labeled_tokens(batch) if trainer.loss_fn.labeled_only else rows * width
-    settings = replace(settings_for(cfg, trainer.hw), seq_len=width, batch_size=rows, bf16=trainer.use_bf16,
-                       labeled_share=labeled / (rows * width))
+    settings = replace(
+        settings_for(cfg, trainer.hw),
+        seq_len=width,
+        batch_size=rows,
+        bf16=trainer.use_bf16,
+        labeled_share=labeled / (rows * width),
+    )
     breakdown = estimate_settings(shape, cfg.method, settings, device).breakdown
     est = sum(breakdown.values())
     already_loaded = breakdown["base_weights"] + breakdown["adapter_weights"] + breakdown["runtime_overhead"]
@@ -125,13 +131,17 @@ def check_memory(trainer) -> MemoryCheck:
 
     def would_not_fit(what: str) -> MemoryCheckFailed:
         fix = suggest(shape, cfg.method, settings, device, available)
-        return MemoryCheckFailed(f"{what} {fix.text if fix else 'Choose QLoRA, a smaller model, or shorter rows.'}", fix)
+        return MemoryCheckFailed(
+            f"{what} {fix.text if fix else 'Choose QLoRA, a smaller model, or shorter rows.'}", fix
+        )
 
     # On CPU running out of memory is not an exception: the kernel kills the process (the
     # server with it). So a run the estimate says cannot fit is refused before it is tried.
     if device != "cuda" and est > available:
-        raise would_not_fit(f"This run needs about {_fmt(est)} of RAM (batch {rows} x {width} tokens) but "
-                            f"{_fmt(available)} is available.")
+        raise would_not_fit(
+            f"This run needs about {_fmt(est)} of RAM (batch {rows} x {width} tokens) but "
+            f"{_fmt(available)} is available."
+        )
 
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if device == "cuda" else None
@@ -170,8 +180,10 @@ def check_memory(trainer) -> MemoryCheck:
         trainer.optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.empty_cache()
-        raise would_not_fit(f"The memory check ran out of memory with batch {rows} x {width} tokens "
-                            f"({_fmt(available)} {'on the GPU' if device == 'cuda' else 'of RAM'}).") from None
+        raise would_not_fit(
+            f"The memory check ran out of memory with batch {rows} x {width} tokens "
+            f"({_fmt(available)} {'on the GPU' if device == 'cuda' else 'of RAM'})."
+        ) from None
     finally:
         torch.set_rng_state(rng)
         if cuda_rng is not None:
@@ -181,9 +193,20 @@ def check_memory(trainer) -> MemoryCheck:
         measured, compared = peak, est
     else:
         measured, compared = max(0, peak - baseline), max(0, est - already_loaded)
-    result = MemoryCheck(device, rows, width, int(peak), int(baseline), int(measured), int(compared),
-                         int(available), round(time.time() - start, 2))
+    result = MemoryCheck(
+        device,
+        rows,
+        width,
+        int(peak),
+        int(baseline),
+        int(measured),
+        int(compared),
+        int(available),
+        round(time.time() - start, 2),
+    )
     if device != "cuda" and measured > available - baseline:
-        raise would_not_fit(f"Two steps needed {_fmt(measured)} more RAM than the "
-                            f"{_fmt(available - baseline)} that was free, so the run would swap.")
+        raise would_not_fit(
+            f"Two steps needed {_fmt(measured)} more RAM than the "
+            f"{_fmt(available - baseline)} that was free, so the run would swap."
+        )
     return result

@@ -21,12 +21,12 @@ import torch
 
 from studio import hardware, models, precision
 from studio.config import RunConfig
-from studio.training import distributed
-from studio.training.compiling import CompileWatch, compile_layers, inductor_problem
-from studio.training.loss import LabeledTokenLoss
 from studio.data import Example, prepare
 from studio.data.render import collate, labeled_tokens
 from studio.runs import Run
+from studio.training import distributed
+from studio.training.compiling import CompileWatch, compile_layers, inductor_problem
+from studio.training.loss import LabeledTokenLoss
 
 MetricsSink = Callable[[dict], None]
 POOL_BATCHES = 32  # batches per length-sorted pool: groups similar lengths, keeps order random
@@ -44,8 +44,14 @@ class EarlyStopped(Exception):
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, run: Run, stop_event: threading.Event | None = None,
-                 on_metrics: MetricsSink | None = None, save_event: threading.Event | None = None):
+    def __init__(
+        self,
+        config: RunConfig,
+        run: Run,
+        stop_event: threading.Event | None = None,
+        on_metrics: MetricsSink | None = None,
+        save_event: threading.Event | None = None,
+    ):
         self.config = config
         self.run = run
         self.stop_event = stop_event or threading.Event()
@@ -68,8 +74,9 @@ class Trainer:
         self.hw = hardware.detect()
         self.device = self.hw.device
         if cfg.method == "qlora" and self.device == "mps":
-            raise models.ModelError("QLoRA needs bitsandbytes 4-bit, which is not available on Apple "
-                                    "MPS; choose LoRA instead.")
+            raise models.ModelError(
+                "QLoRA needs bitsandbytes 4-bit, which is not available on Apple MPS; choose LoRA instead."
+            )
         self.precision = precision.resolve(t.precision, self.hw.bf16)  # recorded with the run
 
         self.tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
@@ -101,16 +108,20 @@ class Trainer:
             return self._not_compiled("Not compiled: QLoRA's 4-bit layers are not compiled; training runs uncompiled.")
         problem = inductor_problem()
         if problem:
-            return self._not_compiled(f"Not compiled: torch.compile does not work on this machine ({problem}); "
-                                      "training runs uncompiled. Installing a C++ compiler usually fixes it.")
+            return self._not_compiled(
+                f"Not compiled: torch.compile does not work on this machine ({problem}); "
+                "training runs uncompiled. Installing a C++ compiler usually fixes it."
+            )
         self._compile_watch = CompileWatch()
         self.compiled_layers = compile_layers(self.model)
 
     def _check_compiled(self) -> None:
         """After the first step every compiled graph has been built: a failed one runs eager."""
         if self._compile_watch is not None and self._compile_watch.failed():
-            self._not_compiled("Not compiled: torch.compile failed on this model's layers, so they run "
-                               "uncompiled (dynamo's warning is in the log).")
+            self._not_compiled(
+                "Not compiled: torch.compile failed on this model's layers, so they run "
+                "uncompiled (dynamo's warning is in the log)."
+            )
         self._compile_watch = None
 
     def _not_compiled(self, note: str) -> None:
@@ -125,9 +136,12 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
         # "constant" still warms up: transformers calls that one constant_with_warmup.
         name = "constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler
-        self.scheduler = get_scheduler(name, self.optimizer,
-                                       num_warmup_steps=int(t.warmup_ratio * self.total_steps),
-                                       num_training_steps=self.total_steps)
+        self.scheduler = get_scheduler(
+            name,
+            self.optimizer,
+            num_warmup_steps=int(t.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
+        )
 
     def _load_model(self):
         cfg = self.config
@@ -143,16 +157,25 @@ class Trainer:
 
         if cfg.method == "qlora":
             model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=cfg.training.gradient_checkpointing,
-                gradient_checkpointing_kwargs={"use_reentrant": False})
-        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                          target_modules=cfg.lora.target_modules(), task_type="CAUSAL_LM")
+                model,
+                use_gradient_checkpointing=cfg.training.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules(),
+            task_type="CAUSAL_LM",
+        )
         try:
             return get_peft_model(model, lora)
         except ValueError as exc:
-            raise models.ModelError(f"LoRA targets {cfg.lora.targets!r} do not match this model "
-                                    f"({str(exc).splitlines()[0][:160]}). Use all-linear, or module "
-                                    "names such as q_proj,v_proj.") from None
+            raise models.ModelError(
+                f"LoRA targets {cfg.lora.targets!r} do not match this model "
+                f"({str(exc).splitlines()[0][:160]}). Use all-linear, or module "
+                "names such as q_proj,v_proj."
+            ) from None
 
     # ---- train -------------------------------------------------------------------------------
     def _batch_indices(self):
@@ -166,11 +189,11 @@ class Trainer:
             pool = bs * POOL_BATCHES
             batches = []
             for i in range(0, len(order), pool):
-                chunk = sorted(order[i:i + pool], key=lambda j: len(self.train_examples[j].input_ids))
-                batches += [chunk[k:k + bs] for k in range(0, len(chunk), bs)]
+                chunk = sorted(order[i : i + pool], key=lambda j: len(self.train_examples[j].input_ids))
+                batches += [chunk[k : k + bs] for k in range(0, len(chunk), bs)]
             rng.shuffle(batches)
             # Every process replays the same stream and takes every world-th batch.
-            yield from batches[self.dist.rank::self.dist.world]
+            yield from batches[self.dist.rank :: self.dist.world]
 
     def _collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in collate(examples, self.tokenizer.pad_token_id).items()}
@@ -210,13 +233,16 @@ class Trainer:
                 # Under DDP only the last micro-batch of a step all-reduces gradients: the earlier
                 # ones accumulate locally (no_sync), one all-reduce per step instead of one per micro-batch.
                 last = micro_step == t.gradient_accumulation - 1
-                sync = nullcontext() if last or not hasattr(self.forward_loss, "no_sync") else self.forward_loss.no_sync()
+                sync = (
+                    nullcontext() if last or not hasattr(self.forward_loss, "no_sync") else self.forward_loss.no_sync()
+                )
                 with sync:
                     with self._autocast():
                         loss = self.forward_loss(**batch)
                     if not torch.isfinite(loss):
-                        raise FloatingPointError(f"The loss became {loss.item()} at step {self.step + 1}; "
-                                                 "lower the learning rate.")
+                        raise FloatingPointError(
+                            f"The loss became {loss.item()} at step {self.step + 1}; lower the learning rate."
+                        )
                     (loss / t.gradient_accumulation).backward()
                 loss_sum += loss.item()
                 tokens += int(batch["attention_mask"].sum())
@@ -229,13 +255,24 @@ class Trainer:
             if self.step == first_step + 1:
                 self._check_compiled()
             now = time.time()
-            self._emit({"kind": "train", "step": self.step, "total_steps": self.total_steps,
-                        "loss": loss_sum / t.gradient_accumulation, "lr": self.scheduler.get_last_lr()[0],
-                        "grad_norm": grad_norm, "tokens": tokens, "labeled_tokens": labeled,
-                        "tokens_per_s": tokens / max(now - step_start, 1e-9),
-                        "epoch": self.micro / batches_per_epoch, "time": now, "elapsed_s": now - started,
-                        "steps_this_session": self.step - first_step,
-                        **hardware.memory_snapshot(self.device)})
+            self._emit(
+                {
+                    "kind": "train",
+                    "step": self.step,
+                    "total_steps": self.total_steps,
+                    "loss": loss_sum / t.gradient_accumulation,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "tokens": tokens,
+                    "labeled_tokens": labeled,
+                    "tokens_per_s": tokens / max(now - step_start, 1e-9),
+                    "epoch": self.micro / batches_per_epoch,
+                    "time": now,
+                    "elapsed_s": now - started,
+                    "steps_this_session": self.step - first_step,
+                    **hardware.memory_snapshot(self.device),
+                }
+            )
             if t.eval_steps and self.step % t.eval_steps == 0 and self.step < self.total_steps:
                 self._watch(self.evaluate())
             if self.step % self.save_every == 0 and self.step < self.total_steps:
@@ -251,8 +288,10 @@ class Trainer:
             return
         self.evals_without_gain += 1
         if self.evals_without_gain >= patience:
-            raise EarlyStopped(f"Stopped early at step {self.step}: eval loss has not improved on "
-                               f"{self.best_eval:.4f} for {patience} evaluations.")
+            raise EarlyStopped(
+                f"Stopped early at step {self.step}: eval loss has not improved on "
+                f"{self.best_eval:.4f} for {patience} evaluations."
+            )
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -263,7 +302,7 @@ class Trainer:
         total, count = 0.0, 0
         bs = self.config.training.batch_size
         for i in range(0, len(self.eval_examples), bs):
-            batch = self._collate(self.eval_examples[i:i + bs])
+            batch = self._collate(self.eval_examples[i : i + bs])
             with self._autocast():
                 loss = self.loss_fn(**batch)
             n = labeled_tokens(batch)
@@ -295,12 +334,20 @@ class Trainer:
         self.model.save_pretrained(tmp, safe_serialization=True)
         self.tokenizer.save_pretrained(tmp)
         if with_state:
-            torch.save({"step": self.step, "micro": self.micro, "total_steps": self.total_steps,
-                        "best_eval": self.best_eval, "evals_without_gain": self.evals_without_gain,
-                        "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state_all() if self.device == "cuda" else None},
-                       tmp / STATE_FILE)
+            torch.save(
+                {
+                    "step": self.step,
+                    "micro": self.micro,
+                    "total_steps": self.total_steps,
+                    "best_eval": self.best_eval,
+                    "evals_without_gain": self.evals_without_gain,
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if self.device == "cuda" else None,
+                },
+                tmp / STATE_FILE,
+            )
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
 
@@ -309,7 +356,7 @@ class Trainer:
         self.save(self.run.path / "checkpoints" / f"step-{self.step}", with_state=True)
         if not self.dist.main:
             return
-        for old in self.run.checkpoints()[:-self.config.training.keep_checkpoints]:
+        for old in self.run.checkpoints()[: -self.config.training.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         self._emit({"kind": "checkpoint", "step": self.step, "time": time.time()})
 

@@ -44,5 +44,10 @@ def launch_kwargs(studio: Studio) -> dict:
     they are written to disk, not after."""
     from studio.adapter_import import max_import_bytes
 
-    return {"css": CSS.read_text(encoding="utf-8"), "allowed_paths": [str(studio.registry.root.resolve())],
-            "theme": gr.themes.Soft(), "footer_links": [], "max_file_size": max_import_bytes()}
+    return {
+        "css": CSS.read_text(encoding="utf-8"),
+        "allowed_paths": [str(studio.registry.root.resolve())],
+        "theme": gr.themes.Soft(),
+        "footer_links": [],
+        "max_file_size": max_import_bytes(),
+    }

@@ -52,9 +52,11 @@ def _samples_markdown(result: dict) -> str:
     parts = [f"Scored {result['rows']} held-out rows ({result['tokens']:,} answer tokens) in {result['seconds']:.1f}s."]
     for i, s in enumerate(result.get("samples", []), 1):
         prompt = s["prompt"].strip()[-600:]
-        parts.append(f"**Held-out prompt {i}**\n\n{_fenced(prompt)}\n\n"
-                     f"| expected | base | adapter |\n|---|---|---|\n"
-                     f"| {_cell(s['reference'])} | {_cell(s['base'])} | {_cell(s['adapter'])} |")
+        parts.append(
+            f"**Held-out prompt {i}**\n\n{_fenced(prompt)}\n\n"
+            f"| expected | base | adapter |\n|---|---|---|\n"
+            f"| {_cell(s['reference'])} | {_cell(s['base'])} | {_cell(s['adapter'])} |"
+        )
     return "\n\n".join(parts)
 
 
@@ -74,9 +76,14 @@ EVAL_HEADERS = ["model", "held-out loss", "perplexity"]
 
 def build_chat_tab(studio: Studio) -> gr.Dropdown:
     with gr.Row():
-        run = gr.Dropdown(choices=studio.chat_choices(), value=None, label="Trained run or checkpoint",
-                          elem_id="chat-run", scale=3,
-                          info="The adapted pane uses this adapter; the base pane the same loaded model without it.")
+        run = gr.Dropdown(
+            choices=studio.chat_choices(),
+            value=None,
+            label="Trained run or checkpoint",
+            elem_id="chat-run",
+            scale=3,
+            info="The adapted pane uses this adapter; the base pane the same loaded model without it.",
+        )
         refresh = gr.Button("Refresh list", scale=1)
     run_status = gr.Markdown("Pick a trained run to chat with.", elem_id="chat-status")
     system = gr.Textbox(label="System prompt (optional, sent to both panes)", lines=1, elem_id="chat-system")
@@ -91,8 +98,9 @@ def build_chat_tab(studio: Studio) -> gr.Dropdown:
         base = gr.Chatbot(label="Base model", elem_id="chat-base", height=380)
         adapted = gr.Chatbot(label="Adapted model", elem_id="chat-adapted", height=380)
     with gr.Row():
-        message = gr.Textbox(placeholder="Ask both models the same thing...", show_label=False,
-                             elem_id="chat-input", scale=5)
+        message = gr.Textbox(
+            placeholder="Ask both models the same thing...", show_label=False, elem_id="chat-input", scale=5
+        )
         send = gr.Button("Send", variant="primary", elem_id="chat-send", scale=1)
         regenerate = gr.Button("Regenerate", elem_id="chat-regenerate", scale=1)
         clear = gr.Button("Clear", elem_id="chat-clear", scale=1)
@@ -118,19 +126,30 @@ def build_chat_tab(studio: Studio) -> gr.Dropdown:
             return f"**Can't load this adapter.** {exc}", None, ""
         cfg = r.config()
         loaded = len(studio.playground.loaded())
-        lines = [f"Adapted pane: `{ref}` ({cfg.method} on `{cfg.model}`), ready in "
-                 f"{studio.playground.last_load_s * 1000:.0f} ms ({loaded} adapter{'s' if loaded != 1 else ''} "
-                 "kept loaded). Base pane: the same loaded model with the adapter disabled."]
+        lines = [
+            f"Adapted pane: `{ref}` ({cfg.method} on `{cfg.model}`), ready in "
+            f"{studio.playground.last_load_s * 1000:.0f} ms ({loaded} adapter{'s' if loaded != 1 else ''} "
+            "kept loaded). Base pane: the same loaded model with the adapter disabled."
+        ]
         lines += [f"**Warning:** {w}" for w in warnings]
         note = studio.chat_memory_note()
         if note:
             lines.append(note)
         if split_ref(ref)[1]:
-            return ("  \n".join(lines), None, "This is an intermediate checkpoint: *Evaluate* scores it against "
-                    "the base (the result is shown, not stored with the run).")
+            return (
+                "  \n".join(lines),
+                None,
+                "This is an intermediate checkpoint: *Evaluate* scores it against "
+                "the base (the result is shown, not stored with the run).",
+            )
         evaluation = r.evaluation()
-        return "  \n".join(lines), stored_table(r.id), _samples_markdown(evaluation) if evaluation else (
-            "Losses recorded during training. *Evaluate* scores both again and answers held-out prompts.")
+        return (
+            "  \n".join(lines),
+            stored_table(r.id),
+            _samples_markdown(evaluation)
+            if evaluation
+            else ("Losses recorded during training. *Evaluate* scores both again and answers held-out prompts."),
+        )
 
     def respond(text, base_hist, adapted_hist, ref, temp, p, n, penalty, sd, sys_prompt):
         text = (text or "").strip()
@@ -141,16 +160,31 @@ def build_chat_tab(studio: Studio) -> gr.Dropdown:
             return
         base_hist = list(base_hist or []) + [{"role": "user", "content": text}]
         adapted_hist = list(adapted_hist or []) + [{"role": "user", "content": text}]
-        settings = SamplingSettings(max_new_tokens=int(n), temperature=float(temp), top_p=float(p),
-                                    repetition_penalty=float(penalty), seed=int(sd or 0))
+        settings = SamplingSettings(
+            max_new_tokens=int(n),
+            temperature=float(temp),
+            top_p=float(p),
+            repetition_penalty=float(penalty),
+            seed=int(sd or 0),
+        )
         problems = settings.problems()
         if problems:
             gr.Warning(" ".join(problems))
             return
-        yield "", base_hist + [{"role": "assistant", "content": ""}], adapted_hist + [{"role": "assistant", "content": ""}]
+        yield (
+            "",
+            base_hist + [{"role": "assistant", "content": ""}],
+            adapted_hist + [{"role": "assistant", "content": ""}],
+        )
         try:
-            for b, a in studio.chat(_messages(base_hist, sys_prompt), _messages(adapted_hist, sys_prompt), settings, ref):
-                yield "", base_hist + [{"role": "assistant", "content": b}], adapted_hist + [{"role": "assistant", "content": a}]
+            for b, a in studio.chat(
+                _messages(base_hist, sys_prompt), _messages(adapted_hist, sys_prompt), settings, ref
+            ):
+                yield (
+                    "",
+                    base_hist + [{"role": "assistant", "content": b}],
+                    adapted_hist + [{"role": "assistant", "content": a}],
+                )
         except (LookupError, ValueError, ModelError) as exc:
             gr.Warning(str(exc))
 
@@ -182,8 +216,9 @@ def build_chat_tab(studio: Studio) -> gr.Dropdown:
     refresh.click(lambda: gr.Dropdown(choices=studio.chat_choices()), outputs=run)
     send.click(respond, inputs=inputs, outputs=[message, base, adapted])
     message.submit(respond, inputs=inputs, outputs=[message, base, adapted])
-    regenerate.click(redo, inputs=[base, adapted, run, temperature, top_p, max_new, rep, seed, system],
-                     outputs=[base, adapted])
+    regenerate.click(
+        redo, inputs=[base, adapted, run, temperature, top_p, max_new, rep, seed, system], outputs=[base, adapted]
+    )
     clear.click(lambda: ([], []), outputs=[base, adapted])
     evaluate.click(run_eval, inputs=[run, samples], outputs=[eval_table, eval_notes])
     return run

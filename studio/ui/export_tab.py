@@ -31,28 +31,31 @@ EMPTY = pd.DataFrame(columns=["file", "size"])
 
 
 def build_export_tab(studio: Studio) -> gr.Dropdown:
-    gr.Markdown("The adapter zip holds `adapter_model.safetensors`, `adapter_config.json`, the tokenizer and "
-                "chat template, the run's `config.yaml`, `metrics.csv`, the loss curve (`loss_curve.svg`), the "
-                "base model's fingerprint and a model card (`README.md`) that says how to load it with PEFT, "
-                "transformers or vLLM. The merged model is the base with the adapter folded in: a standalone "
-                "safetensors model for tools that do not load adapters.")
+    gr.Markdown(
+        "The adapter zip holds `adapter_model.safetensors`, `adapter_config.json`, the tokenizer and "
+        "chat template, the run's `config.yaml`, `metrics.csv`, the loss curve (`loss_curve.svg`), the "
+        "base model's fingerprint and a model card (`README.md`) that says how to load it with PEFT, "
+        "transformers or vLLM. The merged model is the base with the adapter folded in: a standalone "
+        "safetensors model for tools that do not load adapters."
+    )
     with gr.Row():
-        run = gr.Dropdown(choices=run_choices(studio), value=None, label="Trained run",
-                          elem_id="export-run", scale=3)
+        run = gr.Dropdown(choices=run_choices(studio), value=None, label="Trained run", elem_id="export-run", scale=3)
         refresh = gr.Button("Refresh list", scale=1)
     with gr.Row():
         button = gr.DownloadButton("Download adapter zip", elem_id="export-button", interactive=False)
         merge = gr.Button("Build merged model", elem_id="export-merge", interactive=False)
-        merged_button = gr.DownloadButton("Download merged model", elem_id="export-merged-button",
-                                          interactive=False)
+        merged_button = gr.DownloadButton("Download merged model", elem_id="export-merged-button", interactive=False)
     note = gr.Markdown("", elem_id="export-status")
-    contents = gr.Dataframe(EMPTY, label="What the adapter zip holds", elem_id="export-contents",
-                            interactive=False, wrap=True)
+    contents = gr.Dataframe(
+        EMPTY, label="What the adapter zip holds", elem_id="export-contents", interactive=False, wrap=True
+    )
     with gr.Accordion("Import an adapter zip", open=False, elem_id="import-section"):
-        gr.Markdown("A zip exported by Finetune Studio, or a zipped PEFT LoRA folder (`adapter_config.json` + "
-                    "`adapter_model.safetensors`). It is checked before anything is kept: size, file names, "
-                    "safetensors only, and that its base model is on this machine and matches. It then appears "
-                    "in the Chat and Export tabs.")
+        gr.Markdown(
+            "A zip exported by Finetune Studio, or a zipped PEFT LoRA folder (`adapter_config.json` + "
+            "`adapter_model.safetensors`). It is checked before anything is kept: size, file names, "
+            "safetensors only, and that its base model is on this machine and matches. It then appears "
+            "in the Chat and Export tabs."
+        )
         name = gr.Textbox(label="Name (optional)", elem_id="import-name", max_lines=1)
         upload = gr.File(label="Adapter zip", file_types=[".zip"], type="filepath", elem_id="import-upload")
         import_note = gr.Markdown("", elem_id="import-status")
@@ -65,8 +68,13 @@ def build_export_tab(studio: Studio) -> gr.Dropdown:
             path = studio.export_run(run_id)
         except (LookupError, ExportError) as exc:
             return off, gr.Button(interactive=False), off, f"**Can't export.** {exc}", EMPTY
-        return (gr.DownloadButton(value=str(path), interactive=True), gr.Button(interactive=True), off,
-                f"Ready: `{path.name}` ({path.stat().st_size / 1e6:.1f} MB).", _contents(path))
+        return (
+            gr.DownloadButton(value=str(path), interactive=True),
+            gr.Button(interactive=True),
+            off,
+            f"Ready: `{path.name}` ({path.stat().st_size / 1e6:.1f} MB).",
+            _contents(path),
+        )
 
     def build_merged(run_id):
         off = gr.DownloadButton(value=None, interactive=False)
@@ -79,8 +87,10 @@ def build_export_tab(studio: Studio) -> gr.Dropdown:
         except Exception as exc:  # noqa: BLE001 - a sentence on the page; details in the server log
             log.exception("merged export of %s failed", run_id)
             return off, f"**Can't build the merged model.** {type(exc).__name__}: {exc}"
-        return (gr.DownloadButton(value=str(path), interactive=True),
-                f"Merged model ready: `{path.name}` ({path.stat().st_size / 1e6:.1f} MB).")
+        return (
+            gr.DownloadButton(value=str(path), interactive=True),
+            f"Merged model ready: `{path.name}` ({path.stat().st_size / 1e6:.1f} MB).",
+        )
 
     def do_import(path, display_name):
         if not path:
@@ -94,9 +104,11 @@ def build_export_tab(studio: Studio) -> gr.Dropdown:
             return gr.Dropdown(), f"**Can't import.** {type(exc).__name__}: {exc}"
         status = new.status()
         warnings = "".join(f"  \nWarning: {w}" for w in status.get("import_warnings") or [])
-        return (gr.Dropdown(choices=run_choices(studio), value=new.id),
-                f"Imported as **{new.name}** (run `{new.id}`, base `{status.get('model')}`). It is listed in "
-                f"the Chat and Export tabs.{warnings}")
+        return (
+            gr.Dropdown(choices=run_choices(studio), value=new.id),
+            f"Imported as **{new.name}** (run `{new.id}`, base `{status.get('model')}`). It is listed in "
+            f"the Chat and Export tabs.{warnings}",
+        )
 
     run.change(prepare, inputs=run, outputs=[button, merge, merged_button, note, contents])
     merge.click(build_merged, inputs=run, outputs=[merged_button, note])

@@ -40,8 +40,9 @@ def serve(args: argparse.Namespace) -> int:
     kwargs = launch_kwargs(studio)
     print(f"Finetune Studio on http://{args.host}:{args.port}  (runs in {studio.registry.root.resolve()})", flush=True)
     try:
-        demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port, auth=auth,
-                                                       **kwargs)
+        demo.queue(default_concurrency_limit=4).launch(
+            server_name=args.host, server_port=args.port, auth=auth, **kwargs
+        )
     except OSError:
         check_port_free(args.host, args.port)  # taken since the check: say so in a sentence
         raise
@@ -54,4 +55,3 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Finetune Studio: fine-tune a language model in your browser.")
     add_server_args(parser)
     return serve(parser.parse_args(argv))
-

@@ -18,8 +18,16 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from studio.config import (LR_SCHEDULERS, METHODS, ConfigError, RunConfig, command_for, field_help, launch_command_for,
-                           leaf_fields)
+from studio.config import (
+    LR_SCHEDULERS,
+    METHODS,
+    ConfigError,
+    RunConfig,
+    command_for,
+    field_help,
+    launch_command_for,
+    leaf_fields,
+)
 from studio.models import ModelError
 from studio.planner import METHOD_NAMES
 from studio.service import JobView, Studio
@@ -29,8 +37,16 @@ POLL_SECONDS = 0.5
 LORA_LR, FULL_LR = RunConfig().training.learning_rate, 2e-5
 FIELD_TYPES = {name: (ftype, default) for name, ftype, default in leaf_fields()}
 # Settings that move the memory estimate: changing one re-plans (the model box re-plans on leave).
-PLANNED = ("method", "training.batch_size", "data.max_length", "lora.r", "lora.dropout", "lora.targets",
-           "training.gradient_accumulation", "training.gradient_checkpointing")
+PLANNED = (
+    "method",
+    "training.batch_size",
+    "data.max_length",
+    "lora.r",
+    "lora.dropout",
+    "lora.targets",
+    "training.gradient_accumulation",
+    "training.gradient_checkpointing",
+)
 
 
 class Form:
@@ -122,8 +138,10 @@ class TrainControls:
 
 def _progress_html(view: JobView) -> str:
     pct = 100 * view.step / view.total_steps if view.total_steps else 0
-    return (f'<div class="fs-progress" data-step="{view.step}" data-total="{view.total_steps}">'
-            f'<div class="fs-progress-bar" style="width:{pct:.1f}%"></div></div>')
+    return (
+        f'<div class="fs-progress" data-step="{view.step}" data-total="{view.total_steps}">'
+        f'<div class="fs-progress-bar" style="width:{pct:.1f}%"></div></div>'
+    )
 
 
 def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -> TrainControls:
@@ -132,10 +150,14 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
     gr.Markdown(f"**Hardware:** {hw.summary()}  \n{four_bit}", elem_id="hardware-summary")
     form = Form()
     with gr.Row():
-        form.add("model", "Model", elem_id="model-name", scale=2,
-                 info="default = SmolLM2-135M-Instruct (bundled, works offline); or a hub id or local folder.")
-        form.add("method", "Method", functools.partial(gr.Radio, list(METHODS)),
-                 elem_id="method-picker", scale=2)
+        form.add(
+            "model",
+            "Model",
+            elem_id="model-name",
+            scale=2,
+            info="default = SmolLM2-135M-Instruct (bundled, works offline); or a hub id or local folder.",
+        )
+        form.add("method", "Method", functools.partial(gr.Radio, list(METHODS)), elem_id="method-picker", scale=2)
     with gr.Row():
         form.add("training.epochs", "Epochs", minimum=0)
         form.add("training.max_steps", "Max steps", elem_id="train-max-steps", minimum=0)
@@ -151,8 +173,9 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
             form.add("lora.targets", "LoRA targets")
             form.add("data.eval_fraction", "Eval fraction")
             form.add("training.eval_steps", "Eval every N steps", minimum=0, elem_id="train-eval-steps")
-            form.add("training.early_stopping", "Early stopping (evaluations)", minimum=0,
-                     elem_id="train-early-stopping")
+            form.add(
+                "training.early_stopping", "Early stopping (evaluations)", minimum=0, elem_id="train-early-stopping"
+            )
     with gr.Row():
         form.add("training.gradient_accumulation", "Gradient accumulation", minimum=1, elem_id="train-accumulation")
         form.add("training.gradient_checkpointing", "Gradient checkpointing", elem_id="train-checkpointing")
@@ -161,8 +184,9 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
     with gr.Accordion("Memory: which method fits", open=True):
         plan_html = gr.HTML(elem_id="memory-plan")
         with gr.Row():
-            use_recommended = gr.Button("Use the recommended method", size="sm", elem_id="plan-use-recommended",
-                                        visible=False)
+            use_recommended = gr.Button(
+                "Use the recommended method", size="sm", elem_id="plan-use-recommended", visible=False
+            )
             apply_fix = gr.Button("Apply the suggested change", size="sm", elem_id="plan-apply", visible=False)
         plan_plot = gr.Plot(elem_id="memory-bar", label="Estimated peak memory")
     plan_state = gr.State(None)  # the last plan's recommendation and suggestion, for the buttons
@@ -172,13 +196,17 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
         save_btn = gr.Button("Save checkpoint now", elem_id="save-now-button", interactive=False)
         cancel_btn = gr.Button("Cancel queued runs", elem_id="cancel-queued-button", visible=False)
     with gr.Row():
-        resume_run = gr.Dropdown(label="Resume an interrupted or stopped run", elem_id="resume-run", scale=3,
-                                 choices=studio.resumable_runs(), value=None,
-                                 info="Continues from its last checkpoint with its own settings, to its final step.")
+        resume_run = gr.Dropdown(
+            label="Resume an interrupted or stopped run",
+            elem_id="resume-run",
+            scale=3,
+            choices=studio.resumable_runs(),
+            value=None,
+            info="Continues from its last checkpoint with its own settings, to its final step.",
+        )
         resume_btn = gr.Button("Resume", elem_id="resume-button", scale=1)
     status = gr.Markdown("No training yet.", elem_id="train-status")
-    retry_btn = gr.Button("Retry with the suggested change", elem_id="retry-button", variant="primary",
-                          visible=False)
+    retry_btn = gr.Button("Retry with the suggested change", elem_id="retry-button", variant="primary", visible=False)
     retry_state = gr.State(None)  # the failed run's suggested change
     progress = gr.HTML(_progress_html(JobView()), elem_id="train-progress")
     with gr.Row():
@@ -189,26 +217,64 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
         cli = gr.Code(language="shell", elem_id="train-cli", interactive=False)
     with gr.Accordion("Past runs: compare curves and settings", open=False):
         runs_table = gr.Dataframe(studio.runs_table(), elem_id="runs-table", interactive=False, wrap=True)
-        compare = gr.Dropdown(label="Runs to compare (two or more)", multiselect=True, elem_id="runs-compare",
-                              choices=[r.id for r in studio.registry.list()], value=[])
+        compare = gr.Dropdown(
+            label="Runs to compare (two or more)",
+            multiselect=True,
+            elem_id="runs-compare",
+            choices=[r.id for r in studio.registry.list()],
+            value=[],
+        )
         overlay = gr.Plot(elem_id="runs-overlay", label="Loss by run")
         diff = gr.Markdown(elem_id="runs-diff")
         with gr.Row():
-            manage = gr.Dropdown(label="Rename or delete a run", elem_id="runs-manage", scale=2,
-                                 choices=[r.id for r in studio.registry.list()], value=None)
+            manage = gr.Dropdown(
+                label="Rename or delete a run",
+                elem_id="runs-manage",
+                scale=2,
+                choices=[r.id for r in studio.registry.list()],
+                value=None,
+            )
             new_name = gr.Textbox(label="New name", elem_id="runs-new-name", scale=2, max_length=80)
             rename_btn = gr.Button("Rename", elem_id="runs-rename", scale=1)
         with gr.Row():
-            confirm = gr.Checkbox(label="Yes, delete this run's adapter, checkpoints and metrics for good",
-                                  elem_id="runs-confirm-delete", scale=3)
+            confirm = gr.Checkbox(
+                label="Yes, delete this run's adapter, checkpoints and metrics for good",
+                elem_id="runs-confirm-delete",
+                scale=3,
+            )
             delete_btn = gr.Button("Delete run", variant="stop", elem_id="runs-delete", scale=1)
         manage_note = gr.Markdown(elem_id="runs-manage-note")
     timer = gr.Timer(POLL_SECONDS)
     shown = gr.State(None)  # what this browser tab last drew; skip redraws when nothing changed
 
-    tab = TrainTab(form, dataset_path, mapping, plan_html, plan_plot, plan_state, use_recommended, apply_fix,
-                   train_btn, stop_btn, save_btn, cancel_btn, resume_run, resume_btn, status, retry_btn,
-                   retry_state, progress, loss_plot, memory_plot, log_scale, cli, runs_table, compare, manage, shown)
+    tab = TrainTab(
+        form,
+        dataset_path,
+        mapping,
+        plan_html,
+        plan_plot,
+        plan_state,
+        use_recommended,
+        apply_fix,
+        train_btn,
+        stop_btn,
+        save_btn,
+        cancel_btn,
+        resume_run,
+        resume_btn,
+        status,
+        retry_btn,
+        retry_state,
+        progress,
+        loss_plot,
+        memory_plot,
+        log_scale,
+        cli,
+        runs_table,
+        compare,
+        manage,
+        shown,
+    )
     bind = functools.partial  # handlers are module functions of (studio, tab, ...)
     fields, lr = form.fields, form.fields["training.learning_rate"]
 
@@ -221,10 +287,29 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
     rename_btn.click(bind(rename, studio), inputs=[manage, new_name], outputs=manage_outputs)
     delete_btn.click(bind(delete, studio), inputs=[manage, confirm], outputs=manage_outputs)
     resume_btn.click(bind(resume, studio), inputs=resume_run, outputs=status)
-    timer.tick(bind(poll, studio, tab), inputs=[shown, log_scale],
-               outputs=[status, progress, loss_plot, memory_plot, shown, train_btn, stop_btn, save_btn, resume_run,
-                        resume_btn, retry_btn, retry_state, runs_table, compare, manage, cancel_btn],
-               show_progress="hidden")
+    timer.tick(
+        bind(poll, studio, tab),
+        inputs=[shown, log_scale],
+        outputs=[
+            status,
+            progress,
+            loss_plot,
+            memory_plot,
+            shown,
+            train_btn,
+            stop_btn,
+            save_btn,
+            resume_run,
+            resume_btn,
+            retry_btn,
+            retry_state,
+            runs_table,
+            compare,
+            manage,
+            cancel_btn,
+        ],
+        show_progress="hidden",
+    )
     for comp in form.components:
         comp.change(bind(show_cli, tab), inputs=tab.inputs, outputs=cli, show_progress="hidden")
 
@@ -238,18 +323,23 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
     use_recommended.click(bind(use_recommendation, tab), inputs=[plan_state, lr], outputs=[fields["method"], lr])
     # One click: apply the change the failure suggested to the form, then train with it.
     retry_btn.click(bind(apply_change, tab), inputs=[retry_state, lr], outputs=form.components).then(
-        bind(start, studio, tab), inputs=tab.inputs, outputs=[status, cli])
+        bind(start, studio, tab), inputs=tab.inputs, outputs=[status, cli]
+    )
     apply_fix.click(bind(apply_change, tab), inputs=[plan_state, lr], outputs=form.components)
     return TrainControls(fields["model"], fields["data.max_length"], show, tab.inputs, tab.plan_outputs, tab)
 
 
 # ---- handlers: module functions of the Studio and the tab's components ------------------------
 
+
 def form_config(tab: TrainTab, data: dict) -> RunConfig:
     """The RunConfig the form describes, from an event's ``{component: value}``.
     Raises ConfigError (a box emptied or holding the wrong type is reported, not defaulted)."""
-    values = {**tab.form.values(data), "data.path": data[tab.dataset_path] or "",
-              "data.mapping": data[tab.mapping] or ""}
+    values = {
+        **tab.form.values(data),
+        "data.path": data[tab.dataset_path] or "",
+        "data.mapping": data[tab.mapping] or "",
+    }
     return RunConfig().with_overrides(values, skip_none=False)
 
 
@@ -266,14 +356,22 @@ def show_plan(studio: Studio, tab: TrainTab, data: dict):
         return _problems_html(exc.problems), None, None, *hidden
     except ModelError as exc:
         return _problems_html([str(exc)]), None, None, *hidden
-    keep = {"recommended": plan.recommended,
-            "changes": plan.suggestion.changes if plan.suggestion else None,
-            "suggested_method": plan.suggestion.method if plan.suggestion else None}
+    keep = {
+        "recommended": plan.recommended,
+        "changes": plan.suggestion.changes if plan.suggestion else None,
+        "suggested_method": plan.suggestion.method if plan.suggestion else None,
+    }
     rec = plan.recommended
-    return (plan_table_html(plan, cfg.method, basis), memory_plan_figure(plan), keep,
-            gr.Button(visible=bool(rec and rec != cfg.method),
-                      value=f"Use {METHOD_NAMES[rec]}" if rec else "Use the recommended method"),
-            gr.Button(visible=plan.suggestion is not None))
+    return (
+        plan_table_html(plan, cfg.method, basis),
+        memory_plan_figure(plan),
+        keep,
+        gr.Button(
+            visible=bool(rec and rec != cfg.method),
+            value=f"Use {METHOD_NAMES[rec]}" if rec else "Use the recommended method",
+        ),
+        gr.Button(visible=plan.suggestion is not None),
+    )
 
 
 def start(studio: Studio, tab: TrainTab, data: dict):
@@ -311,19 +409,29 @@ def poll(studio: Studio, tab: TrainTab, last, log) -> dict:
     if key == last:
         return {}
     running = view.active and view.state != "stopping"
-    out = {tab.status: view.progress_text(), tab.progress: _progress_html(view),
-           tab.loss_plot: loss_figure(view.train, view.evals, log),
-           tab.memory_plot: memory_figure(view.train, view.memory_peak_mib, view.memory_estimate_mib),
-           tab.shown: key, tab.train_btn: gr.Button(value="Queue another run" if view.active else "Train"),
-           tab.stop_btn: gr.Button(interactive=running), tab.save_btn: gr.Button(interactive=running),
-           tab.resume_btn: gr.Button(interactive=not view.active), tab.cancel_btn: gr.Button(visible=bool(view.queued))}
+    out = {
+        tab.status: view.progress_text(),
+        tab.progress: _progress_html(view),
+        tab.loss_plot: loss_figure(view.train, view.evals, log),
+        tab.memory_plot: memory_figure(view.train, view.memory_peak_mib, view.memory_estimate_mib),
+        tab.shown: key,
+        tab.train_btn: gr.Button(value="Queue another run" if view.active else "Train"),
+        tab.stop_btn: gr.Button(interactive=running),
+        tab.save_btn: gr.Button(interactive=running),
+        tab.resume_btn: gr.Button(interactive=not view.active),
+        tab.cancel_btn: gr.Button(visible=bool(view.queued)),
+    }
     retry = view.retry and {"changes": view.retry["changes"], "suggested_method": view.retry["method"]}
     out |= {tab.retry_btn: gr.Button(visible=bool(retry)), tab.retry_state: retry}
     # The run lists change only when a job changes state: refresh them then.
     if key[:3] != (last or (None,) * 3)[:3] or key[-1] != (last or (None,) * 7)[-1]:
         run_ids = [r.id for r in studio.registry.list()]
-        out |= {tab.resume_run: gr.Dropdown(choices=studio.resumable_runs()), tab.runs_table: studio.runs_table(),
-                tab.compare: gr.Dropdown(choices=run_ids), tab.manage: gr.Dropdown(choices=run_ids)}
+        out |= {
+            tab.resume_run: gr.Dropdown(choices=studio.resumable_runs()),
+            tab.runs_table: studio.runs_table(),
+            tab.compare: gr.Dropdown(choices=run_ids),
+            tab.manage: gr.Dropdown(choices=run_ids),
+        }
     return out
 
 
@@ -349,8 +457,11 @@ def apply_change(tab: TrainTab, kept, current_lr) -> dict:
         return {}
     new = kept["suggested_method"]
     fields = tab.form.fields
-    return {fields["method"]: gr.Radio(value=new), fields["training.learning_rate"]: switch_lr(current_lr, new),
-            **tab.form.updates(kept["changes"])}
+    return {
+        fields["method"]: gr.Radio(value=new),
+        fields["training.learning_rate"]: switch_lr(current_lr, new),
+        **tab.form.updates(kept["changes"]),
+    }
 
 
 def compare_runs(studio: Studio, run_ids, log):
@@ -419,17 +530,21 @@ def stop(studio: Studio):
 
 def cancel_queued(studio: Studio):
     dropped = studio.cancel_queued()
-    gr.Info(f"Cancelled {len(dropped)} queued run{'s' if len(dropped) != 1 else ''}." if dropped
-            else "Nothing is queued.")
+    gr.Info(
+        f"Cancelled {len(dropped)} queued run{'s' if len(dropped) != 1 else ''}." if dropped else "Nothing is queued."
+    )
 
 
-VERDICTS = {"fits": ("fits", "fs-fits"), "tight": ("tight", "fs-tight"), "no": ("does not fit", "fs-nofit"),
-            "n/a": ("cannot run here", "fs-na")}
+VERDICTS = {
+    "fits": ("fits", "fs-fits"),
+    "tight": ("tight", "fs-tight"),
+    "no": ("does not fit", "fs-nofit"),
+    "n/a": ("cannot run here", "fs-na"),
+}
 
 
 def _commands(cfg) -> str:
-    return (f"{command_for(cfg)}\n\n# the same run on several GPUs (DDP), e.g. 4:\n"
-            f"{launch_command_for(cfg, 4)}")
+    return f"{command_for(cfg)}\n\n# the same run on several GPUs (DDP), e.g. 4:\n{launch_command_for(cfg, 4)}"
 
 
 def _cell(value) -> str:
@@ -456,20 +571,29 @@ def plan_table_html(plan, chosen: str, basis: str) -> str:
             cells = f'<td colspan="3">{html.escape(m.reason)}</td>'
         else:
             pct = est.trainable_params / est.total_params
-            cells = (f"<td>{_size(est.total_bytes)} ({m.share:.0%})</td>"
-                     f"<td>{est.trainable_params:,} ({pct:.2%})</td><td>{_size(est.adapter_bytes)}</td>")
+            cells = (
+                f"<td>{_size(est.total_bytes)} ({m.share:.0%})</td>"
+                f"<td>{est.trainable_params:,} ({pct:.2%})</td><td>{_size(est.adapter_bytes)}</td>"
+            )
         mark = " fs-chosen" if m.method == chosen else ""
-        rows.append(f'<tr class="fs-plan-row{mark}" data-method="{m.method}" data-verdict="{m.verdict}">'
-                    f"<td>{METHOD_NAMES[m.method]}{' (chosen)' if mark else ''}</td>"
-                    f'<td><span class="fs-verdict {css}">{label}</span></td>{cells}</tr>')
+        rows.append(
+            f'<tr class="fs-plan-row{mark}" data-method="{m.method}" data-verdict="{m.verdict}">'
+            f"<td>{METHOD_NAMES[m.method]}{' (chosen)' if mark else ''}</td>"
+            f'<td><span class="fs-verdict {css}">{label}</span></td>{cells}</tr>'
+        )
     where = "GPU" if plan.device == "cuda" else plan.device.upper()
-    head = (f'<div class="fs-plan-basis">{html.escape(basis)} Available on {where}: '
-            f"{_size(plan.available_bytes)}.</div>")
-    table = ('<table class="fs-plan"><thead><tr><th>Method</th><th>Verdict</th><th>Estimated peak</th>'
-             "<th>Trainable parameters</th><th>Saved size</th></tr></thead><tbody>"
-             + "".join(rows) + "</tbody></table>")
-    rec = f'<div class="fs-plan-rec" data-recommended="{plan.recommended or ""}"><b>Recommended:</b> ' \
-          f"{html.escape(plan.recommendation)}</div>"
-    fix = (f'<div class="fs-plan-fix"><b>Suggestion:</b> {html.escape(plan.suggestion.text)}</div>'
-           if plan.suggestion else "")
+    head = f'<div class="fs-plan-basis">{html.escape(basis)} Available on {where}: {_size(plan.available_bytes)}.</div>'
+    table = (
+        '<table class="fs-plan"><thead><tr><th>Method</th><th>Verdict</th><th>Estimated peak</th>'
+        "<th>Trainable parameters</th><th>Saved size</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+    )
+    rec = (
+        f'<div class="fs-plan-rec" data-recommended="{plan.recommended or ""}"><b>Recommended:</b> '
+        f"{html.escape(plan.recommendation)}</div>"
+    )
+    fix = (
+        f'<div class="fs-plan-fix"><b>Suggestion:</b> {html.escape(plan.suggestion.text)}</div>'
+        if plan.suggestion
+        else ""
+    )
     return head + table + rec + fix
