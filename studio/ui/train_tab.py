@@ -406,8 +406,8 @@ def poll(studio: Studio, tab: TrainTab, last, log) -> dict:
     """Redraw what the server's job changed since this browser tab last drew (nothing otherwise)."""
     view = studio.job_view()
     key = (view.run_id, view.state, view.message, len(view.train), len(view.evals), log, tuple(view.queued))
-    if key == last:
-        return {}
+    if key == last:  # nothing to redraw (an empty dict would read as one value, not as no updates)
+        return {tab.shown: gr.skip()}
     running = view.active and view.state != "stopping"
     out = {
         tab.status: view.progress_text(),
@@ -454,7 +454,7 @@ def use_recommendation(tab: TrainTab, kept, current_lr):
 def apply_change(tab: TrainTab, kept, current_lr) -> dict:
     """Set the suggested method and settings by name; each control's change event then re-plans."""
     if not kept or not kept.get("changes"):
-        return {}
+        return {tab.form.fields["method"]: gr.skip()}
     new = kept["suggested_method"]
     fields = tab.form.fields
     return {
