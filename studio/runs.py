@@ -188,12 +188,16 @@ class Run:
             )
         return None
 
-    def mark_if_orphaned(self) -> bool:
+    def mark_if_orphaned(self, at_startup: bool = False) -> bool:
         """A run left active by a process that is gone can never finish: mark it interrupted, with
-        whether it can be resumed. Judged by this run's own folder, wherever it lies. Returns
-        True when it was marked."""
+        whether it can be resumed. Judged by this run's own folder, wherever it lies. A queued run
+        has no process yet, so it is an orphan only when a studio starts (its queue was lost with
+        the one before); elsewhere it may be waiting in a live server's queue. Returns True when
+        it was marked."""
         status = self.status()
         if status.get("state") == "queued" and not status.get("pid"):
+            if not at_startup:
+                return False
             self.set_status(
                 "interrupted",
                 message="It was waiting in the queue when the studio stopped, so it never started; train it again.",
@@ -331,7 +335,7 @@ class RunRegistry:
     def mark_orphans_interrupted(self) -> None:
         """Runs left active by a process that is gone can never finish: say so on start-up."""
         for run in self.list():
-            run.mark_if_orphaned()
+            run.mark_if_orphaned(at_startup=True)
 
 
 def checkpoint_step(checkpoint: Path) -> int:

@@ -158,3 +158,14 @@ def test_each_reason_a_run_cannot_be_resumed_is_named(tmp_path):
     assert run.resume_problem() is None and run.resume_point().name == "step-2"
     run.set_status("finished", stopped=False, step=10, total_steps=10)
     assert "already reached its final step (10 of 10)" in run.resume_problem()
+
+
+def test_a_queued_run_is_an_orphan_only_when_a_studio_starts(tmp_path):
+    """A queued run has no process: resuming it by name must not mark it interrupted while a
+    live server's queue holds it; a studio starting up knows the old queue is gone."""
+    registry = RunRegistry(tmp_path / "runs")
+    run = registry.create(RunConfig.from_dict({"data": {"path": "x.csv"}}))
+    assert not run.mark_if_orphaned() and run.status()["state"] == "queued"
+    assert "still queued" in run.resume_problem()
+    registry.mark_orphans_interrupted()
+    assert run.status()["state"] == "interrupted" and "never started" in run.status()["message"]
