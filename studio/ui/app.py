@@ -10,7 +10,7 @@ from studio.service import Studio
 from studio.ui.chat_tab import build_chat_tab, run_choices
 from studio.ui.data_tab import build_data_tab, wire_data_tab
 from studio.ui.export_tab import build_export_tab
-from studio.ui.train_tab import build_train_tab
+from studio.ui.train_tab import PLAN_EVENT, build_train_tab
 
 CSS = importlib.resources.files("studio.ui") / "studio.css"  # package data, found wherever it is installed
 
@@ -34,7 +34,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         # Runs finish while the page is open: refresh the run lists whenever their tab opens.
         chat_tab.select(lambda: gr.Dropdown(choices=studio.chat_choices()), outputs=chat_run)
         export_tab.select(lambda: gr.Dropdown(choices=run_choices(studio)), outputs=export_run)
-        demo.load(train.show_plan, inputs=train.plan_inputs, outputs=train.plan_outputs)
+        demo.load(train.show_plan, inputs=train.plan_inputs, outputs=train.plan_outputs, **PLAN_EVENT)
     return demo
 
 

@@ -36,6 +36,9 @@ from studio.ui.plots import loss_figure, memory_figure, memory_plan_figure, over
 POLL_SECONDS = 0.5
 LORA_LR, FULL_LR = RunConfig().training.learning_rate, 2e-5
 FIELD_TYPES = {name: (ftype, default) for name, ftype, default in leaf_fields()}
+# Every re-plan runs in one queue, one at a time and in order: a slow plan (a cold server reading
+# the default model on page load) must never land after, and overwrite, the plan for a newer setting.
+PLAN_EVENT = {"show_progress": "hidden", "concurrency_id": "memory-plan", "concurrency_limit": 1}
 # Settings that move the memory estimate: changing one re-plans (the model box re-plans on leave).
 PLANNED = (
     "method",
@@ -315,10 +318,10 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
 
     show = bind(show_plan, studio, tab)
     # The model box re-plans when left or submitted, not per keystroke (reading a config can be slow).
-    fields["model"].submit(show, inputs=tab.inputs, outputs=tab.plan_outputs, show_progress="hidden")
-    fields["model"].blur(show, inputs=tab.inputs, outputs=tab.plan_outputs, show_progress="hidden")
+    fields["model"].submit(show, inputs=tab.inputs, outputs=tab.plan_outputs, **PLAN_EVENT)
+    fields["model"].blur(show, inputs=tab.inputs, outputs=tab.plan_outputs, **PLAN_EVENT)
     for comp in (*(fields[name] for name in PLANNED), dataset_path, mapping):
-        comp.change(show, inputs=tab.inputs, outputs=tab.plan_outputs, show_progress="hidden")
+        comp.change(show, inputs=tab.inputs, outputs=tab.plan_outputs, **PLAN_EVENT)
 
     use_recommended.click(bind(use_recommendation, tab), inputs=[plan_state, lr], outputs=[fields["method"], lr])
     # One click: apply the change the failure suggested to the form, then train with it.
