@@ -90,13 +90,7 @@ class Run:
 
     def rename(self, name: str) -> str:
         """Give the run a display name (its id and folder stay). Raises ValueError with the fix."""
-        name = " ".join(str(name or "").split())
-        if not name:
-            raise ValueError("A run name cannot be empty; type a name, or keep the current one.")
-        if len(name) > NAME_MAX:
-            raise ValueError(f"A run name can be at most {NAME_MAX} characters (got {len(name)}); shorten it.")
-        if any(not ch.isprintable() for ch in name):
-            raise ValueError("A run name cannot contain control characters; use letters, digits and punctuation.")
+        name = clean_name(name)
         self.set_status(self.status().get("state", "finished"), name=name)
         return name
 
@@ -241,6 +235,19 @@ class Run:
             "duration s": round(end - start) if start and end else None,
             "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(s.get("created_at", 0))),
         }
+
+
+def clean_name(name: str | None) -> str:
+    """A run's display name with runs of whitespace folded; raises ValueError with the fix for an
+    empty, overlong or unprintable one (the one rule for renames and imports)."""
+    name = " ".join(str(name or "").split())
+    if not name:
+        raise ValueError("A run name cannot be empty; type a name, or keep the current one.")
+    if len(name) > NAME_MAX:
+        raise ValueError(f"A run name can be at most {NAME_MAX} characters (got {len(name)}); shorten it.")
+    if any(not ch.isprintable() for ch in name):
+        raise ValueError("A run name cannot contain control characters; use letters, digits and punctuation.")
+    return name
 
 
 def config_diff(a: Run, b: Run) -> list[tuple[str, Any, Any]]:
