@@ -71,8 +71,8 @@ def main() -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         run = reg.create(cfg)
-        status = run_training(cfg, run)
-        train = [m for m in run.metrics() if m["kind"] == "train"][1:]
+        status = run_training(cfg, run).to_dict()
+        train = [m.to_dict() for m in run.train_metrics()][1:]
         if status["state"] != "finished":
             print(f"{method:<7} {status['state']:<9} {status.get('message')}")
             print(run.log_path.read_text()[-3000:])

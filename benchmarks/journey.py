@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from studio.config import RunConfig  # noqa: E402
+from studio.records import TrainRecord  # noqa: E402
 from studio.service import Studio  # noqa: E402
 
 SAMPLE = ROOT / "studio" / "templates" / "samples" / "instructions.csv"
@@ -37,11 +38,11 @@ def measure(studio: Studio, method: str, steps: int) -> dict:
     job = studio.start_training(cfg)
     first_point = None
     while job.alive:
-        if first_point is None and any(m["kind"] == "train" for m in job.snapshot()):
+        if first_point is None and any(isinstance(m, TrainRecord) for m in job.snapshot()):
             first_point = time.time() - clicked
         time.sleep(0.05)
-    status = job.run.status()
-    train = [m for m in job.snapshot() if m["kind"] == "train"]
+    status = job.run.status().to_dict()
+    train = [m.to_dict() for m in job.snapshot() if isinstance(m, TrainRecord)]
     steady = train[1:] or train  # the first step includes one-off warm-up
     return {
         "method": method,

@@ -78,7 +78,7 @@ def main() -> None:
 
     run = RunRegistry(tempfile.mkdtemp()).create(cfg)
     start = time.time()
-    status = run_training(cfg, run)
+    status = run_training(cfg, run).to_dict()
     train_s = time.time() - start
     assert status["state"] == "finished", status
     from peft import PeftModel

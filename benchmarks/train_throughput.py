@@ -77,6 +77,7 @@ def matmul_flops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
 
 def _train(data: Path, max_length: int, training: dict, eval_rows: int = 0) -> tuple[dict, list[dict]]:
     from studio.config import RunConfig
+    from studio.records import TrainRecord
     from studio.runs import RunRegistry
     from studio.training import run_training
 
@@ -88,10 +89,10 @@ def _train(data: Path, max_length: int, training: dict, eval_rows: int = 0) -> t
             "training": {"memory_check": False, "save_steps": 10_000, **training},
         }
     ).check()
-    records: list[dict] = []
-    status = run_training(cfg, RunRegistry(tempfile.mkdtemp()).create(cfg), on_metrics=records.append)
+    records: list = []
+    status = run_training(cfg, RunRegistry(tempfile.mkdtemp()).create(cfg), on_metrics=records.append).to_dict()
     assert status["state"] == "finished", status
-    return status, [m for m in records if m["kind"] == "train"]
+    return status, [m.to_dict() for m in records if isinstance(m, TrainRecord)]
 
 
 def ours(data: Path, steps: int, max_length: int, compile_: bool = False) -> dict:

@@ -5,11 +5,11 @@ entry has been checked, and what is written goes to a hidden folder that becomes
 rename at the end (or is removed): a refused zip leaves nothing behind.
 
 Checks, in order:
-- size: the zip file and the sum of its uncompressed entries are capped (2 GiB by default,
-  ``FINETUNE_STUDIO_IMPORT_MAX_MB`` or ``max_bytes`` to change), and an entry that inflates more
-  than 100x (a zip bomb) is refused; extraction counts bytes rather than trusting the headers;
-- names: no absolute paths, drive letters, backslashes, ``..`` or duplicates; no symbolic links
-  or special files (their type sits in the Unix mode bits of ``external_attr``); no encryption;
+- zip safety (``studio.zip_safety``): the zip file and the sum of its uncompressed entries are
+  capped (2 GiB by default, ``FINETUNE_STUDIO_IMPORT_MAX_MB`` or ``max_bytes`` to change), an
+  entry that inflates more than 100x (a zip bomb) is refused, and so are absolute paths, drive
+  letters, backslashes, ``..``, duplicates, links, special files and encryption; extraction
+  counts bytes rather than trusting the headers;
 - weights: safetensors only; pickle files (.bin, .pt, .pth, .pkl, .ckpt) can run code on load;
 - PEFT: ``adapter_config.json`` and ``adapter_model.safetensors`` present, the config is a LoRA;
 - base: found on this machine (a local folder, the bundled default or the Hugging Face cache),
@@ -27,7 +27,6 @@ import math
 import os
 import re
 import shutil
-import stat
 import time
 import uuid
 import zipfile
@@ -36,16 +35,16 @@ from typing import Any
 
 import yaml
 
-from studio import fingerprint, models
+from studio import fingerprint, memory, models
 from studio.config import ConfigError, RunConfig
 from studio.files import atomic_write_text
-from studio.model_card import DEFAULT_HUB_ID
-from studio.runs import NAME_MAX, Run, RunRegistry
+from studio.formatting import format_bytes, slug
+from studio.records import EvalRecord, TrainRecord, parse_record
+from studio.runs import NAME_MAX, Run, RunRegistry, clean_name
+from studio.zip_safety import UnsafeZipError, check_entries, extract_members, read_member
 
 MAX_ENV = "FINETUNE_STUDIO_IMPORT_MAX_MB"
 DEFAULT_MAX_BYTES = 2 * 1024**3
-MAX_ENTRIES = 1000
-MAX_RATIO = 100  # deflate reaches ~5x on text, ~1.1x on weights; 1000x is a bomb
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 # What may land in adapter/: weights, configs, tokenizer files. Anything else (code included) is skipped.
 ADAPTER_SUFFIXES = (".safetensors", ".json", ".jinja", ".txt", ".model", ".tiktoken")
@@ -60,6 +59,7 @@ RUN_FILES = (
     "loss_curve.svg",
 )
 META_MAX = 8 * 1024**2  # the most bytes read from one metadata file
+FOLDER = "the adapter folder"  # what a message asks the user to zip again
 
 
 class AdapterImportError(ValueError):
@@ -77,7 +77,7 @@ def import_adapter_zip(
 ) -> Run:
     """Check an adapter zip and add it to the registry as a finished run ``<slug>-imported[-n]``.
 
-    Returns the new run; its ``status()["import_warnings"]`` lists tokenizer or chat-template
+    Returns the new run; its ``status().import_warnings`` lists tokenizer or chat-template
     differences from the base (it loads, but may behave differently than in training).
 
     Raises:
@@ -97,7 +97,7 @@ def import_adapter_zip(
         )
     if zip_path.stat().st_size > limit:
         raise AdapterImportError(
-            f"{label} is {_mb(zip_path.stat().st_size)}, above the import limit of {_mb(limit)}; "
+            f"{label} is {format_bytes(zip_path.stat().st_size)}, above the import limit of {format_bytes(limit)}; "
             f"an adapter is usually a few MB. Raise the limit with {MAX_ENV} if it is right."
         )
     display = _display_name(name)
@@ -108,7 +108,7 @@ def import_adapter_zip(
             f"{label} is not a zip file (or is damaged); export the adapter again and upload the .zip."
         ) from None
     with zf:
-        root, members = _check_entries(zf, label, limit)
+        root, members = _check_zip(zf, label, limit)
         adapter_cfg = _adapter_config(zf, root, label)
         meta = _metadata(zf, root)
         base, notes = _find_base(adapter_cfg, meta)
@@ -132,7 +132,7 @@ def import_adapter_zip(
             skipped = _extract(zf, root, members, adapter_dir, limit, label)
             _check_shapes(adapter_dir / "adapter_model.safetensors", base, label)
             run = _write_run(Run(run_dir), zip_path, display, base, adapter_cfg, meta, base_fp, warnings, skipped)
-            final = _claim(registry.root, _slug(run.status()["name"]), run_dir)
+            final = _claim(registry.root, slug(run.name, 40, fallback="adapter"), run_dir)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return Run(final)
@@ -148,76 +148,43 @@ def _remove_stale(folder: Path, pattern: str, age_s: float = 3600) -> None:
             continue
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1024**2:,.1f} MB"
-
-
 def _display_name(name: str | None) -> str | None:
-    if name is None:
+    """The name asked for, by the rename rule (``runs.clean_name``); None (or blank) keeps the zip's."""
+    if name is None or not str(name).strip():
         return None
-    name = " ".join(str(name).split())
-    if len(name) > NAME_MAX or any(not ch.isprintable() for ch in name):
-        raise AdapterImportError(f"A run name can be at most {NAME_MAX} printable characters; shorten it.")
-    return name or None
+    try:
+        return clean_name(name)
+    except ValueError as exc:
+        raise AdapterImportError(str(exc)) from None
 
 
 def _printable(value: Any) -> str:
+    """A name read from the zip's metadata, made fit to show: never refused, since it is optional."""
     text = value if isinstance(value, str) else ""
     return " ".join("".join(ch for ch in text if ch.isprintable()).split())[:NAME_MAX]
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-")[:40] or "adapter"
-
-
-def _check_entries(zf: zipfile.ZipFile, label: str, limit: int) -> tuple[str, list[zipfile.ZipInfo]]:
-    """Refuse the whole zip on any unsafe entry; return the adapter's folder inside the zip
-    (``""`` or ``"name/"``) and the files under it."""
-    infos = zf.infolist()
-    if len(infos) > MAX_ENTRIES:
-        raise AdapterImportError(
-            f"{label} holds {len(infos)} entries (at most {MAX_ENTRIES}); an adapter zip "
-            "holds a dozen files. Zip just the adapter folder."
+def _check_zip(zf: zipfile.ZipFile, label: str, limit: int) -> tuple[str, list[zipfile.ZipInfo]]:
+    """Refuse the whole zip on any unsafe entry or pickle; return the adapter's folder inside the
+    zip (``""`` or ``"name/"``) and the files under it."""
+    try:
+        infos = check_entries(
+            zf,
+            label,
+            limit,
+            folder=FOLDER,
+            count_fix="an adapter zip holds a dozen files. Zip just the adapter folder.",
+            size_fix=f"an adapter is usually a few MB. Raise the limit with {MAX_ENV} if it is right.",
         )
-    total, seen = 0, set()
+    except UnsafeZipError as exc:
+        raise AdapterImportError(str(exc)) from None
     for info in infos:
-        name = info.filename
-        bad = _unsafe_name(name)
-        if bad:
+        if not info.is_dir() and info.filename.lower().endswith(PICKLE_SUFFIXES):
             raise AdapterImportError(
-                f"{label} has an entry {name!r} that {bad}; refusing the whole zip, since "
-                "extracting it could write outside its folder. Zip the adapter folder again."
-            )
-        mode = info.external_attr >> 16
-        if stat.S_ISLNK(mode) or (stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR)):
-            raise AdapterImportError(
-                f"{label} has an entry {name!r} that is a link or special file, not a plain "
-                "file; links can point outside the folder. Zip real files only."
-            )
-        if info.flag_bits & 0x1:
-            raise AdapterImportError(f"{label} is encrypted ({name!r}); export it again without a password.")
-        key = name.rstrip("/").lower()
-        if key in seen:
-            raise AdapterImportError(f"{label} holds {name!r} twice; zip the adapter folder again.")
-        seen.add(key)
-        if info.is_dir():
-            continue
-        if name.lower().endswith(PICKLE_SUFFIXES):
-            raise AdapterImportError(
-                f"{label} holds {name!r}, a pickle file: loading pickles can run code, so Finetune Studio imports "
-                "safetensors only. Convert the adapter with `model.save_pretrained(folder, safe_serialization=True)` "
-                "(PEFT writes adapter_model.safetensors) and zip that folder without .bin/.pt files."
-            )
-        total += info.file_size
-        if total > limit:
-            raise AdapterImportError(
-                f"{label} unpacks to more than {_mb(limit)}, the import limit; an adapter is "
-                f"usually a few MB. Raise the limit with {MAX_ENV} if it is right."
-            )
-        if info.file_size > 2**20 and info.file_size > MAX_RATIO * max(info.compress_size, 1):
-            ratio = info.file_size // max(info.compress_size, 1)
-            raise AdapterImportError(
-                f"{label} has an entry {name!r} that inflates {ratio}x (a zip bomb?); refusing it."
+                f"{label} holds {info.filename!r}, a pickle file: loading pickles can run code, so Finetune Studio "
+                "imports safetensors only. Convert the adapter with `model.save_pretrained(folder, "
+                "safe_serialization=True)` (PEFT writes adapter_model.safetensors) and zip that folder without "
+                ".bin/.pt files."
             )
     configs = [i.filename for i in infos if PurePosixPath(i.filename).name == "adapter_config.json"]
     if len(configs) != 1:
@@ -237,35 +204,8 @@ def _check_entries(zf: zipfile.ZipFile, label: str, limit: int) -> tuple[str, li
     return root, members
 
 
-def _unsafe_name(name: str) -> str | None:
-    if not name or "\x00" in name:
-        return "has an empty or NUL-containing name"
-    if "\\" in name:
-        return "contains a backslash (a Windows path separator)"
-    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        return "is an absolute path"
-    parts = name.rstrip("/").split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        return "contains '..', '.' or an empty path component"
-    return None
-
-
-def _read(zf: zipfile.ZipFile, name: str) -> bytes | None:
-    try:
-        info = zf.getinfo(name)
-    except KeyError:
-        return None
-    if info.file_size > META_MAX:
-        return None
-    try:
-        with zf.open(info) as f:
-            return f.read(META_MAX + 1)[:META_MAX]
-    except (zipfile.BadZipFile, OSError, RuntimeError):
-        return None
-
-
 def _adapter_config(zf: zipfile.ZipFile, root: str, label: str) -> dict[str, Any]:
-    raw = _read(zf, root + "adapter_config.json")
+    raw = read_member(zf, root + "adapter_config.json", META_MAX)
     try:
         cfg = json.loads(raw or b"")
     except ValueError:
@@ -298,24 +238,25 @@ def _metadata(zf: zipfile.ZipFile, root: str) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     for key, fname in (("fingerprint", "fingerprint.json"), ("run", "run.json"), ("evaluation", "evaluation.json")):
         try:
-            value = json.loads(_read(zf, root + fname) or b"null")
+            value = json.loads(read_member(zf, root + fname, META_MAX) or b"null")
         except ValueError:
             value = None
         if isinstance(value, dict):
             meta[key] = value
-    raw = _read(zf, root + "config.yaml")
+    raw = read_member(zf, root + "config.yaml", META_MAX)
     if raw:
         try:
             meta["config"] = RunConfig.from_dict(yaml.safe_load(raw.decode("utf-8")))
         except (yaml.YAMLError, UnicodeDecodeError, ConfigError, TypeError, AttributeError):
             pass
-    raw = _read(zf, root + "metrics.csv")
+    raw = read_member(zf, root + "metrics.csv", META_MAX)
     if raw:
         meta["metrics"] = _parse_metrics(raw)
     return meta
 
 
-def _parse_metrics(raw: bytes) -> list[dict[str, Any]]:
+def _parse_metrics(raw: bytes) -> list[TrainRecord | EvalRecord]:
+    """The train and eval records of an exported ``metrics.csv``; anything else is dropped."""
     out = []
     try:
         rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8"))))
@@ -334,8 +275,9 @@ def _parse_metrics(raw: bytes) -> list[dict[str, Any]]:
                 continue
             if math.isfinite(num):
                 rec[str(key)[:40]] = int(num) if key == "step" else num
-        if "step" in rec:
-            out.append(rec)
+        record = parse_record(rec)
+        if isinstance(record, (TrainRecord, EvalRecord)):
+            out.append(record)
     return out
 
 
@@ -350,7 +292,7 @@ def _find_base(adapter_cfg: dict[str, Any], meta: dict[str, Any]) -> tuple[str, 
     names: list[str] = []
     for c in cands:
         if isinstance(c, str) and c.strip() and c.strip() not in names:
-            if c.strip() == DEFAULT_HUB_ID and models.DEFAULT_MODEL not in names:
+            if c.strip() == models.DEFAULT_HUB_ID and models.DEFAULT_MODEL not in names:
                 names.append(models.DEFAULT_MODEL)
             names.append(c.strip())
     if not names:
@@ -368,7 +310,7 @@ def _find_base(adapter_cfg: dict[str, Any], meta: dict[str, Any]) -> tuple[str, 
         notes = []
         if ref == models.DEFAULT_MODEL and models.DEFAULT_MODEL not in cands:
             notes.append(
-                f"The base {DEFAULT_HUB_ID} is used as the studio's bundled copy (dequantized from a Q4_1 "
+                f"The base {models.DEFAULT_HUB_ID} is used as the studio's bundled copy (dequantized from a Q4_1 "
                 "GGUF), whose weights differ slightly from the hub's."
             )
         return ref, notes
@@ -385,29 +327,19 @@ def _extract(
 ) -> list[str]:
     """Copy the adapter's files under ``dest``, counting real bytes (headers can lie). Returns the
     names skipped (run metadata is read separately; unknown file types are not copied)."""
-    skipped, written, top = [], 0, dest.resolve()
+    wanted, skipped = [], []
     for info in members:
         rel = info.filename[len(root) :]
         if rel in RUN_FILES:
             continue
-        if not rel.lower().endswith(ADAPTER_SUFFIXES):
+        if rel.lower().endswith(ADAPTER_SUFFIXES):
+            wanted.append(info)
+        else:
             skipped.append(rel)
-            continue
-        target = dest.joinpath(*PurePosixPath(rel).parts)
-        if top not in target.resolve().parents:  # belt and braces after the name checks
-            raise AdapterImportError(f"{label} has an entry {info.filename!r} that leaves its folder; refusing it.")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with zf.open(info) as src, open(target, "xb") as out:
-                for chunk in iter(lambda: src.read(1 << 20), b""):
-                    written += len(chunk)
-                    if written > limit:
-                        raise AdapterImportError(f"{label} unpacks to more than {_mb(limit)}, the import limit.")
-                    out.write(chunk)
-        except (zipfile.BadZipFile, EOFError, OSError, RuntimeError, NotImplementedError) as exc:
-            if isinstance(exc, FileExistsError):
-                raise AdapterImportError(f"{label} holds {rel!r} twice; zip the adapter folder again.") from None
-            raise AdapterImportError(f"{label} is damaged ({info.filename}: {exc}); export it again.") from None
+    try:
+        extract_members(zf, wanted, dest, limit, label, root=root, folder=FOLDER)
+    except UnsafeZipError as exc:
+        raise AdapterImportError(str(exc)) from None
     return skipped
 
 
@@ -416,9 +348,7 @@ _KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
 
 def _check_shapes(weights: Path, base: str, label: str) -> None:
     """Every LoRA matrix must fit the base layer it adapts: A is (r, in), B is (out, r)."""
-    import torch
     from safetensors import SafetensorError, safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         with safe_open(str(weights), "pt") as f:
@@ -432,17 +362,10 @@ def _check_shapes(weights: Path, base: str, label: str) -> None:
             f"adapter_model.safetensors in {label} holds no LoRA weights (lora_A/lora_B); "
             "save the adapter again with PEFT's save_pretrained."
         )
-    try:  # the base on the meta device: its layer shapes without memory or weights
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(models.resolve(base)))
+    try:  # the base built on the meta device: its layer shapes without memory or weights
+        layers = {lin.name: (lin.d_in, lin.d_out) for lin in memory.shape_for_model(base).linears}
     except Exception:  # noqa: BLE001 - an architecture transformers cannot build: the fingerprint check stands
         return
-    layers = {}
-    for mname, module in model.named_modules():
-        if hasattr(module, "in_features") and hasattr(module, "out_features"):
-            layers[mname] = (module.in_features, module.out_features)
-        elif hasattr(module, "nx") and hasattr(module, "nf"):  # GPT-2 style Conv1D
-            layers[mname] = (module.nx, module.nf)
     for key, shape in shapes.items():
         m = _KEY.match(key)
         if not m:
@@ -502,7 +425,7 @@ def _write_run(
     atomic_write_text(run.config_path, config.to_yaml())
     metrics = meta.get("metrics") or []
     if metrics:
-        atomic_write_text(run.metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
+        atomic_write_text(run.metrics_path, "".join(json.dumps(m.to_dict()) + "\n" for m in metrics))
     ev = _clean_evaluation(meta.get("evaluation"))
     if ev:
         run.save_evaluation(ev)
@@ -510,13 +433,13 @@ def _write_run(
     fields: dict[str, Any] = {
         k: src[k] for k in _NUMBERS if isinstance(src.get(k), (int, float)) and not isinstance(src.get(k), bool)
     }
-    trains = [m for m in metrics if m["kind"] == "train" and "loss" in m]
-    evals = [m for m in metrics if m["kind"] == "eval" and "eval_loss" in m]
+    trains = [m for m in metrics if isinstance(m, TrainRecord)]
+    evals = [m for m in metrics if isinstance(m, EvalRecord)]
     if trains:
-        fields.setdefault("final_loss", trains[-1]["loss"])
-        fields.setdefault("step", trains[-1]["step"])
+        fields.setdefault("final_loss", trains[-1].loss)
+        fields.setdefault("step", trains[-1].step)
     if evals:
-        fields.setdefault("eval_loss", evals[-1]["eval_loss"])
+        fields.setdefault("eval_loss", evals[-1].eval_loss)
     digest = src.get("data_sha256")
     if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{8,64}", digest):
         fields["data_sha256"] = digest

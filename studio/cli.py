@@ -173,29 +173,30 @@ def _resume(args) -> int:
 
 
 def _run_and_report(cfg, run, resume: bool) -> int:
+    from studio.records import EvalRecord, Event, Record, TrainRecord
     from studio.training import run_training
 
-    def progress(m: dict) -> None:
-        if m["kind"] == "train":
+    def progress(m: Record) -> None:
+        if isinstance(m, TrainRecord):
             print(
-                f"step {m['step']}/{m['total_steps']}  loss {m['loss']:.4f}  "
-                f"{m['tokens_per_s']:.0f} tok/s  rss {m['rss_mib']:.0f} MiB",
+                f"step {m.step}/{m.total_steps}  loss {m.loss:.4f}  "
+                f"{m.tokens_per_s:.0f} tok/s  rss {m.extra.get('rss_mib', 0):.0f} MiB",
                 flush=True,
             )
-        elif m["kind"] == "eval":
-            print(f"eval at step {m['step']}: loss {m['eval_loss']:.4f}", flush=True)
-        elif m["kind"] == "memory_check":
-            print(m["summary"], flush=True)
-        elif m["kind"] == "compile":
-            print(m["note"], flush=True)
-        elif m["kind"] == "checkpoint":
-            print(f"checkpoint saved at step {m['step']}", flush=True)
+        elif isinstance(m, EvalRecord):
+            print(f"eval at step {m.step}: loss {m.eval_loss:.4f}", flush=True)
+        elif isinstance(m, Event) and m.kind == "memory_check":
+            print(m.extra["summary"], flush=True)
+        elif isinstance(m, Event) and m.kind == "compile":
+            print(m.extra["note"], flush=True)
+        elif isinstance(m, Event) and m.kind == "checkpoint":
+            print(f"checkpoint saved at step {m.step}", flush=True)
 
     status = run_training(cfg, run, on_metrics=progress, resume=resume)
     if not run.writable:  # another rank reports; this one only says whether it failed
-        return 0 if status["state"] != "failed" else 1
-    print(status.get("message", ""))
-    if status["state"] != "finished":
+        return 0 if status.state != "failed" else 1
+    print(status.message)
+    if status.state != "finished":
         print(f"Details: {run.log_path}", file=sys.stderr)
         return 1
     print(f"Saved: {run.weights_dir()}")
@@ -205,7 +206,7 @@ def _run_and_report(cfg, run, resume: bool) -> int:
 def _validate(args) -> int:
     import json
 
-    from studio.data import DataError, detect_format, parse_mapping, read_table, validate
+    from studio.data import DataError, mapping_for, read_table, validate
     from studio.models import ModelError, load_tokenizer
 
     def fail(code: str, message: str, exit_code: int) -> int:
@@ -243,7 +244,7 @@ def _validate(args) -> int:
     except DataError as exc:
         return fail("unreadable", str(exc), 2)
     try:
-        mapping = parse_mapping(args.mapping, list(table.df.columns)) if args.mapping else detect_format(table.df)
+        mapping = mapping_for(table.df, args.mapping or "")
     except DataError as exc:
         return fail("unknown_columns", str(exc), 1)
     try:
@@ -327,6 +328,7 @@ def _estimate(args) -> int:
 
 def _export(args) -> int:
     from studio.export import ExportError, export_merged, export_zip
+    from studio.formatting import format_bytes
     from studio.runs import RunRegistry
 
     try:
@@ -335,7 +337,7 @@ def _export(args) -> int:
     except (LookupError, ExportError) as exc:
         print(exc, file=sys.stderr)
         return 1
-    print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    print(f"Wrote {out} ({format_bytes(out.stat().st_size)})")
     return 0
 
 
@@ -350,8 +352,8 @@ def _import(args) -> int:
         print(exc, file=sys.stderr)
         return 1
     status = run.status()
-    print(f"Imported {args.zip} as run {run.id} ({run.name}) on base {status.get('model')}.")
-    for warning in status.get("import_warnings") or []:
+    print(f"Imported {args.zip} as run {run.id} ({run.name}) on base {status.model}.")
+    for warning in status.import_warnings or []:
         print(f"Warning: {warning}", file=sys.stderr)
     print(f"Run folder: {run.path}")
     return 0

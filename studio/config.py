@@ -26,6 +26,16 @@ import yaml
 METHODS = ("full", "lora", "qlora")
 PRECISIONS = ("auto", "bf16", "fp32")
 LR_SCHEDULERS = ("cosine", "linear", "constant")  # after the warmup; names transformers' get_scheduler knows
+# Full fine-tuning moves every weight, so it wants about a tenth of an adapter's learning rate.
+DEFAULT_LEARNING_RATE = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
+
+
+def learning_rate_for(method: str, current: float) -> float:
+    """The learning rate to keep after switching to ``method``: ``current`` when it was chosen by
+    hand, the new method's default when it is still another method's default."""
+    if current in DEFAULT_LEARNING_RATE.values() and current != DEFAULT_LEARNING_RATE[method]:
+        return DEFAULT_LEARNING_RATE[method]
+    return current
 
 
 class ConfigError(ValueError):
@@ -81,7 +91,7 @@ class TrainingConfig:
     """Passes over the training rows (ignored when max_steps is above 0)."""
     max_steps: int = 0
     """Optimizer steps to run; 0 means use epochs."""
-    learning_rate: float = 2e-4
+    learning_rate: float = DEFAULT_LEARNING_RATE["lora"]
     """Peak learning rate (2e-4 suits LoRA; use about 2e-5 for full fine-tuning)."""
     batch_size: int = 4
     """Examples per optimizer step on one device."""
@@ -119,6 +129,13 @@ class TrainingConfig:
 
 @dataclass
 class RunConfig:
+    """Everything a run needs, shared by the UI form, the CLI flags and the YAML file.
+
+    Each field's docstring is its help text everywhere. ``check()`` reports every problem at
+    once (ConfigError), ``with_overrides({"training.epochs": 2})`` changes fields by dotted name,
+    ``to_yaml``/``from_yaml`` round-trip, and ``flat()`` lists dotted names and values.
+    """
+
     model: str = "default"
     """Base model: default (bundled SmolLM2-135M-Instruct), a hub id, or a local folder."""
     method: str = "lora"
@@ -348,39 +365,18 @@ def field_help(dotted: str) -> str:
 
 # ---- the command line: every setting is a flag (studio/cli.py), and a config prints as a command
 
-# Short flag names for nested fields; every other field is --<section>-<name>.
-_FLAG_ALIASES = {
-    "data.path": "data",
-    "data.eval_fraction": "eval-fraction",
-    "data.max_length": "max-length",
-    "data.mapping": "mapping",
-    "data.eval_rows": "eval-rows",
-    "data.eval_path": "eval-path",
-    "data.max_file_mb": "max-file-mb",
-    "lora.targets": "lora-targets",
-    "training.epochs": "epochs",
-    "training.max_steps": "max-steps",
-    "training.learning_rate": "learning-rate",
-    "training.batch_size": "batch-size",
-    "training.gradient_accumulation": "gradient-accumulation",
-    "training.warmup_ratio": "warmup-ratio",
-    "training.lr_scheduler": "lr-scheduler",
-    "training.weight_decay": "weight-decay",
-    "training.precision": "precision",
-    "training.gradient_checkpointing": "gradient-checkpointing",
-    "training.memory_check": "memory-check",
-    "training.compile": "compile",
-    "training.eval_steps": "eval-steps",
-    "training.early_stopping": "early-stopping",
-    "training.save_steps": "save-steps",
-    "training.keep_checkpoints": "keep-checkpoints",
-    "training.seed": "seed",
-}
+# A flag is the field's name with dashes: --epochs, --max-length, --lora-r. Data and training
+# settings drop their section (there is only one of each); the data file itself is --data.
+_BARE_SECTIONS = ("data", "training")
+_FLAG_ALIASES = {"data.path": "data"}
 
 
 def flag_name(dotted: str) -> str:
     """The CLI flag for a setting, without the dashes: `training.epochs` -> `epochs`."""
-    return _FLAG_ALIASES.get(dotted, dotted.replace(".", "-").replace("_", "-"))
+    if dotted in _FLAG_ALIASES:
+        return _FLAG_ALIASES[dotted]
+    section, _, leaf = dotted.rpartition(".")
+    return (leaf if section in _BARE_SECTIONS else dotted.replace(".", "-")).replace("_", "-")
 
 
 def command_for(config: RunConfig) -> str:

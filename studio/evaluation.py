@@ -33,7 +33,7 @@ def held_out_rows(run: Run, tokenizer) -> list[Example]:
     when they cannot be (imported runs, a deleted data file, no eval split)."""
     status = run.status()
     cfg = run.config()
-    if status.get("imported") or not cfg.data.path:
+    if status.imported or not cfg.data.path:
         raise ValueError("This adapter was imported, so its held-out rows are not here; chat with it instead.")
     try:
         rows = prepare(cfg.data, tokenizer, cfg.training.seed).eval
@@ -126,8 +126,7 @@ def table_rows(run: Run, result: dict[str, Any] | None = None) -> list[list[Any]
         ]
     status = run.status()
     out = []
-    for side, key in (("base", "base_eval_loss"), ("adapter", "eval_loss")):
-        loss = status.get(key)
+    for side, loss in (("base", status.base_eval_loss), ("adapter", status.eval_loss)):
         if isinstance(loss, (int, float)):
             out.append([side, round(loss, 4), round(math.exp(min(loss, 50)), 3)])
     return out

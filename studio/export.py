@@ -28,7 +28,9 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from studio.model_card import LOSS_CURVE, base_id, loss_curve_svg, model_card
+from studio.model_card import LOSS_CURVE, loss_curve_svg, model_card
+from studio.models import base_id
+from studio.records import EvalRecord, TrainRecord
 from studio.runs import Run
 
 # Files of a run that travel in every zip and that the importer reads back.
@@ -63,10 +65,9 @@ def artifact_name(run: Run, kind: str) -> str:
 def _finished(run: Run) -> Path:
     status = run.status()
     weights = run.weights_dir()
-    if status.get("state") != "finished" or weights is None:
+    if status.state != "finished" or weights is None:
         raise ExportError(
-            f"Run {run.id} is {status.get('state', 'unknown')} and has no finished "
-            "adapter to export; export a finished run."
+            f"Run {run.id} is {status.state} and has no finished adapter to export; export a finished run."
         )
     return weights
 
@@ -100,7 +101,7 @@ def _add_run_files(zf: zipfile.ZipFile, run: Run, card: str) -> None:
     """What every zip carries besides the weights: config, metrics, curve, card."""
     zf.writestr("config.yaml", run.config_path.read_text(encoding="utf-8"))
     zf.writestr("metrics.csv", _metrics_csv(run))
-    svg = loss_curve_svg(run.metrics(), f"{run.name} (v{max(run.version, 1)})")
+    svg = loss_curve_svg(run.train_metrics(), run.eval_metrics(), f"{run.name} (v{max(run.version, 1)})")
     if svg:
         zf.writestr(LOSS_CURVE, svg)
     zf.writestr("README.md", card)
@@ -133,7 +134,7 @@ def export_zip(run: Run, out: str | Path | None = None) -> Path:
         evaluation = run.evaluation()
         if evaluation is not None:
             zf.writestr("evaluation.json", json.dumps(evaluation, indent=2))
-        status = run.status()
+        status = run.status().to_dict()
         zf.writestr(
             RUN_JSON,
             json.dumps(
@@ -274,7 +275,7 @@ def zip_contents(path: str | Path) -> list[tuple[str, int]]:
 
 
 def _metrics_csv(run: Run) -> str:
-    rows = [m for m in run.metrics() if m.get("kind") in ("train", "eval")]
+    rows = [m.to_dict() for m in run.metrics() if isinstance(m, (TrainRecord, EvalRecord))]
     cols = ["kind", "step", "loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "time"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")

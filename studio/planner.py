@@ -26,8 +26,10 @@ from dataclasses import dataclass, field, replace
 
 from studio import precision
 from studio.config import RunConfig
+from studio.formatting import format_bytes
 from studio.hardware import Hardware
-from studio.memory import GIB, MIB, Estimate, ModelShape, estimate, shape_for_model
+from studio.memory import Estimate, ModelShape, estimate, shape_for_model
+from studio.records import Retry
 
 TIGHT_SHARE = 0.85
 QUALITY_ORDER = ("full", "lora", "qlora")
@@ -67,6 +69,10 @@ class Suggestion:
     changes: dict[str, object]
     text: str
     estimate_bytes: int
+
+    def as_retry(self) -> Retry:
+        """The change as the one-click retry a page or a failed run offers."""
+        return Retry(self.text, self.method, dict(self.changes))
 
 
 @dataclass
@@ -117,10 +123,6 @@ def available_bytes(hw: Hardware, device: str) -> int:
     return hw.ram_available_bytes
 
 
-def _fmt(n: int) -> str:
-    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / MIB:.0f} MiB"
-
-
 def estimate_settings(shape: ModelShape, method: str, s: Settings, device: str) -> Estimate:
     """studio.memory.estimate for a Settings bundle."""
     return estimate(
@@ -169,10 +171,10 @@ def plan(shape: ModelShape, hw: Hardware, settings: Settings, device: str | None
         verdict = _verdict(est.total_bytes, avail)
         share = est.total_bytes / avail
         reason = {
-            "fits": f"about {_fmt(est.total_bytes)} of the {_fmt(avail)} {where} ({share:.0%})",
-            "tight": f"about {_fmt(est.total_bytes)} of the {_fmt(avail)} {where} ({share:.0%}): "
+            "fits": f"about {format_bytes(est.total_bytes)} of the {format_bytes(avail)} {where} ({share:.0%})",
+            "tight": f"about {format_bytes(est.total_bytes)} of the {format_bytes(avail)} {where} ({share:.0%}): "
             "may run out of memory on the longest batches",
-            "no": f"needs about {_fmt(est.total_bytes)}, more than the {_fmt(avail)} {where}",
+            "no": f"needs about {format_bytes(est.total_bytes)}, more than the {format_bytes(avail)} {where}",
         }[verdict]
         out.methods.append(MethodPlan(method, verdict, reason, est, share))
 
@@ -205,15 +207,15 @@ def _merit(m: MethodPlan) -> str:
     if m.method == "full":
         return (
             f"the highest quality, and it fits comfortably. It saves the whole model "
-            f"({_fmt(est.adapter_bytes)}) and wants a lower learning rate (about 2e-5)."
+            f"({format_bytes(est.adapter_bytes)}) and wants a lower learning rate (about 2e-5)."
         )
     if m.method == "lora":
         return (
             f"trains {est.trainable_params / est.total_params:.2%} of the weights and saves a "
-            f"{_fmt(est.adapter_bytes)} adapter; close to full fine-tuning in quality."
+            f"{format_bytes(est.adapter_bytes)} adapter; close to full fine-tuning in quality."
         )
     return (
-        f"a 4-bit base with a {_fmt(est.adapter_bytes)} adapter: the least memory, a little "
+        f"a 4-bit base with a {format_bytes(est.adapter_bytes)} adapter: the least memory, a little "
         "below LoRA in quality and slower per step."
     )
 
@@ -272,7 +274,7 @@ def suggest(
             return Suggestion(
                 method,
                 changes,
-                f"{METHOD_NAMES[method]} would fit if you {text} (about {_fmt(est.total_bytes)}).",
+                f"{METHOD_NAMES[method]} would fit if you {text} (about {format_bytes(est.total_bytes)}).",
                 est.total_bytes,
             )
     return None
@@ -315,6 +317,6 @@ def retry_after_oom(config: RunConfig, hw: Hardware, device: str) -> Suggestion 
     if config.method != "qlora" and _why_not("qlora", hw, device) is None:
         est = estimate_settings(shape, "qlora", settings, device).total_bytes
         return Suggestion(
-            "qlora", {"method": "qlora"}, f"QLoRA needs about {_fmt(est)}: switch the method to QLoRA.", est
+            "qlora", {"method": "qlora"}, f"QLoRA needs about {format_bytes(est)}: switch the method to QLoRA.", est
         )
     return None

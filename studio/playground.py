@@ -75,6 +75,14 @@ def _weights_bytes(folder: Path) -> int:
 
 
 class Playground:
+    """One base model in memory and many adapters on it, chosen per request.
+
+    ``activate`` loads a run's adapter (or checkpoint) onto the base after checking its
+    fingerprint; up to ``max_adapters`` stay loaded (least recently used goes first).
+    ``stream_pair`` streams the base (adapter disabled) and an adapter answering the same
+    prompt. A full fine-tuning run is a whole model and is loaded on its own.
+    """
+
     def __init__(self, device: str = "cpu", max_adapters: int = 8, max_adapter_bytes: int = 2 * 2**30):
         self.device = device
         self.max_adapters = max_adapters

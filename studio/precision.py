@@ -19,6 +19,8 @@ from contextlib import nullcontext
 
 import torch
 
+from studio.records import RunStatus
+
 PRECISIONS = ("bf16", "fp32")  # what a run resolves to; the setting also takes "auto"
 AUTO_ENV = "FINETUNE_STUDIO_AUTO_PRECISION"
 
@@ -57,10 +59,9 @@ def autocast(device: str, precision: str):
     return torch.autocast(device_type="cpu" if device == "mps" else device, dtype=torch.bfloat16)
 
 
-def of_status(status: dict) -> str:
+def of_status(status: RunStatus) -> str:
     """A run's recorded precision. Runs from before the ``precision`` key recorded ``bf16``;
     imported adapters record neither and are scored in fp32 (exact, if slower)."""
-    recorded = status.get("precision")
-    if recorded in PRECISIONS:
-        return recorded
-    return "bf16" if status.get("bf16") else "fp32"
+    if status.precision in PRECISIONS:
+        return status.precision
+    return "bf16" if status.bf16 else "fp32"

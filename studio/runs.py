@@ -2,8 +2,8 @@
 
 runs/<id>/
     config.yaml      the RunConfig that produced the run
-    status.json      {"state": queued|running|stopping|finished|failed|interrupted, ...}
-    metrics.jsonl    one JSON object per line ("kind": "train" | "eval")
+    status.json      where the run stands: state, progress, scores (records.RunStatus)
+    metrics.jsonl    one JSON object per line: train, eval and event records (studio/records.py)
     fingerprint.json the base model's fingerprint at training time (studio/fingerprint.py)
     evaluation.json  base vs adapter on the held-out rows: loss, perplexity, sample answers
     adapter/         the PEFT adapter (LoRA/QLoRA) once saved
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -32,9 +31,9 @@ from typing import Any
 from studio import fingerprint
 from studio.config import RunConfig
 from studio.files import atomic_write_text, read_json
+from studio.formatting import slug
+from studio.records import STATES, EvalRecord, Record, RunStatus, TrainRecord, parse_record
 
-STATES = ("queued", "running", "stopping", "finished", "failed", "interrupted")
-ACTIVE_STATES = ("queued", "running", "stopping")
 NAME_MAX = 80
 RUNS_DIR_ENV = "FINETUNE_STUDIO_RUNS_DIR"
 
@@ -81,17 +80,17 @@ class Run:
     @property
     def name(self) -> str:
         """The display name: what the person called it, else the id."""
-        return self.status().get("name") or self.id
+        return self.status().name or self.id
 
     @property
     def version(self) -> int:
         """How many times this run has saved a finished adapter (0 before the first)."""
-        return int(self.status().get("version") or 0)
+        return int(self.status().version or 0)
 
     def rename(self, name: str) -> str:
         """Give the run a display name (its id and folder stay). Raises ValueError with the fix."""
         name = clean_name(name)
-        self.set_status(self.status().get("state", "finished"), name=name)
+        self.set_status(self.status().state, name=name)
         return name
 
     def fingerprint(self) -> dict[str, Any] | None:
@@ -106,36 +105,51 @@ class Run:
         if self.writable:
             atomic_write_text(self.path / "evaluation.json", json.dumps(data, indent=2))
 
-    def status(self) -> dict[str, Any]:
-        try:
-            return json.loads((self.path / "status.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {"state": "failed", "message": "status.json is missing or unreadable."}
+    def status(self) -> RunStatus:
+        data = read_json(self.path / "status.json")
+        if not isinstance(data, dict):
+            return RunStatus(state="failed", message="status.json is missing or unreadable.")
+        return RunStatus.from_dict(data)
 
-    def set_status(self, state: str, **fields: Any) -> dict[str, Any]:
+    def set_status(self, state: str, **fields: Any) -> RunStatus:
+        """Change the state and any other RunStatus fields, written atomically. Returns the status."""
         assert state in STATES, state  # programming error, not user input
-        status = self.status() if (self.path / "status.json").exists() else {}
-        status.update(fields, state=state, updated_at=time.time())
+        unknown = set(fields) - RunStatus.field_names()
+        if unknown:  # a typo here would be a key nobody reads
+            raise TypeError(f"RunStatus has no field(s) {sorted(unknown)}")
+        status = self.status() if (self.path / "status.json").exists() else RunStatus()
+        for key, value in fields.items():
+            setattr(status, key, value)
+        status.state, status.updated_at = state, time.time()
         if self.writable:
-            atomic_write_text(self.path / "status.json", json.dumps(status, indent=2))
+            atomic_write_text(self.path / "status.json", json.dumps(status.to_dict(), indent=2))
         return status
 
-    def append_metrics(self, record: dict[str, Any]) -> None:
+    def append_metrics(self, record: Record) -> None:
         if not self.writable:
             return
         with self.metrics_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record.to_dict()) + "\n")
 
-    def metrics(self) -> list[dict[str, Any]]:
+    def metrics(self) -> list[Record]:
+        """Every record, in the order written; a line cut by a crash mid-write is skipped."""
         if not self.metrics_path.exists():
             return []
         out = []
         for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
             try:
-                out.append(json.loads(line))
-            except ValueError:  # a line cut by a crash mid-write
+                record = parse_record(json.loads(line))
+            except ValueError:
                 continue
+            if record is not None:
+                out.append(record)
         return out
+
+    def train_metrics(self) -> list[TrainRecord]:
+        return [m for m in self.metrics() if isinstance(m, TrainRecord)]
+
+    def eval_metrics(self) -> list[EvalRecord]:
+        return [m for m in self.metrics() if isinstance(m, EvalRecord)]
 
     def weights_dir(self) -> Path | None:
         """The finished artifact: adapter/ for LoRA/QLoRA, model/ for full fine-tuning."""
@@ -145,14 +159,14 @@ class Run:
         return None
 
     def is_trained(self) -> bool:
-        return self.status().get("state") == "finished" and self.weights_dir() is not None
+        return self.status().state == "finished" and self.weights_dir() is not None
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first (a save in progress is a hidden .tmp folder)."""
         root = self.path / "checkpoints"
         if not root.is_dir():
             return []
-        done = [d for d in root.glob("step-*") if (d / "trainer_state.pt").exists() and d.name[5:].isdigit()]
+        done = [d for d in root.glob("step-*") if (d / "trainer_state.pt").exists() and _is_step_name(d.name)]
         return sorted(done, key=checkpoint_step)
 
     def resume_point(self) -> Path | None:
@@ -164,16 +178,16 @@ class Run:
         """Why a Resume cannot continue this run, as a sentence with what to do; None when it can.
         Call :meth:`mark_if_orphaned` first: a run whose process was killed still says running."""
         status = self.status()
-        state = status.get("state")
-        if state in ACTIVE_STATES:
-            who = f" (process {status['pid']} is alive)" if status.get("pid") else ""
+        state = status.state
+        if status.active:
+            who = f" (process {status.pid} is alive)" if status.pid else ""
             return (
                 f"Run {self.id} cannot be resumed: it is still {state}{who}. Stop it first, or wait for it to finish."
             )
-        if state == "finished" and not status.get("stopped"):
+        if state == "finished" and not status.stopped:
             return (
                 f"Run {self.id} cannot be resumed: it already reached its final step "
-                f"({status.get('step', '?')} of {status.get('total_steps', '?')}). Start a new run to train more."
+                f"({status.step} of {status.total_steps or '?'}). Start a new run to train more."
             )
         if not self.checkpoints():
             return (
@@ -189,7 +203,7 @@ class Run:
         the one before); elsewhere it may be waiting in a live server's queue. Returns True when
         it was marked."""
         status = self.status()
-        if status.get("state") == "queued" and not status.get("pid"):
+        if status.state == "queued" and not status.pid:
             if not at_startup:
                 return False
             self.set_status(
@@ -197,7 +211,7 @@ class Run:
                 message="It was waiting in the queue when the studio stopped, so it never started; train it again.",
             )
             return True
-        if status.get("state") in ACTIVE_STATES and not _pid_alive(status.get("pid"), status.get("pid_started")):
+        if status.active and not _pid_alive(status.pid, status.pid_started):
             ckpts = self.checkpoints()
             hint = (
                 f" Resume continues from step {checkpoint_step(ckpts[-1])}."
@@ -212,28 +226,25 @@ class Run:
         """Drop records after ``step``: a resumed run redoes those steps and must not draw them twice."""
         if not self.writable:
             return
-        kept = [m for m in self.metrics() if m.get("step", 0) <= step]
-        atomic_write_text(self.metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
+        kept = [m for m in self.metrics() if m.step <= step]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(m.to_dict()) + "\n" for m in kept))
 
     def summary(self) -> dict[str, Any]:
         """One row of the past-runs table."""
         s = self.status()
-        start, end = (
-            s.get("started_at"),
-            s.get("finished_at") or (time.time() if s.get("state") in ACTIVE_STATES else None),
-        )
+        end = s.finished_at or (time.time() if s.active else None)
         return {
             "run": self.id,
-            "name": s.get("name") or "",
-            "version": s.get("version") or 0,
-            "state": s.get("state"),
-            "method": s.get("method"),
-            "model": s.get("model"),
-            "steps": f"{s.get('step', 0)}/{s.get('total_steps', '?')}",
-            "final loss": s.get("final_loss"),
-            "eval loss": s.get("eval_loss"),
-            "duration s": round(end - start) if start and end else None,
-            "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(s.get("created_at", 0))),
+            "name": s.name or "",
+            "version": s.version,
+            "state": s.state,
+            "method": s.method,
+            "model": s.model,
+            "steps": f"{s.step}/{s.total_steps or '?'}",
+            "final loss": s.final_loss,
+            "eval loss": s.eval_loss,
+            "duration s": round(end - s.started_at) if s.started_at and end else None,
+            "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(s.created_at)),
         }
 
 
@@ -289,8 +300,7 @@ class RunRegistry:
             raise _folder_problem(self.root, "cannot be written to", exc) from None
 
     def create(self, config: RunConfig) -> Run:
-        stem = Path(config.data.path).stem or "run"
-        stem = re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-")[:40] or "run"
+        stem = slug(Path(config.data.path).stem, 40, fallback="run")
         base = f"{time.strftime('%Y%m%d-%H%M%S')}-{config.method}-{stem}"
         name, n = base, 1
         while (self.root / name).exists():
@@ -310,7 +320,7 @@ class RunRegistry:
     def list(self) -> list[Run]:
         """All runs, newest first."""
         runs = [Run(p) for p in self.root.iterdir() if (p / "status.json").exists()]
-        return sorted(runs, key=lambda r: r.status().get("created_at", 0), reverse=True)
+        return sorted(runs, key=lambda r: r.status().created_at, reverse=True)
 
     def trained(self) -> list[Run]:
         return [r for r in self.list() if r.is_trained()]
@@ -320,8 +330,8 @@ class RunRegistry:
         unknown run and ValueError for one still training (stop it first)."""
         run = self.get(ref)
         status = run.status()
-        if status.get("state") in ACTIVE_STATES and _pid_alive(status.get("pid"), status.get("pid_started")):
-            raise ValueError(f"Run {run.id} is still {status['state']}; stop it before deleting it.")
+        if status.active and _pid_alive(status.pid, status.pid_started):
+            raise ValueError(f"Run {run.id} is still {status.state}; stop it before deleting it.")
         if run.path.resolve().parent != self.root.resolve():
             raise ValueError(f"{run.path} is not inside the runs folder {self.root}; delete it by hand.")
         # Rename first, then remove: a crash half-way leaves a hidden folder, never half a run.
@@ -348,6 +358,10 @@ class RunRegistry:
 def checkpoint_step(checkpoint: Path) -> int:
     """The step a checkpoint folder (``checkpoints/step-N``) was saved at."""
     return int(checkpoint.name.removeprefix("step-"))
+
+
+def _is_step_name(name: str) -> bool:
+    return name.startswith("step-") and name.removeprefix("step-").isdigit()
 
 
 def process_started_at() -> float:

@@ -7,9 +7,7 @@ It holds the run registry, the background training job and the playground. Handl
 from __future__ import annotations
 
 import hashlib
-import re
 import shutil
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -18,13 +16,15 @@ import pandas as pd
 from studio import hardware
 from studio.adapter_import import import_adapter_zip
 from studio.config import RunConfig
-from studio.data import DataError, DataReport, detect_format, parse_mapping, read_table, validate
+from studio.data import DataError, DataReport, mapping_for, read_table, validate
 from studio.data.preview import token_segments
 from studio.export import export_merged, export_zip
+from studio.formatting import slug
 from studio.memory import shape_for_model
 from studio.models import load_tokenizer
 from studio.planner import Plan, plan, settings_for
-from studio.playground import CHECKPOINT_SEP, Playground, SamplingSettings, split_ref
+from studio.playground import Playground, SamplingSettings, split_ref
+from studio.records import ACTIVE_STATES, EvalRecord, Retry, TrainRecord
 from studio.runs import Run, RunRegistry, checkpoint_step, config_diff
 from studio.training import Job, JobManager
 
@@ -55,7 +55,8 @@ class DatasetView:
 
 @dataclass
 class JobView:
-    """What the Train tab shows about the current (or last) job; derived from its metrics."""
+    """What the Train tab shows about the current (or last) job: data and plain sentences, which
+    ``studio/ui/train_tab.py`` formats."""
 
     run_id: str | None = None
     state: str = "idle"
@@ -64,42 +65,24 @@ class JobView:
     total_steps: int = 0
     eta_s: float | None = None
     tokens_per_s: float | None = None
-    train: list[dict] = field(default_factory=list)
-    evals: list[dict] = field(default_factory=list)
+    train: list[TrainRecord] = field(default_factory=list)
+    evals: list[EvalRecord] = field(default_factory=list)
     memory_check: str = ""  # the pre-run memory check's summary, once it has run
     memory_peak_mib: float | None = None  # the peak the check measured, on the memory plot's axis
     memory_estimate_mib: float | None = None  # the estimated peak, on the same axis
-    retry: dict | None = None  # after a memory failure: {"text", "method", "changes"} to retry with
+    retry: Retry | None = None  # after a failure a settings change can fix
     queued: list[str] = field(default_factory=list)  # runs waiting for this one, next first
 
     @property
     def active(self) -> bool:
-        return self.state in ("queued", "running", "stopping")
-
-    def progress_text(self) -> str:
-        if self.run_id is None:
-            return self.message
-        parts = [f"**{self.state.capitalize()}** · run `{self.run_id}`"]
-        if self.total_steps:
-            parts.append(f"step {self.step} / {self.total_steps} ({100 * self.step / self.total_steps:.0f}%)")
-        if self.tokens_per_s:
-            parts.append(f"{self.tokens_per_s:,.0f} tokens/s")
-        if self.eta_s is not None and self.active:
-            parts.append(f"ETA {_duration(self.eta_s)}")
-        text = " · ".join(parts) + f"  \n{self.message}"
-        if self.memory_check:
-            text += f"  \n{self.memory_check}"
-        if self.queued:
-            text += "  \nWaiting to start: " + ", ".join(f"{i}. `{r}`" for i, r in enumerate(self.queued, 1))
-        return text
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+        return self.state in ACTIVE_STATES
 
 
 class Studio:
+    """The server-owned service: the run registry, the training job and its queue, and the chat
+    playground with its loaded base model. One per server process, created at start-up and
+    passed to every tab; the UI and scripts call its methods, never its parts."""
+
     def __init__(self, runs_dir: str | Path | None = None):
         self.registry = RunRegistry(runs_dir)
         self.registry.mark_orphans_interrupted()
@@ -143,7 +126,7 @@ class Studio:
         table = self._read(path)
         view = DatasetView(str(path), list(table.df.columns), table.df.head(PREVIEW_ROWS))
         try:
-            cm = parse_mapping(mapping, view.columns) if mapping.strip() else detect_format(table.df)
+            cm = mapping_for(table.df, mapping)
         except DataError as exc:
             view.problem = str(exc)
             return view
@@ -185,7 +168,7 @@ class Studio:
         digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
         dest_dir = self.registry.root / "datasets"
         dest_dir.mkdir(parents=True, exist_ok=True)
-        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", src.name)[-80:]
+        safe = slug(src.name, None, fallback="data")[-80:]
         dest = dest_dir / f"{digest}-{safe}"
         if not dest.exists():
             shutil.copyfile(src, dest)
@@ -202,20 +185,14 @@ class Studio:
     def save_now(self) -> bool:
         return self.jobs.save_now()
 
-    def resumable_runs(self) -> list[tuple[str, str]]:
-        """(label, run id) for runs a Resume can continue: interrupted, failed or stopped, with a checkpoint."""
+    def resumable_runs(self) -> list[tuple[Run, int]]:
+        """Runs a Resume can continue (interrupted, failed or stopped, with a checkpoint), each
+        with the step it would continue from."""
         out = []
         for run in self.registry.list():
             point = run.resume_point()
             if point is not None:
-                s = run.status()
-                out.append(
-                    (
-                        f"{run.id} ({s.get('state')}, from step {checkpoint_step(point)} of "
-                        f"{s.get('total_steps', '?')})",
-                        run.id,
-                    )
-                )
+                out.append((run, checkpoint_step(point)))
         return out
 
     def resume_training(self, run_id: str) -> Job:
@@ -227,6 +204,10 @@ class Studio:
         view.queued = [j.run.id for j in list(self.jobs.queue)]
         return view
 
+    def queue_position(self, job: Job) -> int | None:
+        """1 for the next job to start, None when ``job`` is not waiting."""
+        return self.jobs.queue_position(job)
+
     def cancel_queued(self) -> list[str]:
         return self.jobs.cancel_queued()
 
@@ -236,19 +217,18 @@ class Studio:
             return JobView()
         status = job.run.status()
         metrics = job.snapshot()
-        train = [m for m in metrics if m["kind"] == "train"]
-        evals = [m for m in metrics if m["kind"] == "eval"]
+        train = [m for m in metrics if isinstance(m, TrainRecord)]
         view = JobView(
             run_id=job.run.id,
-            state=status.get("state", "running"),
-            message=status.get("message", ""),
+            state=status.state,
+            message=status.message,
             train=train,
-            evals=evals,
-            total_steps=status.get("total_steps", 0),
-            memory_check=(status.get("memory_check") or {}).get("summary", ""),
-            retry=status.get("retry") if status.get("state") == "failed" else None,
+            evals=[m for m in metrics if isinstance(m, EvalRecord)],
+            total_steps=status.total_steps or 0,
+            memory_check=(status.memory_check or {}).get("summary", ""),
+            retry=status.retry if status.state == "failed" else None,
         )
-        check = status.get("memory_check") or {}
+        check = status.memory_check or {}
         if check.get("peak_bytes"):
             view.memory_peak_mib = check["peak_bytes"] / 2**20
             cpu = check.get("device") != "cuda"  # on CPU the estimate compared is on top of the baseline
@@ -257,45 +237,37 @@ class Studio:
             view.state, view.message = "stopping", "Stopping after the current step..."
         if train:
             last = train[-1]
-            view.step = last["step"]
-            view.total_steps = last["total_steps"]
+            view.step, view.total_steps = last.step, last.total_steps
             recent = train[-10:]
-            view.tokens_per_s = sum(m["tokens"] for m in recent) / max(
-                sum(m["tokens"] / max(m["tokens_per_s"], 1e-9) for m in recent), 1e-9
+            view.tokens_per_s = sum(m.tokens for m in recent) / max(
+                sum(m.tokens / max(m.tokens_per_s, 1e-9) for m in recent), 1e-9
             )
             # A resumed run's clock starts at the resume: time per step counts this session's steps.
-            per_step = last["elapsed_s"] / max(last.get("steps_this_session", last["step"]), 1)
+            per_step = last.elapsed_s / max(last.steps_this_session or last.step, 1)
             view.eta_s = per_step * (view.total_steps - view.step)
         return view
 
     # ---- past runs ----------------------------------------------------------------------------
-    def runs_table(self) -> pd.DataFrame:
-        rows = [r.summary() for r in self.registry.list()]
-        return pd.DataFrame(
-            rows,
-            columns=[
-                "run",
-                "name",
-                "version",
-                "state",
-                "method",
-                "model",
-                "steps",
-                "final loss",
-                "eval loss",
-                "duration s",
-                "created",
-            ],
-        )
+    def runs(self) -> list[Run]:
+        """Every run, newest first."""
+        return self.registry.list()
 
-    def curves(self, run_ids: list[str]) -> dict[str, tuple[list[dict], list[dict]]]:
-        """run id -> (train metrics, eval metrics), for overlaying runs' curves."""
+    def run(self, ref: str) -> Run:
+        """A run by id or folder; raises LookupError naming recent runs."""
+        return self.registry.get(ref)
+
+    @property
+    def runs_root(self) -> Path:
+        return self.registry.root
+
+    def curves(self, run_ids: list[str]) -> dict[str, tuple[list[TrainRecord], list[EvalRecord]]]:
+        """run id -> (train records, eval records), for overlaying runs' curves."""
         out = {}
         for rid in run_ids:
             metrics = self.registry.get(rid).metrics()
             out[rid] = (
-                [m for m in metrics if m.get("kind") == "train"],
-                [m for m in metrics if m.get("kind") == "eval"],
+                [m for m in metrics if isinstance(m, TrainRecord)],
+                [m for m in metrics if isinstance(m, EvalRecord)],
             )
         return out
 
@@ -306,29 +278,13 @@ class Studio:
     def trained_runs(self) -> list[Run]:
         return self.registry.trained()
 
-    def run_label(self, run: Run) -> str:
-        s = run.status()
-        loss = s.get("final_loss")
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(s.get("created_at", 0)))
-        name = f"{s['name']} · " if s.get("name") else ""
-        tag = "imported" if s.get("imported") else s.get("method", "?")
-        return f"{name}{run.id} v{s.get('version') or 1} ({tag}, {when}" + (
-            f", loss {loss:.3f})" if isinstance(loss, (int, float)) else ")"
-        )
+    def chat_runs(self) -> list[tuple[Run, list[Path]]]:
+        """Every trained run with its intermediate checkpoints (newest first): what Chat offers."""
+        return [(run, list(reversed(run.checkpoints()))) for run in self.trained_runs()]
 
-    def chat_choices(self) -> list[tuple[str, str]]:
-        """(label, ref) for the Chat tab: every trained run, then its intermediate checkpoints."""
-        out = []
-        for run in self.trained_runs():
-            out.append((self.run_label(run), run.id))
-            for ckpt in reversed(run.checkpoints()):
-                out.append(
-                    (
-                        f"    {run.id} · checkpoint at step {checkpoint_step(ckpt)}",
-                        f"{run.id}{CHECKPOINT_SEP}{ckpt.name}",
-                    )
-                )
-        return out
+    def playground_stats(self) -> tuple[int, float | None]:
+        """(adapters loaded on the chat base, seconds the last adapter load took)."""
+        return len(self.playground.loaded()), self.playground.last_load_s
 
     def activate_run(self, ref: str) -> tuple[Run, list[str]]:
         """Load a run (``id``) or a checkpoint (``id@step-N``) onto the adapted pane.

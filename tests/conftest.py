@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import random
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import write_csv
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -114,40 +115,6 @@ def pytest_report_header(config):
     return f"training.precision auto -> {precision.resolve('auto', hardware.detect().bf16)}" + (
         f" (forced by {precision.AUTO_ENV})" if forced else " (this machine's choice)"
     )
-
-
-def wait_until(condition, timeout: float, what: str, poll: float = 0.02):
-    """Poll ``condition`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up after {timeout:.0f} s waiting for {what}")
-        time.sleep(poll)
-
-
-def tiny_run_config(model_dir, data, method: str = "lora", dropout: float = 0.0, max_steps: int = 30, **training):
-    """A checked RunConfig for the tiny model: short rows, small LoRA, a learning rate that moves it fast."""
-    from studio.config import RunConfig
-
-    return RunConfig.from_dict(
-        {
-            "model": str(model_dir),
-            "method": method,
-            "data": {"path": str(data), "max_length": 64, "eval_fraction": 0.1},
-            "lora": {"r": 8, "alpha": 16, "dropout": dropout},
-            "training": {"max_steps": max_steps, "learning_rate": 1e-2, "batch_size": 4, **training},
-        }
-    ).check()
-
-
-def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
 
 
 @pytest.fixture

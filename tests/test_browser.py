@@ -4,38 +4,14 @@ download the zip, which loads in plain PEFT. Uses the real default model."""
 
 from __future__ import annotations
 
-import os
-import socket
 import zipfile
-from pathlib import Path
 
 import pytest
 
+from studio.records import TrainRecord
+from tests.helpers import SAMPLE, open_page, screenshot, serve
+
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-SAMPLE = Path(__file__).resolve().parents[1] / "studio" / "templates" / "samples" / "instructions.csv"
-SCREENSHOTS = os.environ.get("FS_SCREENSHOTS")  # set to a folder to refresh the README's images
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve(studio):
-    """Launch the app for ``studio`` on a free local port, after the server's own preload
-    (studio/ui/server.py); returns (url, demo)."""
-    from studio.ui.app import build_app, launch_kwargs
-    from studio.warmup import preload
-
-    preload()
-    demo = build_app(studio)
-    port = _free_port()
-    demo.queue().launch(
-        server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs(studio)
-    )
-    return f"http://127.0.0.1:{port}", demo
 
 
 @pytest.fixture(scope="module")
@@ -49,21 +25,6 @@ def server(tmp_path_factory):
     demo.close()
 
 
-def _page(browser, url):
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(url)
-    page.wait_for_selector("#data-upload", timeout=60_000)  # hydration, not the load event
-    return page, errors
-
-
-def _shot(page, name):
-    if SCREENSHOTS:
-        Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(SCREENSHOTS) / f"{name}.png"), full_page=True)
-
-
 def _points(page, plot: str) -> int:
     return page.evaluate(f"""() => {{
         const el = document.querySelector('#{plot} .js-plotly-plot');
@@ -75,7 +36,7 @@ def test_method_picker_follows_the_settings(server, browser):
     from playwright.sync_api import expect
 
     url, _ = server
-    page, errors = _page(browser, url)
+    page, errors = open_page(browser, url)
     page.get_by_role("tab", name="Train").click()
     plan = page.locator("#memory-plan")
     expect(plan.locator("tr.fs-plan-row")).to_have_count(3, timeout=30_000)
@@ -113,7 +74,7 @@ def test_upload_train_chat_export(server, browser, tmp_path):
     from playwright.sync_api import expect
 
     url, studio = server
-    page, errors = _page(browser, url)
+    page, errors = open_page(browser, url)
 
     # A file it cannot read gets a sentence, not a traceback; the app stays up.
     bad = tmp_path / "bad.json"
@@ -150,12 +111,12 @@ def test_upload_train_chat_export(server, browser, tmp_path):
     expect(page.locator("#data-seen .fs-masked").first).to_be_visible()
     page.locator("#data-seen-next").click()
     expect(page.locator("#data-seen")).to_contain_text("Usable row 2 of 300")
-    _shot(page, "data")
+    screenshot(page, "data")
 
     # The memory plan now uses the data's longest row rather than max length.
     page.get_by_role("tab", name="Train").click()
     expect(page.locator("#memory-plan")).to_contain_text("your data's longest row", timeout=30_000)
-    _shot(page, "plan")
+    screenshot(page, "plan")
 
     # Train a long run so that it is still going when a second tab attaches and stops it.
     page.locator("#train-max-steps input").fill("200")
@@ -169,7 +130,7 @@ def test_upload_train_chat_export(server, browser, tmp_path):
     expect(page.locator("#train-status")).to_contain_text("Running")
     expect(page.locator("#train-status")).to_contain_text("Memory check")
     assert _points(page, "memory-plot") >= 2
-    _shot(page, "train")
+    screenshot(page, "train")
 
     # A second Train while one runs is queued with its position, and can be cancelled.
     expect(page.locator("#train-button")).to_have_text("Queue another run", timeout=20_000)
@@ -182,7 +143,7 @@ def test_upload_train_chat_export(server, browser, tmp_path):
     assert not (studio.registry.root / queued_id).exists()
 
     run_id = studio.jobs.current.run.id
-    second, errors2 = _page(browser, url)
+    second, errors2 = open_page(browser, url)
     second.get_by_role("tab", name="Train").click()
     expect(second.locator("#train-status")).to_contain_text(run_id, timeout=20_000)
     expect(second.locator("#stop-button")).to_be_enabled(timeout=20_000)
@@ -190,8 +151,8 @@ def test_upload_train_chat_export(server, browser, tmp_path):
     expect(second.locator("#train-status")).to_contain_text("Stopped at step", timeout=120_000)
     expect(page.locator("#train-status")).to_contain_text("Finished", timeout=30_000)
     second.close()
-    stopped_at = studio.registry.get(run_id).status()["step"]
-    assert studio.registry.get(run_id).status()["stopped"] is True
+    stopped_at = studio.registry.get(run_id).status().step
+    assert studio.registry.get(run_id).status().stopped is True
 
     # The stopped run is resumable from the checkpoint Stop saved: resume it, then stop it again.
     page.locator("#resume-run input").click()
@@ -207,7 +168,7 @@ def test_upload_train_chat_export(server, browser, tmp_path):
     page.locator("#stop-button").click()
     expect(page.locator("#train-status")).to_contain_text("Stopped at step", timeout=120_000)
     resumed = studio.registry.get(run_id).status()
-    assert resumed["stopped"] is True and resumed["step"] > stopped_at
+    assert resumed.stopped is True and resumed.step > stopped_at
 
     # Chat: both panes answer the same prompt.
     page.get_by_role("tab", name="Chat").click()
@@ -226,14 +187,14 @@ def test_upload_train_chat_export(server, browser, tmp_path):
     )
     assert page.locator("#chat-base [data-testid=user]").count() == 1
     assert page.locator("#chat-adapted [data-testid=user]").count() == 1
-    _shot(page, "chat")
+    screenshot(page, "chat")
 
     # Export: pick the run, download, and the zip has what the card promises.
     page.get_by_role("tab", name="Export").click()
     page.locator("#export-run input").click()
     page.get_by_role("option").filter(has_text=run_id).first.click()
     expect(page.locator("#export-button")).to_be_enabled(timeout=60_000)
-    _shot(page, "export")
+    screenshot(page, "export")
     with page.expect_download(timeout=60_000) as dl:
         page.locator("#export-button").click()
     zpath = tmp_path / "adapter.zip"
@@ -246,9 +207,9 @@ def test_upload_train_chat_export(server, browser, tmp_path):
     trained = studio.registry.get(run_id)
     other = studio.registry.create(trained.config().with_overrides({"training.learning_rate": 1e-4}))
     for step, loss in enumerate([2.0, 1.6, 1.3, 1.1], start=1):
-        other.append_metrics({"kind": "train", "step": step, "loss": loss})
+        other.append_metrics(TrainRecord(step=step, loss=loss))
     other.set_status("finished", step=4, total_steps=4, final_loss=1.1)
-    runs_page, errors3 = _page(browser, url)
+    runs_page, errors3 = open_page(browser, url)
     runs_page.get_by_role("tab", name="Train").click()
     runs_page.get_by_text("Past runs: compare curves and settings").click()
     expect(runs_page.locator("#runs-table")).to_contain_text(other.id, timeout=30_000)
@@ -307,8 +268,8 @@ def test_chat_checkpoints_regenerate_evaluate_and_manage_runs(server, browser):
         }
     )
     run = studio.registry.create(cfg)
-    assert run_training(cfg, run)["state"] == "finished"
-    page, errors = _page(browser, url)
+    assert run_training(cfg, run).state == "finished"
+    page, errors = open_page(browser, url)
     page.get_by_role("tab", name="Chat").click()
 
     page.locator("#chat-run input").click()
@@ -319,7 +280,7 @@ def test_chat_checkpoints_regenerate_evaluate_and_manage_runs(server, browser):
     expect(page.locator("#chat-status")).to_contain_text("2 adapters kept loaded", timeout=60_000)
     # The table starts from the losses recorded in training: base at step 0, adapter at the end.
     expect(page.locator("#eval-table")).to_contain_text("adapter", timeout=30_000)
-    expect(page.locator("#eval-table")).to_contain_text(f"{run.status()['base_eval_loss']:.4f}"[:5])
+    expect(page.locator("#eval-table")).to_contain_text(f"{run.status().base_eval_loss:.4f}"[:5])
 
     page.locator("#chat-system textarea").fill("Answer in one word.")
     page.get_by_text("Sampling (the same for both panes)").click()
@@ -352,7 +313,7 @@ def test_chat_checkpoints_regenerate_evaluate_and_manage_runs(server, browser):
     expect(page.locator("#eval-notes")).to_contain_text("Held-out prompt 3", timeout=180_000)
     expect(page.locator("#eval-notes")).to_contain_text("Scored 6 held-out rows")
     assert run.evaluation()["rows"] == 6
-    _shot(page, "evaluate")
+    screenshot(page, "evaluate")
 
     page.get_by_role("tab", name="Train").click()
     page.get_by_text("Past runs: compare curves and settings").click()

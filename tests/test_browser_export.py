@@ -7,8 +7,7 @@ import zipfile
 
 import pytest
 
-from tests.conftest import tiny_run_config, write_csv
-from tests.test_browser import _page, _shot, serve
+from tests.helpers import open_page, screenshot, serve, tiny_run_config, write_csv
 
 pytestmark = [pytest.mark.browser]
 
@@ -27,7 +26,7 @@ def app(tmp_path_factory, tiny_model_dir):
     )
     cfg = tiny_run_config(tiny_model_dir, data, max_steps=4, memory_check=False)
     run = studio.registry.create(cfg)
-    assert run_training(cfg, run)["state"] == "finished"
+    assert run_training(cfg, run).state == "finished"
     url, demo = serve(studio)
     yield url, studio, run
     demo.close()
@@ -36,8 +35,10 @@ def app(tmp_path_factory, tiny_model_dir):
 def test_export_contents_merged_download_and_import(app, browser, tmp_path):
     from playwright.sync_api import expect
 
+    from studio.ui.views import run_label
+
     url, studio, run = app
-    page, errors = _page(browser, url)
+    page, errors = open_page(browser, url)
     page.get_by_role("tab", name="Export").click()
     page.locator("#export-run input").click()
     page.get_by_role("option").filter(has_text=run.id).first.click()
@@ -66,11 +67,11 @@ def test_export_contents_merged_download_and_import(app, browser, tmp_path):
     page.set_input_files("#import-upload input[type=file]", str(adapter))
     expect(page.locator("#import-status")).to_contain_text("Imported as Shared copy", timeout=60_000)
     expect(page.locator("#export-run input")).to_have_value(
-        studio.run_label(studio.registry.get("Shared-copy-imported")), timeout=30_000
+        run_label(studio.registry.get("Shared-copy-imported")), timeout=30_000
     )
     expect(page.locator("#export-contents")).to_contain_text("adapter_model.safetensors", timeout=30_000)
-    assert studio.registry.get("Shared-copy-imported").status()["imported"] is True
-    _shot(page, "export")
+    assert studio.registry.get("Shared-copy-imported").status().imported is True
+    screenshot(page, "export")
 
     # A hostile zip gets a sentence, and nothing is added.
     evil = tmp_path / "evil.zip"

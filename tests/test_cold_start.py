@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_browser import SAMPLE, _free_port, _page
+from tests.helpers import SAMPLE, free_port, open_page
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -25,7 +25,7 @@ START_DEADLINE_S = 180  # a cold start imports torch, transformers and gradio: 1
 def start_app(folder: Path, *args: str) -> tuple[str, subprocess.Popen, Path]:
     """Start `python app.py` as its own process on a free port with its own runs folder and
     Gradio temp dir; return (url, process, log file) once it answers HTTP, within the deadline."""
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "GRADIO_ANALYTICS_ENABLED": "False",
@@ -93,7 +93,7 @@ def test_first_action_upload_shows_the_report(fresh_app, browser, attempt):
     from playwright.sync_api import expect
 
     url, log = fresh_app
-    page, errors = _page(browser, url)
+    page, errors = open_page(browser, url)
     page.set_input_files("#data-upload input[type=file]", str(SAMPLE))
     report = page.locator("#data-report")
     expect(report).to_contain_text("300 usable", timeout=60_000)
@@ -116,7 +116,7 @@ def test_first_action_sample_then_train_starts_a_run(fresh_app, browser, tiny_mo
     from playwright.sync_api import expect
 
     url, log = fresh_app
-    page, errors = _page(browser, url)
+    page, errors = open_page(browser, url)
     page.get_by_role("tab", name="Train").click()
     page.locator("#model-name textarea").fill(str(tiny_model_dir))
     page.locator("#model-name textarea").press("Tab")
@@ -149,7 +149,7 @@ def test_unknown_model_is_named_and_the_upload_kept(fresh_app, browser):
     from playwright.sync_api import expect
 
     url, log = fresh_app
-    page, errors = _page(browser, url)
+    page, errors = open_page(browser, url)
     page.get_by_role("tab", name="Train").click()
     box = page.locator("#model-name textarea")
     box.fill("nosuch/model")

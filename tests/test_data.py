@@ -22,6 +22,7 @@ from studio.data.split import split_by_prompt
 from studio.data.tokens import TokenCounter
 from studio.data.validate import prompt_key, token_lengths
 from studio.models import load_tokenizer
+from studio.ui.views import report_markdown
 
 
 @pytest.fixture(scope="module")
@@ -249,5 +250,5 @@ def test_report_stats_and_markdown(tmp_path, tok):
         "prompt": "instruction",
         "response": "output",
     }
-    assert "Tokens per epoch" in report.to_markdown()
+    assert "Tokens per epoch" in report_markdown(report)
     assert prompt_key([{"role": "user", "content": " A  b "}, {"role": "assistant", "content": "x"}]) == "a b"

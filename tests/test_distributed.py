@@ -55,10 +55,10 @@ def test_accelerate_launch_two_processes_one_run(tiny_model_dir, instruction_csv
 
     [run] = RunRegistry(runs).list()  # one run folder, not one per process
     status = run.status()
-    assert status["state"] == "finished" and status["step"] == 12 and run.is_trained()
-    train = [m for m in run.metrics() if m["kind"] == "train"]
-    assert [m["step"] for m in train] == list(range(1, 13))  # one process wrote the metrics
-    losses = [m["loss"] for m in train]
+    assert status.state == "finished" and status.step == 12 and run.is_trained()
+    train = run.train_metrics()
+    assert [m.step for m in train] == list(range(1, 13))  # one process wrote the metrics
+    losses = [m.loss for m in train]
     assert all(torch.isfinite(torch.tensor(losses))) and sum(losses[-3:]) < sum(losses[:3])
 
     from peft import PeftModel
@@ -133,7 +133,7 @@ def test_gradient_accumulation_all_reduces_once_per_step(tiny_model_dir, instruc
     from contextlib import contextmanager
 
     from studio.training import Trainer
-    from tests.conftest import tiny_run_config
+    from tests.helpers import tiny_run_config
 
     cfg = tiny_run_config(tiny_model_dir, instruction_csv, max_steps=3, gradient_accumulation=3, memory_check=False)
     trainer = Trainer(cfg, RunRegistry(tmp_path / "runs").create(cfg))

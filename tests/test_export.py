@@ -16,7 +16,7 @@ from studio.adapter_import import AdapterImportError, import_adapter_zip
 from studio.export import artifact_name, export_merged, export_zip, zip_contents
 from studio.runs import RunRegistry
 from studio.training import run_training
-from tests.conftest import tiny_run_config, write_csv
+from tests.helpers import tiny_run_config, write_csv
 
 
 def _rows(n: int = 40) -> list[list[str]]:
@@ -32,7 +32,7 @@ def _train(root: Path, model_dir: Path, method: str = "lora", steps: int = 6):
     registry = RunRegistry(root / f"runs-{method}")
     cfg = tiny_run_config(model_dir, data, method, max_steps=steps, memory_check=False)
     run = registry.create(cfg)
-    assert run_training(cfg, run)["state"] == "finished"
+    assert run_training(cfg, run).state == "finished"
     return registry, run
 
 
@@ -96,13 +96,13 @@ def test_adapter_zip_holds_weights_card_curve_and_fingerprint(trained, tiny_mode
         "library_name: peft",
         f"`{tiny_model_dir}`",
         "LoRA (rank 8, alpha 16",
-        status["data_sha256"],
+        status.data_sha256,
         "train-lora.csv",
         "| Base model |",
         "| With the adapter |",
         "perplexity",
-        f"{status['base_eval_loss']:.4f}",
-        f"{status['eval_loss']:.4f}",
+        f"{status.base_eval_loss:.4f}",
+        f"{status.eval_loss:.4f}",
         "`lora.r` | 8",
         "PeftModel.from_pretrained",
         "--enable-lora",
@@ -206,14 +206,12 @@ def test_import_round_trip_keeps_weights_and_metadata(trained, adapter_zip, tmp_
     assert run.id == f"{source.id}-imported" and run.name == source.id
     assert [r.id for r in registry.trained()] == [run.id]  # so the Chat and Export tabs list it
     status = run.status()
-    assert status["imported"] is True and status["version"] == 1 and status["message"] == "Imported from good.zip."
+    assert status.imported is True and status.version == 1 and status.message == "Imported from good.zip."
     for key in ("data_sha256", "final_loss", "eval_loss", "base_eval_loss", "train_rows", "step"):
-        assert status[key] == source.status()[key], key
+        assert getattr(status, key) == getattr(source.status(), key), key
     assert run.config().model == source.config().model and run.config().data.path == ""
     assert run.config().lora.r == 8 and run.fingerprint() == source.fingerprint()
-    assert len([m for m in run.metrics() if m["kind"] == "train"]) == len(
-        [m for m in source.metrics() if m["kind"] == "train"]
-    )
+    assert len(run.train_metrics()) == len(source.train_metrics())
     original = load_file(source.adapter_dir / "adapter_model.safetensors")
     imported = load_file(run.adapter_dir / "adapter_model.safetensors")
     assert original.keys() == imported.keys() and all(torch.equal(original[k], imported[k]) for k in original)
@@ -384,5 +382,5 @@ def test_size_cap_not_a_zip_and_plain_peft_folder(adapter_zip, tiny_model_dir, t
     run = import_adapter_zip(nested, registry, name="From PEFT")
     assert run.id == "From-PEFT-imported" and run.config().model == str(tiny_model_dir)
     assert run.fingerprint()["hidden_size"] == 64  # computed from the base
-    assert not (run.adapter_dir / "helper.py").exists() and "helper.py" in run.status()["message"]
+    assert not (run.adapter_dir / "helper.py").exists() and "helper.py" in run.status().message
     assert run.is_trained() and run.config().method == "lora"

@@ -7,6 +7,7 @@ import torch
 from studio.config import RunConfig
 from studio.playground import Playground, SamplingSettings
 from studio.precision import autocast, of_status, weights_dtype
+from studio.records import TrainRecord
 from studio.runs import RunRegistry
 from studio.training import run_training
 
@@ -17,7 +18,7 @@ PROMPT = [{"role": "user", "content": "what is 3 plus 4"}]
 
 @pytest.fixture(scope="module")
 def two_runs(tiny_model_dir, tmp_path_factory):
-    from tests.conftest import write_csv
+    from tests.helpers import write_csv
 
     root = tmp_path_factory.mktemp("pg")
     reg = RunRegistry(root / "runs")
@@ -33,7 +34,7 @@ def two_runs(tiny_model_dir, tmp_path_factory):
             }
         )
         run = reg.create(cfg)
-        assert run_training(cfg, run)["state"] == "finished"
+        assert run_training(cfg, run).state == "finished"
         runs.append(run)
     return runs
 
@@ -115,7 +116,7 @@ def test_unfinished_run_is_refused(tiny_model_dir, runs_dir):
 
 @pytest.fixture(scope="module")
 def run_with_checkpoints(tiny_model_dir, tmp_path_factory):
-    from tests.conftest import write_csv
+    from tests.helpers import write_csv
 
     root = tmp_path_factory.mktemp("pgc")
     rows = [[f"what is {a} plus {b}", f"sum {a + b}"] for a in range(1, 10) for b in range(1, 4)]
@@ -128,7 +129,7 @@ def run_with_checkpoints(tiny_model_dir, tmp_path_factory):
         }
     )
     run = RunRegistry(root / "runs").create(cfg)
-    assert run_training(cfg, run)["state"] == "finished"
+    assert run_training(cfg, run).state == "finished"
     return run
 
 
@@ -216,13 +217,13 @@ def test_evaluation_scores_base_and_adapter_on_the_held_out_rows(run_with_checkp
 
     run = run_with_checkpoints
     status = run.status()
-    assert status["eval_rows"] > 0 and status["base_eval_loss"] > status["eval_loss"]
+    assert status.eval_rows > 0 and status.base_eval_loss > status.eval_loss
     pg = Playground()
     result = evaluation.evaluate(pg, run, samples=2, max_new_tokens=8)
     # The same rows and the same loss as the trainer computed: base at step 0, adapter at the end.
-    assert result["rows"] == status["eval_rows"]
-    assert result["base"]["loss"] == pytest.approx(status["base_eval_loss"], rel=1e-4)
-    assert result["adapter"]["loss"] == pytest.approx(status["eval_loss"], rel=1e-4)
+    assert result["rows"] == status.eval_rows
+    assert result["base"]["loss"] == pytest.approx(status.base_eval_loss, rel=1e-4)
+    assert result["adapter"]["loss"] == pytest.approx(status.eval_loss, rel=1e-4)
     assert len(result["samples"]) == 2 and all(s["reference"].startswith("sum") for s in result["samples"])
     assert run.evaluation()["adapter"] == result["adapter"]
     table = evaluation.table_rows(run)
@@ -234,7 +235,7 @@ def test_evaluation_matches_the_training_log_for_every_method(method, tiny_model
     """The Chat tab's Evaluate loads the base as the trainer did (fp32 master weights for full,
     4-bit NF4 for QLoRA, the run's precision for both), so its losses are the training log's."""
     from studio import evaluation
-    from tests.conftest import write_csv
+    from tests.helpers import write_csv
 
     rows = [[f"what is {a} plus {b}", f"sum {a + b}"] for a in range(1, 10) for b in range(1, 4)]
     data = write_csv(tmp_path / "d.csv", ["instruction", "output"], rows)
@@ -248,10 +249,10 @@ def test_evaluation_matches_the_training_log_for_every_method(method, tiny_model
     )
     run = RunRegistry(tmp_path / "runs").create(cfg)
     status = run_training(cfg, run)
-    assert status["state"] == "finished" and status["precision"] in ("bf16", "fp32")
+    assert status.state == "finished" and status.precision in ("bf16", "fp32")
     result = evaluation.evaluate(Playground(), run, samples=1, max_new_tokens=4)
-    assert result["base"]["loss"] == pytest.approx(status["base_eval_loss"], rel=1e-4)
-    assert result["adapter"]["loss"] == pytest.approx(status["eval_loss"], rel=1e-4)
+    assert result["base"]["loss"] == pytest.approx(status.base_eval_loss, rel=1e-4)
+    assert result["adapter"]["loss"] == pytest.approx(status.eval_loss, rel=1e-4)
     assert result["adapter"]["loss"] != pytest.approx(result["base"]["loss"], rel=1e-3)  # it trained
 
 
@@ -260,14 +261,15 @@ def test_chat_works_while_a_job_trains(two_runs, tiny_model_dir, instruction_csv
     import shutil
 
     from studio.service import Studio
-    from tests.conftest import tiny_run_config, wait_until
+    from tests.helpers import tiny_run_config, wait_until
 
     studio = Studio(tmp_path / "runs")
     finished = two_runs[0]
     shutil.copytree(finished.path, studio.registry.root / finished.id)
     job = studio.start_training(tiny_run_config(tiny_model_dir, instruction_csv, max_steps=2000, memory_check=False))
     try:
-        wait_until(lambda: any(m["kind"] == "train" for m in job.snapshot()), 120, "the first training step", 0.05)
+        first_step = lambda: any(isinstance(m, TrainRecord) for m in job.snapshot())  # noqa: E731
+        wait_until(first_step, 120, "the first training step", 0.05)
         studio.activate_run(finished.id)
         steps_before = len(job.snapshot())
         *_, (base_text, adapted_text) = studio.chat(PROMPT, PROMPT, SamplingSettings(max_new_tokens=12), finished.id)

@@ -12,9 +12,10 @@ import pytest
 
 from studio.cli import main
 from studio.config import RunConfig
-from studio.runs import RunRegistry
+from studio.records import Event, TrainRecord
+from studio.runs import RunRegistry, checkpoint_step
 from studio.training import JobManager
-from tests.conftest import wait_until
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.numeric  # CI runs these again under the other precision (see conftest.py)
 
@@ -53,7 +54,7 @@ def _args(model_dir, data, runs):
 
 
 def _losses(run):
-    return {m["step"]: m["loss"] for m in run.metrics() if m["kind"] == "train"}
+    return {m.step: m.loss for m in run.train_metrics()}
 
 
 def test_sigkill_then_resume_ends_at_the_final_step_with_the_same_losses(
@@ -79,7 +80,7 @@ def test_sigkill_then_resume_ends_at_the_final_step_with_the_same_losses(
 
     registry = RunRegistry(killed_runs)
     run = registry.list()[0]
-    assert run.status()["state"] == "running"  # what a crash leaves behind
+    assert run.status().state == "running"  # what a crash leaves behind
     assert not run.is_trained() and registry.trained() == []  # never listed or exported as finished
     assert main(["export", run.id, "--runs-dir", str(killed_runs)]) == 1
     killed_at = max(_losses(run))
@@ -89,8 +90,8 @@ def test_sigkill_then_resume_ends_at_the_final_step_with_the_same_losses(
     # folder (its process is gone, so it is interrupted), not by whatever ./runs holds.
     assert main(["resume", str(run.path)]) == 0
     status = run.status()
-    assert status["state"] == "finished" and status["step"] == STEPS and run.is_trained()
-    steps = [m["step"] for m in run.metrics() if m["kind"] == "train"]
+    assert status.state == "finished" and status.step == STEPS and run.is_trained()
+    steps = [m.step for m in run.train_metrics()]
     assert steps == list(range(1, STEPS + 1))  # every step once: redone steps are not drawn twice
     ours, theirs = _losses(run), _losses(reference)
     for step in (1, killed_at, STEPS):
@@ -117,25 +118,26 @@ def test_stop_saves_a_checkpoint_and_the_server_resumes_to_the_end(tiny_model_di
     ).check()
     jobs = JobManager(RunRegistry(runs_dir))
     job = jobs.start(cfg)
-    wait_until(lambda: any(m["kind"] == "train" and m["step"] >= 3 for m in job.snapshot()), 120, "step 3")
+    wait_until(lambda: any(isinstance(m, TrainRecord) and m.step >= 3 for m in job.snapshot()), 120, "step 3")
     assert jobs.save_now()
-    wait_until(lambda: any(m["kind"] == "checkpoint" for m in job.snapshot()), 60, "the requested checkpoint")
+    saved = lambda: any(isinstance(m, Event) and m.kind == "checkpoint" for m in job.snapshot())  # noqa: E731
+    wait_until(saved, 60, "the requested checkpoint")
     jobs.stop()
     job.thread.join(120)
     assert not job.thread.is_alive(), "the stopped run did not end within 120 s"
     status = job.run.status()
-    assert status["state"] == "finished" and status["stopped"] and "Resume" in status["message"]
-    assert status["version"] == 1  # a stopped run saved an adapter: version 1
+    assert status.state == "finished" and status.stopped and "Resume" in status.message
+    assert status.version == 1  # a stopped run saved an adapter: version 1
     point = job.run.resume_point()
-    assert point is not None and int(point.name[5:]) == status["step"] < 40
+    assert point is not None and checkpoint_step(point) == status.step < 40
 
     resumed = jobs.resume(job.run)
     assert resumed.run.path == job.run.path
     resumed.thread.join(120)
     assert not resumed.thread.is_alive(), "the resumed run did not end within 120 s"
     status = job.run.status()
-    assert status["state"] == "finished" and status["step"] == 40 and not status["stopped"]
-    assert status["version"] == 2  # the resumed run's adapter replaces it as version 2
+    assert status.state == "finished" and status.step == 40 and not status.stopped
+    assert status.version == 2  # the resumed run's adapter replaces it as version 2
     assert job.run.resume_point() is None
     with pytest.raises(LookupError):
         jobs.resume(job.run)
@@ -151,7 +153,7 @@ def test_each_reason_a_run_cannot_be_resumed_is_named(tmp_path):
     assert not run.mark_if_orphaned() and "still running (process" in run.resume_problem()
     # A dead pid (or a live pid that now belongs to another process) is an orphan.
     run.set_status("running", pid=os.getpid(), pid_started=process_started_at() - 3600)
-    assert run.mark_if_orphaned() and run.status()["state"] == "interrupted"
+    assert run.mark_if_orphaned() and run.status().state == "interrupted"
     assert "before saving its first checkpoint" in run.resume_problem()
     (run.path / "checkpoints" / "step-2").mkdir(parents=True)
     (run.path / "checkpoints" / "step-2" / "trainer_state.pt").write_bytes(b"")
@@ -165,7 +167,7 @@ def test_a_queued_run_is_an_orphan_only_when_a_studio_starts(tmp_path):
     live server's queue holds it; a studio starting up knows the old queue is gone."""
     registry = RunRegistry(tmp_path / "runs")
     run = registry.create(RunConfig.from_dict({"data": {"path": "x.csv"}}))
-    assert not run.mark_if_orphaned() and run.status()["state"] == "queued"
+    assert not run.mark_if_orphaned() and run.status().state == "queued"
     assert "still queued" in run.resume_problem()
     registry.mark_orphans_interrupted()
-    assert run.status()["state"] == "interrupted" and "never started" in run.status()["message"]
+    assert run.status().state == "interrupted" and "never started" in run.status().message

@@ -4,7 +4,8 @@ name, a suggested change lands on the right controls, an emptied box is reported
 import gradio as gr
 import pytest
 
-from studio.config import ConfigError, RunConfig
+from studio.config import DEFAULT_LEARNING_RATE, ConfigError, RunConfig
+from studio.records import Retry
 from studio.service import Studio
 from studio.ui import train_tab
 
@@ -45,22 +46,23 @@ def test_an_emptied_box_is_reported_not_defaulted(tab):
 
 def test_a_suggested_change_lands_on_its_controls_by_name(tab):
     _, tab = tab
-    kept = {
-        "changes": {
+    kept = Retry(
+        "Lower the batch size.",
+        "full",
+        {
             "training.batch_size": 2,
             "training.gradient_checkpointing": True,
             "training.compile": False,
             "not.a.field": 1,
         },
-        "suggested_method": "full",
-    }
-    out = train_tab.apply_change(tab, kept, train_tab.LORA_LR)
+    )
+    out = train_tab.apply_change(tab, kept, DEFAULT_LEARNING_RATE["lora"])
     fields = tab.form.fields
     assert out[fields["method"]].value == "full"
-    assert out[fields["training.learning_rate"]] == train_tab.FULL_LR  # full wants a tenth of LoRA's rate
+    assert out[fields["training.learning_rate"]] == DEFAULT_LEARNING_RATE["full"]  # full wants a tenth of LoRA's rate
     assert out[fields["training.batch_size"]] == 2 and out[fields["training.gradient_checkpointing"]] is True
     assert out[fields["training.compile"]] is False and len(out) == 5
-    assert train_tab.apply_change(tab, None, train_tab.LORA_LR) == {tab.form.fields["method"]: gr.skip()}
+    assert train_tab.apply_change(tab, None, DEFAULT_LEARNING_RATE["lora"]) == {tab.form.fields["method"]: gr.skip()}
 
 
 def test_start_without_a_dataset_says_so_and_bad_settings_are_listed(tab):
@@ -79,3 +81,15 @@ def test_poll_redraws_only_what_changed(tab):
     assert first[tab.status] and tab.runs_table in first  # the first draw fills everything
     # Nothing changed: nothing sent (a non-empty dict: Gradio reads an empty one as a single value).
     assert train_tab.poll(studio, tab, first[tab.shown], False) == {tab.shown: gr.skip()}
+
+
+def test_the_memory_plans_suggested_change_lands_on_the_form(tab):
+    """The plan's "Apply the suggested change" button: what show_plan keeps is what apply reads."""
+    studio, tab = tab
+    too_big = {"method": "full", "training.batch_size": 256, "data.max_length": 4096}
+    html, _, kept, _, apply_button = train_tab.show_plan(studio, tab, _data(tab, **too_big))
+    assert apply_button.visible and isinstance(kept["fix"], Retry) and kept["fix"].changes
+    out = train_tab.apply_plan_fix(tab, kept, DEFAULT_LEARNING_RATE["full"])
+    assert out[tab.form.fields["method"]].value == kept["fix"].method
+    assert all(out[tab.form.fields[k]] == v for k, v in kept["fix"].changes.items() if k in tab.form.fields)
+    assert train_tab.apply_plan_fix(tab, None, 2e-4) == {tab.form.fields["method"]: gr.skip()}

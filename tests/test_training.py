@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from studio.config import RunConfig
+from studio.records import EvalRecord, RunStatus, TrainRecord
 from studio.runs import RunRegistry
 from studio.training import Trainer, run_training
-from tests.conftest import tiny_run_config
+from studio.ui.views import progress_markdown
+from tests.helpers import tiny_run_config
 
 pytestmark = pytest.mark.numeric  # CI runs these again under the other precision (see conftest.py)
 
@@ -24,14 +26,14 @@ def test_lora_training_learns_saves_and_reloads_in_plain_peft(tiny_model_dir, in
     cfg = _cfg(tiny_model_dir, instruction_csv, save_steps=10, eval_steps=10)
     run = RunRegistry(runs_dir).create(cfg)
     status = run_training(cfg, run)
-    assert status["state"] == "finished", status
-    train = [m for m in run.metrics() if m["kind"] == "train"]
-    evals = [m for m in run.metrics() if m["kind"] == "eval"]
-    assert [m["step"] for m in train] == list(range(1, 31))
-    assert all({"loss", "lr", "grad_norm", "tokens_per_s", "rss_mib", "time"} <= m.keys() for m in train)
-    first, last = sum(m["loss"] for m in train[:3]) / 3, sum(m["loss"] for m in train[-3:]) / 3
+    assert status.state == "finished", status
+    train = run.train_metrics()
+    evals = run.eval_metrics()
+    assert [m.step for m in train] == list(range(1, 31))
+    assert all({"loss", "lr", "grad_norm", "tokens_per_s", "rss_mib", "time"} <= m.to_dict().keys() for m in train)
+    first, last = sum(m.loss for m in train[:3]) / 3, sum(m.loss for m in train[-3:]) / 3
     assert last < 0.7 * first, (first, last)
-    assert [m["step"] for m in evals] == [0, 10, 20, 30]  # step 0: the base model's held-out loss
+    assert [m.step for m in evals] == [0, 10, 20, 30]  # step 0: the base model's held-out loss
     assert (run.path / "checkpoints" / "step-10" / "adapter_model.safetensors").exists()
     assert (run.adapter_dir / "adapter_model.safetensors").exists()
     assert run.is_trained()
@@ -61,19 +63,19 @@ def test_stop_saves_adapter_and_reports_stopped(tiny_model_dir, instruction_csv,
     stop = threading.Event()
 
     def on_metrics(m):
-        if m["kind"] == "train" and m["step"] == 3:
+        if isinstance(m, TrainRecord) and m.step == 3:
             stop.set()
 
     status = run_training(cfg, run, stop, on_metrics)
-    assert status["state"] == "finished" and status["stopped"] is True
-    assert status["step"] == 3 and "Stopped at step 3" in status["message"]
+    assert status.state == "finished" and status.stopped is True
+    assert status.step == 3 and "Stopped at step 3" in status.message
     assert run.is_trained()
 
 
 def test_full_fine_tuning_saves_a_model(tiny_model_dir, instruction_csv, runs_dir):
     cfg = _cfg(tiny_model_dir, instruction_csv, method="full", max_steps=3, learning_rate=1e-4)
     run = RunRegistry(runs_dir).create(cfg)
-    assert run_training(cfg, run)["state"] == "finished"
+    assert run_training(cfg, run).state == "finished"
     assert (run.model_dir / "model.safetensors").exists() and run.weights_dir() == run.model_dir
 
 
@@ -86,7 +88,7 @@ def test_qlora_trains_and_keeps_gradients_after_an_inference_pass(tiny_model_dir
     trainer.setup()
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules())
     trainer.evaluate()  # an inference pass
-    batch = trainer._collate(trainer.train_examples[:2])
+    batch = trainer.collate_rows(trainer.train_examples[:2])
     trainer.model(**batch).loss.backward()
     lora = [p for n, p in trainer.model.named_parameters() if "lora_" in n and p.requires_grad]
     assert lora and all(p.grad is not None for p in lora)
@@ -99,8 +101,8 @@ def test_bad_data_fails_with_a_sentence(tiny_model_dir, tmp_path, runs_dir):
     cfg = _cfg(tiny_model_dir, bad)
     run = RunRegistry(runs_dir).create(cfg)
     status = run_training(cfg, run)
-    assert status["state"] == "failed"
-    assert "No usable columns found" in status["message"] and "Traceback" not in status["message"]
+    assert status.state == "failed"
+    assert "No usable columns found" in status.message and "Traceback" not in status.message
     assert "Traceback" in run.log_path.read_text()
 
 
@@ -123,19 +125,19 @@ def test_server_job_runs_in_background_queues_the_next_and_stops(tiny_model_dir,
     second = studio.start_training(_cfg(tiny_model_dir, instruction_csv, max_steps=3))
     third = studio.start_training(_cfg(tiny_model_dir, instruction_csv, max_steps=3))
     assert [studio.jobs.queue_position(j) for j in (job, second, third)] == [None, 1, 2]
-    assert second.run.status()["state"] == "queued" and "Queued" in second.run.status()["message"]
+    assert second.run.status().state == "queued" and "Queued" in second.run.status().message
     assert studio.job_view().queued == [second.run.id, third.run.id]
-    assert "Waiting to start: 1." in studio.job_view().progress_text()
+    assert "Waiting to start: 1." in progress_markdown(studio.job_view())
     with pytest.raises(RuntimeError, match="still training"):
         studio.resume_training(job.run.id)
     assert studio.delete_run(third.run.id) == third.run.id and not third.run.path.exists()
 
     assert studio.stop_training()
     job.thread.join(60)
-    assert job.run.status()["state"] == "finished" and "Stopped at step" in job.run.status()["message"]
+    assert job.run.status().state == "finished" and "Stopped at step" in job.run.status().message
     assert job.run.is_trained()
     second.thread.join(120)  # started by itself when the first ended
-    assert studio.jobs.current is second and second.run.status()["state"] == "finished"
+    assert studio.jobs.current is second and second.run.status().state == "finished"
     assert studio.job_view().queued == [] and {r.id for r in studio.registry.list()} == {job.run.id, second.run.id}
 
 
@@ -146,15 +148,15 @@ def test_early_stopping_ends_the_run_when_eval_loss_stops_improving(
 
     def fake_evaluate(self):
         loss = 2.0 if self.step == 0 else next(losses, 0.3)  # step 0 scores the base model, not watched
-        self._emit({"kind": "eval", "step": self.step, "eval_loss": loss})
+        self._emit(EvalRecord(self.step, loss))
         return loss
 
     monkeypatch.setattr(Trainer, "evaluate", fake_evaluate)
     cfg = _cfg(tiny_model_dir, instruction_csv, max_steps=40, eval_steps=2, early_stopping=2, memory_check=False)
     run = RunRegistry(runs_dir).create(cfg)
     status = run_training(cfg, run)
-    assert status["state"] == "finished" and status["early_stopped"] and not status["stopped"]
-    assert status["step"] == 8 and "Stopped early at step 8" in status["message"]
+    assert status.state == "finished" and status.early_stopped and not status.stopped
+    assert status.step == 8 and "Stopped early at step 8" in status.message
     assert run.is_trained()  # the adapter is saved as for any finished run
 
 
@@ -182,7 +184,7 @@ def test_labeled_token_loss_equals_the_transformers_loss_and_gradients(
     trainer.setup()
     assert trainer.loss_fn.labeled_only, trainer.loss_fn.plain_reason
     rows = sorted(trainer.train_examples, key=lambda e: len(e.input_ids))
-    batch = trainer._collate([rows[0], rows[len(rows) // 2], rows[-1]])
+    batch = trainer.collate_rows([rows[0], rows[len(rows) // 2], rows[-1]])
     labels = batch["labels"][:, 1:]
     assert (labels == -100).any() and (labels != -100).any() and (batch["attention_mask"] == 0).any()
     trainer.model.train()
@@ -277,9 +279,9 @@ def test_compiled_layers_train_to_the_same_losses(tiny_model_dir, instruction_cs
         )
         run = registry.create(cfg)
         status = run_training(cfg, run)
-        assert status["state"] == "finished", status.get("message")
-        assert status["compiled_layers"] == (2 if compile_ else 0) and status["compile_note"] is None
-        losses[compile_] = [m["loss"] for m in run.metrics() if m["kind"] == "train"]
+        assert status.state == "finished", status.message
+        assert status.compiled_layers == (2 if compile_ else 0) and status.compile_note is None
+        losses[compile_] = [m.loss for m in run.train_metrics()]
     assert losses[True] == pytest.approx(losses[False], rel=rel)
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run.adapter_dir)
 
@@ -308,19 +310,16 @@ sys.exit(main(["train", "--config", {str(config_path)!r}, "--runs-dir", {str(tmp
 """
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
-    status = json.loads(next((tmp_path / "runs").glob("*/status.json")).read_text())
+    status = RunStatus.from_dict(json.loads(next((tmp_path / "runs").glob("*/status.json")).read_text()))
     if probe_sees_it:
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert status["state"] == "finished" and status["compiled_layers"] == 0
-        assert status["compile_note"].startswith("Not compiled: torch.compile does not work on this machine")
+        assert status.state == "finished" and status.compiled_layers == 0
+        assert status.compile_note.startswith("Not compiled: torch.compile does not work on this machine")
         assert "Not compiled" in proc.stdout
     else:
-        assert proc.returncode == 1 and status["state"] == "failed"
-        assert (
-            status["message"].startswith("torch.compile failed on this model")
-            and "Turn Compile off" in status["message"]
-        )
-        assert status["retry"]["changes"] == {"training.compile": False}
+        assert proc.returncode == 1 and status.state == "failed"
+        assert status.message.startswith("torch.compile failed on this model") and "Turn Compile off" in status.message
+        assert status.retry.changes == {"training.compile": False}
 
 
 @pytest.mark.parametrize("schedule, last_lr", [("cosine", 0.0), ("linear", 0.0), ("constant", 1e-2)])

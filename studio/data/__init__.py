@@ -1,13 +1,13 @@
 """Dataset intake: load a file, map its columns, validate, render rows to tokens.
 
 table = read_table(path)                          # Table(df, kind, encoding, delimiter)
-mapping = detect_format(table.df)                 # or parse_mapping("q=prompt,a=response", columns)
+mapping = mapping_for(table.df, "q=prompt,a=response")  # a person's mapping, else detect_format
 report = validate(table, mapping, tokenizer, max_length)   # findings + token stats
 data = prepare(config.data, tokenizer, seed)      # what the trainer uses
 """
 
 from studio.data.dataset import PreparedData, inspect, load_and_map, prepare
-from studio.data.detect import ColumnMapping, accepted_names, detect_format, parse_mapping
+from studio.data.detect import ColumnMapping, accepted_names, detect_format, mapping_for, parse_mapping
 from studio.data.load import DataError, Table, load_table, read_table
 from studio.data.render import Example, conversations, rows_to_messages, tokenize_messages, tokenize_rows
 from studio.data.validate import DataReport, Finding, validate
@@ -26,6 +26,7 @@ __all__ = [
     "inspect",
     "load_and_map",
     "load_table",
+    "mapping_for",
     "parse_mapping",
     "prepare",
     "read_table",

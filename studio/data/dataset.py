@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from studio.config import DataConfig
-from studio.data.detect import ColumnMapping, detect_format, parse_mapping
+from studio.data.detect import ColumnMapping, mapping_for
 from studio.data.load import DataError, Table, read_table
 from studio.data.render import Example, tokenize_rows
 from studio.data.split import split_by_prompt
@@ -26,8 +26,7 @@ class PreparedData:
 
 def load_and_map(path: str, mapping: str = "", max_file_mb: int = 200) -> tuple[Table, ColumnMapping]:
     table = read_table(path, max_bytes=max_file_mb * 1024 * 1024)
-    cm = parse_mapping(mapping, list(table.df.columns)) if mapping.strip() else detect_format(table.df)
-    return table, cm
+    return table, mapping_for(table.df, mapping)
 
 
 def inspect(cfg: DataConfig, tokenizer=None) -> DataReport:

@@ -173,3 +173,11 @@ def _filled_share(df: pd.DataFrame, roles: dict[str, str]) -> float:
     for col in required:
         filled &= df[col].astype(str).str.strip().ne("") & df[col].notna()
     return max(0.2, float(filled.mean()))
+
+
+def mapping_for(df: pd.DataFrame, mapping: str | list[str] = "") -> ColumnMapping:
+    """The person's mapping when they gave one (``"q=prompt,a=response"`` or a list of pairs),
+    else detection: the one rule every reader follows. Raises DataError naming the columns found
+    and how to map them."""
+    given = mapping.strip() if isinstance(mapping, str) else [p for p in mapping if p.strip()]
+    return parse_mapping(mapping, list(df.columns)) if given else detect_format(df)

@@ -130,31 +130,6 @@ class DataReport:
         lines.append("OK: training can proceed." if self.ok else "Training cannot start until the errors are fixed.")
         return "\n".join(lines)
 
-    def to_markdown(self) -> str:
-        lines = [
-            f"**Format:** {self.mapping.describe()}  ",
-            f"**File:** {self.table.describe()} · **Rows:** {self.rows} ({self.usable_rows} usable)",
-        ]
-        if self.stats is not None and len(self.stats.lengths):
-            s = self.stats.to_dict()
-            lines[-1] += "  "
-            lines.append(
-                f"**Tokens per epoch:** {s['tokens_per_epoch']:,} · median row {s['length_median']:.0f}, "
-                f"longest {s['length_max']} tokens (max length {s['max_length']})"
-            )
-        if not self.findings:
-            lines.append("\nNo problems found. Ready to train.")
-        for f in self.findings:
-            where = ""
-            if f.rows:
-                more = f" and {f.count - len(f.rows)} more" if f.count > len(f.rows) else ""
-                where = f" Rows {', '.join(map(str, f.rows))}{more}."
-            lines.append(
-                f"\n- **{'Error' if f.severity == 'error' else 'Warning'}** ({f.code}): "
-                f"{f.message}{where} *Fix:* {f.fix}"
-            )
-        return "\n".join(lines)
-
 
 def _rows(mask: pd.Series | np.ndarray) -> tuple[list[int], int]:
     idx = np.flatnonzero(np.asarray(mask))

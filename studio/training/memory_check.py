@@ -24,7 +24,8 @@ import psutil
 import torch
 
 from studio.data.render import labeled_tokens
-from studio.memory import GIB, MIB, shape_for_model
+from studio.formatting import format_bytes
+from studio.memory import shape_for_model
 
 STEPS = 2
 
@@ -66,16 +67,12 @@ class MemoryCheck:
         what = "peak GPU memory" if self.device == "cuda" else "memory on top of the loaded model (process RSS)"
         return (
             f"Memory check ({STEPS} steps on the longest rows, batch {self.batch_size} x {self.seq_len} tokens): "
-            f"{what} {_fmt(self.measured_bytes)} measured, {_fmt(self.estimate_bytes)} estimated "
+            f"{what} {format_bytes(self.measured_bytes, 2)} measured, {format_bytes(self.estimate_bytes, 2)} estimated "
             f"({self.error:+.0%})."
         )
 
     def to_dict(self) -> dict:
         return asdict(self) | {"summary": self.summary()}
-
-
-def _fmt(n: int) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.0f} MiB"
 
 
 def _cpu_peak_rss() -> int:
@@ -110,7 +107,7 @@ def check_memory(trainer) -> MemoryCheck:
 
     cfg, t = trainer.config, trainer.config.training
     examples = sorted(trainer.train_examples, key=lambda e: len(e.input_ids), reverse=True)[: t.batch_size]
-    batch = trainer._collate(examples)
+    batch = trainer.collate_rows(examples)
     rows, width = batch["input_ids"].shape
     device = trainer.device
     shape = shape_for_model(cfg.model, cfg.trust_remote_code)
@@ -139,8 +136,8 @@ def check_memory(trainer) -> MemoryCheck:
     # server with it). So a run the estimate says cannot fit is refused before it is tried.
     if device != "cuda" and est > available:
         raise would_not_fit(
-            f"This run needs about {_fmt(est)} of RAM (batch {rows} x {width} tokens) but "
-            f"{_fmt(available)} is available."
+            f"This run needs about {format_bytes(est, 2)} of RAM (batch {rows} x {width} tokens) but "
+            f"{format_bytes(available, 2)} is available."
         )
 
     rng = torch.get_rng_state()
@@ -153,7 +150,7 @@ def check_memory(trainer) -> MemoryCheck:
     try:
         # Weights load memory-mapped and enter RSS on first use: a tiny forward first, so that
         # the baseline already holds them and the increase is training's own memory.
-        with torch.no_grad(), trainer._autocast():
+        with torch.no_grad(), trainer.autocast():
             trainer.model(input_ids=batch["input_ids"][:1, :8])
         if device == "cuda":
             torch.cuda.synchronize()
@@ -164,7 +161,7 @@ def check_memory(trainer) -> MemoryCheck:
             baseline = psutil.Process().memory_info().rss
             _reset_cpu_peak()
         for _ in range(STEPS):
-            with trainer._autocast():
+            with trainer.autocast():
                 loss = trainer.loss_fn(**batch)  # the loss path training uses
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -182,13 +179,13 @@ def check_memory(trainer) -> MemoryCheck:
             torch.cuda.empty_cache()
         raise would_not_fit(
             f"The memory check ran out of memory with batch {rows} x {width} tokens "
-            f"({_fmt(available)} {'on the GPU' if device == 'cuda' else 'of RAM'})."
+            f"({format_bytes(available, 2)} {'on the GPU' if device == 'cuda' else 'of RAM'})."
         ) from None
     finally:
         torch.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
-    trainer._make_optimizer()  # fresh AdamW state and schedule: the check leaves no trace
+    trainer.reset_optimizer()  # fresh AdamW state and schedule: the check leaves no trace
     if device == "cuda":
         measured, compared = peak, est
     else:
@@ -206,7 +203,7 @@ def check_memory(trainer) -> MemoryCheck:
     )
     if device != "cuda" and measured > available - baseline:
         raise would_not_fit(
-            f"Two steps needed {_fmt(measured)} more RAM than the "
-            f"{_fmt(available - baseline)} that was free, so the run would swap."
+            f"Two steps needed {format_bytes(measured, 2)} more RAM than the "
+            f"{format_bytes(available - baseline, 2)} that was free, so the run would swap."
         )
     return result

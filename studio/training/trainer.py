@@ -23,12 +23,13 @@ from studio import hardware, models, precision
 from studio.config import RunConfig
 from studio.data import Example, prepare
 from studio.data.render import collate, labeled_tokens
+from studio.records import EvalRecord, Event, Record, TrainRecord
 from studio.runs import Run
 from studio.training import distributed
 from studio.training.compiling import CompileWatch, compile_layers, inductor_problem
 from studio.training.loss import LabeledTokenLoss
 
-MetricsSink = Callable[[dict], None]
+MetricsSink = Callable[[Record], None]
 POOL_BATCHES = 32  # batches per length-sorted pool: groups similar lengths, keeps order random
 
 
@@ -44,6 +45,14 @@ class EarlyStopped(Exception):
 
 
 class Trainer:
+    """One run's training: ``setup()`` builds data, model and optimizer; ``train()`` runs the
+    loop to the final step (raising TrainingStopped or EarlyStopped); ``save()``,
+    ``save_checkpoint()`` and ``restore()`` write and read the run folder.
+
+    The lifecycle around it (status, memory check, failures) is training/recipe.py; the memory
+    check drives it through ``collate_rows``, ``autocast``, ``loss_fn`` and ``reset_optimizer``.
+    """
+
     def __init__(
         self,
         config: RunConfig,
@@ -96,7 +105,7 @@ class Trainer:
         batches_per_epoch = math.ceil(len(self.train_examples) / t.batch_size)
         steps_per_epoch = max(1, batches_per_epoch // (t.gradient_accumulation * self.dist.world))
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
-        self._make_optimizer()
+        self.reset_optimizer()
 
     def _compile(self) -> None:
         """``training.compile``: compile the decoder layers where inductor works; ``compile_note``
@@ -126,9 +135,9 @@ class Trainer:
 
     def _not_compiled(self, note: str) -> None:
         self.compiled_layers, self.compile_note = 0, note
-        self._emit({"kind": "compile", "step": self.step, "compiled_layers": 0, "note": note, "time": time.time()})
+        self._emit(Event("compile", self.step, time.time(), {"compiled_layers": 0, "note": note}))
 
-    def _make_optimizer(self) -> None:
+    def reset_optimizer(self) -> None:
         from transformers import get_scheduler
 
         t = self.config.training
@@ -195,14 +204,14 @@ class Trainer:
             # Every process replays the same stream and takes every world-th batch.
             yield from batches[self.dist.rank :: self.dist.world]
 
-    def _collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+    def collate_rows(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in collate(examples, self.tokenizer.pad_token_id).items()}
 
     @property
     def use_bf16(self) -> bool:
         return self.precision == "bf16"
 
-    def _autocast(self):
+    def autocast(self):
         return precision.autocast(self.device, self.precision)
 
     @property
@@ -228,7 +237,7 @@ class Trainer:
                 self.save_checkpoint()
             step_start, loss_sum, tokens, labeled = time.time(), 0.0, 0, 0
             for micro_step in range(t.gradient_accumulation):
-                batch = self._collate([self.train_examples[j] for j in next(indices)])
+                batch = self.collate_rows([self.train_examples[j] for j in next(indices)])
                 self.micro += 1
                 # Under DDP only the last micro-batch of a step all-reduces gradients: the earlier
                 # ones accumulate locally (no_sync), one all-reduce per step instead of one per micro-batch.
@@ -237,7 +246,7 @@ class Trainer:
                     nullcontext() if last or not hasattr(self.forward_loss, "no_sync") else self.forward_loss.no_sync()
                 )
                 with sync:
-                    with self._autocast():
+                    with self.autocast():
                         loss = self.forward_loss(**batch)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(
@@ -256,22 +265,21 @@ class Trainer:
                 self._check_compiled()
             now = time.time()
             self._emit(
-                {
-                    "kind": "train",
-                    "step": self.step,
-                    "total_steps": self.total_steps,
-                    "loss": loss_sum / t.gradient_accumulation,
-                    "lr": self.scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm,
-                    "tokens": tokens,
-                    "labeled_tokens": labeled,
-                    "tokens_per_s": tokens / max(now - step_start, 1e-9),
-                    "epoch": self.micro / batches_per_epoch,
-                    "time": now,
-                    "elapsed_s": now - started,
-                    "steps_this_session": self.step - first_step,
-                    **hardware.memory_snapshot(self.device),
-                }
+                TrainRecord(
+                    step=self.step,
+                    total_steps=self.total_steps,
+                    loss=loss_sum / t.gradient_accumulation,
+                    lr=self.scheduler.get_last_lr()[0],
+                    grad_norm=grad_norm,
+                    tokens=tokens,
+                    labeled_tokens=labeled,
+                    tokens_per_s=tokens / max(now - step_start, 1e-9),
+                    epoch=self.micro / batches_per_epoch,
+                    time=now,
+                    elapsed_s=now - started,
+                    steps_this_session=self.step - first_step,
+                    extra=hardware.memory_snapshot(self.device),
+                )
             )
             if t.eval_steps and self.step % t.eval_steps == 0 and self.step < self.total_steps:
                 self._watch(self.evaluate())
@@ -302,18 +310,18 @@ class Trainer:
         total, count = 0.0, 0
         bs = self.config.training.batch_size
         for i in range(0, len(self.eval_examples), bs):
-            batch = self._collate(self.eval_examples[i : i + bs])
-            with self._autocast():
+            batch = self.collate_rows(self.eval_examples[i : i + bs])
+            with self.autocast():
                 loss = self.loss_fn(**batch)
             n = labeled_tokens(batch)
             total += loss.item() * n
             count += n
         self.model.train()
         eval_loss = total / max(count, 1)
-        self._emit({"kind": "eval", "step": self.step, "eval_loss": eval_loss, "time": time.time()})
+        self._emit(EvalRecord(self.step, eval_loss, time.time()))
         return eval_loss
 
-    def _emit(self, record: dict) -> None:
+    def _emit(self, record: Record) -> None:
         if not self.dist.main:  # one process speaks for the run
             return
         self.run.append_metrics(record)
@@ -358,7 +366,7 @@ class Trainer:
             return
         for old in self.run.checkpoints()[: -self.config.training.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
-        self._emit({"kind": "checkpoint", "step": self.step, "time": time.time()})
+        self._emit(Event("checkpoint", self.step, time.time()))
 
     def restore(self, checkpoint) -> None:
         """Continue from a checkpoint: its weights, optimizer, scheduler, RNG and data position."""

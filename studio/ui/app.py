@@ -7,10 +7,11 @@ import importlib.resources
 import gradio as gr
 
 from studio.service import Studio
-from studio.ui.chat_tab import build_chat_tab, run_choices
+from studio.ui.chat_tab import build_chat_tab
 from studio.ui.data_tab import build_data_tab, wire_data_tab
 from studio.ui.export_tab import build_export_tab
 from studio.ui.train_tab import PLAN_EVENT, build_train_tab
+from studio.ui.views import chat_choices, run_choices
 
 CSS = importlib.resources.files("studio.ui") / "studio.css"  # package data, found wherever it is installed
 
@@ -32,7 +33,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                 export_run = build_export_tab(studio)
         wire_data_tab(studio, data, dataset_path, mapping, train.model, train.max_length)
         # Runs finish while the page is open: refresh the run lists whenever their tab opens.
-        chat_tab.select(lambda: gr.Dropdown(choices=studio.chat_choices()), outputs=chat_run)
+        chat_tab.select(lambda: gr.Dropdown(choices=chat_choices(studio)), outputs=chat_run)
         export_tab.select(lambda: gr.Dropdown(choices=run_choices(studio)), outputs=export_run)
         demo.load(train.show_plan, inputs=train.plan_inputs, outputs=train.plan_outputs, **PLAN_EVENT)
     return demo
@@ -46,7 +47,7 @@ def launch_kwargs(studio: Studio) -> dict:
 
     return {
         "css": CSS.read_text(encoding="utf-8"),
-        "allowed_paths": [str(studio.registry.root.resolve())],
+        "allowed_paths": [str(studio.runs_root.resolve())],
         "theme": gr.themes.Soft(),
         "footer_links": [],
         "max_file_size": max_import_bytes(),

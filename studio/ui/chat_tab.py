@@ -12,9 +12,11 @@ import re
 
 import gradio as gr
 
+from studio.formatting import markdown_cell
 from studio.models import ModelError
 from studio.playground import SamplingSettings, split_ref
 from studio.service import Studio
+from studio.ui.views import chat_choices
 
 
 def _text(content) -> str:
@@ -32,11 +34,6 @@ def _messages(history: list[dict], system: str | None) -> list[dict[str, str]]:
     system = (system or "").strip()  # components in a closed accordion can arrive as None
     msgs = [{"role": "system", "content": system}] if system else []
     return msgs + [{"role": m["role"], "content": _text(m["content"])} for m in history]
-
-
-def run_choices(studio: Studio) -> list[tuple[str, str]]:
-    """Finished runs (the Export tab lists these)."""
-    return [(studio.run_label(r), r.id) for r in studio.trained_runs()]
 
 
 def _strip_last_turn(history: list[dict]) -> tuple[list[dict], str]:
@@ -68,7 +65,7 @@ def _fenced(text: str) -> str:
 
 
 def _cell(text: str) -> str:
-    return (text or "(empty)").replace("|", "\\|").replace("\n", "<br>")[:800]
+    return markdown_cell(text, limit=800, multiline=True, empty="(empty)")
 
 
 EVAL_HEADERS = ["model", "held-out loss", "perplexity"]
@@ -77,7 +74,7 @@ EVAL_HEADERS = ["model", "held-out loss", "perplexity"]
 def build_chat_tab(studio: Studio) -> gr.Dropdown:
     with gr.Row():
         run = gr.Dropdown(
-            choices=studio.chat_choices(),
+            choices=chat_choices(studio),
             value=None,
             label="Trained run or checkpoint",
             elem_id="chat-run",
@@ -114,7 +111,7 @@ def build_chat_tab(studio: Studio) -> gr.Dropdown:
     def stored_table(run_id):
         from studio import evaluation
 
-        rows = evaluation.table_rows(studio.registry.get(run_id)) if run_id else []
+        rows = evaluation.table_rows(studio.run(run_id)) if run_id else []
         return rows or None
 
     def pick(ref):
@@ -125,10 +122,10 @@ def build_chat_tab(studio: Studio) -> gr.Dropdown:
         except (LookupError, ValueError, ModelError) as exc:
             return f"**Can't load this adapter.** {exc}", None, ""
         cfg = r.config()
-        loaded = len(studio.playground.loaded())
+        loaded, load_s = studio.playground_stats()
         lines = [
             f"Adapted pane: `{ref}` ({cfg.method} on `{cfg.model}`), ready in "
-            f"{studio.playground.last_load_s * 1000:.0f} ms ({loaded} adapter{'s' if loaded != 1 else ''} "
+            f"{(load_s or 0) * 1000:.0f} ms ({loaded} adapter{'s' if loaded != 1 else ''} "
             "kept loaded). Base pane: the same loaded model with the adapter disabled."
         ]
         lines += [f"**Warning:** {w}" for w in warnings]
@@ -208,12 +205,12 @@ def build_chat_tab(studio: Studio) -> gr.Dropdown:
             return gr.skip(), f"**Can't evaluate.** {exc}"
         from studio import evaluation
 
-        rows = evaluation.table_rows(studio.registry.get(split_ref(ref)[0]), result)
+        rows = evaluation.table_rows(studio.run(split_ref(ref)[0]), result)
         return rows, _samples_markdown(result)
 
     inputs = [message, base, adapted, run, temperature, top_p, max_new, rep, seed, system]
     run.change(pick, inputs=run, outputs=[run_status, eval_table, eval_notes])
-    refresh.click(lambda: gr.Dropdown(choices=studio.chat_choices()), outputs=run)
+    refresh.click(lambda: gr.Dropdown(choices=chat_choices(studio)), outputs=run)
     send.click(respond, inputs=inputs, outputs=[message, base, adapted])
     message.submit(respond, inputs=inputs, outputs=[message, base, adapted])
     regenerate.click(

@@ -15,6 +15,7 @@ from studio.data.detect import ROLES
 from studio.models import ModelError
 from studio.service import DatasetView, Studio
 from studio.ui.plots import length_histogram
+from studio.ui.views import report_markdown
 
 SAMPLES = importlib.resources.files("studio") / "templates" / "samples"  # package data
 SAMPLE_FILES = {"instructions": "instructions.csv", "chat": "chat.jsonl", "text": "text.csv"}
@@ -131,47 +132,26 @@ def wire_data_tab(
         *role_boxes,
     ]
 
+    def nothing_shown(path: str | None, pairs: str, report: str) -> tuple:
+        """The tab with no rows to show: only the report's sentence (the file and mapping kept)."""
+        blank_roles = [gr.Dropdown(choices=[NONE], value=NONE) for _ in ROLES]
+        return (path, pairs, None, 0, report, None, "", pd.DataFrame(), *blank_roles)
+
     def render(path: str | None, pairs: str, model_ref: str, max_len) -> tuple:
         """Everything the tab shows for a dataset and mapping (the one place that builds it).
         ``pairs`` is the person's own mapping ("" = detect); only that goes into the config."""
         if not path:
-            return (
-                None,
-                "",
-                None,
-                0,
-                EMPTY_REPORT,
-                None,
-                "",
-                pd.DataFrame(),
-                *[gr.Dropdown(choices=[NONE], value=NONE) for _ in ROLES],
-            )
+            return nothing_shown(None, "", EMPTY_REPORT)
         try:
             view = studio.inspect_dataset(path, pairs, (model_ref or "default").strip(), int(max_len or 512))
         except DataError as exc:
-            return (
-                None,
-                "",
-                None,
-                0,
-                f"**Can't use this file.** {exc}",
-                None,
-                "",
-                pd.DataFrame(),
-                *[gr.Dropdown(choices=[NONE], value=NONE) for _ in ROLES],
-            )
+            return nothing_shown(None, "", f"**Can't use this file.** {exc}")
         except ModelError as exc:  # the file is fine: keep it, so fixing the model brings the report back
-            return (
+            return nothing_shown(
                 path,
                 pairs,
-                None,
-                0,
                 f"**Can't count tokens: the model cannot be loaded.** {exc} Change "
                 "**Model** on the Train tab; this report updates when you leave that box.",
-                None,
-                "",
-                pd.DataFrame(),
-                *[gr.Dropdown(choices=[NONE], value=NONE) for _ in ROLES],
             )
         choices = [NONE, *view.columns]
         if view.report is None:  # readable, but no mapping works yet: keep what the person chose so far
@@ -195,7 +175,7 @@ def wire_data_tab(
             pairs,
             view,
             0,
-            view.report.to_markdown(),
+            report_markdown(view.report),
             hist,
             seen_html(view, 0),
             view.preview,
@@ -208,17 +188,7 @@ def wire_data_tab(
         try:
             path = studio.import_dataset(file)
         except DataError as exc:
-            return (
-                None,
-                "",
-                None,
-                0,
-                f"**Can't use this file.** {exc}",
-                None,
-                "",
-                pd.DataFrame(),
-                *[gr.Dropdown(choices=[NONE], value=NONE) for _ in ROLES],
-            )
+            return nothing_shown(None, "", f"**Can't use this file.** {exc}")
         return render(path, "", model_ref, max_len)
 
     def remapped(path, model_ref, max_len, *values):

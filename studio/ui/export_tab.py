@@ -9,22 +9,15 @@ import pandas as pd
 
 from studio.adapter_import import AdapterImportError
 from studio.export import ExportError, zip_contents
+from studio.formatting import format_bytes
 from studio.service import Studio
-from studio.ui.chat_tab import run_choices
+from studio.ui.views import run_choices
 
 log = logging.getLogger(__name__)
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
 def _contents(path) -> pd.DataFrame:
-    return pd.DataFrame([(name, _size(size)) for name, size in zip_contents(path)], columns=["file", "size"])
+    return pd.DataFrame([(name, format_bytes(size)) for name, size in zip_contents(path)], columns=["file", "size"])
 
 
 EMPTY = pd.DataFrame(columns=["file", "size"])
@@ -72,7 +65,7 @@ def build_export_tab(studio: Studio) -> gr.Dropdown:
             gr.DownloadButton(value=str(path), interactive=True),
             gr.Button(interactive=True),
             off,
-            f"Ready: `{path.name}` ({path.stat().st_size / 1e6:.1f} MB).",
+            f"Ready: `{path.name}` ({format_bytes(path.stat().st_size)}).",
             _contents(path),
         )
 
@@ -89,7 +82,7 @@ def build_export_tab(studio: Studio) -> gr.Dropdown:
             return off, f"**Can't build the merged model.** {type(exc).__name__}: {exc}"
         return (
             gr.DownloadButton(value=str(path), interactive=True),
-            f"Merged model ready: `{path.name}` ({path.stat().st_size / 1e6:.1f} MB).",
+            f"Merged model ready: `{path.name}` ({format_bytes(path.stat().st_size)}).",
         )
 
     def do_import(path, display_name):
@@ -103,10 +96,10 @@ def build_export_tab(studio: Studio) -> gr.Dropdown:
             log.exception("import of %s failed", path)
             return gr.Dropdown(), f"**Can't import.** {type(exc).__name__}: {exc}"
         status = new.status()
-        warnings = "".join(f"  \nWarning: {w}" for w in status.get("import_warnings") or [])
+        warnings = "".join(f"  \nWarning: {w}" for w in status.import_warnings or [])
         return (
             gr.Dropdown(choices=run_choices(studio), value=new.id),
-            f"Imported as **{new.name}** (run `{new.id}`, base `{status.get('model')}`). It is listed in "
+            f"Imported as **{new.name}** (run `{new.id}`, base `{status.model}`). It is listed in "
             f"the Chat and Export tabs.{warnings}",
         )
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
+from studio.planner import METHOD_NAMES, TIGHT_SHARE
+from studio.records import EvalRecord, TrainRecord
+
 _LAYOUT = dict(
     height=300, margin=dict(l=50, r=20, t=40, b=40), template="plotly_white", legend=dict(orientation="h", y=1.12, x=0)
 )
@@ -18,10 +21,10 @@ def smooth(values: list[float], weight: float = 0.8) -> list[float]:
     return out
 
 
-def loss_figure(train: list[dict], evals: list[dict], log_scale: bool = False) -> go.Figure:
+def loss_figure(train: list[TrainRecord], evals: list[EvalRecord], log_scale: bool = False) -> go.Figure:
     fig = go.Figure()
-    steps = [m["step"] for m in train]
-    losses = [m["loss"] for m in train]
+    steps = [m.step for m in train]
+    losses = [m.loss for m in train]
     fig.add_trace(
         go.Scatter(
             x=steps,
@@ -41,8 +44,8 @@ def loss_figure(train: list[dict], evals: list[dict], log_scale: bool = False) -
     if evals:
         fig.add_trace(
             go.Scatter(
-                x=[m["step"] for m in evals],
-                y=[m["eval_loss"] for m in evals],
+                x=[m.step for m in evals],
+                y=[m.eval_loss for m in evals],
                 mode="lines+markers",
                 name="eval loss",
                 line=dict(color="rgb(239,85,59)"),
@@ -56,21 +59,23 @@ def loss_figure(train: list[dict], evals: list[dict], log_scale: bool = False) -
 
 
 def memory_figure(
-    train: list[dict], check_peak_mib: float | None = None, estimate_mib: float | None = None
+    train: list[TrainRecord], check_peak_mib: float | None = None, estimate_mib: float | None = None
 ) -> go.Figure:
     """Memory per step, with the pre-run memory check's measured peak (the run's longest batch
     was the check's, so the run should stay under it) and the estimate drawn as lines."""
     fig = go.Figure()
-    steps = [m["step"] for m in train]
+    steps = [m.step for m in train]
     series = [
         ("rss_mib", "process RSS"),
         ("cuda_allocated_mib", "CUDA allocated"),
         ("cuda_reserved_mib", "CUDA reserved"),
     ]
     for key, name in series:
-        if train and key in train[-1]:
+        if train and key in train[-1].extra:
             fig.add_trace(
-                go.Scatter(x=steps, y=[m.get(key) for m in train], mode="lines+markers", name=name, marker=dict(size=4))
+                go.Scatter(
+                    x=steps, y=[m.extra.get(key) for m in train], mode="lines+markers", name=name, marker=dict(size=4)
+                )
             )
     if not fig.data:
         fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name="process RSS"))
@@ -140,14 +145,13 @@ def memory_plan_figure(plan) -> go.Figure:
     """One stacked bar per method (its estimate's breakdown) against the memory available."""
     gib = 1024**3
     methods = [m for m in plan.methods if m.estimate is not None]
-    labels = {"full": "Full", "lora": "LoRA", "qlora": "QLoRA"}
     fig = go.Figure()
     for part, label in PART_LABELS.items():
         values = [m.estimate.breakdown.get(part, 0) / gib for m in methods]
         if any(values):
             fig.add_trace(
                 go.Bar(
-                    y=[labels[m.method] for m in methods],
+                    y=[METHOD_NAMES[m.method] for m in methods],
                     x=values,
                     name=label,
                     orientation="h",
@@ -164,7 +168,11 @@ def memory_plan_figure(plan) -> go.Figure:
         annotation_position="top",
     )
     fig.add_vline(
-        x=0.85 * avail, line_dash="dot", line_color="#6b7280", annotation_text="85%", annotation_position="bottom left"
+        x=TIGHT_SHARE * avail,
+        line_dash="dot",
+        line_color="#6b7280",
+        annotation_text=f"{TIGHT_SHARE:.0%}",
+        annotation_position="bottom left",
     )
     top = max([avail] + [m.estimate.total_bytes / gib for m in methods]) * 1.08
     fig.update_layout(
@@ -178,7 +186,7 @@ def memory_plan_figure(plan) -> go.Figure:
     return fig
 
 
-def overlay_figure(curves: dict[str, tuple[list[dict], list[dict]]], log_scale: bool = False) -> go.Figure:
+def overlay_figure(curves: dict[str, tuple[list[TrainRecord], list[EvalRecord]]], log_scale: bool = False) -> go.Figure:
     """Several runs' smoothed training loss (and eval loss points) on one plot."""
     fig = go.Figure()
     for n, (run_id, (train, evals)) in enumerate(curves.items()):
@@ -186,8 +194,8 @@ def overlay_figure(curves: dict[str, tuple[list[dict], list[dict]]], log_scale: 
         if train:
             fig.add_trace(
                 go.Scatter(
-                    x=[m["step"] for m in train],
-                    y=smooth([m["loss"] for m in train]),
+                    x=[m.step for m in train],
+                    y=smooth([m.loss for m in train]),
                     mode="lines",
                     name=run_id,
                     line=dict(color=color, width=2),
@@ -196,8 +204,8 @@ def overlay_figure(curves: dict[str, tuple[list[dict], list[dict]]], log_scale: 
         if evals:
             fig.add_trace(
                 go.Scatter(
-                    x=[m["step"] for m in evals],
-                    y=[m["eval_loss"] for m in evals],
+                    x=[m.step for m in evals],
+                    y=[m.eval_loss for m in evals],
                     mode="markers",
                     name=f"{run_id} eval",
                     marker=dict(color=color, size=9, symbol="diamond"),

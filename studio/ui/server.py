@@ -38,7 +38,7 @@ def serve(args: argparse.Namespace) -> int:
     studio = Studio(args.runs_dir)
     demo = build_app(studio)
     kwargs = launch_kwargs(studio)
-    print(f"Finetune Studio on http://{args.host}:{args.port}  (runs in {studio.registry.root.resolve()})", flush=True)
+    print(f"Finetune Studio on http://{args.host}:{args.port}  (runs in {studio.runs_root.resolve()})", flush=True)
     try:
         demo.queue(default_concurrency_limit=4).launch(
             server_name=args.host, server_port=args.port, auth=auth, **kwargs

@@ -27,14 +27,17 @@ from studio.config import (
     field_help,
     launch_command_for,
     leaf_fields,
+    learning_rate_for,
 )
+from studio.formatting import format_bytes, markdown_cell
 from studio.models import ModelError
 from studio.planner import METHOD_NAMES
+from studio.records import Retry
 from studio.service import JobView, Studio
 from studio.ui.plots import loss_figure, memory_figure, memory_plan_figure, overlay_figure
+from studio.ui.views import progress_markdown, resumable_choices, runs_frame
 
 POLL_SECONDS = 0.5
-LORA_LR, FULL_LR = RunConfig().training.learning_rate, 2e-5
 FIELD_TYPES = {name: (ftype, default) for name, ftype, default in leaf_fields()}
 # Every re-plan runs in one queue, one at a time and in order: a slow plan (a cold server reading
 # the default model on page load) must never land after, and overwrite, the plan for a newer setting.
@@ -203,7 +206,7 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
             label="Resume an interrupted or stopped run",
             elem_id="resume-run",
             scale=3,
-            choices=studio.resumable_runs(),
+            choices=resumable_choices(studio),
             value=None,
             info="Continues from its last checkpoint with its own settings, to its final step.",
         )
@@ -219,12 +222,12 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
     with gr.Accordion("Same run from the command line", open=False):
         cli = gr.Code(language="shell", elem_id="train-cli", interactive=False)
     with gr.Accordion("Past runs: compare curves and settings", open=False):
-        runs_table = gr.Dataframe(studio.runs_table(), elem_id="runs-table", interactive=False, wrap=True)
+        runs_table = gr.Dataframe(runs_frame(studio), elem_id="runs-table", interactive=False, wrap=True)
         compare = gr.Dropdown(
             label="Runs to compare (two or more)",
             multiselect=True,
             elem_id="runs-compare",
-            choices=[r.id for r in studio.registry.list()],
+            choices=[r.id for r in studio.runs()],
             value=[],
         )
         overlay = gr.Plot(elem_id="runs-overlay", label="Loss by run")
@@ -234,7 +237,7 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
                 label="Rename or delete a run",
                 elem_id="runs-manage",
                 scale=2,
-                choices=[r.id for r in studio.registry.list()],
+                choices=[r.id for r in studio.runs()],
                 value=None,
             )
             new_name = gr.Textbox(label="New name", elem_id="runs-new-name", scale=2, max_length=80)
@@ -328,7 +331,7 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
     retry_btn.click(bind(apply_change, tab), inputs=[retry_state, lr], outputs=form.components).then(
         bind(start, studio, tab), inputs=tab.inputs, outputs=[status, cli]
     )
-    apply_fix.click(bind(apply_change, tab), inputs=[plan_state, lr], outputs=form.components)
+    apply_fix.click(bind(apply_plan_fix, tab), inputs=[plan_state, lr], outputs=form.components)
     return TrainControls(fields["model"], fields["data.max_length"], show, tab.inputs, tab.plan_outputs, tab)
 
 
@@ -359,11 +362,7 @@ def show_plan(studio: Studio, tab: TrainTab, data: dict):
         return _problems_html(exc.problems), None, None, *hidden
     except ModelError as exc:
         return _problems_html([str(exc)]), None, None, *hidden
-    keep = {
-        "recommended": plan.recommended,
-        "changes": plan.suggestion.changes if plan.suggestion else None,
-        "suggested_method": plan.suggestion.method if plan.suggestion else None,
-    }
+    keep = {"recommended": plan.recommended, "fix": plan.suggestion.as_retry() if plan.suggestion else None}
     rec = plan.recommended
     return (
         plan_table_html(plan, cfg.method, basis),
@@ -391,7 +390,7 @@ def start(studio: Studio, tab: TrainTab, data: dict):
     except RuntimeError as exc:
         gr.Warning(str(exc))
         return f"**{exc}**", gr.skip()
-    position = studio.jobs.queue_position(job)
+    position = studio.queue_position(job)
     if position:
         gr.Info(f"Queued at position {position}: it starts by itself when the runs before it end.")
         return f"Queued `{job.run.id}` at position {position}.", _commands(cfg)
@@ -413,7 +412,7 @@ def poll(studio: Studio, tab: TrainTab, last, log) -> dict:
         return {tab.shown: gr.skip()}
     running = view.active and view.state != "stopping"
     out = {
-        tab.status: view.progress_text(),
+        tab.status: progress_markdown(view),
         tab.progress: _progress_html(view),
         tab.loss_plot: loss_figure(view.train, view.evals, log),
         tab.memory_plot: memory_figure(view.train, view.memory_peak_mib, view.memory_estimate_mib),
@@ -424,14 +423,13 @@ def poll(studio: Studio, tab: TrainTab, last, log) -> dict:
         tab.resume_btn: gr.Button(interactive=not view.active),
         tab.cancel_btn: gr.Button(visible=bool(view.queued)),
     }
-    retry = view.retry and {"changes": view.retry["changes"], "suggested_method": view.retry["method"]}
-    out |= {tab.retry_btn: gr.Button(visible=bool(retry)), tab.retry_state: retry}
+    out |= {tab.retry_btn: gr.Button(visible=view.retry is not None), tab.retry_state: view.retry}
     # The run lists change only when a job changes state: refresh them then.
     if key[:3] != (last or (None,) * 3)[:3] or key[-1] != (last or (None,) * 7)[-1]:
-        run_ids = [r.id for r in studio.registry.list()]
+        run_ids = [r.id for r in studio.runs()]
         out |= {
-            tab.resume_run: gr.Dropdown(choices=studio.resumable_runs()),
-            tab.runs_table: studio.runs_table(),
+            tab.resume_run: gr.Dropdown(choices=resumable_choices(studio)),
+            tab.runs_table: runs_frame(studio),
             tab.compare: gr.Dropdown(choices=run_ids),
             tab.manage: gr.Dropdown(choices=run_ids),
         }
@@ -439,13 +437,9 @@ def poll(studio: Studio, tab: TrainTab, last, log) -> dict:
 
 
 def switch_lr(current_lr, new_method):
-    """Full fine-tuning wants about a tenth of LoRA's learning rate: when a button switches
-    method and the rate is still the other family's default, switch the rate too."""
-    if new_method == "full" and current_lr == LORA_LR:
-        return FULL_LR
-    if new_method != "full" and current_lr == FULL_LR:
-        return LORA_LR
-    return gr.skip()
+    """When a button switches method, the learning rate follows (config.learning_rate_for)."""
+    new_lr = learning_rate_for(new_method, current_lr)
+    return gr.skip() if new_lr == current_lr else new_lr
 
 
 def use_recommendation(tab: TrainTab, kept, current_lr):
@@ -454,16 +448,20 @@ def use_recommendation(tab: TrainTab, kept, current_lr):
     return gr.Radio(value=kept["recommended"]), switch_lr(current_lr, kept["recommended"])
 
 
-def apply_change(tab: TrainTab, kept, current_lr) -> dict:
+def apply_plan_fix(tab: TrainTab, kept, current_lr) -> dict:
+    """The memory plan's suggested change, applied like a failed run's retry."""
+    return apply_change(tab, (kept or {}).get("fix"), current_lr)
+
+
+def apply_change(tab: TrainTab, retry: Retry | None, current_lr) -> dict:
     """Set the suggested method and settings by name; each control's change event then re-plans."""
-    if not kept or not kept.get("changes"):
+    if retry is None or not retry.changes:
         return {tab.form.fields["method"]: gr.skip()}
-    new = kept["suggested_method"]
     fields = tab.form.fields
     return {
-        fields["method"]: gr.Radio(value=new),
-        fields["training.learning_rate"]: switch_lr(current_lr, new),
-        **tab.form.updates(kept["changes"]),
+        fields["method"]: gr.Radio(value=retry.method),
+        fields["training.learning_rate"]: switch_lr(current_lr, retry.method),
+        **tab.form.updates(retry.changes),
     }
 
 
@@ -484,8 +482,8 @@ def compare_runs(studio: Studio, run_ids, log):
 
 
 def _after_change(studio: Studio, note: str):
-    ids = [r.id for r in studio.registry.list()]
-    return note, studio.runs_table(), gr.Dropdown(choices=ids, value=None), gr.Dropdown(choices=ids, value=[]), False
+    ids = [r.id for r in studio.runs()]
+    return note, runs_frame(studio), gr.Dropdown(choices=ids, value=None), gr.Dropdown(choices=ids, value=[]), False
 
 
 def rename(studio: Studio, run_id, name):
@@ -551,17 +549,12 @@ def _commands(cfg) -> str:
 
 
 def _cell(value) -> str:
-    """A config value inside a markdown table cell: escaped, pipes kept out of the layout."""
-    return html.escape(str(value)).replace("|", "&#124;") or "(empty)"
+    return markdown_cell(value, empty="(empty)")
 
 
 def _problems_html(problems: list[str]) -> str:
     items = "".join(f"<li>{html.escape(p)}</li>" for p in problems)
     return f'<div class="fs-plan-problems">Fix these settings to see the memory estimate:<ul>{items}</ul></div>'
-
-
-def _size(n: int) -> str:
-    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.0f} MiB"
 
 
 def plan_table_html(plan, chosen: str, basis: str) -> str:
@@ -575,8 +568,8 @@ def plan_table_html(plan, chosen: str, basis: str) -> str:
         else:
             pct = est.trainable_params / est.total_params
             cells = (
-                f"<td>{_size(est.total_bytes)} ({m.share:.0%})</td>"
-                f"<td>{est.trainable_params:,} ({pct:.2%})</td><td>{_size(est.adapter_bytes)}</td>"
+                f"<td>{format_bytes(est.total_bytes, 2)} ({m.share:.0%})</td>"
+                f"<td>{est.trainable_params:,} ({pct:.2%})</td><td>{format_bytes(est.adapter_bytes, 2)}</td>"
             )
         mark = " fs-chosen" if m.method == chosen else ""
         rows.append(
@@ -585,7 +578,8 @@ def plan_table_html(plan, chosen: str, basis: str) -> str:
             f'<td><span class="fs-verdict {css}">{label}</span></td>{cells}</tr>'
         )
     where = "GPU" if plan.device == "cuda" else plan.device.upper()
-    head = f'<div class="fs-plan-basis">{html.escape(basis)} Available on {where}: {_size(plan.available_bytes)}.</div>'
+    available = format_bytes(plan.available_bytes, 2)
+    head = f'<div class="fs-plan-basis">{html.escape(basis)} Available on {where}: {available}.</div>'
     table = (
         '<table class="fs-plan"><thead><tr><th>Method</th><th>Verdict</th><th>Estimated peak</th>'
         "<th>Trainable parameters</th><th>Saved size</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"

@@ -1,0 +1,202 @@
+"""One training run from start to final status, as named steps (torchtune's recipe_main):
+
+    run_training
+        _start          status "running", this process's pid
+        _setup          data, model, optimizer (Trainer.setup); what was built goes into the status
+        _before_training  the fingerprint, the memory check, the base model's held-out score
+        _resume         a resumed run continues from its last checkpoint
+        _train          the loop, until the final step, Stop or early stopping
+        _finish         the final eval, the save, status "finished"
+        _fail           any failure: the traceback to train.log, a sentence and a retry to the status
+
+Every failure ends as a status with a sentence (studio/training/failures.py), never a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from studio import fingerprint
+from studio.config import RunConfig
+from studio.records import Event, RunStatus
+from studio.runs import Run, process_started_at
+from studio.training.failures import failure_message, is_out_of_memory, retry_for
+from studio.training.memory_check import check_memory
+from studio.training.trainer import EarlyStopped, MetricsSink, Trainer, TrainingStopped
+
+log = logging.getLogger(__name__)
+
+
+def run_training(
+    config: RunConfig,
+    run: Run,
+    stop_event: threading.Event | None = None,
+    on_metrics: MetricsSink | None = None,
+    resume: bool = False,
+    save_event: threading.Event | None = None,
+) -> RunStatus:
+    """Train to the end (or until stopped), save, and leave a final status. Returns the status.
+
+    With ``resume`` the run continues from its last checkpoint in the same folder (weights,
+    optimizer, scheduler, RNG and data position), so it ends at the configured final step.
+    """
+    checkpoint = run.checkpoints()[-1] if resume and run.checkpoints() else None
+    if resume and checkpoint is None:
+        return run.set_status("failed", message="This run has no checkpoint to resume from; start a new run.")
+    trainer = Trainer(config, run, stop_event, on_metrics, save_event)
+    _start(run, checkpoint)
+    try:
+        _setup(trainer)
+        _before_training(trainer, resuming=checkpoint is not None)
+        if checkpoint is not None:
+            _resume(trainer, checkpoint)
+        return _finish(trainer, _train(trainer))
+    except BaseException as exc:  # noqa: BLE001 - every failure must end as a status, not a crash
+        return _fail(trainer, exc)
+    finally:
+        del trainer
+        _free_memory()
+
+
+@dataclass
+class _Outcome:
+    stopped: bool = False  # Stop was pressed: saved with a checkpoint, resumable
+    early: str | None = None  # early stopping's sentence
+
+
+def _start(run: Run, checkpoint: Path | None) -> None:
+    run.set_status(
+        "running",
+        pid=os.getpid(),
+        pid_started=process_started_at(),
+        started_at=time.time(),
+        stopped=False,
+        retry=None,
+        message=f"Resuming from {checkpoint.name}..." if checkpoint else "Loading model and data...",
+    )
+
+
+def _setup(trainer: Trainer) -> None:
+    trainer.setup()
+    trainer.run.set_status(
+        "running",
+        total_steps=trainer.total_steps,
+        trainable_params=trainer.trainable_params,
+        train_rows=len(trainer.train_examples),
+        eval_rows=len(trainer.eval_examples),
+        device=trainer.device,
+        precision=trainer.precision,
+        bf16=trainer.use_bf16,
+        message=(
+            f"Compiling {trainer.compiled_layers} layers (about a minute), then training..."
+            if trainer.compiled_layers
+            else trainer.compile_note or "Training..."
+        ),
+        data_warnings=[f.code for f in trainer.data_findings],
+        data_sha256=data_digest(trainer.config),
+        compiled_layers=trainer.compiled_layers,
+        compile_note=trainer.compile_note,
+    )
+
+
+def _before_training(trainer: Trainer, resuming: bool) -> None:
+    run, config = trainer.run, trainer.config
+    if run.writable:  # what the adapter means: checked before it is loaded onto any base
+        fingerprint.write(run.path, fingerprint.fingerprint(trainer.model.config, trainer.tokenizer, config.model))
+    if config.training.memory_check and not trainer.dist.enabled:  # one process checks itself only
+        run.set_status("running", message="Checking memory: two steps on the longest rows...")
+        check = check_memory(trainer)
+        run.set_status("running", memory_check=check.to_dict(), message="Training...")
+        log.info(check.summary())
+        trainer.on_metrics(Event("memory_check", trainer.step, time.time(), check.to_dict()))
+    if not resuming and trainer.eval_examples:
+        # Step 0 is the base model (LoRA starts as a no-op), so this is the base's held-out
+        # loss: the number the adapter's eval loss is compared with.
+        run.set_status("running", message="Scoring the base model on the held-out rows...")
+        run.set_status("running", base_eval_loss=trainer.evaluate(), message="Training...")
+
+
+def _resume(trainer: Trainer, checkpoint: Path) -> None:
+    trainer.restore(checkpoint)
+    trainer.run.truncate_metrics(trainer.step)
+    trainer.run.set_status("running", message=f"Resumed at step {trainer.step}; training...")
+
+
+def _train(trainer: Trainer) -> _Outcome:
+    try:
+        trainer.train()
+    except EarlyStopped as exc:
+        return _Outcome(early=str(exc))
+    except TrainingStopped:
+        trainer.run.set_status("stopping", message=f"Stopping at step {trainer.step}; saving...")
+        trainer.save_checkpoint()  # so Resume can take it to the configured final step
+        return _Outcome(stopped=True)
+    return _Outcome()
+
+
+def _finish(trainer: Trainer, outcome: _Outcome) -> RunStatus:
+    run = trainer.run
+    eval_loss = trainer.evaluate()
+    trainer.save()
+    train = run.train_metrics()
+    done = (
+        f"Stopped at step {trainer.step} of {trainer.total_steps}; the adapter and a checkpoint "
+        "were saved (Resume continues from here)."
+        if outcome.stopped
+        else outcome.early or f"Finished {trainer.step} steps."
+    )
+    return run.set_status(
+        "finished",
+        finished_at=time.time(),
+        step=trainer.step,
+        stopped=outcome.stopped,
+        early_stopped=outcome.early is not None,
+        version=run.version + 1,
+        final_loss=train[-1].loss if train else None,
+        eval_loss=eval_loss,
+        message=done,
+        compiled_layers=trainer.compiled_layers,
+        compile_note=trainer.compile_note,
+    )
+
+
+def _fail(trainer: Trainer, exc: BaseException) -> RunStatus:
+    run = trainer.run
+    with run.log_path.open("a", encoding="utf-8") as f:
+        f.write("".join(traceback.format_exception(exc)))
+    msg = failure_message(exc)
+    retry = retry_for(exc, trainer.config, getattr(trainer, "device", None))
+    if retry and is_out_of_memory(exc):
+        msg = f"Ran out of memory at step {trainer.step}. {retry.text}"
+    log.warning("run %s failed: %s", run.id, msg)
+    return run.set_status("failed", finished_at=time.time(), step=trainer.step, message=msg, retry=retry)
+
+
+def data_digest(config: RunConfig) -> str | None:
+    """sha256 (16 hex digits) of the training file and held-out file: which bytes a run saw."""
+    h = hashlib.sha256()
+    try:
+        for path in filter(None, (config.data.path, config.data.eval_path)):
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    except OSError:
+        return None
+    return h.hexdigest()[:16]
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
