@@ -78,7 +78,7 @@ def test_start_without_a_dataset_says_so_and_bad_settings_are_listed(tab):
 def test_poll_redraws_only_what_changed(tab):
     studio, tab = tab
     first = train_tab.poll(studio, tab, None, False)
-    assert first[tab.status] and tab.runs_table in first  # the first draw fills everything
+    assert first[tab.status] and tab.past.runs_table in first  # the first draw fills everything
     # Nothing changed: nothing sent (a non-empty dict: Gradio reads an empty one as a single value).
     assert train_tab.poll(studio, tab, first[tab.shown], False) == {tab.shown: gr.skip()}
 

@@ -164,7 +164,7 @@ def check_memory(trainer) -> MemoryCheck:
             with trainer.autocast():
                 loss = trainer.loss_fn(**batch)  # the loss path training uses
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            trainer.clip_gradients(params)
             trainer.optimizer.step()
             trainer.optimizer.zero_grad(set_to_none=True)
             del loss

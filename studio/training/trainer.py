@@ -50,7 +50,8 @@ class Trainer:
     ``save_checkpoint()`` and ``restore()`` write and read the run folder.
 
     The lifecycle around it (status, memory check, failures) is training/recipe.py; the memory
-    check drives it through ``collate_rows``, ``autocast``, ``loss_fn`` and ``reset_optimizer``.
+    check drives it through ``collate_rows``, ``autocast``, ``loss_fn``, ``clip_gradients`` and
+    ``reset_optimizer``.
     """
 
     def __init__(
@@ -214,6 +215,10 @@ class Trainer:
     def autocast(self):
         return precision.autocast(self.device, self.precision)
 
+    def clip_gradients(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
+        """Scale the gradients down to norm 1.0 where above it; returns the norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(params, 1.0)
+
     @property
     def save_every(self) -> int:
         """Checkpoint interval in steps: the configured one, or every 10% of the run (at least
@@ -256,7 +261,7 @@ class Trainer:
                 loss_sum += loss.item()
                 tokens += int(batch["attention_mask"].sum())
                 labeled += labeled_tokens(batch)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
+            grad_norm = self.clip_gradients(params).item()
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import html
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import gradio as gr
 
@@ -24,21 +24,20 @@ from studio.config import (
     ConfigError,
     RunConfig,
     command_for,
-    field_help,
     launch_command_for,
-    leaf_fields,
     learning_rate_for,
 )
-from studio.formatting import format_bytes, markdown_cell
+from studio.formatting import format_bytes
 from studio.models import ModelError
 from studio.planner import METHOD_NAMES
 from studio.records import Retry
 from studio.service import JobView, Studio
-from studio.ui.plots import loss_figure, memory_figure, memory_plan_figure, overlay_figure
-from studio.ui.views import progress_markdown, resumable_choices, runs_frame
+from studio.ui.form import Form
+from studio.ui.past_runs import PastRuns, build_past_runs, refreshed
+from studio.ui.plots import loss_figure, memory_figure, memory_plan_figure
+from studio.ui.views import progress_markdown, resumable_choices
 
 POLL_SECONDS = 0.5
-FIELD_TYPES = {name: (ftype, default) for name, ftype, default in leaf_fields()}
 # Every re-plan runs in one queue, one at a time and in order: a slow plan (a cold server reading
 # the default model on page load) must never land after, and overwrite, the plan for a newer setting.
 PLAN_EVENT = {"show_progress": "hidden", "concurrency_id": "memory-plan", "concurrency_limit": 1}
@@ -53,40 +52,6 @@ PLANNED = (
     "training.gradient_accumulation",
     "training.gradient_checkpointing",
 )
-
-
-class Form:
-    """The tab's settings by RunConfig dotted name. ``add`` makes a component of the field's type
-    with its default and docstring help; adding a setting to the page is one ``add`` line."""
-
-    def __init__(self):
-        self.fields: dict[str, gr.Component] = {}
-
-    def add(self, name: str, label: str, component: Callable | None = None, **kwargs) -> gr.Component:
-        ftype, default = FIELD_TYPES[name]
-        kwargs = {"label": label, "info": field_help(name), **kwargs}
-        if component is not None:
-            made = component(value=default, **kwargs)
-        elif ftype is bool:
-            made = gr.Checkbox(default, **kwargs)
-        elif ftype in (int, float):
-            made = gr.Number(value=default, **({"precision": 0} if ftype is int else {}), **kwargs)
-        else:
-            made = gr.Textbox(value=default, **kwargs)
-        self.fields[name] = made
-        return made
-
-    @property
-    def components(self) -> list[gr.Component]:
-        return list(self.fields.values())
-
-    def values(self, data: dict) -> dict[str, Any]:
-        """The form's values by name, from an event's ``{component: value}``."""
-        return {name: data[comp] for name, comp in self.fields.items()}
-
-    def updates(self, changes: dict[str, Any]) -> dict[gr.Component, Any]:
-        """``{component: value}`` for the settings in ``changes`` that the form shows."""
-        return {self.fields[name]: value for name, value in changes.items() if name in self.fields}
 
 
 @dataclass
@@ -115,9 +80,7 @@ class TrainTab:
     memory_plot: gr.Plot
     log_scale: gr.Checkbox
     cli: gr.Code
-    runs_table: gr.Dataframe
-    compare: gr.Dropdown
-    manage: gr.Dropdown
+    past: PastRuns
     shown: gr.State
 
     @property
@@ -221,35 +184,7 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
     log_scale = gr.Checkbox(False, label="Log-scale loss axis", elem_id="loss-log-scale")
     with gr.Accordion("Same run from the command line", open=False):
         cli = gr.Code(language="shell", elem_id="train-cli", interactive=False)
-    with gr.Accordion("Past runs: compare curves and settings", open=False):
-        runs_table = gr.Dataframe(runs_frame(studio), elem_id="runs-table", interactive=False, wrap=True)
-        compare = gr.Dropdown(
-            label="Runs to compare (two or more)",
-            multiselect=True,
-            elem_id="runs-compare",
-            choices=[r.id for r in studio.runs()],
-            value=[],
-        )
-        overlay = gr.Plot(elem_id="runs-overlay", label="Loss by run")
-        diff = gr.Markdown(elem_id="runs-diff")
-        with gr.Row():
-            manage = gr.Dropdown(
-                label="Rename or delete a run",
-                elem_id="runs-manage",
-                scale=2,
-                choices=[r.id for r in studio.runs()],
-                value=None,
-            )
-            new_name = gr.Textbox(label="New name", elem_id="runs-new-name", scale=2, max_length=80)
-            rename_btn = gr.Button("Rename", elem_id="runs-rename", scale=1)
-        with gr.Row():
-            confirm = gr.Checkbox(
-                label="Yes, delete this run's adapter, checkpoints and metrics for good",
-                elem_id="runs-confirm-delete",
-                scale=3,
-            )
-            delete_btn = gr.Button("Delete run", variant="stop", elem_id="runs-delete", scale=1)
-        manage_note = gr.Markdown(elem_id="runs-manage-note")
+    past = build_past_runs(studio, log_scale)
     timer = gr.Timer(POLL_SECONDS)
     shown = gr.State(None)  # what this browser tab last drew; skip redraws when nothing changed
 
@@ -276,9 +211,7 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
         memory_plot,
         log_scale,
         cli,
-        runs_table,
-        compare,
-        manage,
+        past,
         shown,
     )
     bind = functools.partial  # handlers are module functions of (studio, tab, ...)
@@ -288,10 +221,6 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
     stop_btn.click(bind(stop, studio))
     cancel_btn.click(bind(cancel_queued, studio))
     save_btn.click(bind(save_now, studio))
-    compare.change(bind(compare_runs, studio), inputs=[compare, log_scale], outputs=[overlay, diff])
-    manage_outputs = [manage_note, runs_table, manage, compare, confirm]
-    rename_btn.click(bind(rename, studio), inputs=[manage, new_name], outputs=manage_outputs)
-    delete_btn.click(bind(delete, studio), inputs=[manage, confirm], outputs=manage_outputs)
     resume_btn.click(bind(resume, studio), inputs=resume_run, outputs=status)
     timer.tick(
         bind(poll, studio, tab),
@@ -309,9 +238,7 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
             resume_btn,
             retry_btn,
             retry_state,
-            runs_table,
-            compare,
-            manage,
+            *past.components,
             cancel_btn,
         ],
         show_progress="hidden",
@@ -426,13 +353,7 @@ def poll(studio: Studio, tab: TrainTab, last, log) -> dict:
     out |= {tab.retry_btn: gr.Button(visible=view.retry is not None), tab.retry_state: view.retry}
     # The run lists change only when a job changes state: refresh them then.
     if key[:3] != (last or (None,) * 3)[:3] or key[-1] != (last or (None,) * 7)[-1]:
-        run_ids = [r.id for r in studio.runs()]
-        out |= {
-            tab.resume_run: gr.Dropdown(choices=resumable_choices(studio)),
-            tab.runs_table: runs_frame(studio),
-            tab.compare: gr.Dropdown(choices=run_ids),
-            tab.manage: gr.Dropdown(choices=run_ids),
-        }
+        out |= {tab.resume_run: gr.Dropdown(choices=resumable_choices(studio))} | refreshed(studio, tab.past)
     return out
 
 
@@ -463,49 +384,6 @@ def apply_change(tab: TrainTab, retry: Retry | None, current_lr) -> dict:
         fields["training.learning_rate"]: switch_lr(current_lr, retry.method),
         **tab.form.updates(retry.changes),
     }
-
-
-def compare_runs(studio: Studio, run_ids, log):
-    run_ids = run_ids or []
-    if len(run_ids) < 2:
-        return None, "Pick two or more runs to overlay their curves and compare their settings."
-    try:
-        fig = overlay_figure(studio.curves(run_ids), log)
-        a, b = run_ids[0], run_ids[1]
-        rows = studio.config_diff(a, b)
-    except (LookupError, ConfigError) as exc:
-        return None, f"**{exc}**"
-    if not rows:
-        return fig, f"`{a}` and `{b}` used the same settings."
-    table = "\n".join(f"| `{k}` | {_cell(va)} | {_cell(vb)} |" for k, va, vb in rows)
-    return fig, f"Settings that differ:\n\n| setting | `{a}` | `{b}` |\n|---|---|---|\n{table}"
-
-
-def _after_change(studio: Studio, note: str):
-    ids = [r.id for r in studio.runs()]
-    return note, runs_frame(studio), gr.Dropdown(choices=ids, value=None), gr.Dropdown(choices=ids, value=[]), False
-
-
-def rename(studio: Studio, run_id, name):
-    if not run_id:
-        return "Pick a run to rename.", *(gr.skip(),) * 4
-    try:
-        name = studio.rename_run(run_id, name)
-    except (LookupError, ValueError) as exc:
-        return f"**{exc}**", *(gr.skip(),) * 4
-    return _after_change(studio, f"`{run_id}` is now called **{name}**.")
-
-
-def delete(studio: Studio, run_id, sure):
-    if not run_id:
-        return "Pick a run to delete.", *(gr.skip(),) * 4
-    if not sure:
-        return "Tick the box to confirm: deleting removes the run's files for good.", *(gr.skip(),) * 4
-    try:
-        studio.delete_run(run_id)
-    except (LookupError, ValueError) as exc:
-        return f"**{exc}**", *(gr.skip(),) * 4
-    return _after_change(studio, f"Deleted `{run_id}`.")
 
 
 def resume(studio: Studio, run_id):
@@ -546,10 +424,6 @@ VERDICTS = {
 
 def _commands(cfg) -> str:
     return f"{command_for(cfg)}\n\n# the same run on several GPUs (DDP), e.g. 4:\n{launch_command_for(cfg, 4)}"
-
-
-def _cell(value) -> str:
-    return markdown_cell(value, empty="(empty)")
 
 
 def _problems_html(problems: list[str]) -> str:
