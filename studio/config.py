@@ -103,6 +103,9 @@ class TrainingConfig:
     """How the learning rate falls after the warmup: cosine (to 0, the usual choice), linear (to 0) or constant."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradients are scaled down to this norm when above it (clipping keeps one bad batch from undoing
+    training); 0 turns clipping off."""
     precision: str = "auto"
     """auto (bf16 autocast where the device supports it), bf16 or fp32."""
     gradient_checkpointing: bool = False
@@ -249,6 +252,8 @@ class RunConfig:
             p.append(f"`training.lr_scheduler` must be one of {', '.join(LR_SCHEDULERS)} (got {t.lr_scheduler!r}).")
         if t.weight_decay < 0:
             p.append(f"`training.weight_decay` must be 0 or more (got {t.weight_decay}).")
+        if t.max_grad_norm < 0:
+            p.append(f"`training.max_grad_norm` must be 0 (no clipping) or more (got {t.max_grad_norm}).")
         if t.precision not in PRECISIONS:
             p.append(f"`training.precision` must be one of {', '.join(PRECISIONS)} (got {t.precision!r}).")
         if t.eval_steps < 0:

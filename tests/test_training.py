@@ -343,3 +343,18 @@ def test_lr_scheduler_shapes_the_learning_rate_after_warmup(
 def test_lr_scheduler_is_validated():
     problems = RunConfig.from_dict({"training": {"lr_scheduler": "step"}}).validate(check_data_file=False)
     assert "`training.lr_scheduler` must be one of cosine, linear, constant (got 'step')." in problems
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 1e-3])
+def test_gradients_are_clipped_to_the_configured_norm(tiny_model_dir, instruction_csv, runs_dir, max_norm):
+    cfg = _cfg(tiny_model_dir, instruction_csv, max_grad_norm=max_norm, memory_check=False)
+    trainer = Trainer(cfg, RunRegistry(runs_dir).create(cfg))
+    trainer.setup()
+    trainer.loss_fn(**trainer.collate_rows(trainer.train_examples[:4])).backward()
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    before = trainer.clip_gradients(params).item()
+    after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
+    assert before > 1e-2  # a real gradient, well above the tight limit
+    assert after == pytest.approx(before if max_norm == 0 else max_norm, rel=1e-3)  # 0: measured, not clipped
+    problems = RunConfig().with_overrides({"training.max_grad_norm": -1}).validate(check_data_file=False)
+    assert "`training.max_grad_norm` must be 0 (no clipping) or more (got -1.0)." in problems

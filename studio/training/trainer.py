@@ -216,8 +216,9 @@ class Trainer:
         return precision.autocast(self.device, self.precision)
 
     def clip_gradients(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
-        """Scale the gradients down to norm 1.0 where above it; returns the norm before clipping."""
-        return torch.nn.utils.clip_grad_norm_(params, 1.0)
+        """Scale the gradients down to ``training.max_grad_norm`` where above it (0: measure only);
+        returns the norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(params, self.config.training.max_grad_norm or math.inf)
 
     @property
     def save_every(self) -> int:

@@ -147,6 +147,7 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
             )
     with gr.Row():
         form.add("training.gradient_accumulation", "Gradient accumulation", minimum=1, elem_id="train-accumulation")
+        form.add("training.max_grad_norm", "Max gradient norm", minimum=0)
         form.add("training.gradient_checkpointing", "Gradient checkpointing", elem_id="train-checkpointing")
         form.add("training.memory_check", "Check memory before training", elem_id="train-memory-check")
         form.add("training.compile", "Compile (faster long runs)", elem_id="train-compile")
