@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_server_args(ui)
 
+    srv = sub.add_parser(
+        "serve", help="Serve the base model and its trained adapters over an OpenAI-compatible API (/v1)."
+    )
+    from studio.serving.server import add_serve_args
+
+    add_serve_args(srv)
+
     sub.add_parser("prepare-model", help="Convert the bundled default model once (make install runs this).")
     return parser
 
@@ -404,6 +411,10 @@ def _command(args) -> int:
         return 0
     if args.command == "ui":
         from studio.ui.server import serve
+
+        return serve(args)
+    if args.command == "serve":
+        from studio.serving.server import serve
 
         return serve(args)
     return 2

@@ -144,10 +144,14 @@ def hub_reachable(timeout: float = 2.0) -> bool:
 
 
 def load_tokenizer(ref: str, trust_remote_code: bool = False):
+    """A model's tokenizer, or the tokenizer saved in a folder (an adapter's, with the chat
+    template it trained with); ChatML when it has no template, EOS as padding when it has none."""
     from transformers import AutoTokenizer
 
+    folder = Path(ref).expanduser()
+    source = str(folder) if (folder / "tokenizer_config.json").is_file() else resolve(ref)
     try:
-        tok = AutoTokenizer.from_pretrained(resolve(ref), trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise ModelError(_not_found(ref, exc)) from None
     if tok.chat_template is None:

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
@@ -29,6 +29,7 @@ from studio.data.render import labeled_tokens
 from studio.runs import Run
 
 CHECKPOINT_SEP = "@"  # "run-id@step-40" names a run's intermediate checkpoint
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch's adapter_names
 
 
 def split_ref(ref: str) -> tuple[str, str | None]:
@@ -56,6 +57,15 @@ class SamplingSettings:
         if not 1 <= self.repetition_penalty <= 5:
             p.append(f"Repetition penalty must be between 1 (off) and 5 (got {self.repetition_penalty}).")
         return p
+
+
+class BaseLoad(NamedTuple):
+    """How a base model is loaded: adapters that share one can share a batch."""
+
+    model: str  # the model reference (default, a hub id, a folder)
+    method: str  # "lora" (dense weights) or "qlora" (4-bit NF4)
+    precision: str  # "bf16" | "fp32"
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -98,6 +108,7 @@ class Playground:
         self.base_loads = 0  # how many times a base was loaded (tests assert swaps don't reload)
         self.last_load_s = 0.0  # how long the last activate() took (the Chat tab shows it)
         self._adapter_layers: list = []  # PEFT layers the base pane switches off (see _base_context)
+        self._pinned: set[str] = set()  # adapters a serving batch uses: never evicted during it
         self._lock = threading.Lock()
 
     # ---- loading ---------------------------------------------------------------------------
@@ -191,9 +202,11 @@ class Playground:
             total = sum(a.bytes for a in self.adapters.values())
             return len(self.adapters) > self.max_adapters or total > self.max_adapter_bytes
 
-        while over() and len(self.adapters) > 1:
-            oldest = next(r for r in self.adapters if r != keep)
-            self.model.delete_adapter(self.adapters.pop(oldest).name)
+        while over():
+            spare = [r for r in self.adapters if r != keep and r not in self._pinned]
+            if not spare:  # everything left is in use by this batch: over budget until it ends
+                return
+            self.model.delete_adapter(self.adapters.pop(spare[0]).name)
 
     def unload(self, run_id: str) -> None:
         """Forget a run's adapters and checkpoints (the run was deleted)."""
@@ -212,6 +225,42 @@ class Playground:
     def loaded(self) -> list[str]:
         """Loaded adapter refs, most recently used last."""
         return list(self.adapters)
+
+    # ---- serving (studio/serving/engine.py) --------------------------------------------------
+    @contextmanager
+    def serving(self, load: BaseLoad):
+        """Hold the playground for one batch of requests on the base ``load``: the lock for the
+        whole batch, the base loaded, and no adapter this batch loads evicted until it ends."""
+        with self._lock:
+            self._ensure_base(load.model, (load.method, load.precision), load.trust_remote_code)
+            self._pinned = set()
+            try:
+                yield self
+            finally:
+                self._pinned = set()
+
+    def serve_adapter(self, run: Run, checkpoint: str | None = None) -> str:
+        """Inside ``serving``: load a run's adapter (fingerprint checked) without changing what
+        the Chat tab has active; returns its PEFT adapter name."""
+        ref = run.id if checkpoint is None else f"{run.id}{CHECKPOINT_SEP}{checkpoint}"
+        if ref not in self.adapters:
+            weights = self.weights_for(run, checkpoint)
+            trained_on = run.fingerprint() or fingerprint.read(weights)
+            errors, _ = fingerprint.compare(trained_on, self.base_fingerprint) if trained_on else ([], [])
+            if errors:
+                raise ValueError(errors[0])
+            active = self.active
+            self._load_adapter(ref, weights, precision.of_status(run.status()))
+            if active in self.adapters:  # the Chat tab's choice stays what it was
+                self.model.set_adapter(self.adapters[active].name)
+        else:
+            self.adapters.move_to_end(ref)
+        self._pinned.add(ref)
+        return self.adapters[ref].name
+
+    def eos_ids(self) -> set[int]:
+        """Token ids that end a reply: the tokenizer's and generation config's end tokens."""
+        return _eos_ids(self.tokenizer, self.model)
 
     # ---- generation ------------------------------------------------------------------------
     def _base_context(self):
@@ -338,13 +387,6 @@ class _Side:
     def __init__(
         self, model, context, prompt_ids: torch.Tensor, settings: SamplingSettings, run_precision: str = "fp32"
     ):
-        from transformers import (
-            LogitsProcessorList,
-            RepetitionPenaltyLogitsProcessor,
-            TemperatureLogitsWarper,
-            TopPLogitsWarper,
-        )
-
         self.model, self.context, self.settings = model, context, settings
         self.precision = run_precision
         self.ids = prompt_ids
@@ -353,14 +395,7 @@ class _Side:
         self.generated: list[int] = []
         self.done = False
         self.generator = torch.Generator(device=prompt_ids.device).manual_seed(settings.seed)
-        procs = LogitsProcessorList()
-        if settings.repetition_penalty != 1.0:
-            procs.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
-        if settings.temperature > 0:
-            procs.append(TemperatureLogitsWarper(settings.temperature))
-            if settings.top_p < 1.0:
-                procs.append(TopPLogitsWarper(settings.top_p))
-        self.processors = procs
+        self.processors = sampling_processors(settings)
 
     @torch.no_grad()
     def advance(self, eos: set[int]) -> None:
@@ -383,6 +418,25 @@ class _Side:
         self.generated.append(tid)
         self.ids = torch.cat([self.ids, token], dim=-1)
         self.next_input = token
+
+
+def sampling_processors(settings: SamplingSettings):
+    """transformers' logits processors for the settings: repetition penalty, temperature, top-p."""
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    procs = LogitsProcessorList()
+    if settings.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
+    if settings.temperature > 0:
+        procs.append(TemperatureLogitsWarper(settings.temperature))
+        if settings.top_p < 1.0:
+            procs.append(TopPLogitsWarper(settings.top_p))
+    return procs
 
 
 def _eos_ids(tokenizer, model) -> set[int]:

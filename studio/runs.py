@@ -158,6 +158,11 @@ class Run:
                 return d
         return None
 
+    def is_training(self) -> bool:
+        """Running or stopping, in a process that is alive (this one or another)."""
+        status = self.status()
+        return status.state in ("running", "stopping") and _pid_alive(status.pid, status.pid_started)
+
     def is_trained(self) -> bool:
         return self.status().state == "finished" and self.weights_dir() is not None
 

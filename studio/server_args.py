@@ -8,6 +8,8 @@ import ipaddress
 import os
 
 AUTH_ENV = "FINETUNE_STUDIO_AUTH"
+API_KEY_ENV = "FINETUNE_STUDIO_API_KEY"
+MIN_API_KEY = 16  # characters: a key is a secret, not a PIN
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
@@ -19,8 +21,18 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         help=f"user:pass required to open the page; also read from ${AUTH_ENV}. "
         "Required when --host is not a loopback address.",
     )
+    add_api_key_arg(p)
     p.add_argument(
         "--runs-dir", default=None, help="Folder that holds runs (default ./runs or $FINETUNE_STUDIO_RUNS_DIR)."
+    )
+
+
+def add_api_key_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help=f"Key the OpenAI-compatible API (/v1) requires as `Authorization: Bearer KEY`; also read from "
+        f"${API_KEY_ENV}. Required when --host is not a loopback address.",
     )
 
 
@@ -51,6 +63,26 @@ def resolve_auth(host: str, auth: str | None) -> tuple[str, str] | None:
             f"train and read your data. Add --auth user:password (or set ${AUTH_ENV})."
         )
     return None
+
+
+def resolve_api_key(host: str, key: str | None) -> str | None:
+    """The API key to require, or None for a loopback bind without one.
+
+    Raises:
+        SystemExit: a key too short to be a secret, or a non-loopback bind without a key.
+    """
+    key = key or os.environ.get(API_KEY_ENV) or None
+    if key is not None and (len(key) < MIN_API_KEY or any(ch.isspace() for ch in key)):
+        raise SystemExit(
+            f"--api-key must be at least {MIN_API_KEY} characters without spaces; make one with "
+            '`python -c "import secrets; print(secrets.token_urlsafe(24))"`.'
+        )
+    if key is None and not is_loopback(host):
+        raise SystemExit(
+            f"Refusing to serve the API on {host} without a key: anyone who can reach it could use "
+            f"your models. Add --api-key KEY (or set ${API_KEY_ENV})."
+        )
+    return key
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -92,6 +93,8 @@ class Studio:
         self._tokenizers: dict = {}
         self._tables: dict = {}  # (path, size, mtime) -> Table: remapping must not re-read the file
         self._longest: dict = {}  # (path, mapping, model) -> longest row in tokens, for memory plans
+        self.serving = None  # the OpenAI-compatible API's context once it is mounted (studio/serving)
+        self._busy: tuple[float, str | None] = (0.0, None)  # training_busy's answer and when
 
     @staticmethod
     def _key(path: Path):
@@ -298,6 +301,24 @@ class Studio:
         if ref is not None and ref not in self.playground.loaded() + list(self.playground.full_models):
             self.activate_run(ref)
         return self.playground.stream_pair(base_history, adapted_history, settings, ref)
+
+    def training_busy(self) -> str | None:
+        """A sentence while a training run (of this server or another process) has the device,
+        else None: the API answers 503 with it, since training keeps priority. Rechecked at most
+        every 2 s (it reads every run's status)."""
+        checked, answer = self._busy
+        if time.monotonic() - checked < 2.0:
+            return answer
+        job = self.jobs.current
+        running = [job.run] if job is not None and job.alive else [r for r in self.registry.list() if r.is_training()]
+        answer = (
+            f"Training run {running[0].id} is using this machine; the API answers again when it ends "
+            "(or stop it in the Train tab)."
+            if running
+            else None
+        )
+        self._busy = (time.monotonic(), answer)
+        return answer
 
     def chat_memory_note(self) -> str:
         """A sentence when chatting next to a running job could run short of memory, else ''."""

@@ -6,6 +6,7 @@ Binds 127.0.0.1 by default; any other address refuses to start without --auth.
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -15,10 +16,14 @@ def serve(args: argparse.Namespace) -> int:
         SystemExit: with one sentence, for an unsafe bind, a busy port or an unusable runs folder.
     """
     from studio.runs import RunRegistry, RunsFolderError
-    from studio.server_args import check_port_free, resolve_auth
+    from studio.server_args import API_KEY_ENV, check_port_free, is_loopback, resolve_api_key, resolve_auth
 
     # Everything that can refuse to start does so before anything heavy loads (seconds).
     auth = resolve_auth(args.host, args.auth)
+    # The API under /v1 is not behind the page's password: off the loopback it needs its own key.
+    api_key = args.api_key or os.environ.get(API_KEY_ENV)
+    api_on = api_key is not None or is_loopback(args.host)
+    api_key = resolve_api_key(args.host, api_key) if api_on else None
     check_port_free(args.host, args.port)
     try:
         RunRegistry(args.runs_dir).check_writable()
@@ -36,16 +41,31 @@ def serve(args: argparse.Namespace) -> int:
     from studio.ui.app import build_app, launch_kwargs  # gradio is imported here, after the checks
 
     studio = Studio(args.runs_dir)
+    if api_on:
+        from studio.serving.server import serving_context
+
+        serving_context(studio, api_key=api_key)
     demo = build_app(studio)
     kwargs = launch_kwargs(studio)
     print(f"Finetune Studio on http://{args.host}:{args.port}  (runs in {studio.runs_root.resolve()})", flush=True)
+    print(
+        f"OpenAI-compatible API on http://{args.host}:{args.port}/v1"
+        if api_on
+        else f"The API (/v1) is off: on {args.host} it needs a key (--api-key or ${API_KEY_ENV}).",
+        flush=True,
+    )
     try:
         demo.queue(default_concurrency_limit=4).launch(
-            server_name=args.host, server_port=args.port, auth=auth, **kwargs
+            server_name=args.host, server_port=args.port, auth=auth, prevent_thread_lock=True, **kwargs
         )
     except OSError:
         check_port_free(args.host, args.port)  # taken since the check: say so in a sentence
         raise
+    if studio.serving is not None:
+        from studio.serving.openai_api import create_router
+
+        demo.app.include_router(create_router(studio.serving))
+    demo.block_thread()
     return 0
 
 

@@ -1,0 +1,157 @@
+"""What the endpoint can serve: the base model, and every finished LoRA/QLoRA run on that base
+(its final adapter and its checkpoints), each with how its base must be loaded and its identity
+(version, weights hash) for the request log."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from studio import hardware, models, precision
+from studio.playground import BASE_ADAPTER, BaseLoad, Playground, base_load_for, split_ref
+from studio.runs import Run, RunRegistry, checkpoint_step
+
+ADAPTER_METHODS = ("lora", "qlora")
+
+
+@dataclass
+class Served:
+    """One model id the endpoint answers to."""
+
+    id: str  # the base's model reference, a run id, or "<run id>@step-N"
+    load: BaseLoad  # the base it runs on; rows with the same load share a batch
+    created: int  # unix seconds
+    run: Run | None = None  # None for the base
+    checkpoint: str | None = None
+    version: int = 0
+    weights: Path | None = None
+
+    @property
+    def is_base(self) -> bool:
+        return self.run is None
+
+
+class Catalog:
+    """Model ids by name, resolved against the runs folder on every call (a run finished or
+    deleted since is seen at once). Tokenizers and weight hashes are cached per weights folder."""
+
+    def __init__(self, registry: RunRegistry, base: str = models.DEFAULT_MODEL, device: str | None = None):
+        self.registry = registry
+        self.base = base
+        hw = hardware.detect()
+        self.device = device or hw.device
+        # The base alone runs as a LoRA run trained here would have loaded it: same batch.
+        self.base_load = BaseLoad(base, "lora", precision.resolve("auto", hw.bf16))
+        self._tokenizers: dict[str, object] = {}
+        self._hashes: dict[tuple, object] = {}  # weight hashes and context lengths, computed once
+        self._lock = threading.Lock()
+
+    def models(self) -> list[Served]:
+        """The base, then each servable run (newest first) followed by its checkpoints."""
+        out = [Served(self.base, self.base_load, 0)]
+        for run in self.registry.trained():
+            try:
+                out += self._run_entries(run)
+            except (ValueError, OSError):  # a run whose config cannot be read is not offered
+                continue
+        return out
+
+    def _run_entries(self, run: Run) -> list[Served]:
+        cfg = run.config()
+        if cfg.model != self.base or cfg.method not in ADAPTER_METHODS:
+            return []
+        status = run.status()
+        method, run_precision = base_load_for(cfg.method, precision.of_status(status), self.device)
+        load = BaseLoad(cfg.model, method, run_precision, cfg.trust_remote_code)
+        created = int(status.finished_at or status.created_at)
+        out = [Served(run.id, load, created, run, None, status.version, run.weights_dir())]
+        for ckpt in reversed(run.checkpoints()):
+            ref = f"{run.id}@{ckpt.name}"
+            out.append(Served(ref, load, created, run, ckpt.name, status.version, ckpt))
+        return out
+
+    def get(self, model_id: str) -> Served:
+        """The served entry for a request's ``model``.
+
+        Raises:
+            LookupError: no such model here (the message lists what is).
+            ValueError: it exists but cannot be served per request (full fine-tuning, another base).
+        """
+        if model_id == self.base:
+            return Served(self.base, self.base_load, 0)
+        run_id, checkpoint = split_ref(model_id)
+        try:
+            run = self.registry.get(run_id)
+        except LookupError:
+            raise LookupError(
+                f"The model {model_id!r} does not exist here. GET /v1/models lists the base "
+                f"({self.base!r}) and every finished adapter."
+            ) from None
+        if not run.is_trained():
+            raise LookupError(f"Run {run.id} has no finished adapter yet (it is {run.status().state}).")
+        cfg = run.config()
+        if cfg.method not in ADAPTER_METHODS:
+            raise ValueError(
+                f"Run {run.id} is a full fine-tune: a whole model, not an adapter on {self.base!r}. "
+                "Export it (merged) and serve it on its own."
+            )
+        if cfg.model != self.base:
+            raise ValueError(
+                f"Run {run.id} was trained on {cfg.model!r}, and this endpoint serves adapters on "
+                f"{self.base!r}; start `finetune-studio serve --model {cfg.model}` for it."
+            )
+        match = [m for m in self._run_entries(run) if m.id == (model_id if checkpoint else run.id)]
+        if not match:
+            have = ", ".join(f"step-{checkpoint_step(c)}" for c in run.checkpoints()) or "none"
+            raise LookupError(f"Run {run.id} has no checkpoint {checkpoint!r} (it has: {have}).")
+        return match[0]
+
+    def resolve(self, model_id: str) -> tuple[BaseLoad, Callable[[Playground], str]]:
+        """What the engine needs for a ref: its base load, and the call that loads its adapter."""
+        if model_id is None or model_id == self.base:
+            return self.base_load, lambda pg: BASE_ADAPTER
+        served = self.get(model_id)
+        return served.load, lambda pg: pg.serve_adapter(served.run, served.checkpoint)
+
+    def context_length(self, served: Served) -> int | None:
+        """The base's context window in tokens (``max_position_embeddings``), None when unknown."""
+        key = ("context", served.load.model)
+        with self._lock:
+            if key not in self._hashes:
+                from transformers import AutoConfig
+
+                try:
+                    cfg = AutoConfig.from_pretrained(models.resolve(served.load.model))
+                    self._hashes[key] = getattr(cfg, "max_position_embeddings", None)
+                except (OSError, ValueError):
+                    self._hashes[key] = None
+            return self._hashes[key]
+
+    def tokenizer(self, served: Served):
+        """The run's own tokenizer (saved with its adapter: its chat template is the one it
+        trained with), else the base's."""
+        folder = served.weights if served.weights is not None else None
+        key = str(folder) if folder is not None and (folder / "tokenizer_config.json").exists() else self.base
+        with self._lock:
+            if key not in self._tokenizers:
+                self._tokenizers[key] = models.load_tokenizer(key)
+            return self._tokenizers[key]
+
+    def weights_hash(self, served: Served) -> str | None:
+        """sha256 (first 16 hex) of the adapter weights that answered: which bytes served a request."""
+        if served.weights is None:
+            return None
+        files = sorted(served.weights.glob("*.safetensors"))
+        key = (str(served.weights), sum(f.stat().st_mtime_ns for f in files))
+        with self._lock:
+            if key not in self._hashes:
+                h = hashlib.sha256()
+                for f in files:
+                    with f.open("rb") as fh:
+                        for chunk in iter(lambda: fh.read(1 << 20), b""):
+                            h.update(chunk)
+                self._hashes[key] = h.hexdigest()[:16]
+            return self._hashes[key]

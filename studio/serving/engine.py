@@ -1,0 +1,252 @@
+"""Batched generation for many requests on one base model, each request with its own adapter.
+
+Requests wait in a queue; the engine thread takes the first one, waits ``max_wait_s`` for more
+(up to ``max_batch``), and decodes them together: one forward per token serves every row, each
+row through its own LoRA adapter or none (PEFT's mixed-batch ``adapter_names``: the base layer
+runs once for the whole batch, each adapter's low-rank update only on its own rows). Rows are
+left-padded with explicit position ids, so a row's logits are those it gets alone (tests
+compare each row with the same request run by itself).
+
+Rows that need a different base load (a QLoRA run's 4-bit base, another precision) form their
+own sub-batch: a mixed batch shares one base. The playground's lock is held for a whole batch,
+so the Chat tab and the endpoint never see each other's half-loaded state.
+
+Per row: its own sampling settings and seeded generator, its own stop strings (text is held back
+while it could still be the start of one), its own max tokens; a cancelled row (the client went
+away) stops at the next step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from studio import precision
+from studio.playground import BASE_ADAPTER, BaseLoad, Playground, SamplingSettings, sampling_processors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    """One completion request as the engine sees it. The engine writes the outcome fields and
+    puts events on ``events``: ("text", str) deltas, then ("done", None) or ("error", message)."""
+
+    id: str
+    ref: str | None  # adapter ref (run id or id@step-N); None for the base
+    prompt_ids: list[int]
+    settings: SamplingSettings
+    stop: list[str] = field(default_factory=list)
+    tokenizer: Any = None  # the run's tokenizer (decoding); the base's when None
+    events: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # filled in by the engine
+    submitted_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    completion_tokens: int = 0
+    finish_reason: str | None = None  # "stop" (end of turn or a stop string) or "length"
+    text: str = ""
+    batch_id: int | None = None
+    batch_refs: list[str] = field(default_factory=list)  # what else was decoded in that batch
+
+    @property
+    def queue_s(self) -> float:
+        return (self.started_at or time.monotonic()) - self.submitted_at
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.submitted_at
+
+
+class Engine:
+    """The background decoder. ``submit`` never blocks; the caller reads ``request.events``."""
+
+    def __init__(self, playground: Playground, resolve, max_batch: int = 8, max_wait_s: float = 0.01):
+        """``resolve(ref) -> (BaseLoad, prepare)``: the base a ref needs, and ``prepare(playground)``
+        that loads its adapter inside ``Playground.serving`` and returns the adapter's name
+        (raises LookupError or ValueError with a sentence for a ref that cannot be served)."""
+        self.playground = playground
+        self.resolve = resolve
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._queue: queue.Queue[Request] = queue.Queue()
+        self._batch_ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def submit(self, request: Request) -> Request:
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="serving-engine", daemon=True)
+                self._thread.start()
+        self._queue.put(request)
+        return request
+
+    def _loop(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            deadline = time.monotonic() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            batch = [r for r in batch if not r.cancelled.is_set()]
+            if batch:
+                self._run(batch)
+
+    def _run(self, batch: list[Request]) -> None:
+        batch_id = next(self._batch_ids)
+        refs = [r.ref or BASE_ADAPTER for r in batch]
+        groups: dict[BaseLoad, list[tuple[Request, Any]]] = {}
+        for r in batch:
+            try:
+                load, prepare = self.resolve(r.ref)
+            except (LookupError, ValueError) as exc:
+                self._fail(r, str(exc))
+                continue
+            groups.setdefault(load, []).append((r, prepare))
+        for load, rows in groups.items():
+            for r, _ in rows:
+                r.batch_id, r.batch_refs, r.started_at = batch_id, refs, time.monotonic()
+            try:
+                with self.playground.serving(load) as pg:
+                    names = [prepare(pg) for _, prepare in rows]
+                    _decode(pg, [r for r, _ in rows], names, load.precision)
+            except Exception as exc:  # noqa: BLE001 - a failed batch answers every row, the engine goes on
+                log.exception("batch %s failed", batch_id)
+                for r, _ in rows:
+                    if r.finished_at is None:
+                        self._fail(r, f"Generation failed: {type(exc).__name__}: {exc}")
+
+    @staticmethod
+    def _fail(r: Request, message: str) -> None:
+        r.finished_at = time.monotonic()
+        r.events.put(("error", message))
+
+
+@torch.no_grad()
+def _decode(pg: Playground, rows: list[Request], names: list[str], run_precision: str) -> None:
+    """Decode ``rows`` together, one token per row per step, until every row is done."""
+    device = pg.device
+    pad = pg.tokenizer.pad_token_id if pg.tokenizer.pad_token_id is not None else 0
+    width = max(len(r.prompt_ids) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):  # left padding: every row's next token lands in the last column
+        ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+        mask[i, width - len(r.prompt_ids) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    mixed = {"adapter_names": names} if hasattr(pg.model, "peft_config") else {}
+    states = [_Row(r, pg, device) for r in rows]
+    eos = pg.eos_ids()
+    cache, step_input = None, ids
+    for _ in range(max(r.settings.max_new_tokens for r in rows)):
+        if all(s.done for s in states):
+            break
+        with precision.autocast(device, run_precision):
+            out = pg.model(
+                input_ids=step_input,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                **mixed,
+            )
+        cache = out.past_key_values
+        logits = out.logits[:, -1, :].float()
+        tokens = [s.advance(logits[i : i + 1], eos) for i, s in enumerate(states)]
+        step_input = torch.tensor(tokens, device=device).unsqueeze(-1)
+        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=-1)
+        positions = positions[:, -1:] + 1
+    for s in states:
+        s.finish("length")
+
+
+class _Row:
+    """One row's sampling state and its streamed text."""
+
+    def __init__(self, request: Request, pg: Playground, device: str):
+        self.r = request
+        self.tokenizer = request.tokenizer or pg.tokenizer
+        self.ids = torch.tensor([request.prompt_ids], device=device)
+        self.generated: list[int] = []
+        self.sent = 0  # characters of text already sent
+        self.done = False
+        self.processors = sampling_processors(request.settings)
+        self.generator = torch.Generator(device=device).manual_seed(request.settings.seed)
+
+    def advance(self, logits: torch.Tensor, eos: set[int]) -> int:
+        """Pick this row's next token; returns the token to feed (a finished row feeds its last)."""
+        if self.done:
+            return self.generated[-1] if self.generated else self.r.prompt_ids[-1]
+        if self.r.cancelled.is_set():
+            self.finish("stop")
+            return self.r.prompt_ids[-1]
+        scores = self.processors(self.ids, logits)
+        if self.r.settings.temperature > 0:
+            token = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self.generator)
+        else:
+            token = scores.argmax(dim=-1, keepdim=True)
+        tid = int(token)
+        if self.r.first_token_at is None:
+            self.r.first_token_at = time.monotonic()
+        if tid in eos:
+            self.finish("stop")
+            return tid
+        self.generated.append(tid)
+        self.ids = torch.cat([self.ids, token.view(1, 1)], dim=-1)
+        self._emit()
+        if not self.done and len(self.generated) >= self.r.settings.max_new_tokens:
+            self.finish("length")
+        return tid
+
+    def _emit(self) -> None:
+        text = self.tokenizer.decode(self.generated, skip_special_tokens=True)
+        for stop in self.r.stop:
+            at = text.find(stop)
+            if at != -1:
+                self._send(text[:at])
+                self.finish("stop")
+                return
+        # Hold back what could still become a stop string, and a half-decoded character.
+        safe = len(text) - max((_overlap(text, s) for s in self.r.stop), default=0)
+        if text.endswith("\ufffd"):
+            safe = min(safe, len(text) - 1)
+        self._send(text[:safe])
+
+    def _send(self, text: str) -> None:
+        if len(text) > self.sent:
+            self.r.events.put(("text", text[self.sent :]))
+            self.sent, self.r.text = len(text), text
+
+    def finish(self, reason: str) -> None:
+        if self.done:
+            return
+        if reason == "length" or (reason == "stop" and not self.r.cancelled.is_set()):
+            text = self.tokenizer.decode(self.generated, skip_special_tokens=True)
+            cut = min((text.find(s) for s in self.r.stop if s in text), default=len(text))
+            self._send(text[:cut])
+        self.done = True
+        self.r.completion_tokens = len(self.generated)
+        self.r.finish_reason = reason
+        self.r.finished_at = time.monotonic()
+        self.r.events.put(("done", None))
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest end of ``text`` that is a start of ``stop``."""
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0

@@ -1,0 +1,182 @@
+"""The OpenAI-compatible endpoint, driven by the official `openai` client: two adapters trained on
+the tiny model and the base, served in one process, answered per request and batched together."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from studio.runs import RunRegistry
+from studio.training import run_training
+from tests.helpers import free_port, tiny_run_config, wait_until, write_csv
+
+KEY = "test-key-0123456789abcdef"
+PROMPTS = ["what is 2 plus 3", "what is 7 plus 1", "hello world", "the capital of france is"]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir, tmp_path_factory):
+    import uvicorn
+
+    from studio.service import Studio
+    from studio.serving.server import create_app, serving_context
+
+    root = tmp_path_factory.mktemp("serve")
+    rows = [[f"what is {a} plus {b}", f"answer {a + b} why {a} plus {b}"] for a in range(1, 7) for b in range(1, 7)]
+    data = write_csv(root / "sums.csv", ["instruction", "output"], rows)
+    registry = RunRegistry(root / "runs")
+    runs = []
+    # fp32 runs: exact equality of a batched row with the same request alone is an fp32 promise.
+    for seed, lr in ((1, 1e-2), (2, 3e-2)):
+        cfg = tiny_run_config(
+            tiny_model_dir, data, max_steps=12, memory_check=False, seed=seed, learning_rate=lr, precision="fp32"
+        )
+        run = registry.create(cfg)
+        assert run_training(cfg, run).state == "finished"
+        runs.append(run)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FINETUNE_STUDIO_AUTO_PRECISION", "fp32")  # the base alone runs as the runs do
+        studio = Studio(root / "runs")
+        ctx = serving_context(studio, model=str(tiny_model_dir), api_key=KEY, max_tokens_cap=64)
+    ctx.engine.max_wait_s = 0.25  # concurrent test requests land in one batch
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(ctx), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, 60, "the API server to start")
+    yield f"http://127.0.0.1:{port}/v1", ctx, runs
+    server.should_exit = True
+    thread.join(20)
+
+
+def _client(url, key=KEY):
+    import openai
+
+    return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=120)
+
+
+def _chat(client, model, prompt, **kw):
+    kw.setdefault("max_tokens", 12)
+    kw.setdefault("temperature", 0)
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], **kw)
+
+
+def test_models_lists_the_base_adapters_and_checkpoints(served):
+    url, ctx, runs = served
+    models = {m.id: m for m in _client(url).models.list().data}
+    base = ctx.catalog.base
+    assert base in models and models[base].parent is None
+    for run in runs:
+        assert models[run.id].parent == base and models[run.id].root == run.id
+        for ckpt in run.checkpoints():
+            assert models[f"{run.id}@{ckpt.name}"].parent == base
+
+
+def test_completion_and_stream_agree_and_count_tokens(served):
+    url, ctx, runs = served
+    client = _client(url)
+    tokenizer = ctx.catalog.tokenizer(ctx.catalog.get(runs[0].id))
+    for model in (runs[0].id, ctx.catalog.base):
+        full = _chat(client, model, PROMPTS[0])
+        choice = full.choices[0]
+        assert full.object == "chat.completion" and choice.message.role == "assistant"
+        assert choice.finish_reason in ("stop", "length") and full.model == model
+        chunks = list(_chat(client, model, PROMPTS[0], stream=True, stream_options={"include_usage": True}))
+        assert all(c.object == "chat.completion.chunk" for c in chunks)
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == choice.message.content  # temperature 0: the same text either way
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+        usage = chunks[-1].usage  # the last chunk carries usage and no choices
+        assert chunks[-1].choices == [] and usage == full.usage
+        templated = tokenizer.apply_chat_template(
+            [{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True, tokenize=False
+        )
+        assert usage.prompt_tokens == len(tokenizer(templated, add_special_tokens=False)["input_ids"])
+        assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+        assert (usage.completion_tokens == 12) == (choice.finish_reason == "length")
+
+
+def test_the_adapter_changes_the_answer(served):
+    url, ctx, runs = served
+    client = _client(url)
+    answers = {
+        m: _chat(client, m, PROMPTS[0], max_tokens=16).choices[0].message.content
+        for m in (ctx.catalog.base, runs[0].id, runs[1].id)
+    }
+    assert len(set(answers.values())) == 3, answers
+
+
+def test_concurrent_requests_batch_across_adapters_and_equal_each_alone(served, caplog):
+    url, ctx, runs = served
+    client = _client(url)
+    models = [ctx.catalog.base, runs[0].id, runs[1].id]
+    jobs = [(models[i % 3], PROMPTS[i % len(PROMPTS)]) for i in range(8)]
+    alone = [_chat(client, m, p, max_tokens=10).choices[0].message.content for m, p in jobs]  # one at a time
+    with caplog.at_level(logging.INFO, logger="studio.serving"):
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda j: _chat(client, *j, max_tokens=10).choices[0].message.content, jobs))
+    assert together == alone
+    lines = [r.getMessage() for r in caplog.records if "batch_models=" in r.getMessage()]
+    assert len(lines) == 8
+    mixed = [line for line in lines if len(line.split("batch_models=")[1].split()[0].split(",")) > 1]
+    assert mixed, lines  # at least one batch served several models at once
+    assert any("__base__" in line and runs[0].id in line for line in mixed)
+    assert all(
+        f"weights={ctx.catalog.weights_hash(ctx.catalog.get(runs[0].id))}" in line
+        for line in lines
+        if f"model={runs[0].id} " in line
+    )
+
+
+def test_errors_come_in_openais_shape(served):
+    import openai
+
+    url, ctx, runs = served
+    client = _client(url)
+    with pytest.raises(openai.NotFoundError, match="does not exist here"):
+        _chat(client, "no-such-run", "hi")
+    with pytest.raises(openai.BadRequestError, match="`max_tokens` must be an integer from 1 to 64"):
+        _chat(client, runs[0].id, "hi", max_tokens=65)
+    with pytest.raises(openai.BadRequestError, match="`temperature`"):
+        _chat(client, runs[0].id, "hi", temperature=9)
+    with pytest.raises(openai.AuthenticationError, match="API key"):
+        _chat(_client(url, key="wrong-key-0123456789abcdef"), runs[0].id, "hi")
+
+
+def test_completions_stop_strings_and_metrics(served):
+    import httpx
+
+    url, ctx, runs = served
+    client = _client(url)
+    full = _chat(client, runs[0].id, PROMPTS[1], max_tokens=16).choices[0].message.content
+    assert len(full) > 2
+    stop = full[1:3]  # a stop string that the greedy answer contains
+    cut = _chat(client, runs[0].id, PROMPTS[1], max_tokens=16, stop=[stop])
+    assert cut.choices[0].message.content == full[: full.find(stop)] and cut.choices[0].finish_reason == "stop"
+    text = client.completions.create(model=runs[0].id, prompt="what is 1 plus", max_tokens=5, temperature=0)
+    assert text.object == "text_completion" and text.usage.completion_tokens <= 5
+    metrics = httpx.get(url.removesuffix("/v1") + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    assert f'finetune_studio_requests_total{{model="{runs[0].id}"}}' in metrics
+    assert httpx.get(url.removesuffix("/v1") + "/metrics").status_code == 401
+
+
+def test_a_non_local_bind_needs_a_key():
+    from studio.server_args import resolve_api_key
+
+    with pytest.raises(SystemExit, match="without a key"):
+        resolve_api_key("0.0.0.0", None)
+    with pytest.raises(SystemExit, match="at least 16 characters"):
+        resolve_api_key("127.0.0.1", "short")
+    assert resolve_api_key("127.0.0.1", None) is None and resolve_api_key("0.0.0.0", KEY) == KEY
+    proc = subprocess.run(
+        [sys.executable, "-m", "studio.cli", "serve", "--host", "0.0.0.0", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "without a key" in proc.stderr
