@@ -56,15 +56,19 @@ def free_port() -> int:
 def serve(studio):
     """Launch the app for ``studio`` on a free local port, after the server's own preload
     (studio/ui/server.py); returns (url, demo)."""
+    from studio.serving.server import serving_context
     from studio.ui.app import build_app, launch_kwargs
+    from studio.ui.server import mount_api
     from studio.warmup import preload
 
     preload()
+    serving_context(studio)  # the page's server also serves the API, as `finetune-studio ui` does
     demo = build_app(studio)
     port = free_port()
     demo.queue().launch(
         server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs(studio)
     )
+    mount_api(demo, studio)
     return f"http://127.0.0.1:{port}", demo
 
 

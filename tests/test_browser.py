@@ -4,6 +4,8 @@ download the zip, which loads in plain PEFT. Uses the real default model."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -188,6 +190,15 @@ def test_upload_train_chat_export(server, browser, tmp_path):
     assert page.locator("#chat-base [data-testid=user]").count() == 1
     assert page.locator("#chat-adapted [data-testid=user]").count() == 1
     screenshot(page, "chat")
+
+    # The same adapter from code: the page's Python snippet, run as it is, answers through /v1.
+    page.get_by_text("Call it from code: the OpenAI-compatible API").click()
+    expect(page.locator("#api-python")).to_contain_text(run_id, timeout=30_000)
+    code = page.locator("#api-python .cm-content").inner_text()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip(), code + proc.stderr
+    page.locator("#api-usage-refresh").click()
+    expect(page.locator("#api-usage")).to_contain_text(run_id, timeout=30_000)
 
     # Export: pick the run, download, and the zip has what the card promises.
     page.get_by_role("tab", name="Export").click()

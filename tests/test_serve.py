@@ -180,3 +180,48 @@ def test_a_non_local_bind_needs_a_key():
         timeout=120,
     )
     assert proc.returncode != 0 and "without a key" in proc.stderr
+
+
+def test_training_keeps_priority(served, monkeypatch):
+    import openai
+
+    url, ctx, runs = served
+    monkeypatch.setattr(
+        ctx, "busy", lambda: "Training run r1 is using this machine; the API answers again when it ends."
+    )
+    with pytest.raises(openai.APIStatusError) as err:
+        _chat(_client(url), runs[0].id, "hi")
+    assert err.value.status_code == 503 and "Training run r1" in str(err.value)
+    assert err.value.response.headers["retry-after"] == "30"
+
+
+def test_the_chat_tabs_snippets_are_code_that_names_the_adapter():
+    from studio.ui.api_panel import curl_snippet, python_snippet
+
+    code = python_snippet("http://127.0.0.1:7860/v1", "20261126-run@step-4", key_required=True)
+    compile(code, "snippet", "exec")  # valid Python as shown
+    assert 'model="20261126-run@step-4"' in code and 'os.environ["FINETUNE_STUDIO_API_KEY"]' in code
+    curl = curl_snippet("http://127.0.0.1:7860/v1", "r1", key_required=False)
+    assert curl.startswith("curl http://127.0.0.1:7860/v1/chat/completions") and "Authorization" not in curl
+    assert '"model": "r1"' in curl
+
+
+def test_a_failed_batch_answers_with_an_error_and_leaves_nothing_behind(served):
+    from studio.playground import SamplingSettings
+    from studio.serving.engine import Request
+
+    url, ctx, runs = served
+    client = _client(url)
+    before = _chat(client, runs[0].id, PROMPTS[2]).choices[0].message.content
+    # A token id outside the vocabulary fails inside PEFT's mixed-batch forward.
+    bad = ctx.engine.submit(Request("bad-1", runs[0].id, [10**7], SamplingSettings(max_new_tokens=2)))
+    kind, message = bad.events.get(timeout=120)
+    assert kind == "error" and message.startswith("Generation failed")
+    hooks = [
+        h
+        for m in ctx.engine.playground.model.modules()
+        for h in m._forward_pre_hooks.values()
+        if getattr(getattr(h, "func", None), "__name__", "") == "_adapter_names_pre_forward_hook"
+    ]
+    assert hooks == []  # no stale adapter choice steers the next request
+    assert _chat(client, runs[0].id, PROMPTS[2]).choices[0].message.content == before

@@ -93,16 +93,23 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
-            batch = [self._queue.get()]
-            deadline = time.monotonic() + self.max_wait_s
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
-                    break
-            batch = [r for r in batch if not r.cancelled.is_set()]
-            if batch:
-                self._run(batch)
+            try:
+                self._next_batch()
+            except Exception:  # noqa: BLE001 - the engine outlives any one batch
+                log.exception("the serving engine's batch loop failed; it goes on")
+
+    def _next_batch(self) -> None:
+        """Wait for a request, gather what arrives within ``max_wait_s`` (up to ``max_batch``), decode."""
+        batch = [self._queue.get()]
+        deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+        batch = [r for r in batch if not r.cancelled.is_set()]
+        if batch:
+            self._run(batch)
 
     def _run(self, batch: list[Request]) -> None:
         batch_id = next(self._batch_ids)
@@ -111,7 +118,7 @@ class Engine:
         for r in batch:
             try:
                 load, prepare = self.resolve(r.ref)
-            except (LookupError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - a sentence for this row, the others go on
                 self._fail(r, str(exc))
                 continue
             groups.setdefault(load, []).append((r, prepare))
@@ -149,9 +156,22 @@ def _decode(pg: Playground, rows: list[Request], names: list[str], run_precision
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     mixed = {"adapter_names": names} if hasattr(pg.model, "peft_config") else {}
     states = [_Row(r, pg, device) for r in rows]
+    try:
+        _steps(pg, states, ids, mask, positions, mixed, run_precision)
+    finally:
+        # PEFT's mixed-batch hooks are removed by a context manager without try/finally: a
+        # forward that raised would leave them on every LoRA layer, steering later requests.
+        if mixed:
+            _drop_adapter_name_hooks(pg.model)
+    for s in states:
+        s.finish("length")
+
+
+def _steps(pg, states: list[_Row], ids, mask, positions, mixed: dict, run_precision: str) -> None:
+    device, rows = pg.device, len(states)
     eos = pg.eos_ids()
     cache, step_input = None, ids
-    for _ in range(max(r.settings.max_new_tokens for r in rows)):
+    for _ in range(max(s.r.settings.max_new_tokens for s in states)):
         if all(s.done for s in states):
             break
         with precision.autocast(device, run_precision):
@@ -167,10 +187,16 @@ def _decode(pg: Playground, rows: list[Request], names: list[str], run_precision
         logits = out.logits[:, -1, :].float()
         tokens = [s.advance(logits[i : i + 1], eos) for i, s in enumerate(states)]
         step_input = torch.tensor(tokens, device=device).unsqueeze(-1)
-        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=-1)
+        mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=device)], dim=-1)
         positions = positions[:, -1:] + 1
-    for s in states:
-        s.finish("length")
+
+
+def _drop_adapter_name_hooks(model) -> None:
+    for module in model.modules():
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if getattr(getattr(hook, "func", None), "__name__", "") == "_adapter_names_pre_forward_hook":
+                del module._forward_pre_hooks[key]
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 class _Row:

@@ -16,6 +16,7 @@ from studio.formatting import markdown_cell
 from studio.models import ModelError
 from studio.playground import SamplingSettings, split_ref
 from studio.service import Studio
+from studio.ui.api_panel import build_api_panel
 from studio.ui.views import chat_choices
 
 
@@ -107,6 +108,7 @@ def build_chat_tab(studio: Studio) -> gr.Dropdown:
             samples = gr.Slider(0, 10, value=3, step=1, label="Held-out prompts to answer with both")
             evaluate = gr.Button("Evaluate on held-out rows", elem_id="eval-button")
         eval_notes = gr.Markdown("", elem_id="eval-notes")
+    build_api_panel(studio, run)
 
     def stored_table(run_id):
         from studio import evaluation
