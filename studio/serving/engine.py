@@ -55,8 +55,8 @@ class Request:
     completion_tokens: int = 0
     finish_reason: str | None = None  # "stop" (end of turn or a stop string) or "length"
     text: str = ""
-    batch_id: int | None = None
-    batch_refs: list[str] = field(default_factory=list)  # what else was decoded in that batch
+    batch_id: str | None = None  # "7", or "7.2" for the second base load of gathered batch 7
+    batch_refs: list[str] = field(default_factory=list)  # every row decoded in that batch
 
     @property
     def queue_s(self) -> float:
@@ -113,7 +113,6 @@ class Engine:
 
     def _run(self, batch: list[Request]) -> None:
         batch_id = next(self._batch_ids)
-        refs = [r.ref or BASE_ADAPTER for r in batch]
         groups: dict[BaseLoad, list[tuple[Request, Any]]] = {}
         for r in batch:
             try:
@@ -122,9 +121,11 @@ class Engine:
                 self._fail(r, str(exc))
                 continue
             groups.setdefault(load, []).append((r, prepare))
-        for load, rows in groups.items():
+        for n, (load, rows) in enumerate(groups.items(), 1):
+            refs = [r.ref or BASE_ADAPTER for r, _ in rows]
+            name = str(batch_id) if len(groups) == 1 else f"{batch_id}.{n}"  # one decode per base load
             for r, _ in rows:
-                r.batch_id, r.batch_refs, r.started_at = batch_id, refs, time.monotonic()
+                r.batch_id, r.batch_refs, r.started_at = name, refs, time.monotonic()
             try:
                 with self.playground.serving(load) as pg:
                     names = [prepare(pg) for _, prepare in rows]
