@@ -159,7 +159,8 @@ def _lazy_imports() -> list[tuple[str, str, tuple[str, ...]]]:
     (they import on the main thread before anything is served)."""
     found = []
     for path in sorted((ROOT / "studio").rglob("*.py")):
-        if path.name in ("cli.py", "warmup.py") or path.relative_to(ROOT).as_posix() == "studio/ui/server.py":
+        entry_points = ("studio/ui/server.py", "studio/serving/server.py")
+        if path.name in ("cli.py", "warmup.py") or path.relative_to(ROOT).as_posix() in entry_points:
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for fn in ast.walk(tree):
