@@ -85,6 +85,15 @@ def resolve_api_key(host: str, key: str | None) -> str | None:
     return key
 
 
+def ui_api_key(host: str, key: str | None) -> tuple[bool, str | None]:
+    """Whether the page's server also serves the API (/v1), and the key it requires. The page's
+    password does not cover the API, so beyond loopback the API is served only with a key."""
+    key = key or os.environ.get(API_KEY_ENV) or None
+    if key is None and not is_loopback(host):
+        return False, None
+    return True, resolve_api_key(host, key)
+
+
 def check_port_free(host: str, port: int) -> None:
     """Fail with a sentence when nothing can serve on ``host:port``; cheap, so call it before
     anything slow loads.

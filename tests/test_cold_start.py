@@ -5,6 +5,7 @@ handlers racing on a cold import; these start a real server process every time."
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -171,3 +172,12 @@ def test_unknown_model_is_named_and_the_upload_kept(fresh_app, browser):
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
     assert not errors, errors
     page.close()
+
+
+def test_the_page_server_also_serves_the_api(fresh_app):
+    """`python app.py` answers the OpenAI-compatible API on its own port (studio/serving)."""
+    url, log = fresh_app
+    with urllib.request.urlopen(url.rstrip("/") + "/v1/models", timeout=60) as resp:
+        models = json.load(resp)
+    assert models["object"] == "list" and models["data"][0]["id"] == "default", models
+    assert "OpenAI-compatible API on http://127.0.0.1" in log.read_text()

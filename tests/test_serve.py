@@ -166,13 +166,16 @@ def test_completions_stop_strings_and_metrics(served):
 
 
 def test_a_non_local_bind_needs_a_key():
-    from studio.server_args import resolve_api_key
+    from studio.server_args import resolve_api_key, ui_api_key
 
     with pytest.raises(SystemExit, match="without a key"):
         resolve_api_key("0.0.0.0", None)
     with pytest.raises(SystemExit, match="at least 16 characters"):
         resolve_api_key("127.0.0.1", "short")
     assert resolve_api_key("127.0.0.1", None) is None and resolve_api_key("0.0.0.0", KEY) == KEY
+    # The page's server: the API comes with it on loopback, and beyond it only with a key.
+    assert ui_api_key("127.0.0.1", None) == (True, None) and ui_api_key("0.0.0.0", None) == (False, None)
+    assert ui_api_key("0.0.0.0", KEY) == (True, KEY)
     proc = subprocess.run(
         [sys.executable, "-m", "studio.cli", "serve", "--host", "0.0.0.0", "--port", str(free_port())],
         capture_output=True,

@@ -6,7 +6,6 @@ Binds 127.0.0.1 by default; any other address refuses to start without --auth.
 from __future__ import annotations
 
 import argparse
-import os
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -16,14 +15,11 @@ def serve(args: argparse.Namespace) -> int:
         SystemExit: with one sentence, for an unsafe bind, a busy port or an unusable runs folder.
     """
     from studio.runs import RunRegistry, RunsFolderError
-    from studio.server_args import API_KEY_ENV, check_port_free, is_loopback, resolve_api_key, resolve_auth
+    from studio.server_args import API_KEY_ENV, check_port_free, resolve_auth, ui_api_key
 
     # Everything that can refuse to start does so before anything heavy loads (seconds).
     auth = resolve_auth(args.host, args.auth)
-    # The API under /v1 is not behind the page's password: off the loopback it needs its own key.
-    api_key = args.api_key or os.environ.get(API_KEY_ENV)
-    api_on = api_key is not None or is_loopback(args.host)
-    api_key = resolve_api_key(args.host, api_key) if api_on else None
+    api_on, api_key = ui_api_key(args.host, args.api_key)
     check_port_free(args.host, args.port)
     try:
         RunRegistry(args.runs_dir).check_writable()
