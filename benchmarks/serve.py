@@ -7,7 +7,9 @@ quality), serves them, then measures:
 - one request at a time: decoding tokens/s for the base and for an unmerged adapter (LoRA's
   extra matmuls per layer), and their ratio;
 - N clients at once, each sending R requests round robin over base + adapters: requests/s,
-  generated tokens/s, p50/p95 latency, and how many models the batches mixed.
+  generated tokens/s, p50/p95 latency, and how many models the batches mixed;
+- the engine alone (no HTTP): tokens/s of one batch of 8 rows, base only, one adapter, mixed
+  through our per-row routing, and mixed through PEFT's own ``adapter_names``.
 
     .venv/bin/python benchmarks/serve.py [--adapters 2] [--clients 8] [--requests 3] [--max-tokens 48]
 """
@@ -92,6 +94,45 @@ def ask(client, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
     return time.perf_counter() - start, reply.usage.completion_tokens
 
 
+def engine_table(ctx, adapters: list[str], max_tokens: int) -> None:
+    """One batch of rows decoded by the engine directly: what batching and routing buy."""
+    from studio.playground import SamplingSettings
+    from studio.serving import engine
+    from studio.serving.engine import Request
+
+    catalog = ctx.catalog
+    tokenizer = catalog.tokenizer(catalog.get(catalog.base))
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    prompt = tokenizer(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False
+    )["input_ids"]
+    mixed = [None, adapters[0], adapters[-1]] * 2 + [adapters[0], adapters[-1]]
+    cases = [
+        ("1 row, base", [None], True),
+        ("1 row, adapter", [adapters[0]], True),
+        ("8 rows, base", [None] * 8, True),
+        ("8 rows, one adapter", [adapters[0]] * 8, True),
+        ("8 rows, mixed (our routing)", mixed, True),
+        ("8 rows, mixed (PEFT adapter_names)", mixed, False),
+    ]
+    print(f"\n{'engine alone, one batch':<38}{'tokens/s':>10}")
+    for label, refs, route in cases:
+        settings = SamplingSettings(max_new_tokens=max_tokens, temperature=0)
+        rows = [Request(f"b{i}", ref, prompt, settings) for i, ref in enumerate(refs)]
+        load, _ = catalog.resolve(refs[0])
+        saved = engine.can_route
+        engine.can_route = saved if route else (lambda model, names: False)
+        try:
+            with ctx.engine.playground.serving(load) as pg:
+                names = [catalog.resolve(ref)[1](pg) for ref in refs]
+                start = time.perf_counter()
+                engine._decode(pg, rows, names, load.precision)
+                seconds = time.perf_counter() - start
+        finally:
+            engine.can_route = saved
+        print(f"{label:<38}{sum(r.completion_tokens for r in rows) / seconds:>10.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--adapters", type=int, default=2)
@@ -147,6 +188,7 @@ def main() -> None:
     print(f"{'generated tokens/s':<28}{tokens / wall:>10.1f}   (one at a time: {single['base']:.1f})")
     print(f"{'latency p50 / p95 s':<28}{statistics.median(latencies):>10.2f} / {p95:.2f}")
     print(f"{'requests in a mixed batch':<28}{sum(n > 1 for n in batch_models):>10} of {len(batch_models)}")
+    engine_table(ctx, adapters, args.max_tokens)
 
 
 if __name__ == "__main__":

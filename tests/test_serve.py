@@ -111,8 +111,13 @@ def test_the_adapter_changes_the_answer(served):
     assert len(set(answers.values())) == 3, answers
 
 
-def test_concurrent_requests_batch_across_adapters_and_equal_each_alone(served, caplog):
+def test_concurrent_requests_batch_across_adapters_and_equal_each_alone(served, caplog, monkeypatch):
+    from studio.serving import engine
+
     url, ctx, runs = served
+    routed_batches = []
+    real = engine.routed
+    monkeypatch.setattr(engine, "routed", lambda model, names: routed_batches.append(names) or real(model, names))
     client = _client(url)
     models = [ctx.catalog.base, runs[0].id, runs[1].id]
     jobs = [(models[i % 3], PROMPTS[i % len(PROMPTS)]) for i in range(8)]
@@ -121,6 +126,7 @@ def test_concurrent_requests_batch_across_adapters_and_equal_each_alone(served, 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             together = list(pool.map(lambda j: _chat(client, *j, max_tokens=10).choices[0].message.content, jobs))
     assert together == alone
+    assert routed_batches and all(len(set(n)) > 1 for n in routed_batches)  # rows routed per adapter
     lines = [r.getMessage() for r in caplog.records if "batch_models=" in r.getMessage()]
     assert len(lines) == 8
     mixed = [line for line in lines if len(line.split("batch_models=")[1].split()[0].split(",")) > 1]

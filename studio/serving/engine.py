@@ -23,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ import torch
 
 from studio import precision
 from studio.playground import BASE_ADAPTER, BaseLoad, Playground, SamplingSettings, sampling_processors
+from studio.serving.routing import can_route, routed
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +157,20 @@ def _decode(pg: Playground, rows: list[Request], names: list[str], run_precision
         mask[i, width - len(r.prompt_ids) :] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    mixed = {"adapter_names": names} if hasattr(pg.model, "peft_config") else {}
     states = [_Row(r, pg, device) for r in rows]
+    peft = hasattr(pg.model, "peft_config")
+    # One adapter (or none) for every row: the plain forward. Several: each row routed to its own
+    # adapter in every LoRA layer (routing.py), or by PEFT's mixed batch where routing cannot.
+    mixed, context = {}, nullcontext()
+    if peft and len(set(names)) == 1:
+        context = pg.one_adapter(names[0])
+    elif peft and can_route(pg.model, names):
+        context = routed(pg.model, names)
+    elif peft:
+        mixed = {"adapter_names": names}
     try:
-        _steps(pg, states, ids, mask, positions, mixed, run_precision)
+        with context:
+            _steps(pg, states, ids, mask, positions, mixed, run_precision)
     finally:
         # PEFT's mixed-batch hooks are removed by a context manager without try/finally: a
         # forward that raised would leave them on every LoRA layer, steering later requests.
