@@ -90,6 +90,7 @@ def ask(client, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
         messages=[{"role": "user", "content": prompt}],
         max_tokens=max_tokens,
         temperature=0,
+        extra_body={"ignore_eos": True},  # every answer max_tokens long: speeds compare like for like
     )
     return time.perf_counter() - start, reply.usage.completion_tokens
 
@@ -118,7 +119,7 @@ def engine_table(ctx, adapters: list[str], max_tokens: int) -> None:
     print(f"\n{'engine alone, one batch':<38}{'tokens/s':>10}")
     for label, refs, route in cases:
         settings = SamplingSettings(max_new_tokens=max_tokens, temperature=0)
-        rows = [Request(f"b{i}", ref, prompt, settings) for i, ref in enumerate(refs)]
+        rows = [Request(f"b{i}", ref, prompt, settings, ignore_eos=True) for i, ref in enumerate(refs)]
         load, _ = catalog.resolve(refs[0])
         saved = engine.can_route
         engine.can_route = saved if route else (lambda model, names: False)

@@ -234,3 +234,9 @@ def test_a_failed_batch_answers_with_an_error_and_leaves_nothing_behind(served):
     ]
     assert hooks == []  # no stale adapter choice steers the next request
     assert _chat(client, runs[0].id, PROMPTS[2]).choices[0].message.content == before
+
+
+def test_ignore_eos_decodes_to_max_tokens(served):
+    url, ctx, runs = served
+    reply = _chat(_client(url), runs[0].id, PROMPTS[0], max_tokens=20, extra_body={"ignore_eos": True})
+    assert reply.usage.completion_tokens == 20 and reply.choices[0].finish_reason == "length"

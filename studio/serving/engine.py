@@ -47,6 +47,7 @@ class Request:
     settings: SamplingSettings
     stop: list[str] = field(default_factory=list)
     tokenizer: Any = None  # the run's tokenizer (decoding); the base's when None
+    ignore_eos: bool = False  # decode to max tokens even past an end of turn (vLLM's extension; benchmarks)
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     # filled in by the engine
@@ -240,7 +241,7 @@ class _Row:
         tid = int(token)
         if self.r.first_token_at is None:
             self.r.first_token_at = time.monotonic()
-        if tid in eos:
+        if tid in eos and not self.r.ignore_eos:
             self.finish("stop")
             return tid
         self.generated.append(tid)

@@ -248,6 +248,9 @@ async def _complete(ctx: ServingContext, request: Request, chat: bool):
             raise ApiError(400, "`stream` must be true or false.", "stream")
         options = data.get("stream_options") or {}
         include_usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
+        ignore_eos = data.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise ApiError(400, "`ignore_eos` must be true or false.", "ignore_eos")
         ids, tokenizer = _prompt_ids(ctx, served, data, chat)
         context = ctx.catalog.context_length(served)
         if context and len(ids) + settings.max_new_tokens > context:
@@ -271,6 +274,7 @@ async def _complete(ctx: ServingContext, request: Request, chat: bool):
         settings,
         stops,
         tokenizer,
+        ignore_eos,
     )
     ctx.engine.submit(job)
     shape = _Shape(job.id, served.id, int(time.time()), chat)
