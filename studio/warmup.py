@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 # module -> names looked up on it (a lookup is what makes a lazy module import the name's code).
 PRELOAD: dict[str, tuple[str, ...]] = {
+    "peft.tuners.lora.layer": ("Linear",),
     "torch": (),
     "torch._dynamo": (),
     "torch._dynamo.utils": ("counters",),
@@ -61,6 +62,7 @@ PRELOAD: dict[str, tuple[str, ...]] = {
     "studio.playground": (),
     "studio.precision": (),
     "studio.runs": (),
+    "studio.serving.openai_api": (),
     "studio.training.compiling": (),
     "studio.training.distributed": (),
     "studio.training.loss": (),

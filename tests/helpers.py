@@ -58,7 +58,6 @@ def serve(studio):
     (studio/ui/server.py); returns (url, demo)."""
     from studio.serving.server import serving_context
     from studio.ui.app import build_app, launch_kwargs
-    from studio.ui.server import mount_api
     from studio.warmup import preload
 
     preload()
@@ -68,7 +67,6 @@ def serve(studio):
     demo.queue().launch(
         server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs(studio)
     )
-    mount_api(demo, studio)
     return f"http://127.0.0.1:{port}", demo
 
 

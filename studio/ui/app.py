@@ -42,13 +42,20 @@ def build_app(studio: Studio) -> gr.Blocks:
 def launch_kwargs(studio: Studio) -> dict:
     """Options for ``demo.launch``: files under the runs folder may be downloaded, nothing else;
     uploads above the largest thing we accept (an adapter zip) are cut off by the server before
-    they are written to disk, not after."""
+    they are written to disk, not after. With ``studio.serving`` set, the OpenAI-compatible API's
+    routes are part of the server's app from its first request (added after launch, a client
+    could reach the page before /v1 existed)."""
     from studio.adapter_import import max_import_bytes
 
-    return {
+    kwargs = {
         "css": CSS.read_text(encoding="utf-8"),
         "allowed_paths": [str(studio.runs_root.resolve())],
         "theme": gr.themes.Soft(),
         "footer_links": [],
         "max_file_size": max_import_bytes(),
     }
+    if studio.serving is not None:
+        from studio.serving.openai_api import create_router
+
+        kwargs["app_kwargs"] = {"routes": create_router(studio.serving).routes}
+    return kwargs

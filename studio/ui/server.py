@@ -52,23 +52,12 @@ def serve(args: argparse.Namespace) -> int:
     )
     try:
         demo.queue(default_concurrency_limit=4).launch(
-            server_name=args.host, server_port=args.port, auth=auth, prevent_thread_lock=True, **kwargs
+            server_name=args.host, server_port=args.port, auth=auth, **kwargs
         )
     except OSError:
         check_port_free(args.host, args.port)  # taken since the check: say so in a sentence
         raise
-    mount_api(demo, studio)
-    demo.block_thread()
     return 0
-
-
-def mount_api(demo, studio) -> None:
-    """Serve the OpenAI-compatible API (studio.serving) under /v1 on the page's own server, once
-    it is running. Routes added to a live FastAPI app are matched from the next request on."""
-    if studio.serving is not None:
-        from studio.serving.openai_api import create_router
-
-        demo.app.include_router(create_router(studio.serving))
 
 
 def main(argv: list[str] | None = None) -> int:
