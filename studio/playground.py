@@ -1,6 +1,6 @@
 """One base model in memory, many adapters by name; base and adapted replies streamed together.
 
-The base side is the *same* loaded model with the adapter disabled (``disable_adapter()``), so
+The base side is the *same* loaded model with its LoRA layers switched off (see _base_context), so
 the comparison is honest and switching adapters never reloads the base. Both replies are
 decoded in one loop, a token for each side per step, each with its own KV cache and its own
 random generator seeded identically, so both panes stream at once under the same settings.
@@ -9,6 +9,7 @@ Adapters stay loaded after use (switching back is a pointer change, not a disk r
 by ``max_adapters`` and ``max_adapter_bytes``: the least recently used is dropped first. Before
 an adapter is loaded, the base fingerprint it was trained on is compared with the loaded base
 (studio/fingerprint.py): another base is refused, a different tokenizer or template warned about.
+The OpenAI-compatible API (studio/serving) decodes its batches on this same base and adapters.
 """
 
 from __future__ import annotations
