@@ -263,7 +263,7 @@ def _parse_metrics(raw: bytes) -> list[TrainRecord | EvalRecord]:
     except (UnicodeDecodeError, csv.Error):
         return []
     for row in rows[:200_000]:
-        if row.get("kind") not in ("train", "eval"):
+        if row.get("kind") not in (TrainRecord.KIND, EvalRecord.KIND):
             continue
         rec: dict[str, Any] = {"kind": row["kind"]}
         for key, value in row.items():

@@ -94,6 +94,18 @@ def ui_api_key(host: str, key: str | None) -> tuple[bool, str | None]:
     return True, resolve_api_key(host, key)
 
 
+def refuse_unservable(host: str, port: int, runs_dir: str | None) -> None:
+    """Raise SystemExit with one sentence for a port nothing can serve on or a runs folder that
+    cannot be written: what every server checks before anything slow loads."""
+    from studio.runs import RunRegistry, RunsFolderError
+
+    check_port_free(host, port)
+    try:
+        RunRegistry(runs_dir).check_writable()
+    except RunsFolderError as exc:
+        raise SystemExit(str(exc)) from None
+
+
 def check_port_free(host: str, port: int) -> None:
     """Fail with a sentence when nothing can serve on ``host:port``; cheap, so call it before
     anything slow loads.

@@ -122,6 +122,7 @@ def test_concurrent_requests_batch_across_adapters_and_equal_each_alone(served, 
     models = [ctx.catalog.base, runs[0].id, runs[1].id]
     jobs = [(models[i % 3], PROMPTS[i % len(PROMPTS)]) for i in range(8)]
     alone = [_chat(client, m, p, max_tokens=10).choices[0].message.content for m, p in jobs]  # one at a time
+    caplog.clear()  # the lines of the requests sent alone are not this count's
     with caplog.at_level(logging.INFO, logger="studio.serving"):
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             together = list(pool.map(lambda j: _chat(client, *j, max_tokens=10).choices[0].message.content, jobs))
@@ -240,3 +241,42 @@ def test_ignore_eos_decodes_to_max_tokens(served):
     url, ctx, runs = served
     reply = _chat(_client(url), runs[0].id, PROMPTS[0], max_tokens=20, extra_body={"ignore_eos": True})
     assert reply.usage.completion_tokens == 20 and reply.choices[0].finish_reason == "length"
+
+
+def test_a_cold_serve_process_answers_first_and_logs_the_request(tiny_model_dir, tmp_path):
+    """`finetune-studio serve` as a fresh process whose very first request is a completion; the
+    request's log line reaches its output (INFO, with nothing else configuring logging)."""
+    import os
+
+    import openai
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "studio.cli", "serve", "--port", str(port), "--model", str(tiny_model_dir),
+             "--runs-dir", str(tmp_path / "runs")],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        wait_until(lambda: "OpenAI-compatible API on" in log.read_text() or proc.poll() is not None, 180, "serve")
+        assert proc.poll() is None, log.read_text()
+        client = _client(url, key="unused-on-localhost")
+        replies = []
+
+        def first_reply() -> bool:  # the line is printed just before uvicorn binds the port
+            try:
+                replies.append(_chat(client, str(tiny_model_dir), "hello world", max_tokens=4))
+            except openai.APIConnectionError:
+                return False
+            return True
+
+        wait_until(first_reply, 60, "the first completion", poll=0.2)
+        reply = replies[0]
+        assert 1 <= reply.usage.completion_tokens <= 4
+        wait_until(lambda: f"request={reply.id}" in log.read_text(), 30, "the request's log line")
+        assert "batch_models=__base__" in log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from studio import hardware, models, precision
+from studio import models, precision
+from studio.hardware import Hardware
 from studio.playground import BASE_ADAPTER, BaseLoad, Playground, base_load_for, split_ref
 from studio.runs import Run, RunRegistry, checkpoint_step
 
@@ -38,15 +39,15 @@ class Catalog:
     """Model ids by name, resolved against the runs folder on every call (a run finished or
     deleted since is seen at once). Tokenizers and weight hashes are cached per weights folder."""
 
-    def __init__(self, registry: RunRegistry, base: str = models.DEFAULT_MODEL, device: str | None = None):
+    def __init__(self, registry: RunRegistry, hw: Hardware, base: str = models.DEFAULT_MODEL):
         self.registry = registry
         self.base = base
-        hw = hardware.detect()
-        self.device = device or hw.device
+        self.device = hw.device
         # The base alone runs as a LoRA run trained here would have loaded it: same batch.
         self.base_load = BaseLoad(base, "lora", precision.resolve("auto", hw.bf16))
         self._tokenizers: dict[str, object] = {}
-        self._hashes: dict[tuple, object] = {}  # weight hashes and context lengths, computed once
+        self._hashes: dict[tuple[str, int], str] = {}  # (weights folder, mtimes) -> sha256 prefix
+        self._contexts: dict[str, int | None] = {}  # model ref -> context length
         self._lock = threading.Lock()
 
     def models(self) -> list[Served]:
@@ -118,22 +119,22 @@ class Catalog:
 
     def context_length(self, served: Served) -> int | None:
         """The base's context window in tokens (``max_position_embeddings``), None when unknown."""
-        key = ("context", served.load.model)
+        key = served.load.model
         with self._lock:
-            if key not in self._hashes:
+            if key not in self._contexts:
                 from transformers import AutoConfig
 
                 try:
-                    cfg = AutoConfig.from_pretrained(models.resolve(served.load.model))
-                    self._hashes[key] = getattr(cfg, "max_position_embeddings", None)
+                    cfg = AutoConfig.from_pretrained(models.resolve(key))
+                    self._contexts[key] = getattr(cfg, "max_position_embeddings", None)
                 except (OSError, ValueError):
-                    self._hashes[key] = None
-            return self._hashes[key]
+                    self._contexts[key] = None
+            return self._contexts[key]
 
     def tokenizer(self, served: Served):
         """The run's own tokenizer (saved with its adapter: its chat template is the one it
         trained with), else the base's."""
-        folder = served.weights if served.weights is not None else None
+        folder = served.weights
         key = str(folder) if folder is not None and (folder / "tokenizer_config.json").exists() else self.base
         with self._lock:
             if key not in self._tokenizers:

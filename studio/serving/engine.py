@@ -276,7 +276,7 @@ class _Row:
     def finish(self, reason: str) -> None:
         if self.done:
             return
-        if reason == "length" or (reason == "stop" and not self.r.cancelled.is_set()):
+        if not self.r.cancelled.is_set():  # the text held back for stop strings goes out now
             text = self.tokenizer.decode(self.generated, skip_special_tokens=True)
             cut = min((text.find(s) for s in self.r.stop if s in text), default=len(text))
             self._send(text[:cut])

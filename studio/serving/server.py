@@ -22,11 +22,23 @@ def serving_context(studio, model: str = DEFAULT_MODEL, api_key: str | None = No
     from studio.serving.engine import Engine
     from studio.serving.openai_api import ServingContext
 
-    catalog = Catalog(studio.registry, model, studio.hardware.device)
+    catalog = Catalog(studio.registry, studio.hardware, model)
     engine = Engine(studio.playground, catalog.resolve)
     ctx = ServingContext(catalog, engine, api_key=api_key, max_tokens_cap=max_tokens_cap, busy=studio.training_busy)
     studio.serving = ctx
+    _show_request_log()
     return ctx
+
+
+def _show_request_log() -> None:
+    """The per-request lines (studio/serving/stats.py) are INFO: print them even where nothing
+    configured logging (the root logger's last-resort handler shows warnings only)."""
+    log = logging.getLogger("studio.serving")
+    log.setLevel(logging.INFO)
+    if not logging.getLogger().handlers and not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+        log.addHandler(handler)
 
 
 def create_app(ctx):
@@ -56,17 +68,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     """Check the bind, load the base, then answer until stopped."""
-    from studio.runs import RunRegistry, RunsFolderError
-    from studio.server_args import check_port_free, resolve_api_key
+    from studio.server_args import refuse_unservable, resolve_api_key
 
     api_key = resolve_api_key(args.host, args.api_key)
-    check_port_free(args.host, args.port)
     if not 1 <= args.max_tokens <= 4096:
         raise SystemExit(f"--max-tokens must be between 1 and 4096 (got {args.max_tokens}).")
-    try:
-        RunRegistry(args.runs_dir).check_writable()
-    except RunsFolderError as exc:
-        raise SystemExit(str(exc)) from None
+    refuse_unservable(args.host, args.port, args.runs_dir)
 
     import uvicorn
 
@@ -78,7 +85,6 @@ def serve(args: argparse.Namespace) -> int:
     studio = Studio(args.runs_dir)
     ctx = serving_context(studio, args.model, api_key, args.max_tokens)
     models = ctx.catalog.models()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     print(
         f"OpenAI-compatible API on http://{args.host}:{args.port}/v1  ({len(models) - 1} adapters on "
         f"{args.model!r}; runs in {studio.runs_root.resolve()}"

@@ -14,17 +14,12 @@ def serve(args: argparse.Namespace) -> int:
     Raises:
         SystemExit: with one sentence, for an unsafe bind, a busy port or an unusable runs folder.
     """
-    from studio.runs import RunRegistry, RunsFolderError
-    from studio.server_args import API_KEY_ENV, check_port_free, resolve_auth, ui_api_key
+    from studio.server_args import API_KEY_ENV, check_port_free, refuse_unservable, resolve_auth, ui_api_key
 
     # Everything that can refuse to start does so before anything heavy loads (seconds).
     auth = resolve_auth(args.host, args.auth)
     api_on, api_key = ui_api_key(args.host, args.api_key)
-    check_port_free(args.host, args.port)
-    try:
-        RunRegistry(args.runs_dir).check_writable()
-    except RunsFolderError as exc:
-        raise SystemExit(str(exc)) from None
+    refuse_unservable(args.host, args.port, args.runs_dir)
 
     from studio.warmup import preload
 
