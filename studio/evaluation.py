@@ -49,7 +49,7 @@ def held_out_rows(run: Run, tokenizer) -> list[Example]:
     return rows
 
 
-def _prompt_and_reference(example: Example) -> tuple[list[int], list[int]]:
+def prompt_and_reference(example: Example) -> tuple[list[int], list[int]]:
     """Split a tokenized row at its first trained token: the prompt as templated in training
     (system prompt and generation prompt included) and the reference answer."""
     first = next(i for i, t in enumerate(example.labels) if t != IGNORE_INDEX)
@@ -87,7 +87,7 @@ def evaluate(
     tok = playground.tokenizer
     for i, example in enumerate(rows[:samples]):
         progress(f"Answering held-out prompt {i + 1} of {min(samples, len(rows))}...")
-        prompt, reference = _prompt_and_reference(example)
+        prompt, reference = prompt_and_reference(example)
         ids = torch.tensor([prompt])
         base_text, adapted_text = "", ""
         for base_text, adapted_text in playground.stream_ids(ids, ids, settings, ref):

@@ -62,7 +62,7 @@ def artifact_name(run: Run, kind: str) -> str:
     return f"{run.id}-v{max(run.version, 1)}-{kind}.zip"
 
 
-def _finished(run: Run) -> Path:
+def finished_weights(run: Run) -> Path:
     status = run.status()
     weights = run.weights_dir()
     if status.state != "finished" or weights is None:
@@ -72,7 +72,7 @@ def _finished(run: Run) -> Path:
     return weights
 
 
-def _write_zip(out: Path, fill: Callable[[zipfile.ZipFile], None]) -> Path:
+def write_zip(out: Path, fill: Callable[[zipfile.ZipFile], None]) -> Path:
     """Build a zip under a hidden temp name and rename it into place; on failure remove the temp."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}-{time.monotonic_ns()}.tmp")  # two exports at once never collide
@@ -116,7 +116,7 @@ def export_zip(run: Run, out: str | Path | None = None) -> Path:
     Example:
         >>> export_zip(RunRegistry().get("20261122-153000-lora-train"))  # doctest: +SKIP
     """
-    weights = _finished(run)
+    weights = finished_weights(run)
     cfg = run.config()
     out = Path(out) if out else run.path / artifact_name(run, "model" if cfg.method == "full" else "adapter")
 
@@ -149,7 +149,7 @@ def export_zip(run: Run, out: str | Path | None = None) -> Path:
         )
         _add_run_files(zf, run, model_card(run, "model" if cfg.method == "full" else "adapter"))
 
-    return _write_zip(out, fill)
+    return write_zip(out, fill)
 
 
 def _portable_adapter_config(path: Path, model_ref: str) -> str:
@@ -175,23 +175,23 @@ def export_merged(run: Run, out: str | Path | None = None) -> Path:
     Raises:
         ExportError: the run has no finished weights, its base cannot be loaded, or the check fails.
     """
-    weights = _finished(run)
+    weights = finished_weights(run)
     cfg = run.config()
     default_out = run.path / artifact_name(run, "merged")
     out = Path(out) if out else default_out
-    if out == default_out and out.exists() and out.stat().st_mtime >= _newest_input(run, weights):
+    if out == default_out and out.exists() and out.stat().st_mtime >= newest_input(run, weights):
         return out
     if cfg.method == "full":
         card = model_card(run, "model")
-        return _write_zip(out, lambda zf: (_add_dir(zf, weights), _add_run_files(zf, run, card)))
+        return write_zip(out, lambda zf: (_add_dir(zf, weights), _add_run_files(zf, run, card)))
     for stale in run.path.glob(".merge-*"):  # left by a process killed mid-merge
         if time.time() - stale.stat().st_mtime > 3600:
             shutil.rmtree(stale, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix=".merge-", dir=run.path))
     try:
-        caveat = _merge_into(run, weights, work)
+        caveat = merge_into(run, weights, work)
         card = model_card(run, "merged", caveat)
-        return _write_zip(out, lambda zf: (_add_dir(zf, work), _add_run_files(zf, run, card)))
+        return write_zip(out, lambda zf: (_add_dir(zf, work), _add_run_files(zf, run, card)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -202,7 +202,7 @@ def _add_dir(zf: zipfile.ZipFile, folder: Path) -> None:
             _add_file(zf, f, f.name)
 
 
-def _newest_input(run: Run, weights: Path) -> float:
+def newest_input(run: Run, weights: Path) -> float:
     paths = [*weights.iterdir(), run.path / "status.json", run.path / "config.yaml", run.path / "evaluation.json"]
     return max((p.stat().st_mtime for p in paths if p.is_file()), default=0.0)
 
@@ -219,7 +219,7 @@ def merged_dtype(model_path: str):
     return declared if declared in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
 
 
-def _merge_into(run: Run, weights: Path, work: Path) -> str:
+def merge_into(run: Run, weights: Path, work: Path) -> str:
     """Merge the adapter onto a float32 base, save the model into ``work``; return the card's note."""
     import torch
     from peft import PeftModel
