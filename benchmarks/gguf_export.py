@@ -11,7 +11,8 @@ by llama.cpp: the prompts must tokenize to the same ids, and llama.cpp's greedy 
 rendered from the chat template stored in the file, must stop at the end-of-turn token with the
 same answer transformers gave.
 
-    .venv/bin/python benchmarks/gguf_export.py [--types f16 q8_0 q4_0] [--steps 30] [--llama-cpp-python /tmp/llama-venv/bin/python]
+    .venv/bin/python benchmarks/gguf_export.py [--types f16 q8_0 q4_0] [--steps 30] \
+        [--llama-cpp-python /tmp/llama-venv/bin/python]
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def llama_cpp_check(python: str, gguf: Path, parity: dict) -> str:
     stopped = sum(r["finish"] == "stop" for r in got["results"])
     for c, r in zip(cases, got["results"]):
         print(f"    llama.cpp {r['answer']!r} ({r['finish']}) | transformers {c['hf_answer']!r}")
-    return f"pre {got['pre']}; ids {same_ids}/{len(cases)}; answers {same_answer}/{len(cases)}; stopped {stopped}/{len(cases)}"
+    n = len(cases)
+    return f"pre {got['pre']}; ids {same_ids}/{n}; answers {same_answer}/{n}; stopped {stopped}/{n}"
 
 
 def main() -> int:

@@ -59,7 +59,7 @@ class RoleFormat:
             + self.system_prefix
             + "{{ .System }}"
             + self.system_suffix
-            + "{{ end }}{{ range .Messages }}{{ if eq .Role \"user\" }}"
+            + '{{ end }}{{ range .Messages }}{{ if eq .Role "user" }}'
             + self.user_prefix
             + "{{ .Content }}"
             + self.user_suffix
@@ -224,7 +224,11 @@ def modelfile(
             "",
         ]
     elif plain_text:
-        lines += ["# This run trained on plain text: the prompt is passed through as written.", 'TEMPLATE """{{ .Prompt }}"""', ""]
+        lines += [
+            "# This run trained on plain text: the prompt is passed through as written.",
+            'TEMPLATE """{{ .Prompt }}"""',
+            "",
+        ]
     else:
         lines += [
             "# No TEMPLATE: this run's chat template has no Ollama equivalent that could be checked",

@@ -11,6 +11,7 @@ Example:
     finetune-studio resume 20261122-153000-lora-train
     finetune-studio export 20261122-153000-lora-train --out adapter.zip
     finetune-studio export 20261122-153000-lora-train --merged --out merged.zip
+    finetune-studio export 20261122-153000-lora-train --gguf q8_0
     finetune-studio import adapter.zip --name "support bot"
 """
 
@@ -21,6 +22,7 @@ import logging
 import sys
 
 from studio.config import METHODS, ConfigError, RunConfig, field_help, flag_name, leaf_fields
+from studio.gguf_convert import QUANTS as GGUF_TYPES
 
 
 def _bool(text: str) -> bool:
@@ -59,10 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="Zip a finished run's adapter with its tokenizer, config and model card.")
     export.add_argument("run", help="Run id (folder name under the runs folder) or run folder path.")
     export.add_argument("--out", help="Where to write the zip (default: inside the run folder).")
-    export.add_argument(
+    kind = export.add_mutually_exclusive_group()
+    kind.add_argument(
         "--merged",
         action="store_true",
         help="Export the base model with the adapter merged in (a standalone safetensors model).",
+    )
+    kind.add_argument(
+        "--gguf",
+        choices=GGUF_TYPES,
+        help="Export the merged model as one GGUF file for llama.cpp / Ollama / LM Studio, with an Ollama "
+        "Modelfile; the file is read back and compared with the merged model before it is written.",
     )
     export.add_argument("--runs-dir")
 
@@ -336,15 +345,22 @@ def _estimate(args) -> int:
 def _export(args) -> int:
     from studio.export import ExportError, export_merged, export_zip
     from studio.formatting import format_bytes
+    from studio.gguf_export import export_gguf, read_parity
+    from studio.gguf_parity import Parity
     from studio.runs import RunRegistry
 
     try:
         run = RunRegistry(args.runs_dir).get(args.run)
-        out = (export_merged if args.merged else export_zip)(run, args.out)
+        if args.gguf:
+            out = export_gguf(run, args.gguf, args.out)
+        else:
+            out = (export_merged if args.merged else export_zip)(run, args.out)
     except (LookupError, ExportError) as exc:
         print(exc, file=sys.stderr)
         return 1
     print(f"Wrote {out} ({format_bytes(out.stat().st_size)})")
+    if args.gguf:
+        print("Parity with the merged model: " + Parity.from_dict(read_parity(out)).summary())
     return 0
 
 

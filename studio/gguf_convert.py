@@ -26,8 +26,10 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 ARCHITECTURES = {  # transformers class -> llama.cpp architecture name
     "LlamaForCausalLM": "llama",
@@ -99,7 +101,9 @@ def supported_architecture(config: dict) -> str:
             "Export the merged model instead and convert it with llama.cpp's convert_hf_to_gguf.py."
         )
     scaling = config.get("rope_scaling") or {}
-    rope_type = scaling.get("rope_type") or scaling.get("type") or (config.get("rope_parameters") or {}).get("rope_type")
+    rope_type = (
+        scaling.get("rope_type") or scaling.get("type") or (config.get("rope_parameters") or {}).get("rope_type")
+    )
     if rope_type not in (None, "default"):
         raise GgufError(
             f"This model uses {rope_type!r} rope scaling, which the GGUF export does not write yet "
@@ -158,7 +162,11 @@ def _vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
 
 def _permute(weight: np.ndarray, n_head: int) -> np.ndarray:
     """transformers' rotate-half Q/K rows -> llama.cpp's interleaved rotary pairs, per head."""
-    return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return (
+        weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
 
 
 def tensor_type(gguf_name: str, shape: tuple[int, ...], quant: str) -> str:
@@ -176,6 +184,7 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], quant: str) -> str:
 def round_trip(weight: np.ndarray, gguf_name: str, quant: str) -> np.ndarray:
     """The float32 values a reader gets back for ``weight`` written as ``quant`` (for the parity
     check's expected logits)."""
+    import numpy as np
     from gguf import GGMLQuantizationType, quants
 
     qtype = GGMLQuantizationType[tensor_type(gguf_name, weight.shape, quant)]
@@ -190,7 +199,9 @@ def gguf_tensor_name(arch: str, n_layers: int, hf_name: str) -> str:
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layers)
     name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if name is None:
-        raise GgufError(f"The weight {hf_name!r} has no place in llama.cpp's {arch} architecture; it cannot be exported.")
+        raise GgufError(
+            f"The weight {hf_name!r} has no place in llama.cpp's {arch} architecture; it cannot be exported."
+        )
     return name
 
 
@@ -235,7 +246,11 @@ def write_gguf(
         context = min(context, config["sliding_window"])  # llama.cpp's llama has no sliding window
 
     writer = gguf.GGUFWriter(out, arch, use_temp_file=True)  # tensors spill to disk, not RAM
-    writer.add_name(name)
+    if "mistral" not in name.lower():
+        # transformers (5.23) reads a llama-architecture file whose general.name says "mistral" as a
+        # Mistral model and then cannot map its tensors: the read-back would fail. The name is only
+        # for display, so such a file goes without it.
+        writer.add_name(name)
     writer.add_file_type(gguf.LlamaFileType[QUANTS[quant][2]])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(context)
@@ -297,6 +312,8 @@ def _numpy_safe(file: Path) -> bool:
 
 
 def _as_float32(tensor) -> np.ndarray:
+    import numpy as np
+
     if isinstance(tensor, np.ndarray):
         return tensor.astype(np.float32, copy=False)
     return tensor.float().numpy()

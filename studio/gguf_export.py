@@ -24,8 +24,10 @@ import zipfile
 from pathlib import Path
 
 from studio.chat_format import NoRoleFormat, RoleFormat, modelfile, role_format, stop_strings
-from studio.formatting import markdown_cell, slug
+from studio.data import DataError
+from studio.data.dataset import inspect
 from studio.export import ExportError, artifact_name, finished_weights, merge_into, newest_input, write_zip
+from studio.formatting import markdown_cell, slug
 from studio.gguf_convert import GgufError, GgufInfo, check_quant, supported_architecture, write_gguf
 from studio.gguf_parity import Parity, check
 from studio.runs import Run
@@ -167,9 +169,6 @@ def _prompts(run: Run, tokenizer) -> list[list[int]]:
 
 def _system_prompt(run: Run) -> str | None:
     """The system prompt every training conversation had, if they all had the same one."""
-    from studio.data import DataError
-    from studio.data.dataset import inspect
-
     cfg = run.config()
     if run.status().imported or not cfg.data.path:
         return None
@@ -185,7 +184,9 @@ def _readme(run, info: GgufInfo, parity: Parity, merge_note: str, fmt, why_not, 
     name = info.path.name
     model = slug(run.name, fallback="finetuned").lower()  # Ollama names are lowercase
     rows = "\n".join(
-        f"| {markdown_cell(p.prompt[-120:])} | {markdown_cell(p.answer)} | {markdown_cell(p.gguf_answer)} | {'yes' if p.same else 'no'} |"
+        "| "
+        + " | ".join(markdown_cell(c) for c in (p.prompt[-120:], p.answer, p.gguf_answer, "yes" if p.same else "no"))
+        + " |"
         for p in parity.prompts
     )
     template_note = (
@@ -235,5 +236,3 @@ Conversion took {timings["convert_s"]} s and the check {timings["parity_s"]} s.
 
 {merge_note}
 """
-
-

@@ -23,6 +23,8 @@ import gc
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from studio.gguf_convert import gguf_tensor_name, round_trip
+
 LAYOUT_TOLERANCE = 1e-3  # read-back vs expected, relative to the largest logit: float32 noise is ~1e-6
 Q8_TOP1 = 0.9  # q8_0's stated bound: measured 0.98-1.0 on the default model and the tiny test model
 MAX_PROMPT_TOKENS = 256
@@ -58,6 +60,12 @@ class Parity:
     @property
     def greedy_same(self) -> int:
         return sum(p.same for p in self.prompts)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Parity:
+        known = {f for f in cls.__dataclass_fields__}
+        fields = {k: v for k, v in data.items() if k in known and k != "prompts"}
+        return cls(**fields, prompts=[PromptResult(**p) for p in data.get("prompts", [])])
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed, "greedy_same": self.greedy_same}
@@ -99,8 +107,6 @@ def _greedy(model, prompts: list[list[int]], stop_ids: list[int]) -> list[list[i
 def _round_like_file(model, arch: str, quant: str) -> None:
     """Round the model's weights in place exactly as the file's tensor types round them."""
     import torch
-
-    from studio.gguf_convert import gguf_tensor_name, round_trip
 
     n_layers = model.config.num_hidden_layers
     with torch.no_grad():
@@ -160,7 +166,12 @@ def check(
     parity.template_same = (gguf_tokenizer.chat_template or None) == (chat_template or None)
     for text, a, b in zip(texts, answers, gguf_answers):
         parity.prompts.append(
-            PromptResult(text, tokenizer.decode(a, skip_special_tokens=True), tokenizer.decode(b, skip_special_tokens=True), a == b)
+            PromptResult(
+                text,
+                tokenizer.decode(a, skip_special_tokens=True),
+                tokenizer.decode(b, skip_special_tokens=True),
+                a == b,
+            )
         )
 
     if parity.layout_diff > LAYOUT_TOLERANCE:
@@ -174,7 +185,8 @@ def check(
         parity.problems.append("the chat template stored in the file is not the run's")
     if quant == "f16" and parity.greedy_same < len(parity.prompts):
         parity.problems.append(
-            f"f16 gave a different greedy answer on {len(parity.prompts) - parity.greedy_same} of {len(parity.prompts)} prompts"
+            f"f16 gave a different greedy answer on {len(parity.prompts) - parity.greedy_same} of "
+            f"{len(parity.prompts)} prompts"
         )
     if quant == "q8_0" and parity.top1_agreement < Q8_TOP1:
         parity.problems.append(

@@ -21,6 +21,7 @@ from studio.data import DataError, DataReport, mapping_for, read_table, validate
 from studio.data.preview import token_segments
 from studio.export import export_merged, export_zip
 from studio.formatting import slug
+from studio.gguf_export import export_gguf
 from studio.memory import shape_for_model
 from studio.models import load_tokenizer
 from studio.planner import Plan, plan, settings_for
@@ -360,10 +361,16 @@ class Studio:
         self.playground.unload(run.id)
         return self.registry.delete(run.id)
 
-    def export_run(self, run_id: str, out: str | Path | None = None, merged: bool = False) -> Path:
-        """The run's adapter zip, or with ``merged`` the standalone merged model zip.
-        Raises LookupError (unknown run) or ExportError (not finished, base missing)."""
+    def export_run(
+        self, run_id: str, out: str | Path | None = None, merged: bool = False, gguf: str | None = None
+    ) -> Path:
+        """The run's adapter zip; with ``merged`` the standalone merged model zip; with ``gguf``
+        (f16, bf16, q8_0, q4_0) the GGUF zip for llama.cpp and Ollama, checked against the merged model.
+        Raises LookupError (unknown run) or ExportError (not finished, base missing, not convertible,
+        or the GGUF does not answer like the merged model)."""
         run = self.registry.get(run_id)
+        if gguf:
+            return export_gguf(run, gguf, out)
         return export_merged(run, out) if merged else export_zip(run, out)
 
     def import_adapter(self, zip_path: str | Path, name: str | None = None) -> Run:

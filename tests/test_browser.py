@@ -4,6 +4,7 @@ download the zip, which loads in plain PEFT. Uses the real default model."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import zipfile
@@ -212,6 +213,25 @@ def test_upload_train_chat_export(server, browser, tmp_path):
     dl.value.save_as(zpath)
     names = set(zipfile.ZipFile(zpath).namelist())
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "config.yaml", "README.md"} <= names
+
+    # GGUF (q8_0, the default type): built, read back, compared, and the numbers shown on the page.
+    page.locator("#gguf-build").click()
+    expect(page.locator("#gguf-download")).to_be_enabled(timeout=400_000)
+    expect(page.locator("#gguf-status")).to_contain_text("Checked against the merged model")
+    expect(page.locator("#gguf-status")).to_contain_text(f"{run_id}-v1-q8_0.gguf.zip")
+    expect(page.locator("#gguf-status")).to_contain_text("q8_0: same greedy answer on")
+    screenshot(page, "export-gguf")
+    with page.expect_download(timeout=120_000) as dl:
+        page.locator("#gguf-download").click()
+    gpath = tmp_path / "model.gguf.zip"
+    dl.value.save_as(gpath)
+    gguf_zip = zipfile.ZipFile(gpath)
+    assert {f"{run_id}-v1-q8_0.gguf", "Modelfile", "README.md", "parity.json"} <= set(gguf_zip.namelist())
+    parity = json.loads(gguf_zip.read("parity.json"))
+    assert parity["passed"] and parity["tokenizer_same"] and parity["template_same"] and parity["layout_diff"] < 1e-5
+    modelfile = gguf_zip.read("Modelfile").decode()
+    # SmolLM2's template writes its own system prompt when none is given: Ollama gets it as SYSTEM.
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in modelfile and 'stop "<|im_end|>"' in modelfile
     assert not errors and not errors2, errors + errors2
 
     # Past runs: overlay two runs' curves and list the settings that differ.
