@@ -75,7 +75,8 @@ def export_gguf(run: Run, quant: str = DEFAULT_QUANT, out: str | Path | None = N
             merge_note = merge_into(run, weights, merged_dir)
         _refuse_unsupported(merged_dir)
         tokenizer = _tokenizer(merged_dir)
-        fmt, why_not = _format(tokenizer, cfg)
+        plain_text, system = _training_data(run)
+        fmt, why_not = (None, "this run trained on plain text, not chat turns") if plain_text else _format(tokenizer)
         stops = stop_strings(fmt, tokenizer)
         stop_ids = [i for i in tokenizer.convert_tokens_to_ids(stops) if i is not None and i != tokenizer.unk_token_id]
         file_name = Path(gguf_name(run, quant)).stem  # "<run>-v<n>-<quant>.gguf"
@@ -93,15 +94,21 @@ def export_gguf(run: Run, quant: str = DEFAULT_QUANT, out: str | Path | None = N
             raise ExportError(str(exc)) from None
         written = time.monotonic()
         parity = check(
-            merged_dir, info.path, info.architecture, quant, _prompts(run, tokenizer), stop_ids, tokenizer.chat_template
+            merged_dir,
+            info.path,
+            info.architecture,
+            quant,
+            _prompts(run, tokenizer, plain_text),
+            stop_ids,
+            tokenizer.chat_template,
         )
         checked = time.monotonic()
         if not parity.passed:
             raise ExportError(
                 f"The GGUF was written but is not offered: {'; '.join(parity.problems)}. ({parity.summary()})"
             )
-        system = _system_prompt(run) or (fmt.default_system if fmt else None)
-        model_file = modelfile(info.path.name, fmt, why_not, stops, system, OLLAMA_PARAMS, plain_text=_is_text_run(cfg))
+        system = system or (fmt.default_system if fmt else None)
+        model_file = modelfile(info.path.name, fmt, why_not, stops, system, OLLAMA_PARAMS, plain_text=plain_text)
         timings = {"convert_s": round(written - started, 1), "parity_s": round(checked - written, 1)}
         readme = _readme(run, info, parity, merge_note, fmt, why_not, stops, timings)
 
@@ -136,48 +143,50 @@ def _tokenizer(model_dir: Path):
     return models.load_tokenizer(str(model_dir))  # ChatML where the folder has no template, as in training
 
 
-def _format(tokenizer, cfg) -> tuple[RoleFormat | None, str | None]:
-    if _is_text_run(cfg):
-        return None, "this run trained on plain text, not chat turns"
+def _format(tokenizer) -> tuple[RoleFormat | None, str | None]:
     try:
         return role_format(tokenizer), None
     except NoRoleFormat as exc:
         return None, str(exc)
 
 
-def _is_text_run(cfg) -> bool:
-    return any(pair.strip().endswith("=text") for pair in cfg.data.mapping.split(",")) if cfg.data.mapping else False
+def _training_data(run: Run) -> tuple[bool, str | None]:
+    """(trained on plain text, the system prompt every training conversation had if they all had
+    the same one), read from the run's data file; (False, None) when it is not here any more."""
+    cfg = run.config()
+    if run.status().imported or not cfg.data.path:
+        return False, None
+    try:
+        report = inspect(cfg.data)
+    except (DataError, OSError):
+        return False, None
+    if report.mapping.format == "text":
+        return True, None
+    convs = [c for c in report.convs if c]
+    systems = {c[0]["content"] if c[0]["role"] == "system" else None for c in convs}
+    return False, (systems.pop() if len(systems) == 1 else None)
 
 
-def _prompts(run: Run, tokenizer) -> list[list[int]]:
-    """A few held-out prompts as training templated them; generic ones when the run has none."""
+def _prompts(run: Run, tokenizer, plain_text: bool) -> list[list[int]]:
+    """A few held-out prompts as training templated them (for plain text, the first half of each
+    held-out text); generic ones when the run has none."""
     from studio.evaluation import held_out_rows, prompt_and_reference
 
     try:
         rows = held_out_rows(run, tokenizer)[:PARITY_PROMPTS]
+    except ValueError:
+        rows = []
+    if plain_text:
+        prompts = [r.input_ids[: max(1, len(r.input_ids) // 2)] for r in rows]
+        fallback = list(FALLBACK_PROMPTS)
+    else:
         prompts = [prompt_and_reference(r)[0] for r in rows]
-        if prompts:
-            return prompts
-    except (ValueError, StopIteration):
-        pass
-    rendered = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-        for p in FALLBACK_PROMPTS
-    ]
-    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in rendered]
-
-
-def _system_prompt(run: Run) -> str | None:
-    """The system prompt every training conversation had, if they all had the same one."""
-    cfg = run.config()
-    if run.status().imported or not cfg.data.path:
-        return None
-    try:
-        convs = [c for c in inspect(cfg.data).convs if c]
-    except (DataError, OSError):
-        return None
-    systems = {c[0]["content"] if isinstance(c, list) and c[0]["role"] == "system" else None for c in convs}
-    return systems.pop() if len(systems) == 1 else None
+        fallback = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+            for p in FALLBACK_PROMPTS
+        ]
+    prompts = [p for p in prompts if p]
+    return prompts or [tokenizer(text, add_special_tokens=False)["input_ids"] for text in fallback]
 
 
 def _readme(run, info: GgufInfo, parity: Parity, merge_note: str, fmt, why_not, stops, timings) -> str:

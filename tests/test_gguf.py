@@ -373,3 +373,26 @@ def test_modelfile_says_plainly_when_it_has_no_template():
     assert "cannot hold" in modelfile("m.gguf", braces, None, [], None, {})
     system = modelfile("m.gguf", CHATML, None, ["<|im_end|>"], "Answer in French.", {"temperature": 0})
     assert 'SYSTEM """Answer in French."""' in system
+
+
+def test_full_fine_tune_and_plain_text_runs_export(tiny_model_dir, tmp_path):
+    """A full fine-tune is its own merged model; a plain-text run gets a pass-through template and
+    is checked on the first half of its held-out texts."""
+    from studio.runs import RunRegistry
+    from studio.training import run_training
+    from tests.helpers import tiny_run_config, write_csv
+
+    _, full = _train(tmp_path, tiny_model_dir, "full", steps=3)
+    parity = Parity.from_dict(read_parity(export_gguf(full, "f16")))
+    assert parity.passed and parity.greedy_same == len(parity.prompts) == 3
+
+    data = write_csv(tmp_path / "text.csv", ["text"], [[f"the fox {a} jumps over {a + 1} dogs"] for a in range(40)])
+    cfg = tiny_run_config(tiny_model_dir, data, max_steps=3, memory_check=False)
+    run = RunRegistry(tmp_path / "runs-text").create(cfg)
+    assert run_training(cfg, run).state == "finished"
+    path = export_gguf(run, "q8_0")
+    with zipfile.ZipFile(path) as zf:
+        text = zf.read("Modelfile").decode()
+    assert 'TEMPLATE """{{ .Prompt }}"""' in text and "SYSTEM" not in text
+    parity = Parity.from_dict(read_parity(path))
+    assert parity.passed and all(p.prompt.startswith("the fox") for p in parity.prompts), parity.prompts
