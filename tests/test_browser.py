@@ -11,6 +11,7 @@ import zipfile
 
 import pytest
 
+from studio.gguf_export import gguf_name
 from studio.records import TrainRecord
 from tests.helpers import SAMPLE, open_page, screenshot, serve
 
@@ -218,7 +219,8 @@ def test_upload_train_chat_export(server, browser, tmp_path):
     page.locator("#gguf-build").click()
     expect(page.locator("#gguf-download")).to_be_enabled(timeout=400_000)
     expect(page.locator("#gguf-status")).to_contain_text("Checked against the merged model")
-    expect(page.locator("#gguf-status")).to_contain_text(f"{run_id}-v1-q8_0.gguf.zip")
+    gguf_zip_name = gguf_name(studio.registry.get(run_id), "q8_0")  # <run>-v2-...: the run was resumed
+    expect(page.locator("#gguf-status")).to_contain_text(gguf_zip_name)
     expect(page.locator("#gguf-status")).to_contain_text("q8_0: same greedy answer on")
     screenshot(page, "export-gguf")
     with page.expect_download(timeout=120_000) as dl:
@@ -226,7 +228,7 @@ def test_upload_train_chat_export(server, browser, tmp_path):
     gpath = tmp_path / "model.gguf.zip"
     dl.value.save_as(gpath)
     gguf_zip = zipfile.ZipFile(gpath)
-    assert {f"{run_id}-v1-q8_0.gguf", "Modelfile", "README.md", "parity.json"} <= set(gguf_zip.namelist())
+    assert {gguf_zip_name.removesuffix(".zip"), "Modelfile", "README.md", "parity.json"} <= set(gguf_zip.namelist())
     parity = json.loads(gguf_zip.read("parity.json"))
     assert parity["passed"] and parity["tokenizer_same"] and parity["template_same"] and parity["layout_diff"] < 1e-5
     modelfile = gguf_zip.read("Modelfile").decode()
