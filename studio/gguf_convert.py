@@ -66,7 +66,15 @@ KNOWN_PRE_HASHES = {
     "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
     "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
 }
-GPT2_PRE = "gpt-2"  # a plain byte-level pre-tokenizer (GPT-2's split rule), whatever the vocabulary
+# A vocabulary of our own (a fine-tune that retrained the tokenizer, the tests' tiny model) has no
+# known hash; its pre-tokenizer is then named by its split rule, when it is one llama.cpp has.
+GPT2_PRE = "gpt-2"  # a plain byte-level pre-tokenizer: GPT-2's split rule
+_WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+SPLIT_RULES = {  # Split regex before a regex-free ByteLevel -> llama.cpp's name for it
+    _WORDS + r"\p{N}" + _REST: "qwen2",  # digits one by one
+    _WORDS + r"\p{N}{1,3}" + _REST: "llama-bpe",  # Llama 3: up to three digits together
+}
 
 
 class GgufError(ValueError):
@@ -116,8 +124,10 @@ def rope_theta(config: dict) -> float:
     return float((config.get("rope_parameters") or {}).get("rope_theta") or config.get("rope_theta") or 10000.0)
 
 
-def pre_tokenizer_name(tokenizer, tokenizer_json: dict) -> str:
-    """llama.cpp's ``tokenizer.ggml.pre`` for a byte-level BPE tokenizer, or GgufError."""
+def pre_tokenizer_name(tokenizer) -> str:
+    """llama.cpp's ``tokenizer.ggml.pre`` for a (fast) byte-level BPE tokenizer, or GgufError."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    tokenizer_json = json.loads(backend.to_str()) if backend is not None else {}
     model = tokenizer_json.get("model") or {}
     pre = tokenizer_json.get("pre_tokenizer") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or "ByteLevel" not in json.dumps(pre):
@@ -132,6 +142,17 @@ def pre_tokenizer_name(tokenizer, tokenizer_json: dict) -> str:
         return KNOWN_PRE_HASHES[digest]
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return GPT2_PRE
+    steps = pre.get("pretokenizers") or []
+    if (
+        len(steps) == 2
+        and steps[0].get("type") == "Split"
+        and steps[0].get("behavior") == "Isolated"
+        and steps[1].get("type") == "ByteLevel"
+        and not steps[1].get("use_regex", True)
+    ):
+        name = SPLIT_RULES.get((steps[0].get("pattern") or {}).get("Regex", ""))
+        if name:
+            return name
     raise GgufError(
         "This tokenizer splits text in a way llama.cpp has no name for that we can verify "
         f"(check hash {digest[:12]}…), so llama.cpp would tokenize prompts differently from training. "
@@ -233,8 +254,7 @@ def write_gguf(
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     arch = supported_architecture(config)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    pre = pre_tokenizer_name(tokenizer, tokenizer_json)
+    pre = pre_tokenizer_name(tokenizer)
 
     n_layers, n_head = config["num_hidden_layers"], config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_head

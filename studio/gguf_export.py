@@ -28,7 +28,14 @@ from studio.data import DataError
 from studio.data.dataset import inspect
 from studio.export import ExportError, artifact_name, finished_weights, merge_into, newest_input, write_zip
 from studio.formatting import markdown_cell, slug
-from studio.gguf_convert import GgufError, GgufInfo, check_quant, supported_architecture, write_gguf
+from studio.gguf_convert import (
+    GgufError,
+    GgufInfo,
+    check_quant,
+    pre_tokenizer_name,
+    supported_architecture,
+    write_gguf,
+)
 from studio.gguf_parity import Parity, check
 from studio.runs import Run
 
@@ -64,17 +71,16 @@ def export_gguf(run: Run, quant: str = DEFAULT_QUANT, out: str | Path | None = N
     if out == default_out and out.exists() and out.stat().st_mtime >= newest_input(run, weights):
         return out
     cfg = run.config()
+    started = time.monotonic()
+    tokenizer = _refuse_unsupported(run, weights)  # before the merge, which takes a while
     work = Path(tempfile.mkdtemp(prefix=".gguf-", dir=run.path))
     try:
-        started = time.monotonic()
         if cfg.method == "full":
             merged_dir, merge_note = weights, "A full fine-tune: the trained model itself, no merge needed."
         else:
             merged_dir = work / "merged"
             merged_dir.mkdir()
             merge_note = merge_into(run, weights, merged_dir)
-        _refuse_unsupported(merged_dir)
-        tokenizer = _tokenizer(merged_dir)
         plain_text, system = _training_data(run)
         fmt, why_not = (None, "this run trained on plain text, not chat turns") if plain_text else _format(tokenizer)
         stops = stop_strings(fmt, tokenizer)
@@ -130,17 +136,28 @@ def read_parity(zip_path: str | Path) -> dict:
         return json.loads(zf.read(PARITY_JSON))
 
 
-def _refuse_unsupported(model_dir: Path) -> None:
-    try:
-        supported_architecture(json.loads((model_dir / "config.json").read_text(encoding="utf-8")))
-    except GgufError as exc:
-        raise ExportError(str(exc)) from None
+def _refuse_unsupported(run: Run, weights: Path):
+    """ExportError unless the run's model and tokenizer can be written as GGUF; the run's tokenizer
+    (with the chat template it trained with) when they can."""
+    from transformers import AutoConfig
 
-
-def _tokenizer(model_dir: Path):
     from studio import models
 
-    return models.load_tokenizer(str(model_dir))  # ChatML where the folder has no template, as in training
+    cfg = run.config()
+    has_tokenizer = (weights / "tokenizer_config.json").is_file()
+    try:
+        source = str(weights) if cfg.method == "full" else models.resolve(cfg.model)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code).to_dict()
+        # ChatML where the run has no template, as in training.
+        tokenizer = models.load_tokenizer(str(weights) if has_tokenizer else cfg.model, cfg.trust_remote_code)
+    except (models.ModelError, OSError) as exc:
+        raise ExportError(f"Cannot export: the base model is not available here. {exc}") from None
+    try:
+        supported_architecture(config)
+        pre_tokenizer_name(tokenizer)
+    except GgufError as exc:
+        raise ExportError(str(exc)) from None
+    return tokenizer
 
 
 def _format(tokenizer) -> tuple[RoleFormat | None, str | None]:

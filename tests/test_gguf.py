@@ -3,7 +3,6 @@ parity check (and that it catches a wrong file), the three supported architectur
 
 from __future__ import annotations
 
-import json
 import zipfile
 from pathlib import Path
 
@@ -242,6 +241,9 @@ def test_each_supported_architecture_reads_back_exactly(kind, tiny_model_dir, tm
         end_of_turn_id=tokenizer.eos_token_id,
     )
     assert info.architecture == ("qwen2" if kind == "qwen2" else "llama")
+    # transformers tokenizes for a Qwen2 folder with Qwen2's own split rule, whatever tokenizer.json
+    # says; the file must name the rule training used (llama.cpp's "qwen2"), not the JSON's.
+    assert info.pre_tokenizer == ("qwen2" if kind == "qwen2" else "gpt-2")
     prompts = [tokenizer("what is 3 plus 4 answer 7 why")["input_ids"], tokenizer("answer 9")["input_ids"]]
     parity = check(
         model_dir, info.path, info.architecture, "f16", prompts, [tokenizer.eos_token_id], tokenizer.chat_template
@@ -262,13 +264,18 @@ def test_unsupported_models_are_refused_with_what_is_supported(tiny_model_dir):
         supported_architecture({"architectures": ["LlamaForCausalLM"], "rope_scaling": {"rope_type": "llama3"}})
     assert supported_architecture({"architectures": ["LlamaForCausalLM"], "rope_parameters": {"rope_type": "default"}})
 
-    tokenizer = _tokenizer(tiny_model_dir)
-    spm = {"model": {"type": "BPE", "byte_fallback": True}, "pre_tokenizer": {"type": "Metaspace"}}
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    spm = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    spm.pre_tokenizer = pre_tokenizers.Metaspace()
     with pytest.raises(GgufError, match="SentencePiece"):
-        pre_tokenizer_name(tokenizer, spm)
-    custom = {"model": {"type": "BPE"}, "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "ByteLevel"}]}}
+        pre_tokenizer_name(PreTrainedTokenizerFast(tokenizer_object=spm))
+    tokenizer = _tokenizer(tiny_model_dir)
+    custom = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    custom.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(), pre_tokenizers.ByteLevel()])
     with pytest.raises(GgufError, match="no name for that we can verify"):
-        pre_tokenizer_name(tokenizer, custom)
+        pre_tokenizer_name(PreTrainedTokenizerFast(tokenizer_object=custom))
 
 
 def test_the_default_tokenizer_is_named_as_llama_cpp_names_it():
@@ -280,7 +287,7 @@ def test_the_default_tokenizer_is_named_as_llama_cpp_names_it():
 
     folder = Path(models.resolve("default"))
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    assert pre_tokenizer_name(tokenizer, json.loads((folder / "tokenizer.json").read_text())) == "smollm"
+    assert pre_tokenizer_name(tokenizer) == "smollm"
 
 
 # ---- chat formats and the Modelfile ------------------------------------------------------------------
