@@ -42,6 +42,10 @@ def build_export_tab(studio: Studio) -> gr.Dropdown:
         button = gr.DownloadButton("Download adapter zip", elem_id="export-button", interactive=False)
         merge = gr.Button("Build merged model", elem_id="export-merge", interactive=False)
         merged_button = gr.DownloadButton("Download merged model", elem_id="export-merged-button", interactive=False)
+    note = gr.Markdown("", elem_id="export-status")
+    contents = gr.Dataframe(
+        EMPTY, label="What the adapter zip holds", elem_id="export-contents", interactive=False, wrap=True
+    )
     with gr.Accordion("GGUF for llama.cpp, Ollama and LM Studio", open=True, elem_id="gguf-section"):
         gr.Markdown(
             "One GGUF file with the merged model, its tokenizer and the chat template it trained with, "
@@ -56,10 +60,6 @@ def build_export_tab(studio: Studio) -> gr.Dropdown:
             gguf_build = gr.Button("Build GGUF", elem_id="gguf-build", interactive=False, scale=1)
             gguf_button = gr.DownloadButton("Download GGUF zip", elem_id="gguf-download", interactive=False, scale=1)
         gguf_note = gr.Markdown("", elem_id="gguf-status")
-    note = gr.Markdown("", elem_id="export-status")
-    contents = gr.Dataframe(
-        EMPTY, label="What the adapter zip holds", elem_id="export-contents", interactive=False, wrap=True
-    )
     with gr.Accordion("Import an adapter zip", open=False, elem_id="import-section"):
         gr.Markdown(
             "A zip exported by Finetune Studio, or a zipped PEFT LoRA folder (`adapter_config.json` + "
