@@ -25,6 +25,7 @@ import yaml
 
 METHODS = ("full", "lora", "qlora")
 PRECISIONS = ("auto", "bf16", "fp32")
+DISTRIBUTED = ("ddp", "fsdp")
 LR_SCHEDULERS = ("cosine", "linear", "constant")  # after the warmup; names transformers' get_scheduler knows
 # Full fine-tuning moves every weight, so it wants about a tenth of an adapter's learning rate.
 DEFAULT_LEARNING_RATE = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
@@ -128,6 +129,10 @@ class TrainingConfig:
     """How many of the latest checkpoints to keep on disk."""
     seed: int = 42
     """Random seed for the split, shuffling and adapter initialisation."""
+    distributed: str = "ddp"
+    """Under torchrun / accelerate launch with several processes: ddp (a full copy of the model on
+    every device) or fsdp (parameters, gradients and optimizer state sharded across the devices, so a
+    model too big for one device can train on several). One process ignores it."""
 
 
 @dataclass
@@ -266,6 +271,13 @@ class RunConfig:
             p.append("`training.early_stopping` needs held-out rows: set `data.eval_fraction` above 0.")
         if t.save_steps < 0:
             p.append("`training.save_steps` must be 0 (every 10% of the run) or more.")
+        if t.distributed not in DISTRIBUTED:
+            p.append(f"`training.distributed` must be one of {', '.join(DISTRIBUTED)} (got {t.distributed!r}).")
+        elif t.distributed == "fsdp" and self.method == "qlora":
+            p.append(
+                "`training.distributed` fsdp does not train QLoRA: FSDP2 with 4-bit weights has an open "
+                "correctness bug upstream, so it would train wrong. Use ddp for QLoRA, or LoRA with fsdp."
+            )
         if not 1 <= t.keep_checkpoints <= 100:
             p.append(f"`training.keep_checkpoints` must be between 1 and 100 (got {t.keep_checkpoints}).")
         return p

@@ -1,8 +1,20 @@
 """Several processes, one run: the same trainer under `accelerate launch` (or torchrun).
 
 The launcher starts one process per device and sets RANK / WORLD_SIZE / LOCAL_RANK. Each
-process trains on every WORLD_SIZE-th batch of the same seeded stream, DistributedDataParallel
-averages the gradients, and only rank 0 writes: the run folder, status, metrics and weights.
+process trains on every WORLD_SIZE-th batch of the same seeded stream and the gradients are
+averaged across processes, so N processes with batch B train like one process with batch B and
+gradient accumulation N. Only rank 0 writes: the run folder, status, metrics and weights.
+
+Two ways to hold the model (``training.distributed``):
+
+- ``ddp``: DistributedDataParallel, a full copy of the model on every device.
+- ``fsdp``: PyTorch FSDP2 (``torch.distributed.fsdp.fully_shard``): every decoder layer, and the
+  loss module around the model as the root, keep 1/N of their parameters, gradients and
+  optimizer state on each device and gather a layer's weights only while it runs. The root is the
+  loss module, not the model, because the loss calls the decoder and the output layer directly
+  (``loss.py``): hooks on the model's own forward would never run. Works on CPU with gloo
+  (the tests) and on GPUs with NCCL.
+
 With one process (the web server, a plain `finetune-studio train`) nothing here does anything.
 """
 
@@ -30,30 +42,33 @@ class Dist:
 
 
 # accelerate sets these for an FSDP or DeepSpeed config. This loop does not use accelerate's
-# Accelerator, so it would silently train plain DDP (a full replica on every device) instead.
+# Accelerator: it shards with FSDP2 itself when the run says `training.distributed: fsdp`, and
+# would otherwise silently train something other than what the launch config asked for.
 SHARDING_ENV = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
 
 
-def from_env() -> Dist:
+def from_env(strategy: str = "ddp") -> Dist:
     """This process's place, from the launcher's environment (one process when there is none).
 
     Raises:
-        ConfigError: the launcher asked for FSDP or DeepSpeed sharding, which this trainer lacks.
+        ConfigError: the launch config asks for sharding the run does not do (DeepSpeed, or an
+            accelerate FSDP config for a run that says ddp).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
     asked = [name for var, name in SHARDING_ENV.items() if os.environ.get(var, "").lower() in ("true", "1")]
-    if asked:
+    if asked and not (asked == ["FSDP"] and strategy == "fsdp"):
         from studio.config import ConfigError
 
+        fix = (
+            "add `--distributed fsdp` (FSDP2, configured by the studio) or launch with "
+            "`accelerate launch --multi_gpu ...`"
+            if asked[0] == "FSDP"
+            else "launch with `accelerate launch --multi_gpu ...` and `--distributed fsdp` to shard the model"
+        )
         raise ConfigError(
-            [
-                f"accelerate was launched with a {asked[0]} config, but this trainer does not shard "
-                "the model: it keeps a full copy on every device (DistributedDataParallel). Launch "
-                "with `accelerate launch --multi_gpu ...` (no FSDP/DeepSpeed config), or pick a "
-                "method that fits one device (LoRA, QLoRA)."
-            ]
+            [f"accelerate was launched with a {asked[0]} config, which this trainer does not read; {fix}."]
         )
     return Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
 
@@ -76,10 +91,91 @@ def broadcast(value, dist: Dist):
     return box[0]
 
 
-def wrap(model, dist: Dist, device: str):
-    """DistributedDataParallel when several processes train; the model itself otherwise."""
+def wrap(loss_fn, dist: Dist, device: str, strategy: str = "ddp"):
+    """What the training step calls: ``loss_fn`` under DistributedDataParallel (ddp), ``loss_fn``
+    itself sharded in place (fsdp), or ``loss_fn`` alone with one process."""
     if not dist.enabled:
-        return model
+        return loss_fn
+    if strategy == "fsdp":
+        shard(loss_fn, dist)
+        return loss_fn
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[dist.local_rank] if device == "cuda" else None)
+    return DistributedDataParallel(loss_fn, device_ids=[dist.local_rank] if device == "cuda" else None)
+
+
+def shard(loss_fn, dist: Dist) -> None:
+    """FSDP2: each decoder layer is one unit, the loss module (holding embeddings, final norm and
+    output layer) the root. Call before building the optimizer: parameters become DTensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from studio.training.loss import causal_lm
+
+    device = f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu"
+    mesh = init_device_mesh("cuda" if device != "cpu" else "cpu", (dist.world,))
+    for layer in decoder_layers(causal_lm(loss_fn.model)):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(loss_fn, mesh=mesh)
+
+
+def decoder_layers(lm) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers causal LM (``model.layers`` for the Llama family)."""
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else getattr(lm, "model", None)
+    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
+    if layers is None:
+        raise ValueError(f"{type(lm).__name__} has no list of decoder layers to shard; use ddp.")
+    return list(layers)
+
+
+def is_sharded(module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def sum_over_ranks(values: list[float], dist: Dist) -> list[float]:
+    """Element-wise sum of ``values`` over all processes (the values themselves with one)."""
+    if not dist.enabled:
+        return values
+    nccl = torch.distributed.get_backend() == "nccl"
+    box = torch.tensor(values, dtype=torch.float64, device=f"cuda:{dist.local_rank}" if nccl else "cpu")
+    torch.distributed.all_reduce(box)
+    return box.tolist()
+
+
+SHARDED_DIR = "sharded"  # a sharded run's checkpoint: model and optimizer, one file per process
+
+
+def barrier(dist: Dist) -> None:
+    if dist.enabled:
+        torch.distributed.barrier()
+
+
+def full_state_dict(module, prefix: str = "") -> dict:
+    """The whole (unsharded) state dict of a sharded module on rank 0 (empty elsewhere), on the
+    CPU, keys without ``prefix``. Every process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k.removeprefix(prefix): v for k, v in full.items()}
+
+
+def save_sharded(module, optimizer, folder) -> None:
+    """Model and optimizer state as a torch distributed checkpoint: each process writes its shards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(module, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
+
+
+def load_sharded(module, optimizer, folder) -> None:
+    """Restore what :func:`save_sharded` wrote into the (already sharded) module and its optimizer."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(module, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

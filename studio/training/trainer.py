@@ -72,6 +72,7 @@ class Trainer:
         self.evals_without_gain = 0
         self.micro = 0  # micro-batches consumed: where the data stream resumes
         self.dist = distributed.Dist()  # one process until setup() reads the launcher's environment
+        self.sharded = False  # FSDP: parameters, gradients and optimizer state split across processes
         self.total_steps = 0
 
     # ---- setup -------------------------------------------------------------------------------
@@ -79,7 +80,7 @@ class Trainer:
         """Build data before the model: a bad file should fail in a second, not after a load."""
         cfg, t = self.config, self.config.training
         torch.manual_seed(t.seed)
-        self.dist = distributed.from_env()
+        self.dist = distributed.from_env(t.distributed)
         distributed.init(self.dist)
         self.hw = hardware.detect()
         self.device = self.hw.device
@@ -102,7 +103,8 @@ class Trainer:
         # gradients are all-reduced; evaluation, the memory check, saving and loading use the
         # unwrapped loss and model.
         self.loss_fn = LabeledTokenLoss(self.model)
-        self.forward_loss = distributed.wrap(self.loss_fn, self.dist, self.device)
+        self.forward_loss = distributed.wrap(self.loss_fn, self.dist, self.device, t.distributed)
+        self.sharded = distributed.is_sharded(self.loss_fn)
         batches_per_epoch = math.ceil(len(self.train_examples) / t.batch_size)
         steps_per_epoch = max(1, batches_per_epoch // (t.gradient_accumulation * self.dist.world))
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
@@ -116,6 +118,10 @@ class Trainer:
             return
         if self.config.method == "qlora":
             return self._not_compiled("Not compiled: QLoRA's 4-bit layers are not compiled; training runs uncompiled.")
+        if self.config.training.distributed == "fsdp" and self.dist.enabled:
+            return self._not_compiled(
+                "Not compiled: compiling sharded (FSDP) layers is not supported yet; training runs uncompiled."
+            )
         problem = inductor_problem()
         if problem:
             return self._not_compiled(
@@ -218,7 +224,8 @@ class Trainer:
     def clip_gradients(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
         """Scale the gradients down to ``training.max_grad_norm`` where above it (0: measure only);
         returns the norm before clipping."""
-        return torch.nn.utils.clip_grad_norm_(params, self.config.training.max_grad_norm or math.inf)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.config.training.max_grad_norm or math.inf)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a sharded norm
 
     @property
     def save_every(self) -> int:
@@ -248,6 +255,8 @@ class Trainer:
                 # Under DDP only the last micro-batch of a step all-reduces gradients: the earlier
                 # ones accumulate locally (no_sync), one all-reduce per step instead of one per micro-batch.
                 last = micro_step == t.gradient_accumulation - 1
+                if self.sharded:  # FSDP's equivalent: reduce-scatter the gradients on the last one only
+                    self.forward_loss.set_requires_gradient_sync(last)
                 sync = (
                     nullcontext() if last or not hasattr(self.forward_loss, "no_sync") else self.forward_loss.no_sync()
                 )
@@ -263,6 +272,10 @@ class Trainer:
                 tokens += int(batch["attention_mask"].sum())
                 labeled += labeled_tokens(batch)
             grad_norm = self.clip_gradients(params).item()
+            # The step's loss is the mean over every process's micro-batches (what the averaged
+            # gradients descend), not rank 0's share; token counts add up.
+            loss_sum, tokens, labeled = distributed.sum_over_ranks([loss_sum, tokens, labeled], self.dist)
+            loss_sum, tokens, labeled = loss_sum / self.dist.world, int(tokens), int(labeled)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -338,32 +351,42 @@ class Trainer:
         """Save the adapter (or full model) with its tokenizer, and with ``with_state`` what
         resuming needs. A temp folder renamed at the end means a half-written save is never
         mistaken for a finished one."""
-        if not self.dist.main:  # DDP keeps every replica identical: rank 0 saves for all
+        if not self.dist.main and not self.sharded:  # DDP keeps every replica identical: rank 0 saves for all
             return
         if dest is None:
             dest = self.run.model_dir if self.config.method == "full" else self.run.adapter_dir
         tmp = dest.with_name(f".{dest.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
-        if with_state:
-            torch.save(
-                {
-                    "step": self.step,
-                    "micro": self.micro,
-                    "total_steps": self.total_steps,
-                    "best_eval": self.best_eval,
-                    "evals_without_gain": self.evals_without_gain,
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if self.device == "cuda" else None,
-                },
-                tmp / STATE_FILE,
-            )
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
+        if self.dist.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        gathered = {}
+        if self.sharded:  # every process takes part; rank 0 gets whole tensors, written as one run would
+            distributed.barrier(self.dist)
+            gathered = {"state_dict": distributed.full_state_dict(self.loss_fn, prefix="model.")}
+            if with_state:  # optimizer state stays sharded: each process writes its own part
+                distributed.save_sharded(self.loss_fn, self.optimizer, tmp / distributed.SHARDED_DIR)
+        if self.dist.main:
+            self.model.save_pretrained(tmp, safe_serialization=True, **gathered)
+            self.tokenizer.save_pretrained(tmp)
+            if with_state:
+                torch.save(
+                    {
+                        "step": self.step,
+                        "micro": self.micro,
+                        "total_steps": self.total_steps,
+                        "best_eval": self.best_eval,
+                        "evals_without_gain": self.evals_without_gain,
+                        "optimizer": None if self.sharded else self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(),
+                        "rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state_all() if self.device == "cuda" else None,
+                    },
+                    tmp / STATE_FILE,
+                )
+            shutil.rmtree(dest, ignore_errors=True)
+            tmp.rename(dest)
+        if self.sharded:
+            distributed.barrier(self.dist)  # nobody goes on (or reads it) before the rename
 
     def save_checkpoint(self) -> None:
         """checkpoints/step-N with weights and trainer state; only the latest few are kept."""
@@ -376,6 +399,28 @@ class Trainer:
 
     def restore(self, checkpoint) -> None:
         """Continue from a checkpoint: its weights, optimizer, scheduler, RNG and data position."""
+
+        state = torch.load(checkpoint / STATE_FILE, weights_only=True)
+        was_sharded = (checkpoint / distributed.SHARDED_DIR).is_dir()
+        if was_sharded != self.sharded:
+            how = "sharded (--distributed fsdp)" if was_sharded else "not sharded"
+            raise models.ModelError(
+                f"Checkpoint {checkpoint.name} was saved by a run that was {how}; resume it the way it "
+                "was launched (the same launcher, number of processes and --distributed)."
+            )
+        if self.sharded:
+            distributed.load_sharded(self.loss_fn, self.optimizer, checkpoint / distributed.SHARDED_DIR)
+        else:
+            self._load_weights(checkpoint)
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and self.device == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step, self.micro = state["step"], state["micro"]
+        self.best_eval, self.evals_without_gain = state.get("best_eval"), state.get("evals_without_gain", 0)
+
+    def _load_weights(self, checkpoint) -> None:
         from safetensors.torch import load_file
 
         files = sorted(checkpoint.glob("*.safetensors"))
@@ -389,11 +434,3 @@ class Trainer:
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(self.model, weights)
-        state = torch.load(checkpoint / STATE_FILE, weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        if state.get("cuda_rng") is not None and self.device == "cuda":
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.step, self.micro = state["step"], state["micro"]
-        self.best_eval, self.evals_without_gain = state.get("best_eval"), state.get("evals_without_gain", 0)
