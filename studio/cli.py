@@ -142,7 +142,7 @@ def _train(args) -> int:
         cfg = cfg.with_overrides(overrides).check()
         # Under `accelerate launch` every process runs this; rank 0 creates the run folder and
         # the others train into it without writing (see studio/training/distributed.py).
-        dist = distributed.from_env()
+        dist = distributed.from_env(cfg.training.distributed)
     except ConfigError as exc:
         print("The run config has problems:", file=sys.stderr)
         for p in exc.problems:
@@ -170,22 +170,40 @@ def _train(args) -> int:
 
 
 def _resume(args) -> int:
-    from studio.runs import RunRegistry
+    from studio.runs import Run, RunRegistry
+    from studio.training import distributed
 
     try:
         run = RunRegistry(args.runs_dir).get(args.run)
         cfg = run.config()
+        # Under a launcher (a sharded or DDP run is resumed the way it was launched) rank 0
+        # judges the run and the others follow its verdict, reading the folder without writing.
+        dist = distributed.from_env(cfg.training.distributed)
     except (LookupError, ConfigError) as exc:
         print(exc, file=sys.stderr)
         return 2
-    run.mark_if_orphaned()  # a run whose process was killed says "running" until now
-    problem = run.resume_problem()
-    if problem:
-        print(problem, file=sys.stderr)
-        return 2
-    point = run.resume_point()
-    print(f"Run folder: {run.path}\nResuming from {point.name}", flush=True)
-    return _run_and_report(cfg, run, resume=True)
+    distributed.init(dist)
+    try:
+        problem = None
+        if dist.main:
+            run.mark_if_orphaned()  # a run whose process was killed says "running" until now
+            problem = run.resume_problem()
+        problem = distributed.broadcast(problem, dist)
+        if problem:
+            if dist.main:
+                print(problem, file=sys.stderr)
+            return 2
+        run = Run(run.path, writable=dist.main)
+        if dist.main:
+            point = run.resume_point()
+            processes = f" ({dist.world} processes)" if dist.enabled else ""
+            print(f"Run folder: {run.path}{processes}\nResuming from {point.name}", flush=True)
+        return _run_and_report(cfg, run, resume=True)
+    finally:
+        if dist.enabled:
+            import torch
+
+            torch.distributed.destroy_process_group()
 
 
 def _run_and_report(cfg, run, resume: bool) -> int:

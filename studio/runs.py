@@ -383,6 +383,10 @@ def _pid_alive(pid: Any, started_at: Any = None) -> bool:
 
     try:
         proc = psutil.Process(pid)
+        # A killed process stays a zombie until its parent reaps it (a torchrun worker whose
+        # launcher was killed too, until init does): it is not running.
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
         # A pid is reused after its process ends; a different start time means another process.
         return not isinstance(started_at, (int, float)) or abs(proc.create_time() - started_at) < 1.0
     except psutil.Error:

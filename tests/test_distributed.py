@@ -92,7 +92,7 @@ def test_each_process_takes_every_other_batch_of_the_same_stream():
     assert sorted(i for b in rank0 + rank1 for i in b) == list(range(64))
 
 
-def test_an_fsdp_or_deepspeed_launch_is_refused_not_silently_replicated(
+def test_a_sharding_launch_config_the_run_does_not_follow_is_refused(
     monkeypatch, tiny_model_dir, instruction_csv, tmp_path, capsys
 ):
     import pytest
@@ -124,7 +124,8 @@ def test_an_fsdp_or_deepspeed_launch_is_refused_not_silently_replicated(
         )
         == 2
     )
-    assert "does not shard" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+    assert "does not read; add `--distributed fsdp`" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+    assert distributed.from_env("fsdp") == distributed.Dist(1, 2, 0)  # an FSDP launch for an fsdp run
 
 
 def test_gradient_accumulation_all_reduces_once_per_step(tiny_model_dir, instruction_csv, tmp_path):

@@ -1,0 +1,199 @@
+"""Sharded training (FSDP2) on CPU: two gloo processes under torchrun against one process with
+gradient accumulation on the same seeded stream, for full fine-tuning and LoRA; the same for DDP;
+a sharded run killed after a checkpoint resumes to its final step; what it saves loads in plain
+PEFT / transformers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from studio.runs import RunRegistry
+from tests.helpers import wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+STEPS = 6
+
+
+def _args(model_dir, data, runs, method, *extra) -> list[str]:
+    return [
+        "-m",
+        "studio.cli",
+        "train",
+        "--data",
+        str(data),
+        "--model",
+        str(model_dir),
+        "--method",
+        method,
+        "--max-steps",
+        str(STEPS),
+        "--batch-size",
+        "2",
+        "--max-length",
+        "64",
+        "--learning-rate",
+        "1e-2" if method == "lora" else "1e-3",
+        "--precision",
+        "fp32",
+        "--memory-check",
+        "false",
+        "--save-steps",
+        "2",
+        "--runs-dir",
+        str(runs),
+        *extra,
+    ]
+
+
+def _run(cmd: list[str]):
+    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def _train(model_dir, data, runs: Path, method: str, processes: int, *extra):
+    if processes == 1:
+        _run([sys.executable, *_args(model_dir, data, runs, method, "--gradient-accumulation", "2", *extra)])
+    else:
+        _run([str(TORCHRUN), "--nproc_per_node", str(processes), *_args(model_dir, data, runs, method, *extra)])
+    [run] = RunRegistry(runs).list()
+    assert run.status().state == "finished" and run.status().step == STEPS
+    return run
+
+
+def _weights(run) -> dict[str, torch.Tensor]:
+    folder = run.model_dir if run.config().method == "full" else run.adapter_dir
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def _same_direction(a: dict, b: dict, base: dict | None = None) -> None:
+    """Every tensor (or, given ``base``, every tensor's change from it) points the same way, and the
+    whole update has the same direction and size: Adam turns sign noise on near-zero gradients into
+    whole steps (rarely seen embedding rows), so elementwise tolerances would test that noise."""
+    assert a.keys() == b.keys()
+    xs, ys = [], []
+    for k in a:
+        x, y = a[k].double().flatten(), b[k].double().flatten()
+        if base is not None and k in base:
+            x, y = x - base[k].double().flatten(), y - base[k].double().flatten()
+        assert torch.nn.functional.cosine_similarity(x, y, dim=0) > 0.99, k
+        xs.append(x)
+        ys.append(y)
+    x, y = torch.cat(xs), torch.cat(ys)
+    assert torch.nn.functional.cosine_similarity(x, y, dim=0) > 0.9995
+    assert abs(x.norm() - y.norm()) <= 1e-3 * y.norm()
+
+
+def _losses(run) -> list[float]:
+    return [m.loss for m in run.train_metrics()]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    import random
+
+    from tests.helpers import write_csv
+
+    rng = random.Random(1)
+    rows = [
+        [f"what is {a} plus {b}", f"answer {a + b} why {a} plus {b} equals {a + b}"]
+        for a, b in ((rng.randint(1, 9), rng.randint(1, 9)) for _ in range(40))
+    ]
+    # 36 training rows in batches of 2: 18 batches, so the two processes split every step's pair.
+    return write_csv(tmp_path_factory.mktemp("sharded") / "train.csv", ["instruction", "output"], rows)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_two_sharded_processes_train_like_one_with_accumulation(method, tiny_model_dir, data, tmp_path):
+    one = _train(tiny_model_dir, data, tmp_path / "one", method, 1)
+    fsdp = _train(tiny_model_dir, data, tmp_path / "fsdp", method, 2, "--distributed", "fsdp")
+    assert fsdp.config().training.distributed == "fsdp"
+    # The logged loss is the mean over both processes' batches, so it matches one process's.
+    assert [m.step for m in fsdp.train_metrics()] == list(range(1, STEPS + 1))
+    assert max(abs(a - b) for a, b in zip(_losses(one), _losses(fsdp))) < 1e-3, (_losses(one), _losses(fsdp))
+    base = load_file(tiny_model_dir / "model.safetensors") if method == "full" else None
+    _same_direction(_weights(fsdp), _weights(one), base)
+    # Saved like a single run: the same files, gathered (not shards), loadable as usual.
+    folder = fsdp.model_dir if method == "full" else fsdp.adapter_dir
+    assert sorted(p.name for p in folder.iterdir() if p.suffix in (".json", ".safetensors")) == sorted(
+        p.name
+        for p in (one.model_dir if method == "full" else one.adapter_dir).iterdir()
+        if p.suffix in (".json", ".safetensors")
+    )
+    # Sharded checkpoints: one file per process, plus the gathered weights.
+    last = fsdp.checkpoints()[-1]
+    assert sorted(p.name for p in (last / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+
+def test_ddp_trains_like_one_process_with_accumulation(tiny_model_dir, data, tmp_path):
+    one = _train(tiny_model_dir, data, tmp_path / "one", "lora", 1)
+    ddp = _train(tiny_model_dir, data, tmp_path / "ddp", "lora", 2)
+    assert max(abs(a - b) for a, b in zip(_losses(one), _losses(ddp))) < 1e-3
+    _same_direction(_weights(ddp), _weights(one))
+
+
+def test_a_killed_sharded_run_resumes_to_its_final_step(tiny_model_dir, data, tmp_path):
+    """Kill both processes (SIGKILL, no clean-up) after a checkpoint; `resume` under the same
+    launcher continues from the sharded checkpoint and lands where an unbroken run lands."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    steps = ["--max-steps", "40", "--save-steps", "4"]
+    unbroken = _train_n(tiny_model_dir, data, tmp_path / "unbroken", steps)
+    runs = tmp_path / "killed"
+    cmd = [
+        str(TORCHRUN),
+        "--nproc_per_node",
+        "2",
+        *_args(tiny_model_dir, data, runs, "lora", "--distributed", "fsdp", *steps),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        wait_until(
+            lambda: list(runs.glob("*/checkpoints/step-4/trainer_state.pt")), 300, "the step-4 checkpoint", poll=0.02
+        )
+    finally:  # the launcher and its workers (torchrun starts them in sessions of their own)
+        for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            p.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    [run] = RunRegistry(runs).list()
+    assert run.status().step < 40  # killed mid-run, not finished
+    _run([str(TORCHRUN), "--nproc_per_node", "2", "-m", "studio.cli", "resume", str(run.path)])
+    status = run.status()
+    assert status.state == "finished" and status.step == 40
+    resumed = _losses(run)
+    assert [m.step for m in run.train_metrics()] == list(range(1, 41))
+    assert max(abs(a - b) for a, b in zip(resumed, _losses(unbroken))) < 1e-3
+    _same_direction(_weights(run), _weights(unbroken))
+
+    # The adapter a sharded run saved loads in plain PEFT and gives the unbroken run's logits.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(run.adapter_dir)).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        logits = model(ids).logits
+        model.load_adapter(str(unbroken.adapter_dir), adapter_name="unbroken")
+        model.set_adapter("unbroken")
+        reference = model(ids).logits
+    assert (logits - reference).abs().max() < 1e-3 * reference.abs().max()
+
+
+def _train_n(model_dir, data, runs, extra):
+    _run(
+        [str(TORCHRUN), "--nproc_per_node", "2", *_args(model_dir, data, runs, "lora", "--distributed", "fsdp", *extra)]
+    )
+    [run] = RunRegistry(runs).list()
+    return run
