@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--lora-r", type=int, default=RunConfig().lora.r)
     est.add_argument("--lora-targets", default=RunConfig().lora.targets)
     est.add_argument("--device", choices=("cpu", "cuda", "mps"), help="Default: this machine's.")
+    est.add_argument("--devices", type=int, default=1, help="GPUs the run is launched on (per-device estimate).")
+    est.add_argument(
+        "--distributed",
+        choices=("ddp", "fsdp"),
+        default="ddp",
+        help="With --devices above 1: a full copy per GPU (ddp) or sharded (fsdp).",
+    )
     est.add_argument("--json", action="store_true")
 
     ui = sub.add_parser("ui", help="Start the web studio (same as python app.py).")
@@ -316,10 +323,11 @@ def _estimate(args) -> int:
         lora_r=args.lora_r,
         lora_targets=targets,
         optimizer=args.optimizer,
+        devices=max(args.devices, 1),
     )
     try:
         shape = shape_for_model(args.model)
-        est = estimate_settings(shape, args.method, settings, device)
+        est = estimate_settings(shape, args.method, settings, device, sharded=args.distributed == "fsdp")
     except (ModelError, OSError, ValueError) as exc:
         print(f"Could not estimate: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
@@ -341,8 +349,9 @@ def _estimate(args) -> int:
             )
         )
         return 0
+    where = f"each of {args.devices} {device.upper()} devices ({args.distributed})" if args.devices > 1 else device
     print(
-        f"{args.method} on {device}: about {est.total_bytes / GIB:.2f} GiB peak "
+        f"{args.method} on {where}: about {est.total_bytes / GIB:.2f} GiB peak "
         f"({est.trainable_params:,} trainable of {est.total_params:,} parameters, "
         f"{est.adapter_bytes / 2**20:.0f} MiB saved)"
     )

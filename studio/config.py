@@ -408,8 +408,11 @@ def command_for(config: RunConfig) -> str:
     return " ".join(parts)
 
 
-def launch_command_for(config: RunConfig, processes: int = 2) -> str:
-    """The same run on several GPUs through accelerate (DDP): see README, "More than one GPU"."""
+def launch_command_for(config: RunConfig, processes: int = 2, sharded: bool = False) -> str:
+    """The same run on several GPUs through accelerate, DDP or (``sharded``) FSDP: see README,
+    "More than one GPU"."""
+    if sharded:
+        config = config.with_overrides({"training.distributed": "fsdp"})
     return command_for(config).replace(
         "finetune-studio train", f"accelerate launch --multi_gpu --num_processes {processes} -m studio.cli train", 1
     )

@@ -244,11 +244,19 @@ def estimate(
     lora_targets: str | list[str] = "all-linear",
     lora_dropout: float = 0.0,
     labeled_share: float = 1.0,
+    devices: int = 1,
+    sharded: bool = False,
 ) -> Estimate:
-    """Peak memory of training with these settings, as a breakdown in bytes.
+    """Peak memory of training with these settings, as a breakdown in bytes, per device.
 
     ``labeled_share`` is the share of the batch x seq positions that carry a label (the only
     ones the output layer runs at); 1, the default, is the most a batch can need.
+
+    With ``devices`` > 1 every device runs ``batch_size`` rows. Under DDP (``sharded`` False) each
+    holds everything, as one device does. Under FSDP the parameters, gradients and optimizer state
+    are divided by ``devices``; activations are not, and each device also holds the unsharded
+    weights of what is running: the root unit (embeddings and output layer) and two decoder layers
+    (the running one and the one being prefetched).
     """
     a = 2 if bf16 else 4  # bytes of an activation under autocast (bf16) or in fp32
     tokens = seq_len * batch_size
@@ -270,6 +278,15 @@ def estimate(
     grads = 4 * trainable
     opt = OPTIMIZERS[optimizer] * trainable
 
+    saved = 4 * P if method == "full" else adapter
+    gathered = 0
+    if sharded and devices > 1:
+        weight_bytes = 4 if method == "full" else a  # full fine-tuning keeps fp32 parameters
+        head = shape.lm_head.d_in * shape.lm_head.d_out if shape.lm_head else 0
+        per_layer = (P - shape.embedding_params - head) / max(shape.layers, 1)
+        gathered = weight_bytes * ((P - per_layer * shape.layers) + 2 * per_layer)  # root unit + two layers
+        weights, adapter, grads, opt = weights / devices, adapter / devices, grads / devices, opt / devices
+
     if device == "cuda":
         activations, logits, retained = _cuda_activations(
             shape, method, tokens, a, targets, lora_dropout, gradient_checkpointing, labeled
@@ -287,7 +304,7 @@ def estimate(
     # freed, so they are not added on top). During optimizer.step(): weights, gradients, state,
     # and torch's foreach AdamW's temporary copy of the trainable parameters (measured: full
     # fine-tuning peaks at 20 B/param on an H100, not 16).
-    step_temp = 4 * trainable if optimizer == "adamw" else 0
+    step_temp = (4 * trainable if optimizer == "adamw" else 0) / (devices if gathered else 1)
     step_phase = grads + step_temp
     fb_phase = activations + logits + retained
     if step_phase > fb_phase:  # report the moment that sets the peak
@@ -297,6 +314,8 @@ def estimate(
         grads, extra = 0, {}
     if device != "cuda":
         extra["allocator_retention"] = int(retained)
+    if gathered:
+        extra["gathered_weights"] = int(gathered)
     breakdown = {
         "base_weights": int(weights),
         "adapter_weights": int(adapter),
@@ -307,7 +326,6 @@ def estimate(
         **extra,
         "runtime_overhead": CUDA_CONTEXT_BYTES if device == "cuda" else CPU_RUNTIME_BYTES,
     }
-    saved = 4 * P if method == "full" else adapter
     return Estimate(method, device, breakdown, int(trainable), P, int(saved))
 
 

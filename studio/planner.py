@@ -50,6 +50,7 @@ class Settings:
     lora_dropout: float = 0.0
     optimizer: str = "adamw"
     labeled_share: float = 1.0  # of seq_len x batch_size positions; 1 until a batch is known
+    devices: int = 1  # GPUs the run is launched on (torchrun / accelerate launch), each with batch_size rows
 
 
 @dataclass
@@ -59,6 +60,7 @@ class MethodPlan:
     reason: str
     estimate: Estimate | None = None  # None when the method cannot run on this device
     share: float | None = None  # estimate / available memory
+    sharded: bool = False  # the estimate is per device under FSDP (it does not fit replicated)
 
 
 @dataclass
@@ -108,6 +110,7 @@ class Plan:
                     "verdict": m.verdict,
                     "reason": m.reason,
                     "share": m.share,
+                    "sharded": m.sharded,
                     "estimate": None if m.estimate is None else m.estimate.to_dict(),
                 }
                 for m in self.methods
@@ -115,16 +118,16 @@ class Plan:
         }
 
 
-def available_bytes(hw: Hardware, device: str) -> int:
-    """Memory training can use on ``device``: free memory on the first GPU, available RAM otherwise
-    (MPS shares the machine's RAM)."""
+def available_bytes(hw: Hardware, device: str, devices: int = 1) -> int:
+    """Memory training can use on each ``device``: free memory on the fullest of the first
+    ``devices`` GPUs, available RAM otherwise (MPS shares the machine's RAM)."""
     if device == "cuda" and hw.cuda:
-        return hw.cuda[0].free_bytes
+        return min(gpu.free_bytes for gpu in hw.cuda[: max(devices, 1)])
     return hw.ram_available_bytes
 
 
-def estimate_settings(shape: ModelShape, method: str, s: Settings, device: str) -> Estimate:
-    """studio.memory.estimate for a Settings bundle."""
+def estimate_settings(shape: ModelShape, method: str, s: Settings, device: str, sharded: bool = False) -> Estimate:
+    """studio.memory.estimate for a Settings bundle (per device; ``sharded``: under FSDP)."""
     return estimate(
         shape,
         method,
@@ -138,6 +141,8 @@ def estimate_settings(shape: ModelShape, method: str, s: Settings, device: str) 
         lora_targets=s.lora_targets,
         lora_dropout=s.lora_dropout,
         labeled_share=s.labeled_share,
+        devices=s.devices,
+        sharded=sharded,
     )
 
 
@@ -159,24 +164,36 @@ def _why_not(method: str, hw: Hardware, device: str) -> str | None:
 def plan(shape: ModelShape, hw: Hardware, settings: Settings, device: str | None = None) -> Plan:
     """Estimate every method with these settings on ``device`` (default: the training device)."""
     device = device or hw.device
-    avail = available_bytes(hw, device)
+    avail = available_bytes(hw, device, settings.devices)
     out = Plan(device, avail, settings)
     where = "free on the GPU" if device == "cuda" else "of RAM available"
+    if settings.devices > 1:
+        where = f"free on each of {settings.devices} GPUs"
     for method in QUALITY_ORDER:
         blocked = _why_not(method, hw, device)
         if blocked:
             out.methods.append(MethodPlan(method, "n/a", blocked))
             continue
         est = estimate_settings(shape, method, settings, device)
+        sharded = False
+        if settings.devices > 1 and method != "qlora" and _verdict(est.total_bytes, avail) != "fits":
+            # Replicated (DDP) it does not fit comfortably; sharding (FSDP) divides the weights,
+            # gradients and optimizer state by the number of GPUs.
+            fsdp = estimate_settings(shape, method, settings, device, sharded=True)
+            if fsdp.total_bytes < est.total_bytes:
+                est, sharded = fsdp, True
         verdict = _verdict(est.total_bytes, avail)
         share = est.total_bytes / avail
+        how = (
+            f"{format_bytes(est.total_bytes)} per GPU sharded with FSDP," if sharded else format_bytes(est.total_bytes)
+        )
         reason = {
-            "fits": f"about {format_bytes(est.total_bytes)} of the {format_bytes(avail)} {where} ({share:.0%})",
-            "tight": f"about {format_bytes(est.total_bytes)} of the {format_bytes(avail)} {where} ({share:.0%}): "
+            "fits": f"about {how} of the {format_bytes(avail)} {where} ({share:.0%})",
+            "tight": f"about {how} of the {format_bytes(avail)} {where} ({share:.0%}): "
             "may run out of memory on the longest batches",
-            "no": f"needs about {format_bytes(est.total_bytes)}, more than the {format_bytes(avail)} {where}",
+            "no": f"needs about {how}, more than the {format_bytes(avail)} {where}",
         }[verdict]
-        out.methods.append(MethodPlan(method, verdict, reason, est, share))
+        out.methods.append(MethodPlan(method, verdict, reason, est, share, sharded))
 
     fitting = [m for m in out.methods if m.verdict == "fits"]
     tight = [m for m in out.methods if m.verdict == "tight"]
@@ -184,6 +201,11 @@ def plan(shape: ModelShape, hw: Hardware, settings: Settings, device: str | None
         best = fitting[0]
         out.recommended = best.method
         out.recommendation = f"{METHOD_NAMES[best.method]}: {_merit(best)}"
+        if best.sharded:
+            out.recommendation += (
+                f" It fits only sharded across the {settings.devices} GPUs: launch it with "
+                "`--distributed fsdp` (a full copy on every GPU, as DDP keeps, would not fit comfortably)."
+            )
     elif tight:
         out.recommended = tight[0].method
         out.recommendation = (

@@ -173,3 +173,67 @@ def test_estimate_cli_unknown_model_is_a_sentence(bad, capsys):
     assert main(["estimate", "--model", bad]) == 2
     err = capsys.readouterr().err
     assert "Could not estimate" in err and "Traceback" not in err
+
+
+def _gpus(n: int, free_gib: int) -> Hardware:
+    gpus = [CudaDevice(i, "Test GPU", (free_gib + 1) * GIB, free_gib * GIB, True, "9.0") for i in range(n)]
+    return Hardware(
+        cpu_cores=16,
+        ram_total_bytes=256 * GIB,
+        ram_available_bytes=200 * GIB,
+        cpu_bf16=True,
+        mps=False,
+        bnb_4bit={"cuda": "yes", "cpu": "no"},
+        cuda=gpus,
+    )
+
+
+def test_fsdp_divides_weights_gradients_and_optimizer_state_but_not_activations():
+    s = dict(seq_len=512, batch_size=32, device="cuda", bf16=True)  # the forward/backward sets the peak
+    one = estimate(SHAPE, "full", **s)
+    assert one.breakdown["activations"] > 0
+    ddp = estimate(SHAPE, "full", **s, devices=4)
+    fsdp = estimate(SHAPE, "full", **s, devices=4, sharded=True)
+    assert ddp.breakdown == one.breakdown  # DDP: every GPU holds everything
+    for part in ("base_weights", "optimizer_state"):
+        assert fsdp.breakdown[part] == pytest.approx(one.breakdown[part] / 4, rel=1e-6)
+    assert fsdp.breakdown["activations"] == one.breakdown["activations"]
+    # Each GPU also holds what is running unsharded: the embeddings/output layer and two layers.
+    per_layer = (SHAPE.total_params - SHAPE.embedding_params - SHAPE.vocab * SHAPE.hidden) / SHAPE.layers
+    assert fsdp.breakdown["gathered_weights"] == pytest.approx(
+        4 * (2 * SHAPE.vocab * SHAPE.hidden + 2 * per_layer), rel=0.01
+    )
+    assert fsdp.adapter_bytes == one.adapter_bytes  # what is saved does not shrink
+    assert fsdp.total_bytes < ddp.total_bytes
+
+
+def test_the_plan_says_when_sharding_is_what_makes_a_method_fit():
+    """Full fine-tuning of the 0.5B shape needs ~9 GiB per GPU replicated and ~5.6 sharded: on four
+    8 GiB GPUs it fits only sharded, and the recommendation says how to launch it; LoRA fits
+    replicated."""
+    settings = replace(SETTINGS, devices=4)
+    p = plan(SHAPE, _gpus(4, 8), settings)
+    full = p.get("full")
+    assert (
+        full.sharded
+        and full.verdict == "fits"
+        and "sharded with FSDP" in full.reason
+        and "each of 4 GPUs" in full.reason
+    )
+    assert p.recommended == "full" and "--distributed fsdp" in p.recommendation
+    assert not p.get("lora").sharded  # it fits as it is: no need to shard
+    assert p.to_dict()["methods"][0]["sharded"] is True
+    # One of those GPUs alone: full fine-tuning does not fit.
+    assert plan(SHAPE, _gpus(1, 8), SETTINGS).get("full").verdict == "no"
+
+
+def test_cli_estimates_per_device(capsys):
+    assert (
+        main(["estimate", "--method", "full", "--device", "cuda", "--devices", "4", "--distributed", "fsdp", "--json"])
+        == 0
+    )
+    fsdp = json.loads(capsys.readouterr().out)
+    assert main(["estimate", "--method", "full", "--device", "cuda", "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert fsdp["breakdown"]["optimizer_state"] * 4 == pytest.approx(one["breakdown"]["optimizer_state"], rel=1e-6)
+    assert "gathered_weights" in fsdp["breakdown"]

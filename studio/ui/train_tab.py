@@ -424,7 +424,11 @@ VERDICTS = {
 
 
 def _commands(cfg) -> str:
-    return f"{command_for(cfg)}\n\n# the same run on several GPUs (DDP), e.g. 4:\n{launch_command_for(cfg, 4)}"
+    return (
+        f"{command_for(cfg)}\n\n# the same run on several GPUs, e.g. 4, a full copy on each (DDP):\n"
+        f"{launch_command_for(cfg, 4)}\n\n# or sharded across them (FSDP), for a model too big for one GPU:\n"
+        f"{launch_command_for(cfg, 4, sharded=True)}"
+    )
 
 
 def _problems_html(problems: list[str]) -> str:
