@@ -117,8 +117,11 @@ def data(tmp_path_factory):
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_two_sharded_processes_train_like_one_with_accumulation(method, tiny_model_dir, data, tmp_path):
     one = _train(tiny_model_dir, data, tmp_path / "one", method, 1)
-    fsdp = _train(tiny_model_dir, data, tmp_path / "fsdp", method, 2, "--distributed", "fsdp")
+    # With the memory check on: each process checks itself, and the check leaves no trace.
+    fsdp = _train(tiny_model_dir, data, tmp_path / "fsdp", method, 2, "--distributed", "fsdp", "--memory-check", "true")
     assert fsdp.config().training.distributed == "fsdp"
+    check = fsdp.status().memory_check
+    assert check and check["measured_bytes"] > 0 and check["estimate_bytes"] > 0, check
     # The logged loss is the mean over both processes' batches, so it matches one process's.
     assert [m.step for m in fsdp.train_metrics()] == list(range(1, STEPS + 1))
     assert max(abs(a - b) for a, b in zip(_losses(one), _losses(fsdp))) < 1e-3, (_losses(one), _losses(fsdp))
@@ -138,7 +141,8 @@ def test_two_sharded_processes_train_like_one_with_accumulation(method, tiny_mod
 
 def test_ddp_trains_like_one_process_with_accumulation(tiny_model_dir, data, tmp_path):
     one = _train(tiny_model_dir, data, tmp_path / "one", "lora", 1)
-    ddp = _train(tiny_model_dir, data, tmp_path / "ddp", "lora", 2)
+    ddp = _train(tiny_model_dir, data, tmp_path / "ddp", "lora", 2, "--memory-check", "true")
+    assert ddp.status().memory_check["measured_bytes"] > 0
     assert max(abs(a - b) for a, b in zip(_losses(one), _losses(ddp))) < 1e-3
     _same_direction(_weights(ddp), _weights(one))
 
@@ -197,3 +201,33 @@ def _train_n(model_dir, data, runs, extra):
     )
     [run] = RunRegistry(runs).list()
     return run
+
+
+def _agree_worker(rank: int, port: int, out: str) -> None:
+    import json
+
+    from studio.training.distributed import Dist
+    from studio.training.memory_check import MemoryCheckFailed, _agree
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    failure = MemoryCheckFailed("Two steps needed 9 GiB more RAM than the 1 GiB that was free.") if rank == 1 else None
+    try:
+        _agree(failure, Dist(rank, 2, rank))
+        verdict = "trained on"
+    except MemoryCheckFailed as exc:
+        verdict = str(exc)
+    Path(out, f"{rank}.json").write_text(json.dumps(verdict))
+    torch.distributed.destroy_process_group()
+
+
+def test_processes_agree_on_one_memory_verdict(tmp_path):
+    """One process that would not fit stops every process, with its sentence."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from tests.helpers import free_port
+
+    mp.spawn(_agree_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    verdicts = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    assert verdicts == ["Process 1 of 2: Two steps needed 9 GiB more RAM than the 1 GiB that was free."] * 2

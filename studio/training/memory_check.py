@@ -1,5 +1,9 @@
 """Measure before training: two optimizer steps on the longest rows, peak memory against the estimate.
 
+Under several processes (DDP or FSDP) every process checks itself on the same rows, against the
+per-device estimate, and they agree on one verdict: if one would not fit, all stop with its
+sentence; the numbers reported are the process that used the most.
+
 Length-sorted batching puts the longest rows together, so the batch of the longest rows is
 the run's worst case: if two steps on it fit, the run fits. The steps run with learning
 rate 0 and the RNG state is restored afterwards, and the optimizer and scheduler are rebuilt,
@@ -15,6 +19,7 @@ What is measured:
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, replace
@@ -93,12 +98,14 @@ def _cuda_outside_allocator() -> int:
     return (total - free) - torch.cuda.memory_reserved()
 
 
-def available_bytes(device: str) -> int:
-    """What the run may reach at its peak: the GPU's total memory (the measurement counts the
-    context and other processes too), or this process's RSS plus the RAM still available."""
+def available_bytes(device: str, local_rank: int = 0) -> int:
+    """What the run may reach at its peak: this process's GPU's total memory (the measurement
+    counts the context and other processes too), or this process's RSS plus its share of the RAM
+    still available (the processes of a run on one machine share it)."""
     if device == "cuda":
-        return torch.cuda.get_device_properties(0).total_memory
-    return psutil.virtual_memory().available + psutil.Process().memory_info().rss
+        return torch.cuda.get_device_properties(local_rank).total_memory
+    sharing = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    return psutil.virtual_memory().available // sharing + psutil.Process().memory_info().rss
 
 
 def check_memory(trainer) -> MemoryCheck:
@@ -120,11 +127,13 @@ def check_memory(trainer) -> MemoryCheck:
         bf16=trainer.use_bf16,
         labeled_share=labeled / (rows * width),
     )
-    breakdown = estimate_settings(shape, cfg.method, settings, device).breakdown
+    settings = replace(settings, devices=trainer.dist.world)
+    breakdown = estimate_settings(shape, cfg.method, settings, device, sharded=trainer.sharded).breakdown
     est = sum(breakdown.values())
     already_loaded = breakdown["base_weights"] + breakdown["adapter_weights"] + breakdown["runtime_overhead"]
+    dist = trainer.dist
 
-    available = available_bytes(device)
+    available = available_bytes(device, trainer.dist.local_rank)
 
     def would_not_fit(what: str) -> MemoryCheckFailed:
         fix = suggest(shape, cfg.method, settings, device, available)
@@ -134,11 +143,13 @@ def check_memory(trainer) -> MemoryCheck:
 
     # On CPU running out of memory is not an exception: the kernel kills the process (the
     # server with it). So a run the estimate says cannot fit is refused before it is tried.
+    refused = None
     if device != "cuda" and est > available:
-        raise would_not_fit(
+        refused = would_not_fit(
             f"This run needs about {format_bytes(est, 2)} of RAM (batch {rows} x {width} tokens) but "
             f"{format_bytes(available, 2)} is available."
         )
+    _agree(refused, dist)  # every process tries the steps, or none does
 
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if device == "cuda" else None
@@ -149,9 +160,10 @@ def check_memory(trainer) -> MemoryCheck:
     start = time.time()
     try:
         # Weights load memory-mapped and enter RSS on first use: a tiny forward first, so that
-        # the baseline already holds them and the increase is training's own memory.
+        # the baseline already holds them and the increase is training's own memory. Through the
+        # loss module: under FSDP it is the root that gathers the sharded weights.
         with torch.no_grad(), trainer.autocast():
-            trainer.model(input_ids=batch["input_ids"][:1, :8])
+            trainer.loss_fn(**{k: v[:1, :8] for k, v in batch.items()})
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -177,10 +189,13 @@ def check_memory(trainer) -> MemoryCheck:
         trainer.optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.empty_cache()
-        raise would_not_fit(
-            f"The memory check ran out of memory with batch {rows} x {width} tokens "
-            f"({format_bytes(available, 2)} {'on the GPU' if device == 'cuda' else 'of RAM'})."
-        ) from None
+        _agree(
+            would_not_fit(
+                f"The memory check ran out of memory with batch {rows} x {width} tokens "
+                f"({format_bytes(available, 2)} {'on the GPU' if device == 'cuda' else 'of RAM'})."
+            ),
+            dist,
+        )
     finally:
         torch.set_rng_state(rng)
         if cuda_rng is not None:
@@ -201,9 +216,34 @@ def check_memory(trainer) -> MemoryCheck:
         int(available),
         round(time.time() - start, 2),
     )
+    swapping = None
     if device != "cuda" and measured > available - baseline:
-        raise would_not_fit(
+        swapping = would_not_fit(
             f"Two steps needed {format_bytes(measured, 2)} more RAM than the "
             f"{format_bytes(available - baseline, 2)} that was free, so the run would swap."
         )
-    return result
+    _agree(swapping, dist)
+    return _largest(result, dist)
+
+
+def _agree(failure: MemoryCheckFailed | None, dist) -> None:
+    """Raise ``failure`` here, or, under several processes, the first process's failure on every
+    process (so that none trains on while another stopped)."""
+    if dist.enabled:
+        verdicts: list = [None] * dist.world
+        mine = None if failure is None else (str(failure), failure.suggestion)
+        torch.distributed.all_gather_object(verdicts, mine)
+        rank, first = next(((r, v) for r, v in enumerate(verdicts) if v is not None), (None, None))
+        if first is not None:
+            raise MemoryCheckFailed(f"Process {rank} of {dist.world}: {first[0]}", first[1])
+    elif failure is not None:
+        raise failure
+
+
+def _largest(result: MemoryCheck, dist) -> MemoryCheck:
+    """The measurement of the process that used the most memory (every process gets it)."""
+    if not dist.enabled:
+        return result
+    results: list = [None] * dist.world
+    torch.distributed.all_gather_object(results, result)
+    return max(results, key=lambda r: r.measured_bytes)

@@ -110,12 +110,13 @@ def _before_training(trainer: Trainer, resuming: bool) -> None:
     run, config = trainer.run, trainer.config
     if run.writable:  # what the adapter means: checked before it is loaded onto any base
         fingerprint.write(run.path, fingerprint.fingerprint(trainer.model.config, trainer.tokenizer, config.model))
-    if config.training.memory_check and not trainer.dist.enabled:  # one process checks itself only
+    if config.training.memory_check:  # under several processes each checks itself; they agree
         run.set_status("running", message="Checking memory: two steps on the longest rows...")
         check = check_memory(trainer)
         run.set_status("running", memory_check=check.to_dict(), message="Training...")
-        log.info(check.summary())
-        trainer.on_metrics(Event("memory_check", trainer.step, time.time(), check.to_dict()))
+        if trainer.dist.main:
+            log.info(check.summary())
+            trainer.on_metrics(Event("memory_check", trainer.step, time.time(), check.to_dict()))
     if not resuming and trainer.eval_examples:
         # Step 0 is the base model (LoRA starts as a no-op), so this is the base's held-out
         # loss: the number the adapter's eval loss is compared with.
