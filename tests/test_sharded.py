@@ -114,9 +114,22 @@ def data(tmp_path_factory):
     return write_csv(tmp_path_factory.mktemp("sharded") / "train.csv", ["instruction", "output"], rows)
 
 
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir, data, tmp_path_factory):
+    """The reference: one process, batch 2, gradient accumulation 2 (per method, trained once)."""
+    runs = {}
+
+    def get(method: str):
+        if method not in runs:
+            runs[method] = _train(tiny_model_dir, data, tmp_path_factory.mktemp(f"one-{method}"), method, 1)
+        return runs[method]
+
+    return get
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_two_sharded_processes_train_like_one_with_accumulation(method, tiny_model_dir, data, tmp_path):
-    one = _train(tiny_model_dir, data, tmp_path / "one", method, 1)
+def test_two_sharded_processes_train_like_one_with_accumulation(method, tiny_model_dir, data, tmp_path, one_process):
+    one = one_process(method)
     # With the memory check on: each process checks itself, and the check leaves no trace.
     fsdp = _train(tiny_model_dir, data, tmp_path / "fsdp", method, 2, "--distributed", "fsdp", "--memory-check", "true")
     assert fsdp.config().training.distributed == "fsdp"
@@ -139,8 +152,8 @@ def test_two_sharded_processes_train_like_one_with_accumulation(method, tiny_mod
     assert sorted(p.name for p in (last / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
 
-def test_ddp_trains_like_one_process_with_accumulation(tiny_model_dir, data, tmp_path):
-    one = _train(tiny_model_dir, data, tmp_path / "one", "lora", 1)
+def test_ddp_trains_like_one_process_with_accumulation(tiny_model_dir, data, tmp_path, one_process):
+    one = one_process("lora")
     ddp = _train(tiny_model_dir, data, tmp_path / "ddp", "lora", 2, "--memory-check", "true")
     assert ddp.status().memory_check["measured_bytes"] > 0
     assert max(abs(a - b) for a, b in zip(_losses(one), _losses(ddp))) < 1e-3
@@ -153,7 +166,7 @@ def test_a_killed_sharded_run_resumes_to_its_final_step(tiny_model_dir, data, tm
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    steps = ["--max-steps", "40", "--save-steps", "4"]
+    steps = ["--max-steps", "24", "--save-steps", "4"]
     unbroken = _train_n(tiny_model_dir, data, tmp_path / "unbroken", steps)
     runs = tmp_path / "killed"
     cmd = [
@@ -174,12 +187,12 @@ def test_a_killed_sharded_run_resumes_to_its_final_step(tiny_model_dir, data, tm
             p.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     [run] = RunRegistry(runs).list()
-    assert run.status().step < 40  # killed mid-run, not finished
+    assert run.status().step < 24  # killed mid-run, not finished
     _run([str(TORCHRUN), "--nproc_per_node", "2", "-m", "studio.cli", "resume", str(run.path)])
     status = run.status()
-    assert status.state == "finished" and status.step == 40
+    assert status.state == "finished" and status.step == 24
     resumed = _losses(run)
-    assert [m.step for m in run.train_metrics()] == list(range(1, 41))
+    assert [m.step for m in run.train_metrics()] == list(range(1, 25))
     assert max(abs(a - b) for a, b in zip(resumed, _losses(unbroken))) < 1e-3
     _same_direction(_weights(run), _weights(unbroken))
 
