@@ -112,8 +112,7 @@ def shard(loss_fn, dist: Dist) -> None:
 
     from studio.training.loss import causal_lm
 
-    device = f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu"
-    mesh = init_device_mesh("cuda" if device != "cpu" else "cpu", (dist.world,))
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (dist.world,))
     for layer in decoder_layers(causal_lm(loss_fn.model)):
         fully_shard(layer, mesh=mesh)
     fully_shard(loss_fn, mesh=mesh)

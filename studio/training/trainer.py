@@ -98,10 +98,10 @@ class Trainer:
         self.model = self._load_model()
         self._compile()
         self.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        # The loss computes logits only at labeled positions (studio/training/loss.py). Training
-        # steps go through the DDP wrapper around it when several processes train, so the
-        # gradients are all-reduced; evaluation, the memory check, saving and loading use the
-        # unwrapped loss and model.
+        # The loss computes logits only at labeled positions (studio/training/loss.py). With
+        # several processes, training steps go through the DDP wrapper around it (gradients
+        # all-reduced), or it is sharded in place with FSDP (then every forward, evaluation and
+        # the memory check included, goes through it, since it is the root that gathers weights).
         self.loss_fn = LabeledTokenLoss(self.model)
         self.forward_loss = distributed.wrap(self.loss_fn, self.dist, self.device, t.distributed)
         self.sharded = distributed.is_sharded(self.loss_fn)
@@ -399,7 +399,6 @@ class Trainer:
 
     def restore(self, checkpoint) -> None:
         """Continue from a checkpoint: its weights, optimizer, scheduler, RNG and data position."""
-
         state = torch.load(checkpoint / STATE_FILE, weights_only=True)
         was_sharded = (checkpoint / distributed.SHARDED_DIR).is_dir()
         if was_sharded != self.sharded:
