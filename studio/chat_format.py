@@ -17,8 +17,14 @@ from __future__ import annotations
 
 from dataclasses import astuple, dataclass
 
-MARKS = {"system": "SYSTEMMARK7", "user1": "USERMARK7A", "assistant1": "ASSISTANTMARK7A", "user2": "USERMARK7B"}
-MARKS["assistant2"] = "ASSISTANTMARK7B"
+# Message contents no template changes (no spaces to trim, no markup), each found once in the output.
+MARKS = {
+    "system": "SYSTEMMARK7",
+    "user1": "USERMARK7A",
+    "assistant1": "ASSISTANTMARK7A",
+    "user2": "USERMARK7B",
+    "assistant2": "ASSISTANTMARK7B",
+}
 
 
 @dataclass(frozen=True)
