@@ -244,3 +244,29 @@ def test_processes_agree_on_one_memory_verdict(tmp_path):
     mp.spawn(_agree_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     verdicts = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
     assert verdicts == ["Process 1 of 2: Two steps needed 9 GiB more RAM than the 1 GiB that was free."] * 2
+
+
+def test_a_checkpoint_resumes_only_with_the_process_count_and_sharding_it_was_saved_with(
+    tiny_model_dir, data, tmp_path
+):
+    """Each process replays its own share of the data stream, and a sharded checkpoint holds the
+    optimizer in shards: resuming another way is refused with a sentence, not trained wrong."""
+    from studio.models import ModelError
+    from studio.training import Trainer
+    from studio.training.trainer import STATE_FILE
+    from tests.helpers import tiny_run_config
+
+    cfg = tiny_run_config(tiny_model_dir, data, max_steps=2, memory_check=False)
+    trainer = Trainer(cfg, RunRegistry(tmp_path / "runs").create(cfg))
+    trainer.setup()
+    checkpoint = tmp_path / "step-4"
+    trainer.save(checkpoint, with_state=True)
+    state = torch.load(checkpoint / STATE_FILE, weights_only=True)
+    assert state["processes"] == 1
+    torch.save({**state, "processes": 2}, checkpoint / STATE_FILE)
+    with pytest.raises(ModelError, match="saved by a run of 2 process.* resume it with 2"):
+        trainer.restore(checkpoint)
+    torch.save(state, checkpoint / STATE_FILE)
+    (checkpoint / "sharded").mkdir()
+    with pytest.raises(ModelError, match="was sharded .*--distributed fsdp.*; resume it the way it was launched"):
+        trainer.restore(checkpoint)

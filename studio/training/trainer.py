@@ -373,6 +373,7 @@ class Trainer:
                     {
                         "step": self.step,
                         "micro": self.micro,
+                        "processes": self.dist.world,  # micro counts this process's share of the stream
                         "total_steps": self.total_steps,
                         "best_eval": self.best_eval,
                         "evals_without_gain": self.evals_without_gain,
@@ -400,6 +401,13 @@ class Trainer:
     def restore(self, checkpoint) -> None:
         """Continue from a checkpoint: its weights, optimizer, scheduler, RNG and data position."""
         state = torch.load(checkpoint / STATE_FILE, weights_only=True)
+        processes = state.get("processes", 1)
+        if processes != self.dist.world:
+            raise models.ModelError(
+                f"Checkpoint {checkpoint.name} was saved by a run of {processes} process(es) and this one has "
+                f"{self.dist.world}: each process replays its own share of the data, so resume it with "
+                f"{processes} (e.g. torchrun --nproc_per_node {processes} -m studio.cli resume ...)."
+            )
         was_sharded = (checkpoint / distributed.SHARDED_DIR).is_dir()
         if was_sharded != self.sharded:
             how = "sharded (--distributed fsdp)" if was_sharded else "not sharded"
