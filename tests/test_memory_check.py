@@ -45,7 +45,7 @@ def test_check_measures_and_leaves_the_run_unchanged(method, tiny_model_dir, ins
 def test_a_run_the_estimate_says_cannot_fit_is_refused_before_it_starts(
     tiny_model_dir, instruction_csv, runs_dir, monkeypatch
 ):
-    monkeypatch.setattr(mc, "available_bytes", lambda device: 100 * 2**20)
+    monkeypatch.setattr(mc, "available_bytes", lambda device, local_rank=0: 100 * 2**20)
     cfg = _cfg(tiny_model_dir, instruction_csv, "lora")
     run = RunRegistry(runs_dir).create(cfg)
     status = run_training(cfg, run)
@@ -124,7 +124,7 @@ def test_out_of_memory_mid_run_fails_cleanly_with_a_retry_and_the_server_goes_on
 
 
 def test_memory_too_small_for_any_setting_says_what_else_to_do(tiny_model_dir, instruction_csv, runs_dir, monkeypatch):
-    monkeypatch.setattr(mc, "available_bytes", lambda device: 100 * 2**20)
+    monkeypatch.setattr(mc, "available_bytes", lambda device, local_rank=0: 100 * 2**20)
     cfg = _cfg(tiny_model_dir, instruction_csv, "lora")
     run = RunRegistry(runs_dir).create(cfg)
     status = run_training(cfg, run)
