@@ -22,7 +22,12 @@ from tests.helpers import wait_until
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-STEPS = 6
+STEPS = {
+    "lora": 12,  # enough after the step-4 checkpoint for the kill test to strike mid-run
+    # Full fine-tuning: summation-order noise grows step by step through Adam (the losses differ by
+    # 2.7e-3 after 12 steps, 3e-4 after 6); 6 steps test the semantics, not that noise.
+    "full": 6,
+}
 
 
 def _args(model_dir, data, runs, method, *extra) -> list[str]:
@@ -37,7 +42,7 @@ def _args(model_dir, data, runs, method, *extra) -> list[str]:
         "--method",
         method,
         "--max-steps",
-        str(STEPS),
+        str(STEPS[method]),
         "--batch-size",
         "2",
         "--max-length",
@@ -49,7 +54,7 @@ def _args(model_dir, data, runs, method, *extra) -> list[str]:
         "--memory-check",
         "false",
         "--save-steps",
-        "2",
+        "4",
         "--runs-dir",
         str(runs),
         *extra,
@@ -68,7 +73,7 @@ def _train(model_dir, data, runs: Path, method: str, processes: int, *extra):
     else:
         _run([str(TORCHRUN), "--nproc_per_node", str(processes), *_args(model_dir, data, runs, method, *extra)])
     [run] = RunRegistry(runs).list()
-    assert run.status().state == "finished" and run.status().step == STEPS
+    assert run.status().state == "finished" and run.status().step == STEPS[method]
     return run
 
 
@@ -115,28 +120,30 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_process(tiny_model_dir, data, tmp_path_factory):
-    """The reference: one process, batch 2, gradient accumulation 2 (per method, trained once)."""
+def trained(tiny_model_dir, data, tmp_path_factory):
+    """Runs trained once per module: ``trained("one", "lora")`` is the reference (one process,
+    batch 2, gradient accumulation 2); ``trained("fsdp", method)`` two sharded processes with the
+    memory check on (each process checks itself, and the check must leave no trace)."""
     runs = {}
 
-    def get(method: str):
-        if method not in runs:
-            runs[method] = _train(tiny_model_dir, data, tmp_path_factory.mktemp(f"one-{method}"), method, 1)
-        return runs[method]
+    def get(kind: str, method: str):
+        if (kind, method) not in runs:
+            root = tmp_path_factory.mktemp(f"{kind}-{method}")
+            extra = ("--distributed", "fsdp", "--memory-check", "true") if kind == "fsdp" else ()
+            runs[kind, method] = _train(tiny_model_dir, data, root, method, 1 if kind == "one" else 2, *extra)
+        return runs[kind, method]
 
     return get
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_two_sharded_processes_train_like_one_with_accumulation(method, tiny_model_dir, data, tmp_path, one_process):
-    one = one_process(method)
-    # With the memory check on: each process checks itself, and the check leaves no trace.
-    fsdp = _train(tiny_model_dir, data, tmp_path / "fsdp", method, 2, "--distributed", "fsdp", "--memory-check", "true")
+def test_two_sharded_processes_train_like_one_with_accumulation(method, tiny_model_dir, trained):
+    one, fsdp = trained("one", method), trained("fsdp", method)
     assert fsdp.config().training.distributed == "fsdp"
     check = fsdp.status().memory_check
     assert check and check["measured_bytes"] > 0 and check["estimate_bytes"] > 0, check
     # The logged loss is the mean over both processes' batches, so it matches one process's.
-    assert [m.step for m in fsdp.train_metrics()] == list(range(1, STEPS + 1))
+    assert [m.step for m in fsdp.train_metrics()] == list(range(1, STEPS[method] + 1))
     assert max(abs(a - b) for a, b in zip(_losses(one), _losses(fsdp))) < 1e-3, (_losses(one), _losses(fsdp))
     base = load_file(tiny_model_dir / "model.safetensors") if method == "full" else None
     _same_direction(_weights(fsdp), _weights(one), base)
@@ -152,28 +159,27 @@ def test_two_sharded_processes_train_like_one_with_accumulation(method, tiny_mod
     assert sorted(p.name for p in (last / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
 
-def test_ddp_trains_like_one_process_with_accumulation(tiny_model_dir, data, tmp_path, one_process):
-    one = one_process("lora")
+def test_ddp_trains_like_one_process_with_accumulation(tiny_model_dir, data, tmp_path, trained):
+    one = trained("one", "lora")
     ddp = _train(tiny_model_dir, data, tmp_path / "ddp", "lora", 2, "--memory-check", "true")
     assert ddp.status().memory_check["measured_bytes"] > 0
     assert max(abs(a - b) for a, b in zip(_losses(one), _losses(ddp))) < 1e-3
     _same_direction(_weights(ddp), _weights(one))
 
 
-def test_a_killed_sharded_run_resumes_to_its_final_step(tiny_model_dir, data, tmp_path):
+def test_a_killed_sharded_run_resumes_to_its_final_step(tiny_model_dir, data, tmp_path, trained):
     """Kill both processes (SIGKILL, no clean-up) after a checkpoint; `resume` under the same
     launcher continues from the sharded checkpoint and lands where an unbroken run lands."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    steps = ["--max-steps", "24", "--save-steps", "4"]
-    unbroken = _train_n(tiny_model_dir, data, tmp_path / "unbroken", steps)
+    unbroken = trained("fsdp", "lora")
     runs = tmp_path / "killed"
     cmd = [
         str(TORCHRUN),
         "--nproc_per_node",
         "2",
-        *_args(tiny_model_dir, data, runs, "lora", "--distributed", "fsdp", *steps),
+        *_args(tiny_model_dir, data, runs, "lora", "--distributed", "fsdp", "--memory-check", "true"),
     ]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -187,12 +193,12 @@ def test_a_killed_sharded_run_resumes_to_its_final_step(tiny_model_dir, data, tm
             p.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     [run] = RunRegistry(runs).list()
-    assert run.status().step < 24  # killed mid-run, not finished
+    assert run.status().step < STEPS["lora"]  # killed mid-run, not finished
     _run([str(TORCHRUN), "--nproc_per_node", "2", "-m", "studio.cli", "resume", str(run.path)])
     status = run.status()
-    assert status.state == "finished" and status.step == 24
+    assert status.state == "finished" and status.step == STEPS["lora"]
     resumed = _losses(run)
-    assert [m.step for m in run.train_metrics()] == list(range(1, 25))
+    assert [m.step for m in run.train_metrics()] == list(range(1, STEPS["lora"] + 1))
     assert max(abs(a - b) for a, b in zip(resumed, _losses(unbroken))) < 1e-3
     _same_direction(_weights(run), _weights(unbroken))
 
@@ -206,14 +212,6 @@ def test_a_killed_sharded_run_resumes_to_its_final_step(tiny_model_dir, data, tm
         model.set_adapter("unbroken")
         reference = model(ids).logits
     assert (logits - reference).abs().max() < 1e-3 * reference.abs().max()
-
-
-def _train_n(model_dir, data, runs, extra):
-    _run(
-        [str(TORCHRUN), "--nproc_per_node", "2", *_args(model_dir, data, runs, "lora", "--distributed", "fsdp", *extra)]
-    )
-    [run] = RunRegistry(runs).list()
-    return run
 
 
 def _agree_worker(rank: int, port: int, out: str) -> None:
