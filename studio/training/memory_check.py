@@ -158,6 +158,7 @@ def check_memory(trainer) -> MemoryCheck:
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     trainer.model.train()
     start = time.time()
+    out_of_memory = None
     try:
         # Weights load memory-mapped and enter RSS on first use: a tiny forward first, so that
         # the baseline already holds them and the increase is training's own memory. Through the
@@ -189,17 +190,15 @@ def check_memory(trainer) -> MemoryCheck:
         trainer.optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.empty_cache()
-        _agree(
-            would_not_fit(
-                f"The memory check ran out of memory with batch {rows} x {width} tokens "
-                f"({format_bytes(available, 2)} {'on the GPU' if device == 'cuda' else 'of RAM'})."
-            ),
-            dist,
+        out_of_memory = would_not_fit(
+            f"The memory check ran out of memory with batch {rows} x {width} tokens "
+            f"({format_bytes(available, 2)} {'on the GPU' if device == 'cuda' else 'of RAM'})."
         )
     finally:
         torch.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+    _agree(out_of_memory, dist)
     trainer.reset_optimizer()  # fresh AdamW state and schedule: the check leaves no trace
     if device == "cuda":
         measured, compared = peak, est
