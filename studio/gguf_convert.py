@@ -140,19 +140,13 @@ def pre_tokenizer_name(tokenizer) -> str:
     digest = hashlib.sha256(str(ids).encode()).hexdigest()
     if digest in KNOWN_PRE_HASHES:
         return KNOWN_PRE_HASHES[digest]
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+    from studio.data.tokens import GPT2_PATTERN, split_regex
+
+    rule = split_regex(tokenizer_json)
+    if rule == GPT2_PATTERN:
         return GPT2_PRE
-    steps = pre.get("pretokenizers") or []
-    if (
-        len(steps) == 2
-        and steps[0].get("type") == "Split"
-        and steps[0].get("behavior") == "Isolated"
-        and steps[1].get("type") == "ByteLevel"
-        and not steps[1].get("use_regex", True)
-    ):
-        name = SPLIT_RULES.get((steps[0].get("pattern") or {}).get("Regex", ""))
-        if name:
-            return name
+    if rule in SPLIT_RULES:
+        return SPLIT_RULES[rule]
     raise GgufError(
         "This tokenizer splits text in a way llama.cpp has no name for that we can verify "
         f"(check hash {digest[:12]}…), so llama.cpp would tokenize prompts differently from training. "

@@ -24,8 +24,7 @@ import zipfile
 from pathlib import Path
 
 from studio.chat_format import NoRoleFormat, RoleFormat, modelfile, role_format, stop_strings
-from studio.data import DataError
-from studio.data.dataset import inspect
+from studio.data import DataError, Example, prepare
 from studio.export import ExportError, artifact_name, finished_weights, merge_into, newest_input, write_zip
 from studio.formatting import markdown_cell, slug
 from studio.gguf_convert import (
@@ -81,7 +80,7 @@ def export_gguf(run: Run, quant: str = DEFAULT_QUANT, out: str | Path | None = N
             merged_dir = work / "merged"
             merged_dir.mkdir()
             merge_note = merge_into(run, weights, merged_dir)
-        plain_text, system = _training_data(run)
+        plain_text, system, held_out = _training_data(run, tokenizer)
         fmt, why_not = (None, "this run trained on plain text, not chat turns") if plain_text else _format(tokenizer)
         stops = stop_strings(fmt, tokenizer)
         stop_ids = [i for i in tokenizer.convert_tokens_to_ids(stops) if i is not None and i != tokenizer.unk_token_id]
@@ -104,7 +103,7 @@ def export_gguf(run: Run, quant: str = DEFAULT_QUANT, out: str | Path | None = N
             info.path,
             info.architecture,
             quant,
-            _prompts(run, tokenizer, plain_text),
+            _prompts(held_out, tokenizer, plain_text),
             stop_ids,
             tokenizer.chat_template,
         )
@@ -167,37 +166,35 @@ def _format(tokenizer) -> tuple[RoleFormat | None, str | None]:
         return None, str(exc)
 
 
-def _training_data(run: Run) -> tuple[bool, str | None]:
-    """(trained on plain text, the system prompt every training conversation had if they all had
-    the same one), read from the run's data file; (False, None) when it is not here any more."""
+def _training_data(run: Run, tokenizer) -> tuple[bool, str | None, list[Example]]:
+    """From one read of the run's data file: whether it trained on plain text, the system prompt
+    every training conversation had (if they all had the same one), and a few held-out rows.
+    (False, None, []) when the data is not here any more (imported runs, a deleted file)."""
     cfg = run.config()
     if run.status().imported or not cfg.data.path:
-        return False, None
+        return False, None, []
     try:
-        report = inspect(cfg.data)
+        data = prepare(cfg.data, tokenizer, cfg.training.seed)  # the split training made
     except (DataError, OSError):
-        return False, None
-    if report.mapping.format == "text":
-        return True, None
-    convs = [c for c in report.convs if c]
+        return False, None, []
+    held_out = data.eval[:PARITY_PROMPTS]
+    if data.report.mapping.format == "text":
+        return True, None, held_out
+    convs = [c for c in data.report.convs if c]
     systems = {c[0]["content"] if c[0]["role"] == "system" else None for c in convs}
-    return False, (systems.pop() if len(systems) == 1 else None)
+    return False, (systems.pop() if len(systems) == 1 else None), held_out
 
 
-def _prompts(run: Run, tokenizer, plain_text: bool) -> list[list[int]]:
-    """A few held-out prompts as training templated them (for plain text, the first half of each
+def _prompts(held_out: list[Example], tokenizer, plain_text: bool) -> list[list[int]]:
+    """The held-out prompts as training templated them (for plain text, the first half of each
     held-out text); generic ones when the run has none."""
-    from studio.evaluation import held_out_rows, prompt_and_reference
+    from studio.evaluation import prompt_and_reference
 
-    try:
-        rows = held_out_rows(run, tokenizer)[:PARITY_PROMPTS]
-    except ValueError:
-        rows = []
     if plain_text:
-        prompts = [r.input_ids[: max(1, len(r.input_ids) // 2)] for r in rows]
+        prompts = [r.input_ids[: max(1, len(r.input_ids) // 2)] for r in held_out]
         fallback = list(FALLBACK_PROMPTS)
     else:
-        prompts = [prompt_and_reference(r)[0] for r in rows]
+        prompts = [prompt_and_reference(r)[0] for r in held_out]
         fallback = [
             tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
             for p in FALLBACK_PROMPTS

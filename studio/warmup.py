@@ -52,6 +52,7 @@ PRELOAD: dict[str, tuple[str, ...]] = {
     # studio modules that are imported inside functions (they import the libraries above)
     "studio.adapter_import": (),
     "studio.config": (),
+    "studio.data.tokens": (),
     "studio.evaluation": (),
     "studio.export": (),
     "studio.fingerprint": (),

@@ -27,10 +27,10 @@ def _rows(n: int = 40) -> list[list[str]]:
     ][:n]
 
 
-def _train(root: Path, model_dir: Path, method: str = "lora", steps: int = 6):
+def _train(root: Path, model_dir: Path, method: str = "lora", steps: int = 6, **training):
     data = write_csv(root / f"train-{method}.csv", ["instruction", "output"], _rows())
     registry = RunRegistry(root / f"runs-{method}")
-    cfg = tiny_run_config(model_dir, data, method, max_steps=steps, memory_check=False)
+    cfg = tiny_run_config(model_dir, data, method, max_steps=steps, memory_check=False, **training)
     run = registry.create(cfg)
     assert run_training(cfg, run).state == "finished"
     return registry, run

@@ -28,9 +28,14 @@ CHATML = RoleFormat(
 )
 
 
+# The parity gates (f16: the same greedy answers) compare float32 computations; the adapter is
+# trained in fp32 too, so the weights under test are the same whether or not this CPU has bf16.
+FP32 = {"precision": "fp32"}
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tmp_path_factory):
-    return _train(tmp_path_factory.mktemp("gguf"), tiny_model_dir)
+    return _train(tmp_path_factory.mktemp("gguf"), tiny_model_dir, **FP32)
 
 
 @pytest.fixture(scope="module")
@@ -389,12 +394,12 @@ def test_full_fine_tune_and_plain_text_runs_export(tiny_model_dir, tmp_path):
     from studio.training import run_training
     from tests.helpers import tiny_run_config, write_csv
 
-    _, full = _train(tmp_path, tiny_model_dir, "full", steps=3)
+    _, full = _train(tmp_path, tiny_model_dir, "full", steps=3, **FP32)
     parity = Parity.from_dict(read_parity(export_gguf(full, "f16")))
     assert parity.passed and parity.greedy_same == len(parity.prompts) == 3
 
     data = write_csv(tmp_path / "text.csv", ["text"], [[f"the fox {a} jumps over {a + 1} dogs"] for a in range(40)])
-    cfg = tiny_run_config(tiny_model_dir, data, max_steps=3, memory_check=False)
+    cfg = tiny_run_config(tiny_model_dir, data, max_steps=3, memory_check=False, **FP32)
     run = RunRegistry(tmp_path / "runs-text").create(cfg)
     assert run_training(cfg, run).state == "finished"
     path = export_gguf(run, "q8_0")

@@ -68,9 +68,17 @@ def _split_pattern(backend):
         return None
     if spec.get("normalizer") or (spec.get("model") or {}).get("type") != "BPE":
         return None
+    rule = split_regex(spec)
+    return regex.compile(rule) if rule is not None else None
+
+
+def split_regex(spec: dict) -> str | None:
+    """The regex a byte-level BPE tokenizer (its ``tokenizer.json`` as a dict) splits text with
+    before merging: GPT-2's for a plain ByteLevel pre-tokenizer, or the Split pattern before a
+    regex-free ByteLevel (Llama 3, Qwen2); None for any other pre-tokenizer."""
     pre = spec.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return regex.compile(GPT2_PATTERN)
+        return GPT2_PATTERN
     if pre.get("type") == "Sequence":
         steps = pre.get("pretokenizers", [])
         if (
@@ -81,7 +89,7 @@ def _split_pattern(backend):
             and not steps[1].get("use_regex", True)
             and "Regex" in (steps[0].get("pattern") or {})
         ):
-            return regex.compile(steps[0]["pattern"]["Regex"])  # Llama 3 / Qwen2 style
+            return steps[0]["pattern"]["Regex"]  # Llama 3 / Qwen2 style
     return None
 
 

@@ -92,38 +92,28 @@ def build_export_tab(studio: Studio) -> gr.Dropdown:
             _contents(path),
         )
 
-    def build_gguf(run_id, quant_name):
+    def build(run_id, what: str, ready: str, **kind):
+        """Build the merged or GGUF zip for the Download button; a sentence when it cannot be."""
         off = gr.DownloadButton(value=None, interactive=False)
         if not run_id:
             return off, "Pick a run first."
         try:
-            path = studio.export_run(run_id, gguf=quant_name)
+            path = studio.export_run(run_id, **kind)
         except (LookupError, ExportError) as exc:
-            return off, f"**Can't build the GGUF.** {exc}"
+            return off, f"**Can't build the {what}.** {exc}"
         except Exception as exc:  # noqa: BLE001 - a sentence on the page; details in the server log
-            log.exception("GGUF export of %s failed", run_id)
-            return off, f"**Can't build the GGUF.** {type(exc).__name__}: {exc}"
-        return (
-            gr.DownloadButton(value=str(path), interactive=True),
-            f"GGUF ready: `{path.name}` ({format_bytes(path.stat().st_size)}).\n\n"
-            + gguf_parity_markdown(Parity.from_dict(read_parity(path))),
-        )
+            log.exception("%s export of %s failed", what, run_id)
+            return off, f"**Can't build the {what}.** {type(exc).__name__}: {exc}"
+        note = f"{ready}: `{path.name}` ({format_bytes(path.stat().st_size)})."
+        if "gguf" in kind:
+            note += "\n\n" + gguf_parity_markdown(Parity.from_dict(read_parity(path)))
+        return gr.DownloadButton(value=str(path), interactive=True), note
 
     def build_merged(run_id):
-        off = gr.DownloadButton(value=None, interactive=False)
-        if not run_id:
-            return off, "Pick a run first."
-        try:
-            path = studio.export_run(run_id, merged=True)
-        except (LookupError, ExportError) as exc:
-            return off, f"**Can't build the merged model.** {exc}"
-        except Exception as exc:  # noqa: BLE001 - a sentence on the page; details in the server log
-            log.exception("merged export of %s failed", run_id)
-            return off, f"**Can't build the merged model.** {type(exc).__name__}: {exc}"
-        return (
-            gr.DownloadButton(value=str(path), interactive=True),
-            f"Merged model ready: `{path.name}` ({format_bytes(path.stat().st_size)}).",
-        )
+        return build(run_id, "merged model", "Merged model ready", merged=True)
+
+    def build_gguf(run_id, quant_name):
+        return build(run_id, "GGUF", "GGUF ready", gguf=quant_name)
 
     def do_import(path, display_name):
         if not path:
