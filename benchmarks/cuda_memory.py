@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 def one(model_dir: str, method: str, seq: int, batch: int, gc: bool) -> dict:
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
     from studio import models
 
@@ -34,14 +34,13 @@ def one(model_dir: str, method: str, seq: int, batch: int, gc: bool) -> dict:
     if gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    if method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
+    # QLoRA as the trainer runs it: the unquantized parts stay bf16 (no prepare_model_for_kbit_training).
     if method != "full":
         model = get_peft_model(
             model,
             LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"),
         )
-    if gc and method != "qlora":
+    if gc:
         model.enable_input_require_grads()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)

@@ -21,7 +21,7 @@ import argparse
 import logging
 import sys
 
-from studio.config import METHODS, ConfigError, RunConfig, field_help, flag_name, leaf_fields
+from studio.config import METHODS, OPTIMIZERS, ConfigError, RunConfig, field_help, flag_name, leaf_fields
 from studio.gguf_convert import QUANTS as GGUF_TYPES
 
 
@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--seq-len", type=int, default=RunConfig().data.max_length)
     est.add_argument("--batch-size", type=int, default=RunConfig().training.batch_size)
     est.add_argument("--gradient-checkpointing", action="store_true")
-    est.add_argument("--optimizer", choices=("adamw", "adamw_8bit", "paged_adamw_8bit"), default="adamw")
+    optimizer_help = field_help("training.optimizer").replace("%", "%%")
+    est.add_argument("--optimizer", choices=OPTIMIZERS, default="auto", help=optimizer_help)
     est.add_argument("--lora-r", type=int, default=RunConfig().lora.r)
     est.add_argument("--lora-targets", default=RunConfig().lora.targets)
     est.add_argument("--device", choices=("cpu", "cuda", "mps"), help="Default: this machine's.")

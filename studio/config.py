@@ -26,6 +26,8 @@ import yaml
 METHODS = ("full", "lora", "qlora")
 PRECISIONS = ("auto", "bf16", "fp32")
 DISTRIBUTED = ("ddp", "fsdp")
+OPTIMIZERS = ("auto", "adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+PACKING = ("auto", "on", "off")
 LR_SCHEDULERS = ("cosine", "linear", "constant")  # after the warmup; names transformers' get_scheduler knows
 # Full fine-tuning moves every weight, so it wants about a tenth of an adapter's learning rate.
 DEFAULT_LEARNING_RATE = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
@@ -37,6 +39,15 @@ def learning_rate_for(method: str, current: float) -> float:
     if current in DEFAULT_LEARNING_RATE.values() and current != DEFAULT_LEARNING_RATE[method]:
         return DEFAULT_LEARNING_RATE[method]
     return current
+
+
+def optimizer_for(setting: str, method: str, device: str) -> str:
+    """The optimizer a run steps with for a ``training.optimizer`` setting: ``auto`` is the QLoRA
+    recipe's paged AdamW for QLoRA on a CUDA GPU (NF4 + double quantization + paged optimizer),
+    torch's AdamW everywhere else."""
+    if setting != "auto":
+        return setting
+    return "paged_adamw_32bit" if method == "qlora" and device == "cuda" else "adamw"
 
 
 class ConfigError(ValueError):
@@ -129,6 +140,14 @@ class TrainingConfig:
     """How many of the latest checkpoints to keep on disk."""
     seed: int = 42
     """Random seed for the split, shuffling and adapter initialisation."""
+    optimizer: str = "auto"
+    """auto (paged_adamw_32bit for QLoRA on a CUDA GPU, the QLoRA recipe; adamw otherwise), adamw (torch's,
+    fused on CUDA), adamw_8bit, paged_adamw_8bit or paged_adamw_32bit (bitsandbytes: 8-bit state is a
+    quarter of the memory; paged state moves to RAM instead of running out of GPU memory on a spike)."""
+    packing: str = "auto"
+    """Fill each batch row with several examples up to max_length tokens, each example seeing only itself
+    (per-example positions and attention): every step the same shape and no compute on padding.
+    auto = on for CUDA GPUs, off on CPU (measured slower there); on; off (one example per row)."""
     distributed: str = "ddp"
     """Under torchrun / accelerate launch with several processes: ddp (a full copy of the model on
     every device) or fsdp (parameters, gradients and optimizer state sharded across the devices, so a
@@ -271,12 +290,21 @@ class RunConfig:
             p.append("`training.early_stopping` needs held-out rows: set `data.eval_fraction` above 0.")
         if t.save_steps < 0:
             p.append("`training.save_steps` must be 0 (every 10% of the run) or more.")
+        if t.optimizer not in OPTIMIZERS:
+            p.append(f"`training.optimizer` must be one of {', '.join(OPTIMIZERS)} (got {t.optimizer!r}).")
+        if t.packing not in PACKING:
+            p.append(f"`training.packing` must be one of {', '.join(PACKING)} (got {t.packing!r}).")
         if t.distributed not in DISTRIBUTED:
             p.append(f"`training.distributed` must be one of {', '.join(DISTRIBUTED)} (got {t.distributed!r}).")
         elif t.distributed == "fsdp" and self.method == "qlora":
             p.append(
                 "`training.distributed` fsdp does not train QLoRA: FSDP2 with 4-bit weights has an open "
                 "correctness bug upstream, so it would train wrong. Use ddp for QLoRA, or LoRA with fsdp."
+            )
+        if t.distributed == "fsdp" and t.optimizer not in ("auto", "adamw"):
+            p.append(
+                f"`training.optimizer` {t.optimizer} cannot step sharded (fsdp) parameters: bitsandbytes "
+                "optimizers need whole tensors. Use adamw with fsdp, or ddp."
             )
         if not 1 <= t.keep_checkpoints <= 100:
             p.append(f"`training.keep_checkpoints` must be between 1 and 100 (got {t.keep_checkpoints}).")

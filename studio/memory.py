@@ -5,10 +5,11 @@ shape (so LoRA targets and 4-bit quantization are counted exactly for any causal
 The estimate is a sum of parts a person can check:
 
     base weights   fp32 master weights (full), frozen base in the compute dtype (LoRA),
-                   NF4 + double-quantized constants for linear layers (QLoRA; QLoRA paper)
+                   NF4 + double-quantized constants for linear layers, the rest in the
+                   compute dtype (QLoRA; QLoRA paper)
     adapter        LoRA A and B in fp32: r x (d_in + d_out) per adapted layer
     gradients      fp32, one per trainable parameter
-    optimizer      AdamW 8 B per trainable parameter; 8-bit AdamW 2 B (bitsandbytes)
+    optimizer      AdamW 8 B per trainable parameter (paged too); 8-bit AdamW 2 B (bitsandbytes)
     activations    what autograd keeps per token and layer (residual stream and norms in fp32,
                    projections in the compute dtype; Korthikanti et al.'s accounting, written
                    out for gated-MLP layers); with gradient checkpointing only each layer's
@@ -35,7 +36,8 @@ from dataclasses import asdict, dataclass, field
 
 from studio.formatting import GIB, MIB  # noqa: F401 - re-exported: sizes are computed here
 
-OPTIMIZERS = {"adamw": 8.0, "adamw_8bit": 2.0, "paged_adamw_8bit": 2.0}  # state bytes per trainable param
+# State bytes per trainable parameter (two moments); 8-bit state also keeps a small absmax per block.
+OPTIMIZERS = {"adamw": 8.0, "adamw_8bit": 2.0, "paged_adamw_8bit": 2.0, "paged_adamw_32bit": 8.0}
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 blocks
 CUDA_CONTEXT_BYTES = 500 * MIB
 CPU_RUNTIME_BYTES = 500 * MIB  # python + torch + transformers + peft + pandas + tokenizer, measured here
@@ -169,7 +171,7 @@ def _cuda_activations(
     else:
         activations = tokens * shape.layers * per_layer
     # lm_head output (compute dtype), its fp32 upcast, log-softmax and the fp32 gradient.
-    logits = labeled * shape.vocab * ((4 if method == "qlora" else a) + 12)
+    logits = labeled * shape.vocab * (a + 12)
     return activations, logits, 0.0
 
 
@@ -271,9 +273,8 @@ def estimate(
         weights, trainable = a * P, lora_params
     else:
         quantized = sum(lin.d_in * lin.d_out for lin in shape.linears if lin is not shape.lm_head)
-        # prepare_model_for_kbit_training upcasts what stays unquantized (embeddings, lm_head,
-        # norms) to fp32, so the output layer's logits are fp32 too.
-        weights, trainable = NF4_BYTES_PER_PARAM * quantized + 4 * (P - quantized), lora_params
+        # What stays unquantized (embeddings, output layer, norms) stays in the compute dtype.
+        weights, trainable = NF4_BYTES_PER_PARAM * quantized + a * (P - quantized), lora_params
     adapter = 4 * lora_params
     grads = 4 * trainable
     opt = OPTIMIZERS[optimizer] * trainable
@@ -303,8 +304,10 @@ def estimate(
     # (from the previous step), activations and logits (gradients fill in as activations are
     # freed, so they are not added on top). During optimizer.step(): weights, gradients, state,
     # and torch's foreach AdamW's temporary copy of the trainable parameters (measured: full
-    # fine-tuning peaks at 20 B/param on an H100, not 16).
-    step_temp = (4 * trainable if optimizer == "adamw" else 0) / (devices if gathered else 1)
+    # fine-tuning peaks at 20 B/param on an H100, not 16). On CUDA the trainer uses the fused
+    # AdamW, which updates in place, as bitsandbytes' optimizers do.
+    foreach = optimizer == "adamw" and device != "cuda"
+    step_temp = (4 * trainable if foreach else 0) / (devices if gathered else 1)
     step_phase = grads + step_temp
     fb_phase = activations + logits + retained
     if step_phase > fb_phase:  # report the moment that sets the peak

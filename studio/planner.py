@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from studio import precision
-from studio.config import RunConfig
+from studio.config import RunConfig, optimizer_for
 from studio.formatting import format_bytes
 from studio.hardware import Hardware
 from studio.memory import Estimate, ModelShape, estimate, shape_for_model
@@ -48,7 +48,7 @@ class Settings:
     lora_r: int = 16
     lora_targets: str | list[str] = "all-linear"
     lora_dropout: float = 0.0
-    optimizer: str = "adamw"
+    optimizer: str = "auto"  # training.optimizer; auto is decided per method and device (config.optimizer_for)
     labeled_share: float = 1.0  # of seq_len x batch_size positions; 1 until a batch is known
     devices: int = 1  # GPUs the run is launched on (torchrun / accelerate launch), each with batch_size rows
 
@@ -136,7 +136,7 @@ def estimate_settings(shape: ModelShape, method: str, s: Settings, device: str, 
         device,
         bf16=s.bf16,
         gradient_checkpointing=s.gradient_checkpointing,
-        optimizer=s.optimizer,
+        optimizer=optimizer_for(s.optimizer, method, device),
         lora_r=s.lora_r,
         lora_targets=s.lora_targets,
         lora_dropout=s.lora_dropout,
@@ -314,6 +314,7 @@ def settings_for(config: RunConfig, hw: Hardware) -> Settings:
         lora_r=config.lora.r,
         lora_targets=config.lora.target_modules(),
         lora_dropout=config.lora.dropout,
+        optimizer=t.optimizer,
     )
 
 

@@ -125,12 +125,6 @@ class Playground:
         self.full_models, self.adapters, self.active = {}, OrderedDict(), None
         self.tokenizer = models.load_tokenizer(ref, trust_remote_code)
         self.model = models.load_model(ref, load[0], self.device, load[1], trust_remote_code)
-        if load[0] == "qlora":
-            from peft import prepare_model_for_kbit_training
-
-            # As the trainer prepares it: norms, embeddings and the output layer upcast to fp32
-            # (in bf16 runs this moves the held-out loss by about 1e-4 relative).
-            self.model = prepare_model_for_kbit_training(self.model, use_gradient_checkpointing=False)
         self.model.eval()
         self.base_fingerprint = fingerprint.fingerprint(self.model.config, self.tokenizer, ref)
         self.base_ref, self.base_load = ref, load

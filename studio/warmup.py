@@ -43,7 +43,6 @@ PRELOAD: dict[str, tuple[str, ...]] = {
         "LoraConfig",
         "PeftModel",
         "get_peft_model",
-        "prepare_model_for_kbit_training",
         "set_peft_model_state_dict",
     ),
     "peft.tuners.tuners_utils": ("BaseTunerLayer",),

@@ -73,18 +73,15 @@ def test_each_process_takes_every_other_batch_of_the_same_stream():
     """Rank r trains on batches r, r + world, ...: together the ranks cover the single-process
     stream exactly once, so two processes see an epoch in half the steps."""
     from itertools import islice
-    from types import SimpleNamespace
 
-    from studio.config import RunConfig
-    from studio.training import Trainer
+    from studio.training import batching
     from studio.training.distributed import Dist
 
-    examples = [SimpleNamespace(input_ids=[0] * (5 + i % 17)) for i in range(64)]
+    lengths = [5 + i % 17 for i in range(64)]
 
     def stream(dist, n):
-        t = Trainer(RunConfig.from_dict({"training": {"batch_size": 4}}), run=None)
-        t.train_examples, t.dist = examples, dist
-        return list(islice(t._batch_indices(), n))
+        micro_batches = batching.stream(lengths, batching.Batching(4), seed=42, rank=dist.rank, world=dist.world)
+        return [[row[0] for row in mb] for mb in islice(micro_batches, n)]
 
     single = stream(Dist(), 16)  # one epoch: 64 rows / batch 4
     rank0, rank1 = stream(Dist(0, 2, 0), 8), stream(Dist(1, 2, 1), 8)

@@ -91,15 +91,15 @@ def test_out_of_memory_mid_run_fails_cleanly_with_a_retry_and_the_server_goes_on
     from studio.training.trainer import Trainer as T
 
     calls = {"n": 0}
-    real = T.collate_rows
+    real = T.tensors
 
-    def collate_then_oom(self, examples):
+    def collate_then_oom(self, micro_batch, examples=None):
         calls["n"] += 1
         if calls["n"] == 6:  # a few steps in, the way a long batch would
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB")
-        return real(self, examples)
+        return real(self, micro_batch, examples)
 
-    monkeypatch.setattr(T, "collate_rows", collate_then_oom)
+    monkeypatch.setattr(T, "tensors", collate_then_oom)
     jobs = JobManager(RunRegistry(runs_dir))
     job = jobs.start(_cfg(tiny_model_dir, instruction_csv, "lora", memory_check=False, max_steps=50))
     job.thread.join(120)
@@ -116,7 +116,7 @@ def test_out_of_memory_mid_run_fails_cleanly_with_a_retry_and_the_server_goes_on
         "method",
     }
 
-    monkeypatch.setattr(T, "collate_rows", real)  # the server keeps serving: the next job runs
+    monkeypatch.setattr(T, "tensors", real)  # the server keeps serving: the next job runs
     cfg = _cfg(tiny_model_dir, instruction_csv, "lora", memory_check=False, max_steps=3)
     nxt = jobs.start(cfg.with_overrides(retry.changes))  # what the Retry button starts
     nxt.thread.join(120)

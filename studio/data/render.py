@@ -33,6 +33,11 @@ class Example:
     def trained_tokens(self) -> int:
         return sum(1 for t in self.labels if t != IGNORE_INDEX)
 
+    @property
+    def targets(self) -> int:
+        """Positions scored in training: labeled tokens after the first (each predicts the next)."""
+        return sum(1 for t in self.labels[1:] if t != IGNORE_INDEX)
+
 
 def labeled_tokens(batch: dict) -> int:
     """Tokens a batch is scored on: labeled positions after the first (each predicts the next)."""

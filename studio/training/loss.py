@@ -12,7 +12,7 @@ Only for model families whose causal-LM head is exactly "decoder, output layer, 
 anything else takes the model's own forward (see ``plain_loss_reason``).
 
     loss_fn = LabeledTokenLoss(model)   # an nn.Module: wrap this in DDP, not the model
-    loss = loss_fn(input_ids, attention_mask, labels)
+    loss = loss_fn(input_ids=..., labels=..., attention_mask=...)  # or position_ids for packed rows
 """
 
 from __future__ import annotations
@@ -89,11 +89,20 @@ class LabeledTokenLoss(torch.nn.Module):
     def labeled_only(self) -> bool:
         return self.plain_reason is None
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Packed batches (training/batching.py) bring position_ids and a 4-D mask, or none."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        inputs = {k: v for k, v in inputs.items() if v is not None}
         if self.plain_reason is not None:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            return self.model(**inputs, labels=labels).loss
         lm = causal_lm(self.model)
-        hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
         targets = labels[:, 1:]  # position t predicts token t + 1
         keep = targets != IGNORE_INDEX
         logits = lm.get_output_embeddings()(hidden[:, :-1][keep])

@@ -112,9 +112,8 @@ def check_memory(trainer) -> MemoryCheck:
     """Run the check on a set-up trainer. Raises MemoryCheckFailed when the run would not fit."""
     from studio.planner import estimate_settings, settings_for, suggest
 
-    cfg, t = trainer.config, trainer.config.training
-    examples = sorted(trainer.train_examples, key=lambda e: len(e.input_ids), reverse=True)[: t.batch_size]
-    batch = trainer.collate_rows(examples)
+    cfg = trainer.config
+    batch = trainer.largest_batch()
     rows, width = batch["input_ids"].shape
     device = trainer.device
     shape = shape_for_model(cfg.model, cfg.trust_remote_code)
@@ -164,7 +163,7 @@ def check_memory(trainer) -> MemoryCheck:
         # the baseline already holds them and the increase is training's own memory. Through the
         # loss module: under FSDP it is the root that gathers the sharded weights.
         with torch.no_grad(), trainer.autocast():
-            trainer.loss_fn(**{k: v[:1, :8] for k, v in batch.items()})
+            trainer.loss_fn(input_ids=batch["input_ids"][:1, :8], labels=batch["labels"][:1, :8])
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

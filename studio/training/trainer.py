@@ -2,9 +2,13 @@
 
 A plain PyTorch loop rather than TRL's SFTTrainer: DESIGN.md measured SFTTrainer at about half
 the tokens/s of a plain loop on CPU (its chunked loss/metrics code and gradient checkpointing
-by default). Batches are padded only to their own longest row and drawn from length-sorted
-pools, so little compute goes to padding, and the output layer runs only at labeled positions
-(loss.py), not at prompt and padding positions.
+by default). Batches are padded to their own longest row from length-sorted pools, or on GPUs
+packed into rows of a fixed width (batching.py), so little compute goes to padding, and the
+output layer runs only at labeled positions (loss.py), not at prompt and padding positions.
+
+The step never waits for the device: losses and gradient norms stay on it and are read
+together at most every ``READ_EVERY_S`` seconds (and before an evaluation, a checkpoint or the
+end), when the steps' records are written; token counts come from the host.
 """
 
 from __future__ import annotations
@@ -15,25 +19,42 @@ import shutil
 import threading
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from studio import hardware, models, precision
-from studio.config import RunConfig
+from studio.config import RunConfig, optimizer_for
 from studio.data import Example, prepare
-from studio.data.render import collate, labeled_tokens
+from studio.data.render import collate
 from studio.records import EvalRecord, Event, Record, TrainRecord
 from studio.runs import Run
-from studio.training import distributed
+from studio.training import batching, distributed, optimizers
 from studio.training.compiling import CompileWatch, compile_layers, inductor_problem
-from studio.training.loss import LabeledTokenLoss
+from studio.training.loss import LabeledTokenLoss, causal_lm
 
 MetricsSink = Callable[[Record], None]
-POOL_BATCHES = 32  # batches per length-sorted pool: groups similar lengths, keeps order random
+# How often a GPU run reads its losses back (each read waits for the device to catch up). On CPU
+# the host is the device, so every step is read at once.
+READ_EVERY_S = 1.0
 
 
 STATE_FILE = "trainer_state.pt"  # optimizer, scheduler, RNG and position: what resuming needs
+
+
+@dataclass
+class _Unread:
+    """A step whose loss and gradient norm are still on the device (see Trainer._read)."""
+
+    step: int
+    loss_sum: torch.Tensor  # summed over the step's micro-batches
+    grad_norm: torch.Tensor
+    tokens: int
+    scored: int
+    lr: float
+    micro: int
+    started: float
 
 
 class TrainingStopped(Exception):
@@ -74,6 +95,8 @@ class Trainer:
         self.dist = distributed.Dist()  # one process until setup() reads the launcher's environment
         self.sharded = False  # FSDP: parameters, gradients and optimizer state split across processes
         self.total_steps = 0
+        self._unread: list[_Unread] = []  # steps done whose numbers are still on the device
+        self._started, self._first_step = time.time(), 0
 
     # ---- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -96,6 +119,7 @@ class Trainer:
         self.data_findings = data.report.findings + data.notes
 
         self.model = self._load_model()
+        self.batching = self._batching()
         self._compile()
         self.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         # The loss computes logits only at labeled positions (studio/training/loss.py). With
@@ -105,10 +129,27 @@ class Trainer:
         self.loss_fn = LabeledTokenLoss(self.model)
         self.forward_loss = distributed.wrap(self.loss_fn, self.dist, self.device, t.distributed)
         self.sharded = distributed.is_sharded(self.loss_fn)
-        batches_per_epoch = math.ceil(len(self.train_examples) / t.batch_size)
-        steps_per_epoch = max(1, batches_per_epoch // (t.gradient_accumulation * self.dist.world))
+        self.lengths = [len(e.input_ids) for e in self.train_examples]
+        # An epoch's micro-batches, counted on the first epoch's draw (packing varies a little by draw).
+        self.batches_per_epoch = len(batching.epoch(self.lengths, self.batching, random.Random(t.seed)))
+        steps_per_epoch = max(1, self.batches_per_epoch // (t.gradient_accumulation * self.dist.world))
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+        self.optimizer_name = optimizer_for(t.optimizer, cfg.method, self.device)
+        self.read_every_s = READ_EVERY_S if self.device == "cuda" else 0.0
         self.reset_optimizer()
+
+    def _batching(self) -> batching.Batching:
+        """``training.packing``: packed rows of data.max_length tokens, or one padded example per row."""
+        cfg, t = self.config, self.config.training
+        if t.packing == "off" or (t.packing == "auto" and self.device != "cuda"):
+            return batching.Batching(t.batch_size)
+        problem = batching.packing_problem(causal_lm(self.model).config.model_type)
+        if problem and t.packing == "on":
+            raise models.ModelError(
+                f"training.packing is on, but this model cannot train packed: {problem}. "
+                "Set training.packing to auto or off."
+            )
+        return batching.Batching(t.batch_size) if problem else batching.Batching(t.batch_size, cfg.data.max_length)
 
     def _compile(self) -> None:
         """``training.compile``: compile the decoder layers where inductor works; ``compile_note``
@@ -129,7 +170,7 @@ class Trainer:
                 "training runs uncompiled. Installing a C++ compiler usually fixes it."
             )
         self._compile_watch = CompileWatch()
-        self.compiled_layers = compile_layers(self.model)
+        self.compiled_layers = compile_layers(self.model, static=self.batching.packed)
 
     def _check_compiled(self) -> None:
         """After the first step every compiled graph has been built: a failed one runs eager."""
@@ -149,7 +190,7 @@ class Trainer:
 
         t = self.config.training
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        self.optimizer = optimizers.build(self.optimizer_name, params, t.learning_rate, t.weight_decay, self.device)
         # "constant" still warms up: transformers calls that one constant_with_warmup.
         name = "constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler
         self.scheduler = get_scheduler(
@@ -169,14 +210,13 @@ class Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.method == "full":
             return model
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from peft import LoraConfig, get_peft_model
+        from peft.tuners.tuners_utils import BaseTunerLayer
 
-        if cfg.method == "qlora":
-            model = prepare_model_for_kbit_training(
-                model,
-                use_gradient_checkpointing=cfg.training.gradient_checkpointing,
-                gradient_checkpointing_kwargs={"use_reentrant": False},
-            )
+        # QLoRA: no prepare_model_for_kbit_training. Besides freezing (get_peft_model freezes the
+        # base too) it casts everything the 4-bit base keeps in 16 bits (embeddings, output layer,
+        # norms) to fp32: for a Llama-3-8B shape 4 GB more weights plus fp32 logits, more than the
+        # 4-bit linears save on a 1B model. They stay in the compute dtype, as in a LoRA run's base.
         lora = LoraConfig(
             r=cfg.lora.r,
             lora_alpha=cfg.lora.alpha,
@@ -185,33 +225,45 @@ class Trainer:
             task_type="CAUSAL_LM",
         )
         try:
-            return get_peft_model(model, lora)
+            model = get_peft_model(model, lora)
         except ValueError as exc:
             raise models.ModelError(
                 f"LoRA targets {cfg.lora.targets!r} do not match this model "
                 f"({str(exc).splitlines()[0][:160]}). Use all-linear, or module "
                 "names such as q_proj,v_proj."
             ) from None
+        if self.precision == "bf16":
+            # The adapters keep fp32 weights (PEFT's autocast_adapter_dtype), and every forward here
+            # runs under bf16 autocast, which computes their matmuls in bf16. PEFT would first cast
+            # each adapted layer's bf16 input to fp32 for autocast to cast straight back: two copies
+            # per adapted layer and step, the same numbers (tests/test_batching.py compares).
+            for module in model.modules():
+                if isinstance(module, BaseTunerLayer):
+                    module.cast_input_dtype_enabled = False
+        return model
 
     # ---- train -------------------------------------------------------------------------------
-    def _batch_indices(self):
-        """Endless, seeded stream of row-index batches: shuffle, sort within pools by length,
-        shuffle the batches. Seeded, so a resumed run replays it and skips what it consumed."""
-        bs = self.config.training.batch_size
-        rng = random.Random(self.config.training.seed)
-        while True:
-            order = list(range(len(self.train_examples)))
-            rng.shuffle(order)
-            pool = bs * POOL_BATCHES
-            batches = []
-            for i in range(0, len(order), pool):
-                chunk = sorted(order[i : i + pool], key=lambda j: len(self.train_examples[j].input_ids))
-                batches += [chunk[k : k + bs] for k in range(0, len(chunk), bs)]
-            rng.shuffle(batches)
-            # Every process replays the same stream and takes every world-th batch.
-            yield from batches[self.dist.rank :: self.dist.world]
+    def batches(self):
+        """The endless, seeded stream of micro-batches this process trains on (batching.stream):
+        a resumed run replays it and skips what it consumed."""
+        return batching.stream(self.lengths, self.batching, self.config.training.seed, self.dist.rank, self.dist.world)
+
+    def tensors(self, micro_batch: batching.MicroBatch, examples=None) -> dict[str, torch.Tensor]:
+        """A micro-batch of ``examples`` (the training rows by default) as tensors on the device."""
+        examples = self.train_examples if examples is None else examples
+        sdpa = getattr(causal_lm(self.model).config, "_attn_implementation", None) == "sdpa"
+        host = batching.tensors(examples, micro_batch, self.batching, self.tokenizer.pad_token_id, sdpa)
+        if self.device != "cuda":
+            return {k: v.to(self.device) for k, v in host.items()}
+        # Pinned memory copies without making the host wait for the device's queue.
+        return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in host.items()}
+
+    def largest_batch(self) -> dict[str, torch.Tensor]:
+        """The micro-batch needing the most memory (the memory check's), as device tensors."""
+        return self.tensors(batching.largest(self.lengths, self.batching))
 
     def collate_rows(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        """Examples as one padded batch on the device, one per row (for tests and tools)."""
         return {k: v.to(self.device) for k, v in collate(examples, self.tokenizer.pad_token_id).items()}
 
     @property
@@ -235,22 +287,23 @@ class Trainer:
 
     def train(self) -> None:
         t = self.config.training
-        indices = self._batch_indices()
+        stream = self.batches()
         for _ in range(self.micro):  # resuming: skip what the checkpointed run consumed
-            next(indices)
-        batches_per_epoch = math.ceil(len(self.train_examples) / t.batch_size)
+            next(stream)
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        started, first_step = time.time(), self.step
+        self._started, self._first_step = time.time(), self.step
         while self.step < self.total_steps:
             if self.stop_event.is_set():
+                self._read()
                 raise TrainingStopped()
             if self.save_event.is_set():
                 self.save_event.clear()
                 self.save_checkpoint()
-            step_start, loss_sum, tokens, labeled = time.time(), 0.0, 0, 0
+            step_start, loss_sum, tokens, scored = time.time(), None, 0, 0
             for micro_step in range(t.gradient_accumulation):
-                batch = self.collate_rows([self.train_examples[j] for j in next(indices)])
+                micro_batch = next(stream)
+                batch = self.tensors(micro_batch)
                 self.micro += 1
                 # Under DDP only the last micro-batch of a step all-reduces gradients: the earlier
                 # ones accumulate locally (no_sync), one all-reduce per step instead of one per micro-batch.
@@ -263,47 +316,67 @@ class Trainer:
                 with sync:
                     with self.autocast():
                         loss = self.forward_loss(**batch)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"The loss became {loss.item()} at step {self.step + 1}; lower the learning rate."
-                        )
                     (loss / t.gradient_accumulation).backward()
-                loss_sum += loss.item()
-                tokens += int(batch["attention_mask"].sum())
-                labeled += labeled_tokens(batch)
-            grad_norm = self.clip_gradients(params).item()
-            # The step's loss is the mean over every process's micro-batches (what the averaged
-            # gradients descend), not rank 0's share; token counts add up.
-            loss_sum, tokens, labeled = distributed.sum_over_ranks([loss_sum, tokens, labeled], self.dist)
-            loss_sum, tokens, labeled = loss_sum / self.dist.world, int(tokens), int(labeled)
+                loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+                n_tokens, n_scored = batching.counts(self.train_examples, micro_batch)
+                tokens, scored = tokens + n_tokens, scored + n_scored
+            grad_norm = self.clip_gradients(params)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            if self.step == first_step + 1:
+            lr = self.scheduler.get_last_lr()[0]
+            self._unread.append(_Unread(self.step, loss_sum, grad_norm, tokens, scored, lr, self.micro, step_start))
+            if self.step == self._first_step + 1:
                 self._check_compiled()
-            now = time.time()
+            evaluate = t.eval_steps and self.step % t.eval_steps == 0 and self.step < self.total_steps
+            checkpoint = self.step % self.save_every == 0 and self.step < self.total_steps
+            due = time.time() - self._unread[0].started >= self.read_every_s
+            if due or evaluate or checkpoint or self.step == self.total_steps:
+                self._read()
+            if evaluate:
+                self._watch(self.evaluate())
+            if checkpoint:
+                self.save_checkpoint()
+
+    def _read(self) -> None:
+        """Read the unread steps' losses and gradient norms from the device in one go (under
+        several processes, summed over them in one all-reduce) and write their records."""
+        unread, self._unread = self._unread, []
+        if not unread:
+            return
+        k, t = len(unread), self.config.training
+        read = torch.stack([u.loss_sum.float() for u in unread] + [u.grad_norm.float() for u in unread]).tolist()
+        losses, norms = read[:k], read[k:]  # that tolist() is the one wait for the device
+        counts = [(u.tokens, u.scored) for u in unread]
+        if self.dist.enabled:  # a step's loss is the mean over every process's micro-batches; counts add up
+            summed = distributed.sum_over_ranks(losses + [n for pair in counts for n in pair], self.dist)
+            losses, counts = summed[:k], [(summed[k + 2 * i], summed[k + 2 * i + 1]) for i in range(k)]
+        losses = [v / (t.gradient_accumulation * self.dist.world) for v in losses]
+        for u, loss in zip(unread, losses):
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"The loss became {loss} at step {u.step}; lower the learning rate.")
+        now = time.time()
+        rate = sum(tokens for tokens, _ in counts) / max(now - unread[0].started, 1e-9)  # the steps read together
+        memory = hardware.memory_snapshot(self.device)
+        for u, loss, norm, (tokens, scored) in zip(unread, losses, norms, counts):
             self._emit(
                 TrainRecord(
-                    step=self.step,
+                    step=u.step,
                     total_steps=self.total_steps,
-                    loss=loss_sum / t.gradient_accumulation,
-                    lr=self.scheduler.get_last_lr()[0],
-                    grad_norm=grad_norm,
-                    tokens=tokens,
-                    labeled_tokens=labeled,
-                    tokens_per_s=tokens / max(now - step_start, 1e-9),
-                    epoch=self.micro / batches_per_epoch,
+                    loss=loss,
+                    lr=u.lr,
+                    grad_norm=norm,
+                    tokens=int(tokens),
+                    labeled_tokens=int(scored),
+                    tokens_per_s=rate,
+                    epoch=u.micro / self.batches_per_epoch,
                     time=now,
-                    elapsed_s=now - started,
-                    steps_this_session=self.step - first_step,
-                    extra=hardware.memory_snapshot(self.device),
+                    elapsed_s=now - self._started,
+                    steps_this_session=u.step - self._first_step,
+                    extra=memory,
                 )
             )
-            if t.eval_steps and self.step % t.eval_steps == 0 and self.step < self.total_steps:
-                self._watch(self.evaluate())
-            if self.step % self.save_every == 0 and self.step < self.total_steps:
-                self.save_checkpoint()
 
     def _watch(self, eval_loss: float | None) -> None:
         """Early stopping: raise EarlyStopped after ``early_stopping`` evaluations without a new best."""
@@ -322,21 +395,22 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Token-weighted mean loss on the held-out rows; None when there is no eval split."""
+        """Token-weighted mean loss on the held-out rows, batched as training is (packed rows keep
+        the compiled shape); None when there is no eval split."""
         if not self.eval_examples:
             return None
         self.model.eval()
-        total, count = 0.0, 0
-        bs = self.config.training.batch_size
-        for i in range(0, len(self.eval_examples), bs):
-            batch = self.collate_rows(self.eval_examples[i : i + bs])
+        total, count = None, 0
+        lengths = [len(e.input_ids) for e in self.eval_examples]
+        for micro_batch in batching.epoch(lengths, self.batching, None):
+            batch = self.tensors(micro_batch, self.eval_examples)
             with self.autocast():
                 loss = self.loss_fn(**batch)
-            n = labeled_tokens(batch)
-            total += loss.item() * n
+            n = batching.counts(self.eval_examples, micro_batch)[1]
+            total = loss.detach() * n if total is None else total + loss.detach() * n
             count += n
         self.model.train()
-        eval_loss = total / max(count, 1)
+        eval_loss = total.item() / max(count, 1)
         self._emit(EvalRecord(self.step, eval_loss, time.time()))
         return eval_loss
 
@@ -391,6 +465,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """checkpoints/step-N with weights and trainer state; only the latest few are kept."""
+        self._read()  # the steps it holds are in the log first (and a non-finite loss is never saved)
         self.save(self.run.path / "checkpoints" / f"step-{self.step}", with_state=True)
         if not self.dist.main:
             return
