@@ -28,7 +28,7 @@ from studio.planner import Plan, plan, settings_for
 from studio.playground import Playground, SamplingSettings, split_ref
 from studio.records import ACTIVE_STATES, EvalRecord, Retry, TrainRecord
 from studio.runs import Run, RunRegistry, checkpoint_step, config_diff
-from studio.training import Job, JobManager
+from studio.training import Job, JobManager, batching
 
 PREVIEW_ROWS = 20
 
@@ -157,10 +157,13 @@ class Studio:
         if longest is not None and longest < seq:
             seq, basis = longest, f"your data's longest row, {longest} tokens"
         hw = hardware.detect()  # free memory now, not at start-up
+        t = config.training
+        if batching.layout(t.packing, hw.device, t.batch_size, config.data.max_length, shape.model_type).packed:
+            seq, basis = config.data.max_length, "packed: every row filled with examples up to max length"
         plan_ = plan(shape, hw, replace(settings_for(config, hw), seq_len=seq))
         return plan_, (
-            f"Estimated for micro-batch {config.training.batch_size} x {seq} tokens ({basis})"
-            f"{', gradient checkpointing' if config.training.gradient_checkpointing else ''}."
+            f"Estimated for micro-batch {t.batch_size} x {seq} tokens ({basis})"
+            f"{', gradient checkpointing' if t.gradient_checkpointing else ''}."
         )
 
     def import_dataset(self, uploaded: str | Path) -> str:

@@ -141,15 +141,14 @@ class Trainer:
     def _batching(self) -> batching.Batching:
         """``training.packing``: packed rows of data.max_length tokens, or one padded example per row."""
         cfg, t = self.config, self.config.training
-        if t.packing == "off" or (t.packing == "auto" and self.device != "cuda"):
-            return batching.Batching(t.batch_size)
-        problem = batching.packing_problem(causal_lm(self.model).config.model_type)
+        model_type = causal_lm(self.model).config.model_type
+        problem = batching.packing_problem(model_type)
         if problem and t.packing == "on":
             raise models.ModelError(
                 f"training.packing is on, but this model cannot train packed: {problem}. "
                 "Set training.packing to auto or off."
             )
-        return batching.Batching(t.batch_size) if problem else batching.Batching(t.batch_size, cfg.data.max_length)
+        return batching.layout(t.packing, self.device, t.batch_size, cfg.data.max_length, model_type)
 
     def _compile(self) -> None:
         """``training.compile``: compile the decoder layers where inductor works; ``compile_note``

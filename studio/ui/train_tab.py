@@ -21,6 +21,8 @@ import gradio as gr
 from studio.config import (
     LR_SCHEDULERS,
     METHODS,
+    OPTIMIZERS,
+    PACKING,
     ConfigError,
     RunConfig,
     command_for,
@@ -51,6 +53,8 @@ PLANNED = (
     "lora.targets",
     "training.gradient_accumulation",
     "training.gradient_checkpointing",
+    "training.optimizer",
+    "training.packing",
 )
 
 
@@ -151,6 +155,10 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
         form.add("training.gradient_checkpointing", "Gradient checkpointing", elem_id="train-checkpointing")
         form.add("training.memory_check", "Check memory before training", elem_id="train-memory-check")
         form.add("training.compile", "Compile (faster long runs)", elem_id="train-compile")
+    with gr.Row():
+        optimizer = functools.partial(gr.Dropdown, list(OPTIMIZERS))
+        form.add("training.optimizer", "Optimizer", optimizer, elem_id="train-optimizer")
+        form.add("training.packing", "Packing", functools.partial(gr.Radio, list(PACKING)), elem_id="train-packing")
     with gr.Accordion("Memory: which method fits", open=True):
         plan_html = gr.HTML(elem_id="memory-plan")
         with gr.Row():
