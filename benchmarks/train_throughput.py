@@ -50,7 +50,7 @@ WORDS = (
 ).split()
 
 
-def variable_rows_csv(path: Path, rows: int = 240, seed: int = 0) -> Path:
+def variable_rows_csv(path: Path, rows: int = 240, seed: int = 0, answer_words: int = 300) -> Path:
     """Prompts of 8-60 words, answers of 10-300 words: about 20-400 tokens a row."""
     rng = random.Random(seed)
     with path.open("w", newline="", encoding="utf-8") as f:
@@ -60,7 +60,7 @@ def variable_rows_csv(path: Path, rows: int = 240, seed: int = 0) -> Path:
             w.writerow(
                 [
                     " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 60))) + "?",
-                    " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 300))) + ".",
+                    " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, answer_words))) + ".",
                 ]
             )
     return path
@@ -113,16 +113,16 @@ def ours(data: Path, steps: int, max_length: int, compile_: bool = False) -> dic
 @contextmanager
 def plain_path():
     """The trainer with the model's own loss (logits at every position) and random batches."""
-    from studio.training import trainer
+    from studio.training import batching, trainer
     from studio.training.loss import LabeledTokenLoss
 
-    saved = trainer.LabeledTokenLoss, trainer.POOL_BATCHES
+    saved = trainer.LabeledTokenLoss, batching.POOL_BATCHES
     trainer.LabeledTokenLoss = functools.partial(LabeledTokenLoss, labeled_only=False)
-    trainer.POOL_BATCHES = 1  # a pool of one batch: batches of random rows, padded to their longest
+    batching.POOL_BATCHES = 1  # a pool of one batch: batches of random rows, padded to their longest
     try:
         yield
     finally:
-        trainer.LabeledTokenLoss, trainer.POOL_BATCHES = saved
+        trainer.LabeledTokenLoss, batching.POOL_BATCHES = saved
 
 
 def equivalence(data: Path, max_length: int, eval_rows: int) -> dict:
@@ -142,7 +142,16 @@ def equivalence(data: Path, max_length: int, eval_rows: int) -> dict:
     return out
 
 
-def trl_defaults(data: Path, steps: int, max_length: int, bf16: bool) -> dict:
+def trl_defaults(
+    data: Path,
+    steps: int,
+    max_length: int,
+    bf16: bool,
+    model_ref: str = "default",
+    gradient_checkpointing: bool | None = None,
+) -> dict:
+    """TRL's SFTTrainer with its defaults on the same rows and LoRA config (``gradient_checkpointing``
+    None keeps TRL's default); real tokens/s after the warm-up steps, and the CUDA peak."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
@@ -160,8 +169,9 @@ def trl_defaults(data: Path, steps: int, max_length: int, bf16: bool) -> dict:
             for r in rows
         ]
     )
-    tokenizer = models.load_tokenizer("default")
-    model = models.load_model("default", "lora")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = models.load_tokenizer(model_ref)
+    model = models.load_model(model_ref, "lora", device, "bf16" if bf16 else "fp32")
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -178,6 +188,7 @@ def trl_defaults(data: Path, steps: int, max_length: int, bf16: bool) -> dict:
         max_steps=steps,
         report_to=[],
         save_strategy="no",
+        **({} if gradient_checkpointing is None else {"gradient_checkpointing": gradient_checkpointing}),
     )  # max_steps/report/save: to run a timed slice only
     from studio.config import LoraConfig as Ours
 
@@ -189,6 +200,8 @@ def trl_defaults(data: Path, steps: int, max_length: int, bf16: bool) -> dict:
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora, callbacks=[clock]
     )
     lengths = [min(len(x), max_length) for x in trainer.train_dataset["input_ids"]]
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     trainer.train()
     times = [start] + clock.times
@@ -202,6 +215,7 @@ def trl_defaults(data: Path, steps: int, max_length: int, bf16: bool) -> dict:
         "steps": timed,
         "batch": args.per_device_train_batch_size,
         "gradient_checkpointing": args.gradient_checkpointing,
+        "peak_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
     }
 
 
