@@ -95,8 +95,8 @@ def _train(data: Path, max_length: int, training: dict, eval_rows: int = 0) -> t
     return status, [m.to_dict() for m in records if isinstance(m, TrainRecord)]
 
 
-def ours(data: Path, steps: int, max_length: int, compile_: bool = False) -> dict:
-    _, train = _train(data, max_length, {"max_steps": steps, "compile": compile_})
+def ours(data: Path, steps: int, max_length: int, compile_: bool = False, packing: str = "auto") -> dict:
+    _, train = _train(data, max_length, {"max_steps": steps, "compile": compile_, "packing": packing})
     timed = train[WARMUP:]
     seconds = sum(m["tokens"] / m["tokens_per_s"] for m in timed)
     warmup = train[:WARMUP]  # with compile, the first steps also compile
@@ -239,6 +239,8 @@ def main() -> None:
     peak = matmul_flops(dtype)
     a = ours(data, args.steps, args.max_length)
     c = ours(data, args.steps, args.max_length, compile_=True)
+    # Packed rows (the GPU layout) on this CPU: auto leaves CPUs padded, this says whether that holds.
+    p = ours(data, max(6, args.steps // 2), args.max_length, packing="on")  # steps of ~2.4x the tokens
     b = trl_defaults(data, args.trl_steps, args.max_length, hw.bf16)
     peak_after = matmul_flops(dtype)  # the machine is noisy: bracket the run
     peak = max(peak, peak_after)
@@ -248,7 +250,13 @@ def main() -> None:
     )
     print(f"{'trainer':<26}{'steps':>6}{'real tok/s':>12}{'logits at':>11}{'GFLOP/s':>10}{'% of peak':>11}")
     rates = {}
-    for name, r in (("ours (batch 4)", a), ("ours, compiled (batch 4)", c), (f"TRL defaults (batch {b['batch']})", b)):
+    runs = (
+        ("ours (batch 4)", a),
+        ("ours, compiled (batch 4)", c),
+        (f"TRL defaults (batch {b['batch']})", b),
+        ("ours, packed (4 x 512)", p),
+    )
+    for name, r in runs:
         tps = r["tokens"] / r["seconds"]
         rates[name] = tps
         flops = (4 * body * r["tokens"] + 4 * head * r["logit_tokens"]) / r["seconds"]
@@ -256,7 +264,8 @@ def main() -> None:
             f"{name:<26}{r['steps']:>6}{tps:>12.0f}{r['logit_tokens'] / r['tokens']:>11.0%}"
             f"{flops / 1e9:>10.1f}{flops / peak:>11.0%}"
         )
-    ours_tps, compiled_tps, trl_tps = rates.values()
+    ours_tps, compiled_tps, trl_tps, packed_tps = rates.values()
+    print(f"packed rows vs padded batches on this CPU: {packed_tps / ours_tps:.2f}x real tokens/s")
     print(
         f"\nours / TRL defaults: {ours_tps / trl_tps:.2f}x real tokens/s; compiled: {compiled_tps / trl_tps:.2f}x "
         f"(target 3.0x); TRL gradient checkpointing by default: {b['gradient_checkpointing']}"

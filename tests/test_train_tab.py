@@ -93,3 +93,19 @@ def test_the_memory_plans_suggested_change_lands_on_the_form(tab):
     assert out[tab.form.fields["method"]].value == kept["fix"].method
     assert all(out[tab.form.fields[k]] == v for k, v in kept["fix"].changes.items() if k in tab.form.fields)
     assert train_tab.apply_plan_fix(tab, None, 2e-4) == {tab.form.fields["method"]: gr.skip()}
+
+
+def test_the_plan_estimates_packed_runs_at_full_rows_and_the_optimizer_moves_it(tab):
+    """Packing fills every row to max length, so the plan may not use the data's shorter longest row;
+    8-bit optimizer state is a quarter of AdamW's."""
+    studio, _ = tab
+    cfg = RunConfig.from_dict({"data": {"max_length": 256}, "method": "full"})
+    studio._longest[(cfg.data.path, cfg.data.mapping, cfg.model)] = 40
+    padded, basis = studio.memory_plan(cfg.with_overrides({"training.packing": "off"}))
+    assert "x 40 tokens (your data's longest row" in basis
+    packed, basis = studio.memory_plan(cfg.with_overrides({"training.packing": "on"}))
+    assert "x 256 tokens (packed" in basis
+    assert packed.get("full").estimate.total_bytes > padded.get("full").estimate.total_bytes
+    small, _ = studio.memory_plan(cfg.with_overrides({"training.packing": "on", "training.optimizer": "adamw_8bit"}))
+    state = {p.get("full").estimate.breakdown["optimizer_state"] for p in (packed, small)}
+    assert state == {8 * packed.get("full").estimate.trainable_params, 2 * packed.get("full").estimate.trainable_params}

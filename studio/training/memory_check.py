@@ -159,11 +159,13 @@ def check_memory(trainer) -> MemoryCheck:
     start = time.time()
     out_of_memory = None
     try:
-        # Weights load memory-mapped and enter RSS on first use: a tiny forward first, so that
-        # the baseline already holds them and the increase is training's own memory. Through the
-        # loss module: under FSDP it is the root that gathers the sharded weights.
-        with torch.no_grad(), trainer.autocast():
-            trainer.loss_fn(input_ids=batch["input_ids"][:1, :8], labels=batch["labels"][:1, :8])
+        # On CPU weights load memory-mapped and enter RSS on first use: a tiny forward first, so
+        # that the baseline already holds them and the increase is training's own memory. Through
+        # the loss module: under FSDP it is the root that gathers the sharded weights. (Not on
+        # CUDA, where the weights are already in place and a compiled model would compile for it.)
+        if device != "cuda":
+            with torch.no_grad(), trainer.autocast():
+                trainer.loss_fn(input_ids=batch["input_ids"][:1, :8], labels=batch["labels"][:1, :8])
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
