@@ -221,3 +221,25 @@ def test_adapters_skip_the_fp32_input_cast_under_bf16_with_the_same_numbers(tiny
     assert ours == theirs
     for name, grad in ours_grads.items():
         torch.testing.assert_close(grad, their_grads[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_checkpoint_resumes_in_the_layout_it_was_trained_in(tiny_model_dir, instruction_csv, tmp_path):
+    """A run packed on a GPU and resumed where `auto` means padded (or the reverse) replays the same
+    stream: the checkpoint's layout wins, so the resumed steps see the batches the straight run saw."""
+    cfg = tiny_run_config(tiny_model_dir, instruction_csv, max_steps=6, precision="fp32", packing="on")
+    straight = Trainer(cfg, RunRegistry(tmp_path / "straight").create(cfg))
+    straight.setup()
+    straight.train()
+    first = Trainer(cfg, RunRegistry(tmp_path / "resumed").create(cfg))
+    first.setup()
+    first.total_steps = 3
+    first.train()
+    first.save_checkpoint()
+    elsewhere = Trainer(cfg.with_overrides({"training.packing": "off"}), first.run)
+    elsewhere.setup()
+    assert not elsewhere.batching.packed
+    elsewhere.restore(first.run.checkpoints()[-1])
+    assert elsewhere.batching == first.batching and elsewhere.batches_per_epoch == first.batches_per_epoch
+    elsewhere.train()
+    resumed = [r.loss for r in first.run.train_metrics()]
+    assert resumed == pytest.approx([r.loss for r in straight.run.train_metrics()], rel=1e-5)

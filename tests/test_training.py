@@ -89,7 +89,9 @@ def test_qlora_trains_and_keeps_gradients_after_an_inference_pass(tiny_model_dir
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules())
     trainer.evaluate()  # an inference pass
     batch = trainer.collate_rows(trainer.train_examples[:2])
-    trainer.model(**batch).loss.backward()
+    with trainer.autocast():  # every forward of the trainer's model runs under the run's autocast
+        loss = trainer.model(**batch).loss
+    loss.backward()
     lora = [p for n, p in trainer.model.named_parameters() if "lora_" in n and p.requires_grad]
     assert lora and all(p.grad is not None for p in lora)
     assert sum(float(p.grad.abs().sum()) for p in lora) > 0
@@ -188,8 +190,9 @@ def test_labeled_token_loss_equals_the_transformers_loss_and_gradients(
     labels = batch["labels"][:, 1:]
     assert (labels == -100).any() and (labels != -100).any() and (batch["attention_mask"] == 0).any()
     trainer.model.train()
-    ours, ours_grads = _loss_and_grads(trainer.model, trainer.loss_fn(**batch))
-    theirs, their_grads = _loss_and_grads(trainer.model, trainer.model(**batch).loss)
+    with trainer.autocast():  # as training runs it (a bf16 run's adapters expect autocast)
+        ours, ours_grads = _loss_and_grads(trainer.model, trainer.loss_fn(**batch))
+        theirs, their_grads = _loss_and_grads(trainer.model, trainer.model(**batch).loss)
     assert ours == pytest.approx(theirs, rel=1e-5)
     assert ours_grads.keys() == their_grads.keys() and ours_grads
     for name, grad in ours_grads.items():
@@ -350,7 +353,9 @@ def test_gradients_are_clipped_to_the_configured_norm(tiny_model_dir, instructio
     cfg = _cfg(tiny_model_dir, instruction_csv, max_grad_norm=max_norm, memory_check=False)
     trainer = Trainer(cfg, RunRegistry(runs_dir).create(cfg))
     trainer.setup()
-    trainer.loss_fn(**trainer.collate_rows(trainer.train_examples[:4])).backward()
+    with trainer.autocast():
+        loss = trainer.loss_fn(**trainer.collate_rows(trainer.train_examples[:4]))
+    loss.backward()
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     before = trainer.clip_gradients(params).item()
     after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()

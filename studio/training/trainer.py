@@ -135,7 +135,9 @@ class Trainer:
         steps_per_epoch = max(1, self.batches_per_epoch // (t.gradient_accumulation * self.dist.world))
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
         self.optimizer_name = optimizer_for(t.optimizer, cfg.method, self.device)
-        self.read_every_s = READ_EVERY_S if self.device == "cuda" else 0.0
+        # Under several processes every step is read: the read is a collective (the losses are
+        # summed over processes), so all must read at the same steps, and clocks differ.
+        self.read_every_s = READ_EVERY_S if self.device == "cuda" and not self.dist.enabled else 0.0
         self.reset_optimizer()
 
     def _batching(self) -> batching.Batching:
@@ -402,14 +404,17 @@ class Trainer:
         total, count = None, 0
         lengths = [len(e.input_ids) for e in self.eval_examples]
         for micro_batch in batching.epoch(lengths, self.batching, None):
-            batch = self.tensors(micro_batch, self.eval_examples)
-            with self.autocast():
-                loss = self.loss_fn(**batch)
             n = batching.counts(self.eval_examples, micro_batch)[1]
+            if n == 0:  # nothing to score (one-token rows): the loss would be NaN and weigh nothing
+                continue
+            with self.autocast():
+                loss = self.loss_fn(**self.tensors(micro_batch, self.eval_examples))
             total = loss.detach() * n if total is None else total + loss.detach() * n
             count += n
         self.model.train()
-        eval_loss = total.item() / max(count, 1)
+        if not count:
+            return None
+        eval_loss = total.item() / count
         self._emit(EvalRecord(self.step, eval_loss, time.time()))
         return eval_loss
 
@@ -447,6 +452,7 @@ class Trainer:
                         "step": self.step,
                         "micro": self.micro,
                         "processes": self.dist.world,  # micro counts this process's share of the stream
+                        "batching": [self.batching.rows, self.batching.width],  # and in this layout
                         "total_steps": self.total_steps,
                         "best_eval": self.best_eval,
                         "evals_without_gain": self.evals_without_gain,
@@ -499,6 +505,12 @@ class Trainer:
         if state.get("cuda_rng") is not None and self.device == "cuda":
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step, self.micro = state["step"], state["micro"]
+        # The stream replays in the layout the checkpoint was trained in (packed on a GPU, padded on
+        # a CPU; checkpoints from before packing were padded), wherever it resumes.
+        saved = batching.Batching(*state.get("batching", [self.batching.rows, None]))
+        if saved != self.batching:
+            self.batching = saved
+            self.batches_per_epoch = len(batching.epoch(self.lengths, saved, random.Random(self.config.training.seed)))
         self.best_eval, self.evals_without_gain = state.get("best_eval"), state.get("evals_without_gain", 0)
 
     def _load_weights(self, checkpoint) -> None:
