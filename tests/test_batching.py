@@ -27,6 +27,15 @@ def _examples(lengths, vocab=300, seed=0, prompt=3):
     return out
 
 
+def _packed(examples, micro_batch, layout, sdpa):
+    """Model inputs for a packed micro-batch, as the trainer makes them (the mask for SDPA)."""
+    t = batching.tensors(examples, micro_batch, layout, pad_id=0)
+    document = t.pop("document")
+    if sdpa:
+        t["attention_mask"] = batching.sdpa_mask(document)
+    return t
+
+
 # ---- the stream --------------------------------------------------------------------------------
 def test_best_fit_fills_rows_and_keeps_every_example_once():
     rng = random.Random(0)
@@ -58,7 +67,7 @@ def test_an_epoch_uses_every_example_once_and_processes_split_the_stream(packed)
 def test_packed_tensors_have_one_shape_positions_per_document_and_no_cross_document_target():
     examples = _examples([5, 7, 3, 9])
     layout = Batching(rows=3, width=16)
-    t = batching.tensors(examples, [[0, 1, 2], [3]], layout, pad_id=0, sdpa=True)
+    t = _packed(examples, [[0, 1, 2], [3]], layout, sdpa=True)
     assert t["input_ids"].shape == t["labels"].shape == t["position_ids"].shape == (3, 16)
     assert t["attention_mask"].shape == (3, 1, 16, 16) and t["attention_mask"].dtype == torch.bool
     assert t["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 0]
@@ -76,7 +85,7 @@ def test_our_mask_is_the_one_transformers_builds_from_the_position_ids():
 
     model = _tiny("LlamaConfig")
     model.config._attn_implementation = "sdpa"
-    t = batching.tensors(_examples([5, 7, 3, 9, 2]), [[0, 1, 2], [3, 4]], Batching(2, 16), pad_id=0, sdpa=True)
+    t = _packed(_examples([5, 7, 3, 9, 2]), [[0, 1, 2], [3, 4]], Batching(2, 16), sdpa=True)
     embeds = model.get_input_embeddings()(t["input_ids"])
     theirs = create_causal_mask(
         config=model.config,
@@ -102,7 +111,7 @@ def test_a_packed_document_has_the_logits_it_has_alone(model_type, sdpa):
     model.config._attn_implementation = "sdpa"
     examples = _examples([6, 9, 4])
     layout = Batching(1, 24)
-    t = batching.tensors(examples, [[0, 1, 2]], layout, pad_id=0, sdpa=sdpa)
+    t = _packed(examples, [[0, 1, 2]], layout, sdpa)
     inputs = {"use_cache": False, **{k: v for k, v in t.items() if k != "labels"}}
     with torch.no_grad():
         packed = model(**inputs).logits[0]
@@ -113,7 +122,7 @@ def test_a_packed_document_has_the_logits_it_has_alone(model_type, sdpa):
             torch.testing.assert_close(packed[at : at + n], alone, rtol=1e-4, atol=1e-5)
             at += n
         changed = [examples[0], Example([7] * 9, examples[1].labels), examples[2]]
-        t2 = batching.tensors(changed, [[0, 1, 2]], layout, pad_id=0, sdpa=sdpa)
+        t2 = _packed(changed, [[0, 1, 2]], layout, sdpa)
         other = model(use_cache=False, **{k: v for k, v in t2.items() if k != "labels"}).logits[0]
     assert torch.equal(other[:6], packed[:6]) and torch.equal(other[15:19], packed[15:19])
     assert not torch.equal(other[6:15], packed[6:15])

@@ -24,6 +24,7 @@ import random
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from studio.data.render import IGNORE_INDEX, Example, collate
@@ -148,37 +149,42 @@ def counts(examples: Sequence[Example], batch: MicroBatch) -> tuple[int, int]:
     return tokens, scored
 
 
-def tensors(examples: Sequence[Example], batch: MicroBatch, batching: Batching, pad_id: int, sdpa: bool) -> dict:
+def tensors(examples: Sequence[Example], batch: MicroBatch, batching: Batching, pad_id: int) -> dict:
     """The micro-batch as model inputs on the host.
 
-    Padded: input_ids, attention_mask (rows x width) and labels. Packed: input_ids, labels and
-    position_ids, all ``rows x width``, and for SDPA attention the 4-D boolean mask (True = may
-    attend) transformers would build from the position ids; built here, on the host, because
-    transformers' own detection reads the device (a host sync in every forward). Other
-    attention implementations get no mask and build it from the position ids themselves.
+    Padded: input_ids, attention_mask (rows x width) and labels. Packed: input_ids, labels,
+    position_ids and ``document`` (which example each position belongs to), all ``rows x width``;
+    :func:`sdpa_mask` turns ``document`` into the attention mask where the batch lands.
     """
     if not batching.packed:
         return collate([examples[row[0]] for row in batch], pad_id)
     rows, width = batching.rows, batching.width
-    ids = torch.full((rows, width), pad_id, dtype=torch.long)
-    labels = torch.full((rows, width), IGNORE_INDEX, dtype=torch.long)
-    positions = torch.empty((rows, width), dtype=torch.long)
-    document = torch.empty((rows, width), dtype=torch.long)
+    ids = np.full((rows, width), pad_id, dtype=np.int64)
+    labels = np.full((rows, width), IGNORE_INDEX, dtype=np.int64)
+    positions = np.empty((rows, width), dtype=np.int64)
+    document = np.empty((rows, width), dtype=np.int64)
     for r in range(rows):
         at = 0
         row = batch[r] if r < len(batch) else []  # the last micro-batch may have fewer rows
         for d, j in enumerate(row):
             e = examples[j]
             n = len(e.input_ids)
-            ids[r, at : at + n] = torch.tensor(e.input_ids)
-            labels[r, at + 1 : at + n] = torch.tensor(e.labels[1:])
-            positions[r, at : at + n] = torch.arange(n)
+            ids[r, at : at + n] = e.input_ids
+            labels[r, at + 1 : at + n] = e.labels[1:]
+            positions[r, at : at + n] = np.arange(n)
             document[r, at : at + n] = d
             at += n
-        positions[r, at:] = torch.arange(width - at)  # the padding tail: a document of its own
+        positions[r, at:] = np.arange(width - at)  # the padding tail: a document of its own
         document[r, at:] = len(row)
-    out = {"input_ids": ids, "labels": labels, "position_ids": positions}
-    if sdpa:
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        out["attention_mask"] = ((document[:, :, None] == document[:, None, :]) & causal)[:, None]
-    return out
+    out = {"input_ids": ids, "labels": labels, "position_ids": positions, "document": document}
+    return {k: torch.from_numpy(v) for k, v in out.items()}
+
+
+def sdpa_mask(document: torch.Tensor) -> torch.Tensor:
+    """The 4-D boolean mask (True = may attend) that transformers would build for SDPA from packed
+    position ids: causal, and within one document. Built by the trainer on the device, because
+    transformers' own detection reads the device (a host sync in every forward); other attention
+    implementations get no mask and build theirs from the position ids."""
+    width = document.shape[-1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=document.device).tril()
+    return ((document[:, :, None] == document[:, None, :]) & causal)[:, None]

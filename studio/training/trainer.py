@@ -252,12 +252,15 @@ class Trainer:
     def tensors(self, micro_batch: batching.MicroBatch, examples=None) -> dict[str, torch.Tensor]:
         """A micro-batch of ``examples`` (the training rows by default) as tensors on the device."""
         examples = self.train_examples if examples is None else examples
-        sdpa = getattr(causal_lm(self.model).config, "_attn_implementation", None) == "sdpa"
-        host = batching.tensors(examples, micro_batch, self.batching, self.tokenizer.pad_token_id, sdpa)
+        host = batching.tensors(examples, micro_batch, self.batching, self.tokenizer.pad_token_id)
         if self.device != "cuda":
-            return {k: v.to(self.device) for k, v in host.items()}
-        # Pinned memory copies without making the host wait for the device's queue.
-        return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in host.items()}
+            batch = {k: v.to(self.device) for k, v in host.items()}
+        else:  # pinned memory copies without making the host wait for the device's queue
+            batch = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in host.items()}
+        document = batch.pop("document", None)  # packed rows: which example each position is
+        if document is not None and causal_lm(self.model).config._attn_implementation == "sdpa":
+            batch["attention_mask"] = batching.sdpa_mask(document)
+        return batch
 
     def largest_batch(self) -> dict[str, torch.Tensor]:
         """The micro-batch needing the most memory (the memory check's), as device tensors."""
