@@ -98,7 +98,7 @@ def test_our_mask_is_the_one_transformers_builds_from_the_position_ids():
 
 
 # ---- the model sees each document alone --------------------------------------------------------
-@pytest.mark.parametrize("model_type", sorted(batching.PACKED_MODEL_TYPES - {"smollm3"}))
+@pytest.mark.parametrize("model_type", sorted(batching.PACKED_MODEL_TYPES))
 @pytest.mark.parametrize("sdpa", [True, False])
 def test_a_packed_document_has_the_logits_it_has_alone(model_type, sdpa):
     """Each listed family: a document's logits in a packed row equal its logits alone, whether the
