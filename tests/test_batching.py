@@ -173,7 +173,12 @@ def test_packing_on_refuses_a_model_it_has_not_checked(tiny_model_dir, instructi
     monkeypatch.setattr(batching, "PACKED_MODEL_TYPES", frozenset({"qwen2"}))
     with pytest.raises(ModelError, match="cannot train packed.*'llama'.*auto or off"):
         _trainer(tiny_model_dir, instruction_csv, runs_dir, packing="on")
-    assert not _trainer(tiny_model_dir, instruction_csv, runs_dir, packing="auto").batching.packed
+    # auto packs on CUDA only, and only the families checked; on trains packed anywhere.
+    assert batching.layout("auto", "cuda", 4, 64, "qwen2") == Batching(4, 64)
+    assert batching.layout("auto", "cuda", 4, 64, "llama") == Batching(4)
+    assert batching.layout("auto", "cpu", 4, 64, "qwen2") == Batching(4)
+    assert batching.layout("on", "cpu", 4, 64, "qwen2") == Batching(4, 64)
+    assert batching.layout("off", "cuda", 4, 64, "qwen2") == Batching(4)
 
 
 # ---- the step reads the device only now and then -----------------------------------------------
