@@ -9,6 +9,7 @@ mapped through the tokenizer's offsets, which works for any template (TRL's
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
@@ -33,9 +34,10 @@ class Example:
     def trained_tokens(self) -> int:
         return sum(1 for t in self.labels if t != IGNORE_INDEX)
 
-    @property
+    @functools.cached_property
     def targets(self) -> int:
-        """Positions scored in training: labeled tokens after the first (each predicts the next)."""
+        """Positions scored in training: labeled tokens after the first (each predicts the next).
+        Cached: every training step adds up its examples' counts."""
         return sum(1 for t in self.labels[1:] if t != IGNORE_INDEX)
 
 
