@@ -34,7 +34,7 @@ run: install
 test test-fast: export HF_HUB_OFFLINE := 1
 # Then the numeric tests again with training.precision `auto` meaning the precision this CPU
 # would not pick (bf16 on an AVX2-only CPU, fp32 on one with AVX512-BF16): green here means
-# green on both kinds of machine (tests/conftest.py, studio/precision.py).
+# green on both kinds of machine (tests/conftest.py, studio/planning/precision.py).
 test: install browser-deps lint
 	$(BIN)/python -m pytest -q
 	$(BIN)/python -m pytest -q -m numeric --precision other

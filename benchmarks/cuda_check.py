@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from studio.config import RunConfig  # noqa: E402
-from studio.runs import RunRegistry  # noqa: E402
+from studio.runs.registry import RunRegistry  # noqa: E402
 from studio.training import run_training  # noqa: E402
 
 SAMPLE = ROOT / "studio" / "templates" / "samples" / "instructions.csv"
@@ -93,7 +93,7 @@ def check_reload(run, model: str) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from studio.playground import Playground
+    from studio.inference.playground import Playground
 
     ids = torch.tensor([[1, 5, 9, 14, 3, 7]], device="cuda")
     pg = Playground("cuda")

@@ -109,7 +109,7 @@ def main() -> None:
     ):
         rec = recorded[n] if recorded else measure(method, seq, batch, data, work / "runs")
         if not args.measure_only:
-            from studio.memory import estimate_for_model
+            from studio.planning.memory import estimate_for_model
 
             est = estimate_for_model(
                 "default",

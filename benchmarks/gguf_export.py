@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from studio.config import RunConfig  # noqa: E402
-from studio.gguf_export import export_gguf, read_parity  # noqa: E402
-from studio.runs import RunRegistry  # noqa: E402
+from studio.export.gguf_export import export_gguf, read_parity  # noqa: E402
+from studio.runs.registry import RunRegistry  # noqa: E402
 from studio.training import run_training  # noqa: E402
 
 SAMPLE = ROOT / "studio" / "templates" / "samples" / "instructions.csv"

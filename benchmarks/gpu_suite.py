@@ -102,7 +102,7 @@ def model_folder(shape: str, tokenizer, out: Path, smoke: bool) -> Path:
 def ours(folder: Path, data: Path, method: str, args, **training) -> dict:
     """Our trainer: the memory check (device peak vs estimate), warm-up steps, then timed steps."""
     from studio.config import RunConfig
-    from studio.runs import RunRegistry
+    from studio.runs.registry import RunRegistry
     from studio.training import Trainer
     from studio.training.memory_check import check_memory
 
@@ -157,7 +157,7 @@ def ours(folder: Path, data: Path, method: str, args, **training) -> dict:
 def packed_vs_padded(folder: Path, data: Path, args) -> dict:
     """One packed micro-batch's loss against the same examples padded, one per row."""
     from studio.config import RunConfig
-    from studio.runs import RunRegistry
+    from studio.runs.registry import RunRegistry
     from studio.training import Trainer, batching
 
     cfg = RunConfig.from_dict(
@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     args.warmup = args.warmup or (1 if args.smoke else 3)
     args.max_length, args.batch_size = (256, 4) if args.smoke else (1024, 8)
 
-    from studio import hardware, models
+    from studio import models
+    from studio.planning import hardware
 
     device = hardware.detect().device
     if device != "cuda" and not args.smoke:
@@ -318,7 +319,7 @@ def _version(name: str) -> str | None:
 def _shape(folder: Path):
     from transformers import AutoConfig
 
-    from studio.memory import shape_from_config
+    from studio.planning.memory import shape_from_config
 
     return shape_from_config(AutoConfig.from_pretrained(folder))
 
@@ -343,7 +344,7 @@ def targets(result: dict) -> dict:
     }
     lq, ll = runs.get(("1b", "ours QLoRA")), runs.get(("1b", "ours LoRA"))
     if lq and ll and not result["smoke"]:
-        from studio.memory import NF4_BYTES_PER_PARAM
+        from studio.planning.memory import NF4_BYTES_PER_PARAM
 
         # The weight bytes the 4-bit base saves: the decoder's linear layers at 2 B each vs NF4.
         saved = (2 - NF4_BYTES_PER_PARAM) * ll["quantized_params"]

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from studio.config import RunConfig  # noqa: E402
-from studio.records import TrainRecord  # noqa: E402
+from studio.runs.records import TrainRecord  # noqa: E402
 from studio.service import Studio  # noqa: E402
 
 SAMPLE = ROOT / "studio" / "templates" / "samples" / "instructions.csv"

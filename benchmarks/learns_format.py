@@ -28,7 +28,7 @@ from studio.config import RunConfig  # noqa: E402
 from studio.data import inspect  # noqa: E402
 from studio.data.split import split_by_prompt  # noqa: E402
 from studio.data.validate import prompt_key  # noqa: E402
-from studio.runs import RunRegistry  # noqa: E402
+from studio.runs.registry import RunRegistry  # noqa: E402
 from studio.training import run_training  # noqa: E402
 
 SAMPLE = ROOT / "studio" / "templates" / "samples" / "instructions.csv"

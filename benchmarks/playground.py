@@ -26,10 +26,11 @@ sys.path.insert(0, str(ROOT))
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from studio import fingerprint, models  # noqa: E402
+from studio import models  # noqa: E402
 from studio.config import RunConfig  # noqa: E402
-from studio.playground import Playground, SamplingSettings, _Side  # noqa: E402
-from studio.runs import RunRegistry  # noqa: E402
+from studio.inference.playground import Playground, SamplingSettings, _Side  # noqa: E402
+from studio.runs import fingerprint  # noqa: E402
+from studio.runs.registry import RunRegistry  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write a short paragraph about why the sky is blue."}]
 

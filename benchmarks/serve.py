@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from studio.config import RunConfig  # noqa: E402
-from studio.runs import RunRegistry  # noqa: E402
+from studio.runs.registry import RunRegistry  # noqa: E402
 from studio.training import run_training  # noqa: E402
 
 SAMPLE = ROOT / "studio" / "templates" / "samples" / "instructions.csv"
@@ -97,7 +97,7 @@ def ask(client, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
 
 def engine_table(ctx, adapters: list[str], max_tokens: int) -> None:
     """One batch of rows decoded by the engine directly: what batching and routing buy."""
-    from studio.playground import SamplingSettings
+    from studio.inference.playground import SamplingSettings
     from studio.serving import engine
     from studio.serving.engine import Request
 

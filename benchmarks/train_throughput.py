@@ -77,8 +77,8 @@ def matmul_flops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
 
 def _train(data: Path, max_length: int, training: dict, eval_rows: int = 0) -> tuple[dict, list[dict]]:
     from studio.config import RunConfig
-    from studio.records import TrainRecord
-    from studio.runs import RunRegistry
+    from studio.runs.records import TrainRecord
+    from studio.runs.registry import RunRegistry
     from studio.training import run_training
 
     cfg = RunConfig.from_dict(
@@ -226,8 +226,8 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--skip-equivalence", action="store_true", help="only the throughput table")
     args = ap.parse_args()
-    from studio import hardware
-    from studio.memory import shape_for_model
+    from studio.planning import hardware
+    from studio.planning.memory import shape_for_model
 
     hw = hardware.detect()
     dtype = torch.bfloat16 if hw.bf16 else torch.float32

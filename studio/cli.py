@@ -22,7 +22,7 @@ import logging
 import sys
 
 from studio.config import METHODS, OPTIMIZERS, ConfigError, RunConfig, field_help, flag_name, leaf_fields
-from studio.gguf_convert import QUANTS as GGUF_TYPES
+from studio.export.gguf_convert import QUANTS as GGUF_TYPES
 
 
 def _bool(text: str) -> bool:
@@ -125,15 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--json", action="store_true")
 
     ui = sub.add_parser("ui", help="Start the web studio (same as python app.py).")
-    from studio.server_args import add_server_args
+    from studio.launch import add_serve_args, add_server_args
 
     add_server_args(ui)
 
     srv = sub.add_parser(
         "serve", help="Serve the base model and its trained adapters over an OpenAI-compatible API (/v1)."
     )
-    from studio.serving.server import add_serve_args
-
     add_serve_args(srv)
 
     sub.add_parser("prepare-model", help="Convert the bundled default model once (make install runs this).")
@@ -141,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
-    from studio.runs import Run, RunRegistry
+    from studio.runs.registry import Run, RunRegistry
     from studio.training import distributed
 
     try:
@@ -178,7 +176,7 @@ def _train(args) -> int:
 
 
 def _resume(args) -> int:
-    from studio.runs import Run, RunRegistry
+    from studio.runs.registry import Run, RunRegistry
     from studio.training import distributed
 
     try:
@@ -215,7 +213,7 @@ def _resume(args) -> int:
 
 
 def _run_and_report(cfg, run, resume: bool) -> int:
-    from studio.records import EvalRecord, Event, Record, TrainRecord
+    from studio.runs.records import EvalRecord, Event, Record, TrainRecord
     from studio.training import run_training
 
     def progress(m: Record) -> None:
@@ -307,11 +305,11 @@ def _validate(args) -> int:
 def _estimate(args) -> int:
     import json
 
-    from studio import hardware
-    from studio.memory import GIB, shape_for_model
     from studio.models import ModelError
-    from studio.planner import Settings, estimate_settings, plan
-    from studio.precision import resolve
+    from studio.planning import hardware
+    from studio.planning.memory import GIB, shape_for_model
+    from studio.planning.planner import Settings, estimate_settings, plan
+    from studio.planning.precision import resolve
 
     hw = hardware.detect()
     device = args.device or hw.device
@@ -371,11 +369,11 @@ def _estimate(args) -> int:
 
 
 def _export(args) -> int:
-    from studio.export import ExportError, export_merged, export_zip
+    from studio.export.gguf_export import export_gguf, read_parity
+    from studio.export.gguf_parity import Parity
+    from studio.export.zips import ExportError, export_merged, export_zip
     from studio.formatting import format_bytes
-    from studio.gguf_export import export_gguf, read_parity
-    from studio.gguf_parity import Parity
-    from studio.runs import RunRegistry
+    from studio.runs.registry import RunRegistry
 
     try:
         run = RunRegistry(args.runs_dir).get(args.run)
@@ -393,8 +391,8 @@ def _export(args) -> int:
 
 
 def _import(args) -> int:
-    from studio.adapter_import import AdapterImportError, import_adapter_zip
-    from studio.runs import RunRegistry
+    from studio.export.adapter_import import AdapterImportError, import_adapter_zip
+    from studio.runs.registry import RunRegistry
 
     limit = int(args.max_size_mb * 1024**2) if args.max_size_mb else None
     try:
@@ -411,7 +409,7 @@ def _import(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from studio.runs import RunsFolderError
+    from studio.runs.registry import RunsFolderError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
@@ -438,7 +436,7 @@ def _command(args) -> int:
     if args.command == "hardware":
         import json
 
-        from studio import hardware
+        from studio.planning import hardware
 
         hw = hardware.detect()
         if args.json:
@@ -458,9 +456,9 @@ def _command(args) -> int:
 
         return serve(args)
     if args.command == "serve":
-        from studio.serving.server import serve
+        from studio.launch import serve_api
 
-        return serve(args)
+        return serve_api(args)
     return 2
 
 

@@ -167,7 +167,7 @@ def load_model(
 ):
     """Load a causal LM for a method at a run's precision (``bf16`` or ``fp32``).
 
-    The weights' dtype follows studio/precision.py: full keeps fp32 master weights (bf16
+    The weights' dtype follows studio/planning/precision.py: full keeps fp32 master weights (bf16
     autocast is applied by the trainer); lora loads the frozen base in the compute dtype, since
     it is never updated and a bf16 base under autocast avoids a bf16 copy of every weight being
     cast and kept for backward (the adapters stay fp32 in PEFT); qlora loads the base as 4-bit
@@ -175,7 +175,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from studio.precision import compute_dtype, weights_dtype
+    from studio.planning.precision import compute_dtype, weights_dtype
 
     # safetensors only: pickle-based .bin weights can run code when loaded.
     kwargs = {

@@ -14,20 +14,20 @@ from pathlib import Path
 
 import pandas as pd
 
-from studio import hardware
-from studio.adapter_import import import_adapter_zip
 from studio.config import RunConfig
 from studio.data import DataError, DataReport, mapping_for, read_table, validate
 from studio.data.preview import token_segments
-from studio.export import export_merged, export_zip
+from studio.export.adapter_import import import_adapter_zip
+from studio.export.gguf_export import export_gguf
+from studio.export.zips import export_merged, export_zip
 from studio.formatting import slug
-from studio.gguf_export import export_gguf
-from studio.memory import shape_for_model
+from studio.inference.playground import Playground, SamplingSettings, split_ref
 from studio.models import load_tokenizer
-from studio.planner import Plan, plan, settings_for
-from studio.playground import Playground, SamplingSettings, split_ref
-from studio.records import ACTIVE_STATES, EvalRecord, Retry, TrainRecord
-from studio.runs import Run, RunRegistry, checkpoint_step, config_diff
+from studio.planning import hardware
+from studio.planning.memory import shape_for_model
+from studio.planning.planner import Plan, plan, settings_for
+from studio.runs.records import ACTIVE_STATES, EvalRecord, Retry, TrainRecord
+from studio.runs.registry import Run, RunRegistry, checkpoint_step, config_diff
 from studio.training import Job, JobManager, batching
 
 PREVIEW_ROWS = 20
@@ -344,11 +344,11 @@ class Studio:
         return "Training is running: chat works alongside it, but both will be slower."
 
     def evaluate(self, ref: str, samples: int = 3, progress=lambda msg: None) -> dict:
-        """Base vs adapter on the run's held-out rows (studio/evaluation.py); raises ValueError."""
-        from studio import evaluation
+        """Base vs adapter on the run's held-out rows (studio/evaluation/heldout.py); raises ValueError."""
+        from studio.evaluation import heldout
 
         run, _ = self.activate_run(ref)
-        return evaluation.evaluate(self.playground, run, samples=samples, progress=progress)
+        return heldout.evaluate(self.playground, run, samples=samples, progress=progress)
 
     def rename_run(self, run_id: str, name: str) -> str:
         return self.registry.get(run_id).rename(name)

@@ -98,7 +98,7 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    from studio import hardware, precision
+    from studio.planning import hardware, precision
 
     choice = config.getoption("--precision")
     machine = precision.resolve("auto", hardware.detect().bf16) if choice in ("auto", "other") else None
@@ -109,7 +109,7 @@ def pytest_configure(config):
 
 
 def pytest_report_header(config):
-    from studio import hardware, precision
+    from studio.planning import hardware, precision
 
     forced = os.environ.get(precision.AUTO_ENV)
     return f"training.precision auto -> {precision.resolve('auto', hardware.detect().bf16)}" + (

@@ -56,9 +56,9 @@ def free_port() -> int:
 def serve(studio):
     """Launch the app for ``studio`` on a free local port, after the server's own preload
     (studio/ui/server.py); returns (url, demo)."""
+    from studio.inference.warmup import preload
     from studio.serving.server import serving_context
     from studio.ui.app import build_app, launch_kwargs
-    from studio.warmup import preload
 
     preload()
     serving_context(studio)  # the page's server also serves the API, as `finetune-studio ui` does

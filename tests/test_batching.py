@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from studio.data.render import IGNORE_INDEX, Example
-from studio.runs import RunRegistry
+from studio.runs.registry import RunRegistry
 from studio.training import Trainer, batching
 from studio.training.batching import Batching
 from tests.helpers import tiny_run_config

@@ -11,8 +11,8 @@ import zipfile
 
 import pytest
 
-from studio.gguf_export import gguf_name
-from studio.records import TrainRecord
+from studio.export.gguf_export import gguf_name
+from studio.runs.records import TrainRecord
 from tests.helpers import SAMPLE, open_page, screenshot, serve
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from studio.runs import RunRegistry
+from studio.runs.registry import RunRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")

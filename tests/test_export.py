@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from studio.adapter_import import AdapterImportError, import_adapter_zip
-from studio.export import artifact_name, export_merged, export_zip, zip_contents
-from studio.runs import RunRegistry
+from studio.export.adapter_import import AdapterImportError, import_adapter_zip
+from studio.export.zips import artifact_name, export_merged, export_zip, zip_contents
+from studio.runs.registry import RunRegistry
 from studio.training import run_training
 from tests.helpers import tiny_run_config, write_csv
 
@@ -231,7 +231,7 @@ def test_import_round_trip_keeps_weights_and_metadata(trained, adapter_zip, tmp_
 
 def test_imported_run_chats_like_its_source(trained, adapter_zip, tmp_path):
     """The Chat tab's playground takes an imported run: same greedy reply as the run it came from."""
-    from studio.playground import Playground, SamplingSettings
+    from studio.inference.playground import Playground, SamplingSettings
 
     _, source = trained
     imported = import_adapter_zip(adapter_zip, RunRegistry(tmp_path / "runs"))

@@ -10,8 +10,8 @@ import yaml
 
 from studio.cli import build_parser, main
 from studio.config import RunConfig, command_for
-from studio.export import ExportError, export_zip
-from studio.runs import RunRegistry
+from studio.export.zips import ExportError, export_zip
+from studio.runs.registry import RunRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,8 +169,8 @@ def test_every_config_field_has_a_flag_and_copy_as_cli_round_trips(tmp_path):
 
 def test_core_never_imports_gradio():
     code = (
-        "import sys, studio.service, studio.cli, studio.export, studio.adapter_import, studio.model_card, "
-        "studio.playground, studio.training; "
+        "import sys, studio.service, studio.cli, studio.export.zips, studio.export.adapter_import, "
+        "studio.export.model_card, studio.inference.playground, studio.training; "
         "print('gradio' in sys.modules)"
     )
     out = subprocess.run(
@@ -180,7 +180,7 @@ def test_core_never_imports_gradio():
 
 
 def test_public_bind_requires_auth():
-    from studio.server_args import resolve_auth
+    from studio.launch import resolve_auth
 
     assert resolve_auth("127.0.0.1", None) is None
     assert resolve_auth("0.0.0.0", "ann:secret") == ("ann", "secret")

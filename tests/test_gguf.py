@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from studio.chat_format import NoRoleFormat, RoleFormat, derive, modelfile, role_format, stop_strings, verify
-from studio.export import ExportError
-from studio.gguf_convert import GgufError, pre_tokenizer_name, supported_architecture, write_gguf
-from studio.gguf_export import export_gguf, gguf_name, read_parity
-from studio.gguf_parity import Parity, check
+from studio.export.chat_format import NoRoleFormat, RoleFormat, derive, modelfile, role_format, stop_strings, verify
+from studio.export.gguf_convert import GgufError, pre_tokenizer_name, supported_architecture, write_gguf
+from studio.export.gguf_export import export_gguf, gguf_name, read_parity
+from studio.export.gguf_parity import Parity, check
+from studio.export.zips import ExportError
 from tests.test_export import _train
 
 CHATML = RoleFormat(
@@ -149,7 +149,7 @@ def test_quantised_types_pass_the_layout_check_and_report_their_cost(trained, qu
 def test_a_wrong_file_is_not_offered(trained, monkeypatch, tmp_path):
     """Without llama.cpp's Q/K permutation the file loads and runs, but answers differently: the
     parity check must catch it, and no zip may be left behind."""
-    import studio.gguf_convert as convert
+    import studio.export.gguf_convert as convert
 
     _, run = trained
     monkeypatch.setattr(convert, "_permute", lambda weight, n_head: weight)
@@ -166,7 +166,7 @@ def test_the_export_is_reused_until_the_run_changes(trained, f16_zip):
 
 
 def test_unknown_type_and_unfinished_run_are_sentences(trained, tiny_model_dir, tmp_path):
-    from studio.runs import RunRegistry
+    from studio.runs.registry import RunRegistry
     from tests.helpers import tiny_run_config, write_csv
 
     _, run = trained
@@ -390,7 +390,7 @@ def test_modelfile_says_plainly_when_it_has_no_template():
 def test_full_fine_tune_and_plain_text_runs_export(tiny_model_dir, tmp_path):
     """A full fine-tune is its own merged model; a plain-text run gets a pass-through template and
     is checked on the first half of its held-out texts."""
-    from studio.runs import RunRegistry
+    from studio.runs.registry import RunRegistry
     from studio.training import run_training
     from tests.helpers import tiny_run_config, write_csv
 

@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoConfig, LlamaConfig
 
 from studio.cli import main
-from studio.memory import GIB, estimate, estimate_for_model, shape_from_config
+from studio.planning.memory import GIB, estimate, estimate_for_model, shape_from_config
 
 LLAMA3_8B = LlamaConfig(
     vocab_size=128256,
@@ -140,7 +140,7 @@ def test_estimates_are_in_gib_range_for_the_default_model(method):
 
 
 def test_hardware_cli_and_4bit_support(capsys):
-    from studio.hardware import bnb_4bit_support, detect
+    from studio.planning.hardware import bnb_4bit_support, detect
 
     hw = detect()
     assert hw.cpu_cores >= 1 and 0 < hw.ram_available_bytes <= hw.ram_total_bytes

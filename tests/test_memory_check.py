@@ -5,7 +5,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from studio.runs import RunRegistry
+from studio.runs.registry import RunRegistry
 from studio.training import Trainer, run_training
 from studio.training import memory_check as mc
 from tests.helpers import tiny_run_config

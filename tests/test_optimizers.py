@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from studio.config import RunConfig, optimizer_for
-from studio.runs import RunRegistry
+from studio.runs.registry import RunRegistry
 from studio.training import Trainer
 from studio.training.optimizers import BITSANDBYTES
 from tests.helpers import tiny_run_config
@@ -60,7 +60,7 @@ def test_bitsandbytes_optimizers_train_and_resume_to_the_same_losses(name, tiny_
 def test_estimate_counts_each_optimizers_state(tiny_model_dir):
     from transformers import AutoConfig
 
-    from studio.memory import estimate, shape_from_config
+    from studio.planning.memory import estimate, shape_from_config
 
     shape = shape_from_config(AutoConfig.from_pretrained(tiny_model_dir))
     state = {

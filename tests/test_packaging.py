@@ -81,7 +81,7 @@ def test_installed_package_finds_its_data(installed):
     script = """
 import json
 import studio
-from studio.model_card import CARD_TEMPLATE
+from studio.export.model_card import CARD_TEMPLATE
 from studio.models import CHATML_TEMPLATE
 from studio.service import Studio
 from studio.ui.app import CSS, build_app, launch_kwargs

@@ -7,9 +7,9 @@ import pytest
 from transformers import LlamaConfig
 
 from studio.cli import main
-from studio.hardware import CudaDevice, Hardware
-from studio.memory import GIB, estimate, shape_from_config
-from studio.planner import TIGHT_SHARE, Settings, plan
+from studio.planning.hardware import CudaDevice, Hardware
+from studio.planning.memory import GIB, estimate, shape_from_config
+from studio.planning.planner import TIGHT_SHARE, Settings, plan
 
 # A ~0.5B Llama: big enough that the methods differ by gigabytes, built on the meta device.
 SHAPE = shape_from_config(

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from studio.config import RunConfig
-from studio.playground import Playground, SamplingSettings
-from studio.precision import autocast, of_status, weights_dtype
-from studio.records import TrainRecord
-from studio.runs import RunRegistry
+from studio.inference.playground import Playground, SamplingSettings
+from studio.planning.precision import autocast, of_status, weights_dtype
+from studio.runs.records import TrainRecord
+from studio.runs.registry import RunRegistry
 from studio.training import run_training
 
 pytestmark = pytest.mark.numeric  # CI runs these again under the other precision (see conftest.py)
@@ -177,7 +177,7 @@ def test_adapter_from_another_base_is_refused_naming_both(two_runs, tmp_path):
     assert fp["hidden_size"] and fp["tokenizer_sha256"]  # recorded at training time
     fp.update(model="some-org/bigger-model", hidden_size=fp["hidden_size"] * 2)
     (clone / "fingerprint.json").write_text(json.dumps(fp))
-    from studio.runs import Run
+    from studio.runs.registry import Run
 
     pg = Playground()
     with pytest.raises(ValueError, match="bigger-model.*but the base here is") as err:
@@ -213,20 +213,20 @@ def test_bad_sampling_settings_are_refused(two_runs):
 
 
 def test_evaluation_scores_base_and_adapter_on_the_held_out_rows(run_with_checkpoints):
-    from studio import evaluation
+    from studio.evaluation import heldout
 
     run = run_with_checkpoints
     status = run.status()
     assert status.eval_rows > 0 and status.base_eval_loss > status.eval_loss
     pg = Playground()
-    result = evaluation.evaluate(pg, run, samples=2, max_new_tokens=8)
+    result = heldout.evaluate(pg, run, samples=2, max_new_tokens=8)
     # The same rows and the same loss as the trainer computed: base at step 0, adapter at the end.
     assert result["rows"] == status.eval_rows
     assert result["base"]["loss"] == pytest.approx(status.base_eval_loss, rel=1e-4)
     assert result["adapter"]["loss"] == pytest.approx(status.eval_loss, rel=1e-4)
     assert len(result["samples"]) == 2 and all(s["reference"].startswith("sum") for s in result["samples"])
     assert run.evaluation()["adapter"] == result["adapter"]
-    table = evaluation.table_rows(run)
+    table = heldout.table_rows(run)
     assert [r[0] for r in table] == ["base", "adapter"] and table[1][2] < table[0][2]  # perplexity fell
 
 
@@ -234,7 +234,7 @@ def test_evaluation_scores_base_and_adapter_on_the_held_out_rows(run_with_checkp
 def test_evaluation_matches_the_training_log_for_every_method(method, tiny_model_dir, tmp_path):
     """The Chat tab's Evaluate loads the base as the trainer did (fp32 master weights for full,
     4-bit NF4 for QLoRA, the run's precision for both), so its losses are the training log's."""
-    from studio import evaluation
+    from studio.evaluation import heldout
     from tests.helpers import write_csv
 
     rows = [[f"what is {a} plus {b}", f"sum {a + b}"] for a in range(1, 10) for b in range(1, 4)]
@@ -250,7 +250,7 @@ def test_evaluation_matches_the_training_log_for_every_method(method, tiny_model
     run = RunRegistry(tmp_path / "runs").create(cfg)
     status = run_training(cfg, run)
     assert status.state == "finished" and status.precision in ("bf16", "fp32")
-    result = evaluation.evaluate(Playground(), run, samples=1, max_new_tokens=4)
+    result = heldout.evaluate(Playground(), run, samples=1, max_new_tokens=4)
     assert result["base"]["loss"] == pytest.approx(status.base_eval_loss, rel=1e-4)
     assert result["adapter"]["loss"] == pytest.approx(status.eval_loss, rel=1e-4)
     assert result["adapter"]["loss"] != pytest.approx(result["base"]["loss"], rel=1e-3)  # it trained
@@ -284,8 +284,8 @@ def test_chat_works_while_a_job_trains(two_runs, tiny_model_dir, instruction_csv
 def test_base_is_loaded_as_each_method_trained_it(monkeypatch):
     """fp32 master weights for full, the run's dtype for LoRA, 4-bit for QLoRA where bitsandbytes
     runs; without it a QLoRA adapter still chats, on the full-precision base."""
-    from studio import hardware
-    from studio.playground import base_load_for
+    from studio.inference.playground import base_load_for
+    from studio.planning import hardware
 
     assert base_load_for("full", "bf16", "cpu") == ("lora", "fp32")
     assert base_load_for("lora", "bf16", "cpu") == ("lora", "bf16")

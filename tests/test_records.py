@@ -5,8 +5,8 @@ import json
 import pytest
 
 from studio.config import RunConfig
-from studio.records import EvalRecord, Event, Retry, RunStatus, TrainRecord, parse_record
-from studio.runs import RunRegistry
+from studio.runs.records import EvalRecord, Event, Retry, RunStatus, TrainRecord, parse_record
+from studio.runs.registry import RunRegistry
 
 
 def test_records_round_trip_with_keys_they_do_not_know():

@@ -12,8 +12,8 @@ import pytest
 
 from studio.cli import main
 from studio.config import RunConfig
-from studio.records import Event, TrainRecord
-from studio.runs import RunRegistry, checkpoint_step
+from studio.runs.records import Event, TrainRecord
+from studio.runs.registry import RunRegistry, checkpoint_step
 from studio.training import JobManager
 from tests.helpers import wait_until
 
@@ -145,7 +145,7 @@ def test_stop_saves_a_checkpoint_and_the_server_resumes_to_the_end(tiny_model_di
 
 def test_each_reason_a_run_cannot_be_resumed_is_named(tmp_path):
     """Still running (a live process), finished, or no checkpoint: the sentence says which."""
-    from studio.runs import process_started_at
+    from studio.runs.registry import process_started_at
 
     registry = RunRegistry(tmp_path / "runs")
     run = registry.create(RunConfig.from_dict({"data": {"path": "x.csv"}}))

@@ -4,8 +4,8 @@ import os
 import pytest
 
 from studio.config import RunConfig
-from studio.records import EvalRecord, TrainRecord
-from studio.runs import RunRegistry
+from studio.runs.records import EvalRecord, TrainRecord
+from studio.runs.registry import RunRegistry
 
 
 def test_create_list_get_and_status(runs_dir):
@@ -48,7 +48,7 @@ def test_orphaned_running_runs_become_interrupted(runs_dir):
 
 
 def test_past_runs_table_and_config_diff(runs_dir, tmp_path):
-    from studio.runs import config_diff
+    from studio.runs.registry import config_diff
     from studio.service import Studio
     from studio.ui.views import runs_frame
 

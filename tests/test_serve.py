@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from studio.runs import RunRegistry
+from studio.runs.registry import RunRegistry
 from studio.training import run_training
 from tests.helpers import free_port, tiny_run_config, wait_until, write_csv
 
@@ -173,7 +173,7 @@ def test_completions_stop_strings_and_metrics(served):
 
 
 def test_a_non_local_bind_needs_a_key():
-    from studio.server_args import resolve_api_key, ui_api_key
+    from studio.launch import resolve_api_key, ui_api_key
 
     with pytest.raises(SystemExit, match="without a key"):
         resolve_api_key("0.0.0.0", None)
@@ -217,7 +217,7 @@ def test_the_chat_tabs_snippets_are_code_that_names_the_adapter():
 
 
 def test_a_failed_batch_answers_with_an_error_and_leaves_nothing_behind(served):
-    from studio.playground import SamplingSettings
+    from studio.inference.playground import SamplingSettings
     from studio.serving.engine import Request
 
     url, ctx, runs = served

@@ -1,6 +1,6 @@
 """What a newcomer can get wrong at start-up gets one sentence and a non-zero exit, never a
 traceback: a busy port, a runs folder that cannot be created or written, a model that does not
-exist. And the server imports what its handlers import lazily before it serves (studio/warmup.py)."""
+exist. And the server imports what its handlers import lazily before it serves (studio/inference/warmup.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from studio.cli import main
-from studio.runs import RunRegistry, RunsFolderError
+from studio.runs.registry import RunRegistry, RunsFolderError
 
 ROOT = Path(__file__).resolve().parents[1]
 UNKNOWN_MODEL = "nosuch/model"
@@ -159,7 +159,7 @@ def _lazy_imports() -> list[tuple[str, str, tuple[str, ...]]]:
     (they import on the main thread before anything is served)."""
     found = []
     for path in sorted((ROOT / "studio").rglob("*.py")):
-        entry_points = ("studio/ui/server.py", "studio/serving/server.py")
+        entry_points = ("studio/ui/server.py", "studio/serving/server.py", "studio/launch.py")
         if path.name in ("cli.py", "warmup.py") or path.relative_to(ROOT).as_posix() in entry_points:
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -169,8 +169,9 @@ def _lazy_imports() -> list[tuple[str, str, tuple[str, ...]]]:
             for node in ast.walk(fn):
                 if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                     names = tuple(a.name for a in node.names)
-                    if node.module == "studio":  # from studio import evaluation
-                        found += [(path.name, f"studio.{n}", ()) for n in names]
+                    package = ROOT.joinpath(*node.module.split("."))
+                    if node.module.startswith("studio") and all((package / f"{n}.py").exists() for n in names):
+                        found += [(path.name, f"{node.module}.{n}", ()) for n in names]  # from studio.planning import hardware
                     else:
                         found.append((path.name, node.module, names))
                 elif isinstance(node, ast.Import):
@@ -180,8 +181,8 @@ def _lazy_imports() -> list[tuple[str, str, tuple[str, ...]]]:
 
 def test_preload_covers_every_lazy_import():
     """Handlers must not be the first to import transformers, peft or a studio module: keep
-    studio/warmup.py's list in step with the imports inside functions."""
-    from studio.warmup import PRELOAD
+    studio/inference/warmup.py's list in step with the imports inside functions."""
+    from studio.inference.warmup import PRELOAD
 
     missing = []
     for file, module, names in _lazy_imports():
@@ -190,11 +191,11 @@ def test_preload_covers_every_lazy_import():
         library = not module.startswith("studio")  # a studio module's names come with it
         if module not in PRELOAD or (library and not set(names) <= set(PRELOAD[module])):
             missing.append(f"{file}: from {module} import {', '.join(names)}")
-    assert not missing, "add these to studio/warmup.py PRELOAD:\n" + "\n".join(missing)
+    assert not missing, "add these to studio/inference/warmup.py PRELOAD:\n" + "\n".join(missing)
 
 
 def test_preload_imports_what_it_lists():
-    from studio.warmup import PRELOAD, preload
+    from studio.inference.warmup import PRELOAD, preload
 
     preload()
     for module, names in PRELOAD.items():

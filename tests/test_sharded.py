@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from studio.runs import RunRegistry
+from studio.runs.registry import RunRegistry
 from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]

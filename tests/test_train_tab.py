@@ -5,7 +5,7 @@ import gradio as gr
 import pytest
 
 from studio.config import DEFAULT_LEARNING_RATE, ConfigError, RunConfig
-from studio.records import Retry
+from studio.runs.records import Retry
 from studio.service import Studio
 from studio.ui import train_tab
 

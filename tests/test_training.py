@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from studio.config import RunConfig
-from studio.records import EvalRecord, RunStatus, TrainRecord
-from studio.runs import RunRegistry
+from studio.runs.records import EvalRecord, RunStatus, TrainRecord
+from studio.runs.registry import RunRegistry
 from studio.training import Trainer, run_training
 from studio.ui.views import progress_markdown
 from tests.helpers import tiny_run_config
@@ -39,10 +39,10 @@ def test_lora_training_learns_saves_and_reloads_in_plain_peft(tiny_model_dir, in
     assert run.is_trained()
 
     # Plain PEFT reload gives the same logits as the model the studio's playground serves.
-    from studio.playground import Playground
+    from studio.inference.playground import Playground
 
     # Both at the run's recorded precision: the playground serves a bf16 run the way it trained.
-    from studio.precision import autocast, of_status, weights_dtype
+    from studio.planning.precision import autocast, of_status, weights_dtype
 
     ids = torch.tensor([[1, 5, 9, 14, 3]])
     run_precision = of_status(run.status())

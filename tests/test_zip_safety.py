@@ -1,4 +1,4 @@
-"""studio.zip_safety on real zips built in tmp_path: every refusal names its problem, and a clean
+"""studio.export.zip_safety on real zips built in tmp_path: every refusal names its problem, and a clean
 zip unpacks inside its folder and nowhere else."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from studio.formatting import GIB, format_bytes
-from studio.zip_safety import (
+from studio.export.zip_safety import (
     MAX_ENTRIES,
     UnsafeZipError,
     check_entries,
@@ -19,6 +18,7 @@ from studio.zip_safety import (
     read_member,
     unsafe_name,
 )
+from studio.formatting import GIB, format_bytes
 
 
 def _zip(path: Path, entries: dict, compression: int = zipfile.ZIP_DEFLATED) -> Path:

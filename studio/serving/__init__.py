@@ -4,5 +4,5 @@ catalog.py     which model ids exist (the base, finished LoRA/QLoRA runs and che
 engine.py      requests batched per step on one base, each row through its own adapter
 openai_api.py  /v1/models, /v1/chat/completions, /v1/completions, /metrics (FastAPI router)
 stats.py       the request log line and per-adapter counters
-server.py      `finetune-studio serve`, and the same API mounted on the UI's server
+server.py      the API as an app: alone for `finetune-studio serve`, mounted on the UI's server
 """

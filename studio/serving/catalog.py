@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from studio import models, precision
-from studio.hardware import Hardware
-from studio.playground import BASE_ADAPTER, BaseLoad, Playground, base_load_for, split_ref
-from studio.runs import Run, RunRegistry, checkpoint_step
+from studio import models
+from studio.inference.playground import BASE_ADAPTER, BaseLoad, Playground, base_load_for, split_ref
+from studio.planning import precision
+from studio.planning.hardware import Hardware
+from studio.runs.registry import Run, RunRegistry, checkpoint_step
 
 ADAPTER_METHODS = ("lora", "qlora")
 

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from studio import precision
-from studio.playground import BASE_ADAPTER, BaseLoad, Playground, SamplingSettings, sampling_processors
+from studio.inference.playground import BASE_ADAPTER, BaseLoad, Playground, SamplingSettings, sampling_processors
+from studio.planning import precision
 from studio.serving.routing import can_route, routed
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from studio.inference.playground import SamplingSettings
 from studio.models import ModelError
-from studio.playground import SamplingSettings
 from studio.serving.catalog import Catalog, Served
 from studio.serving.engine import Engine
 from studio.serving.engine import Request as Job

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 
 import torch
 
-from studio.playground import BASE_ADAPTER
+from studio.inference.playground import BASE_ADAPTER
 
 
 def _lora_layers(model):

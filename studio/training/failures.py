@@ -7,7 +7,7 @@ import logging
 from studio.config import ConfigError, RunConfig
 from studio.data import DataError
 from studio.models import ModelError
-from studio.records import Retry
+from studio.runs.records import Retry
 from studio.training.memory_check import MemoryCheckFailed
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,8 @@ def retry_for(exc: BaseException, config: RunConfig, device: str | None) -> Retr
     if isinstance(exc, MemoryCheckFailed):
         fix = exc.suggestion
     elif is_out_of_memory(exc):
-        from studio import hardware
-        from studio.planner import retry_after_oom
+        from studio.planning import hardware
+        from studio.planning.planner import retry_after_oom
 
         try:
             hw = hardware.detect()

@@ -6,8 +6,8 @@ import threading
 from dataclasses import dataclass, field
 
 from studio.config import RunConfig
-from studio.records import Record
-from studio.runs import Run, RunRegistry, checkpoint_step
+from studio.runs.records import Record
+from studio.runs.registry import Run, RunRegistry, checkpoint_step
 from studio.training.recipe import run_training
 
 

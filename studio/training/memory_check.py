@@ -30,7 +30,7 @@ import torch
 
 from studio.data.render import labeled_tokens
 from studio.formatting import format_bytes
-from studio.memory import shape_for_model
+from studio.planning.memory import shape_for_model
 
 STEPS = 2
 
@@ -59,7 +59,7 @@ class MemoryCheck:
     peak_bytes: int  # device peak on CUDA, process peak RSS on CPU
     baseline_bytes: int  # the same quantity just before the check (model loaded)
     measured_bytes: int  # compared with the estimate: the device peak, or the CPU increase
-    estimate_bytes: int  # studio.memory's estimate for this exact batch shape, same basis
+    estimate_bytes: int  # studio.planning.memory's estimate for this exact batch shape, same basis
     available_bytes: int  # device total on CUDA; this process's RSS plus RAM available on CPU
     seconds: float
 
@@ -110,7 +110,7 @@ def available_bytes(device: str, local_rank: int = 0) -> int:
 
 def check_memory(trainer) -> MemoryCheck:
     """Run the check on a set-up trainer. Raises MemoryCheckFailed when the run would not fit."""
-    from studio.planner import estimate_settings, settings_for, suggest
+    from studio.planning.planner import estimate_settings, settings_for, suggest
 
     cfg = trainer.config
     batch = trainer.largest_batch()

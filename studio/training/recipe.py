@@ -23,10 +23,10 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from studio import fingerprint
 from studio.config import RunConfig
-from studio.records import Event, RunStatus
-from studio.runs import Run, process_started_at
+from studio.runs import fingerprint
+from studio.runs.records import Event, RunStatus
+from studio.runs.registry import Run, process_started_at
 from studio.training.failures import failure_message, is_out_of_memory, retry_for
 from studio.training.memory_check import check_memory
 from studio.training.trainer import EarlyStopped, MetricsSink, Trainer, TrainingStopped

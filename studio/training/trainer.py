@@ -24,12 +24,13 @@ from typing import Callable
 
 import torch
 
-from studio import hardware, models, precision
+from studio import models
 from studio.config import RunConfig, optimizer_for
 from studio.data import Example, prepare
 from studio.data.render import collate
-from studio.records import EvalRecord, Event, Record, TrainRecord
-from studio.runs import Run
+from studio.planning import hardware, precision
+from studio.runs.records import EvalRecord, Event, Record, TrainRecord
+from studio.runs.registry import Run
 from studio.training import batching, distributed, optimizers
 from studio.training.compiling import CompileWatch, compile_layers, inductor_problem
 from studio.training.loss import LabeledTokenLoss, causal_lm

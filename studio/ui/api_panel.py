@@ -8,7 +8,7 @@ import json
 import gradio as gr
 import pandas as pd
 
-from studio.server_args import API_KEY_ENV
+from studio.launch import API_KEY_ENV
 from studio.service import Studio
 
 USAGE_COLUMNS = ["model", "requests", "errors", "tokens in", "tokens out", "mean queue ms", "mean first token ms"]

@@ -45,7 +45,7 @@ def launch_kwargs(studio: Studio) -> dict:
     they are written to disk, not after. With ``studio.serving`` set, the OpenAI-compatible API's
     routes are part of the server's app from its first request (added after launch, a client
     could reach the page before /v1 existed)."""
-    from studio.adapter_import import max_import_bytes
+    from studio.export.adapter_import import max_import_bytes
 
     kwargs = {
         "css": CSS.read_text(encoding="utf-8"),

@@ -13,8 +13,8 @@ import re
 import gradio as gr
 
 from studio.formatting import markdown_cell
+from studio.inference.playground import SamplingSettings, split_ref
 from studio.models import ModelError
-from studio.playground import SamplingSettings, split_ref
 from studio.service import Studio
 from studio.ui.api_panel import build_api_panel
 from studio.ui.views import chat_choices
@@ -111,9 +111,9 @@ def build_chat_tab(studio: Studio) -> gr.Dropdown:
     build_api_panel(studio, run)
 
     def stored_table(run_id):
-        from studio import evaluation
+        from studio.evaluation import heldout
 
-        rows = evaluation.table_rows(studio.run(run_id)) if run_id else []
+        rows = heldout.table_rows(studio.run(run_id)) if run_id else []
         return rows or None
 
     def pick(ref):
@@ -205,9 +205,9 @@ def build_chat_tab(studio: Studio) -> gr.Dropdown:
             result = studio.evaluate(ref, samples=int(n), progress=lambda msg: progress(None, desc=msg))
         except (LookupError, ValueError, ModelError) as exc:
             return gr.skip(), f"**Can't evaluate.** {exc}"
-        from studio import evaluation
+        from studio.evaluation import heldout
 
-        rows = evaluation.table_rows(studio.run(split_ref(ref)[0]), result)
+        rows = heldout.table_rows(studio.run(split_ref(ref)[0]), result)
         return rows, _samples_markdown(result)
 
     inputs = [message, base, adapted, run, temperature, top_p, max_new, rep, seed, system]

@@ -8,12 +8,12 @@ import logging
 import gradio as gr
 import pandas as pd
 
-from studio.adapter_import import AdapterImportError
-from studio.export import ExportError, zip_contents
+from studio.export.adapter_import import AdapterImportError
+from studio.export.gguf_convert import QUANTS
+from studio.export.gguf_export import DEFAULT_QUANT, read_parity
+from studio.export.gguf_parity import Parity
+from studio.export.zips import ExportError, zip_contents
 from studio.formatting import format_bytes, markdown_cell
-from studio.gguf_convert import QUANTS
-from studio.gguf_export import DEFAULT_QUANT, read_parity
-from studio.gguf_parity import Parity
 from studio.service import Studio
 from studio.ui.views import run_choices
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from studio.planner import METHOD_NAMES, TIGHT_SHARE
-from studio.records import EvalRecord, TrainRecord
+from studio.planning.planner import METHOD_NAMES, TIGHT_SHARE
+from studio.runs.records import EvalRecord, TrainRecord
 
 _LAYOUT = dict(
     height=300, margin=dict(l=50, r=20, t=40, b=40), template="plotly_white", legend=dict(orientation="h", y=1.12, x=0)

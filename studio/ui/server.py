@@ -14,17 +14,17 @@ def serve(args: argparse.Namespace) -> int:
     Raises:
         SystemExit: with one sentence, for an unsafe bind, a busy port or an unusable runs folder.
     """
-    from studio.server_args import API_KEY_ENV, check_port_free, refuse_unservable, resolve_auth, ui_api_key
+    from studio.launch import API_KEY_ENV, check_port_free, refuse_unservable, resolve_auth, ui_api_key
 
     # Everything that can refuse to start does so before anything heavy loads (seconds).
     auth = resolve_auth(args.host, args.auth)
     api_on, api_key = ui_api_key(args.host, args.api_key)
     refuse_unservable(args.host, args.port, args.runs_dir)
 
-    from studio.warmup import preload
+    from studio.inference.warmup import preload
 
     # Handlers must never be the first to import transformers: its lazy imports race when an
-    # upload fires several events in a cold process (see studio/warmup.py).
+    # upload fires several events in a cold process (see studio/inference/warmup.py).
     print("Loading libraries...", flush=True)
     preload()
 
@@ -56,7 +56,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from studio.server_args import add_server_args
+    from studio.launch import add_server_args
 
     parser = argparse.ArgumentParser(description="Finetune Studio: fine-tune a language model in your browser.")
     add_server_args(parser)

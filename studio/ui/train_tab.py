@@ -31,8 +31,8 @@ from studio.config import (
 )
 from studio.formatting import format_bytes
 from studio.models import ModelError
-from studio.planner import METHOD_NAMES
-from studio.records import Retry
+from studio.planning.planner import METHOD_NAMES
+from studio.runs.records import Retry
 from studio.service import JobView, Studio
 from studio.ui.form import Form
 from studio.ui.past_runs import PastRuns, build_past_runs, refreshed

@@ -10,8 +10,8 @@ import pandas as pd
 
 from studio.data import DataReport
 from studio.formatting import format_duration
-from studio.playground import CHECKPOINT_SEP
-from studio.runs import Run, checkpoint_step
+from studio.inference.playground import CHECKPOINT_SEP
+from studio.runs.registry import Run, checkpoint_step
 from studio.service import JobView, Studio
 
 RUNS_COLUMNS = [

@@ -49,19 +49,19 @@ PRELOAD: dict[str, tuple[str, ...]] = {
     "peft.utils": ("ModulesToSaveWrapper",),
     "regex": (),
     # studio modules that are imported inside functions (they import the libraries above)
-    "studio.adapter_import": (),
+    "studio.export.adapter_import": (),
     "studio.config": (),
     "studio.data.tokens": (),
-    "studio.evaluation": (),
-    "studio.export": (),
-    "studio.fingerprint": (),
-    "studio.hardware": (),
-    "studio.memory": (),
+    "studio.evaluation.heldout": (),
+    "studio.export.zips": (),
+    "studio.runs.fingerprint": (),
+    "studio.planning.hardware": (),
+    "studio.planning.memory": (),
     "studio.models": (),
-    "studio.planner": (),
-    "studio.playground": (),
-    "studio.precision": (),
-    "studio.runs": (),
+    "studio.planning.planner": (),
+    "studio.inference.playground": (),
+    "studio.planning.precision": (),
+    "studio.runs.registry": (),
     "studio.serving.openai_api": (),
     "studio.training.compiling": (),
     "studio.training.distributed": (),
@@ -74,7 +74,7 @@ def preload() -> float:
     return the seconds it took. Call it on the main thread before serving.
 
     Example:
-        >>> from studio.warmup import preload
+        >>> from studio.inference.warmup import preload
         >>> seconds = preload()  # then demo.launch(...)
     """
     start = time.perf_counter()

@@ -1,5 +1,6 @@
-"""Server flags shared by `python app.py` and `finetune-studio ui`, and the checks that refuse a bind
-(unsafe without a password, a busy port) in one sentence before anything slow loads."""
+"""Starting a server: the flags of `python app.py`, `finetune-studio ui` and `finetune-studio serve`,
+the checks that refuse a bind (unsafe without a password or key, a busy port) in one sentence before
+anything slow loads, and `serve`'s start (the UI's is studio/ui/server.py, the only one that imports gradio)."""
 
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ def ui_api_key(host: str, key: str | None) -> tuple[bool, str | None]:
 def refuse_unservable(host: str, port: int, runs_dir: str | None) -> None:
     """Raise SystemExit with one sentence for a port nothing can serve on or a runs folder that
     cannot be written: what every server checks before anything slow loads."""
-    from studio.runs import RunRegistry, RunsFolderError
+    from studio.runs.registry import RunRegistry, RunsFolderError
 
     check_port_free(host, port)
     try:
@@ -156,3 +157,46 @@ def check_port_free(host: str, port: int) -> None:
 def _url_host(host: str) -> str:
     """The address a browser on this machine opens for a bind address (0.0.0.0 is not one)."""
     return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    from studio.models import DEFAULT_MODEL  # imports torch: only when the parser is built
+
+    p.add_argument("--host", default="127.0.0.1", help="Address to bind (default 127.0.0.1: this machine only).")
+    p.add_argument("--port", type=int, default=8000, help="Port to serve on (default 8000).")
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help="Base model: its adapters are served next to it (default: default)."
+    )
+    p.add_argument(
+        "--runs-dir", default=None, help="Folder that holds runs (default ./runs or $FINETUNE_STUDIO_RUNS_DIR)."
+    )
+    p.add_argument("--max-tokens", type=int, default=2048, help="Largest max_tokens a request may ask for.")
+    add_api_key_arg(p)
+
+
+def serve_api(args: argparse.Namespace) -> int:
+    """Check the bind, load the base, then answer until stopped."""
+    api_key = resolve_api_key(args.host, args.api_key)
+    if not 1 <= args.max_tokens <= 4096:
+        raise SystemExit(f"--max-tokens must be between 1 and 4096 (got {args.max_tokens}).")
+    refuse_unservable(args.host, args.port, args.runs_dir)
+
+    import uvicorn
+
+    from studio.inference.warmup import preload
+    from studio.service import Studio
+    from studio.serving.server import create_app, serving_context
+
+    print("Loading libraries...", flush=True)
+    preload()
+    studio = Studio(args.runs_dir)
+    ctx = serving_context(studio, args.model, api_key, args.max_tokens)
+    models = ctx.catalog.models()
+    print(
+        f"OpenAI-compatible API on http://{args.host}:{args.port}/v1  ({len(models) - 1} adapters on "
+        f"{args.model!r}; runs in {studio.runs_root.resolve()}"
+        f"{'; key required' if api_key else ''})",
+        flush=True,
+    )
+    uvicorn.run(create_app(ctx), host=args.host, port=args.port, log_level="warning")
+    return 0

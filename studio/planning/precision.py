@@ -19,7 +19,7 @@ from contextlib import nullcontext
 
 import torch
 
-from studio.records import RunStatus
+from studio.runs.records import RunStatus
 
 PRECISIONS = ("bf16", "fp32")  # what a run resolves to; the setting also takes "auto"
 AUTO_ENV = "FINETUNE_STUDIO_AUTO_PRECISION"

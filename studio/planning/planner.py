@@ -1,6 +1,6 @@
 """Which training method fits this machine, and why: full fine-tuning, LoRA or QLoRA.
 
-For each method the estimate (``studio.memory``) is compared with the memory the training
+For each method the estimate (``studio.planning.memory``) is compared with the memory the training
 device has free:
 
     fits    the estimate is at most 85% of what is available (room for the unexpected)
@@ -24,12 +24,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from studio import precision
 from studio.config import RunConfig, optimizer_for
 from studio.formatting import format_bytes
-from studio.hardware import Hardware
-from studio.memory import Estimate, ModelShape, estimate, shape_for_model
-from studio.records import Retry
+from studio.planning import precision
+from studio.planning.hardware import Hardware
+from studio.planning.memory import Estimate, ModelShape, estimate, shape_for_model
+from studio.runs.records import Retry
 
 TIGHT_SHARE = 0.85
 QUALITY_ORDER = ("full", "lora", "qlora")
@@ -127,7 +127,7 @@ def available_bytes(hw: Hardware, device: str, devices: int = 1) -> int:
 
 
 def estimate_settings(shape: ModelShape, method: str, s: Settings, device: str, sharded: bool = False) -> Estimate:
-    """studio.memory.estimate for a Settings bundle (per device; ``sharded``: under FSDP)."""
+    """studio.planning.memory.estimate for a Settings bundle (per device; ``sharded``: under FSDP)."""
     return estimate(
         shape,
         method,

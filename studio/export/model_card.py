@@ -16,8 +16,8 @@ from xml.sax.saxutils import escape
 
 from studio.formatting import markdown_cell, slug
 from studio.models import DEFAULT_HUB_ID, DEFAULT_MODEL, DEFAULT_MODEL_LABEL, base_id
-from studio.records import EvalRecord, TrainRecord
-from studio.runs import Run
+from studio.runs.records import EvalRecord, TrainRecord
+from studio.runs.registry import Run
 
 CARD_TEMPLATE = importlib.resources.files("studio") / "templates" / "model_card.md"  # package data
 LOSS_CURVE = "loss_curve.svg"

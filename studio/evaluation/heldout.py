@@ -16,8 +16,8 @@ import torch
 
 from studio.data import DataError, prepare
 from studio.data.render import IGNORE_INDEX, Example, collate
-from studio.playground import Playground, SamplingSettings, split_ref
-from studio.runs import Run
+from studio.inference.playground import Playground, SamplingSettings, split_ref
+from studio.runs.registry import Run
 
 BATCH = 4
 MAX_ROWS = 200  # enough for a stable loss; a bigger eval split is sampled evenly

@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from studio.files import atomic_write_text, read_json
+from studio.runs.files import atomic_write_text, read_json
 
 FILE = "fingerprint.json"
 

@@ -28,10 +28,10 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from studio.model_card import LOSS_CURVE, loss_curve_svg, model_card
+from studio.export.model_card import LOSS_CURVE, loss_curve_svg, model_card
 from studio.models import base_id
-from studio.records import EvalRecord, TrainRecord
-from studio.runs import Run
+from studio.runs.records import EvalRecord, TrainRecord
+from studio.runs.registry import Run
 
 # Files of a run that travel in every zip and that the importer reads back.
 RUN_JSON = "run.json"

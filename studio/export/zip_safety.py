@@ -17,7 +17,7 @@ anything is written, every entry is checked, and the whole zip is refused on the
 
 Errors are ``UnsafeZipError`` (a ``ValueError``) with a message that names the entry, the problem
 and the fix. What a zip must hold (adapter files, no pickles) is the caller's business, e.g.
-``studio.adapter_import``.
+``studio.export.adapter_import``.
 
 Example:
     >>> with zipfile.ZipFile("upload.zip") as zf:  # doctest: +SKIP

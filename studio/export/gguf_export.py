@@ -23,11 +23,9 @@ import time
 import zipfile
 from pathlib import Path
 
-from studio.chat_format import NoRoleFormat, RoleFormat, modelfile, role_format, stop_strings
 from studio.data import DataError, Example, prepare
-from studio.export import ExportError, artifact_name, finished_weights, merge_into, newest_input, write_zip
-from studio.formatting import markdown_cell, slug
-from studio.gguf_convert import (
+from studio.export.chat_format import NoRoleFormat, RoleFormat, modelfile, role_format, stop_strings
+from studio.export.gguf_convert import (
     GgufError,
     GgufInfo,
     check_quant,
@@ -35,8 +33,10 @@ from studio.gguf_convert import (
     supported_architecture,
     write_gguf,
 )
-from studio.gguf_parity import Parity, check
-from studio.runs import Run
+from studio.export.gguf_parity import Parity, check
+from studio.export.zips import ExportError, artifact_name, finished_weights, merge_into, newest_input, write_zip
+from studio.formatting import markdown_cell, slug
+from studio.runs.registry import Run
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def _training_data(run: Run, tokenizer) -> tuple[bool, str | None, list[Example]
 def _prompts(held_out: list[Example], tokenizer, plain_text: bool) -> list[list[int]]:
     """The held-out prompts as training templated them (for plain text, the first half of each
     held-out text); generic ones when the run has none."""
-    from studio.evaluation import prompt_and_reference
+    from studio.evaluation.heldout import prompt_and_reference
 
     if plain_text:
         prompts = [r.input_ids[: max(1, len(r.input_ids) // 2)] for r in held_out]

@@ -8,7 +8,7 @@ random generator seeded identically, so both panes stream at once under the same
 Adapters stay loaded after use (switching back is a pointer change, not a disk read), bounded
 by ``max_adapters`` and ``max_adapter_bytes``: the least recently used is dropped first. Before
 an adapter is loaded, the base fingerprint it was trained on is compared with the loaded base
-(studio/fingerprint.py): another base is refused, a different tokenizer or template warned about.
+(studio/runs/fingerprint.py): another base is refused, a different tokenizer or template warned about.
 The OpenAI-compatible API (studio/serving) decodes its batches on this same base and adapters.
 """
 
@@ -25,9 +25,11 @@ from typing import Iterator, NamedTuple
 
 import torch
 
-from studio import fingerprint, hardware, models, precision
+from studio import models
 from studio.data.render import labeled_tokens
-from studio.runs import Run
+from studio.planning import hardware, precision
+from studio.runs import fingerprint
+from studio.runs.registry import Run
 
 CHECKPOINT_SEP = "@"  # "run-id@step-40" names a run's intermediate checkpoint
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch's adapter_names
@@ -116,7 +118,7 @@ class Playground:
     def _ensure_base(self, ref: str, load: tuple[str, str], trust_remote_code: bool = False) -> None:
         """Load the base model ``ref`` for ``load`` = (method, precision) unless it is loaded.
         The base is loaded the way the run's trainer loaded it (4-bit for QLoRA, the weights'
-        dtype from studio/precision.py), so base and adapter scores here are the training log's
+        dtype from studio/planning/precision.py), so base and adapter scores here are the training log's
         numbers. A run trained another way on the same base reloads it; with ``auto`` precision
         every LoRA run on a machine shares one."""
         if self.base_ref == ref and self.base_load == load and self.model is not None:

@@ -23,7 +23,7 @@ import gc
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from studio.gguf_convert import gguf_tensor_name, round_trip
+from studio.export.gguf_convert import gguf_tensor_name, round_trip
 
 LAYOUT_TOLERANCE = 1e-3  # read-back vs expected, relative to the largest logit: float32 noise is ~1e-6
 Q8_TOP1 = 0.9  # q8_0's stated bound: measured 0.98-1.0 on the default model and the tiny test model

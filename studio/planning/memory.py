@@ -363,7 +363,7 @@ def estimate_for_model(
     **kwargs,
 ) -> Estimate:
     """Estimate for a model reference (default, hub id or folder): reads only its config."""
-    from studio import hardware
+    from studio.planning import hardware
 
     if device is None or "bf16" not in kwargs:  # fill in from this machine
         hw = hardware.detect()

@@ -3,8 +3,8 @@
 runs/<id>/
     config.yaml      the RunConfig that produced the run
     status.json      where the run stands: state, progress, scores (records.RunStatus)
-    metrics.jsonl    one JSON object per line: train, eval and event records (studio/records.py)
-    fingerprint.json the base model's fingerprint at training time (studio/fingerprint.py)
+    metrics.jsonl    one JSON object per line: train, eval and event records (studio/runs/records.py)
+    fingerprint.json the base model's fingerprint at training time (studio/runs/fingerprint.py)
     evaluation.json  base vs adapter on the held-out rows: loss, perplexity, sample answers
     adapter/         the PEFT adapter (LoRA/QLoRA) once saved
     model/           the full model (full fine-tuning) once saved
@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from studio import fingerprint
+from studio.runs import fingerprint
 from studio.config import RunConfig
-from studio.files import atomic_write_text, read_json
+from studio.runs.files import atomic_write_text, read_json
 from studio.formatting import slug
-from studio.records import STATES, EvalRecord, Record, RunStatus, TrainRecord, parse_record
+from studio.runs.records import STATES, EvalRecord, Record, RunStatus, TrainRecord, parse_record
 
 NAME_MAX = 80
 RUNS_DIR_ENV = "FINETUNE_STUDIO_RUNS_DIR"

@@ -5,7 +5,7 @@ entry has been checked, and what is written goes to a hidden folder that becomes
 rename at the end (or is removed): a refused zip leaves nothing behind.
 
 Checks, in order:
-- zip safety (``studio.zip_safety``): the zip file and the sum of its uncompressed entries are
+- zip safety (``studio.export.zip_safety``): the zip file and the sum of its uncompressed entries are
   capped (2 GiB by default, ``FINETUNE_STUDIO_IMPORT_MAX_MB`` or ``max_bytes`` to change), an
   entry that inflates more than 100x (a zip bomb) is refused, and so are absolute paths, drive
   letters, backslashes, ``..``, duplicates, links, special files and encryption; extraction
@@ -35,13 +35,15 @@ from typing import Any
 
 import yaml
 
-from studio import fingerprint, memory, models
+from studio import models
 from studio.config import ConfigError, RunConfig
-from studio.files import atomic_write_text
+from studio.export.zip_safety import UnsafeZipError, check_entries, extract_members, read_member
 from studio.formatting import format_bytes, slug
-from studio.records import EvalRecord, TrainRecord, parse_record
-from studio.runs import NAME_MAX, Run, RunRegistry, clean_name
-from studio.zip_safety import UnsafeZipError, check_entries, extract_members, read_member
+from studio.planning import memory
+from studio.runs import fingerprint
+from studio.runs.files import atomic_write_text
+from studio.runs.records import EvalRecord, TrainRecord, parse_record
+from studio.runs.registry import NAME_MAX, Run, RunRegistry, clean_name
 
 MAX_ENV = "FINETUNE_STUDIO_IMPORT_MAX_MB"
 DEFAULT_MAX_BYTES = 2 * 1024**3

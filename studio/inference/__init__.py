@@ -1,0 +1,1 @@
+"""One loaded base, many adapters (playground.py), and the imports done before serving (warmup.py)."""
