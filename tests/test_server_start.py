@@ -170,8 +170,9 @@ def _lazy_imports() -> list[tuple[str, str, tuple[str, ...]]]:
                 if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                     names = tuple(a.name for a in node.names)
                     package = ROOT.joinpath(*node.module.split("."))
+                    # from studio.planning import hardware: the modules are what gets imported
                     if node.module.startswith("studio") and all((package / f"{n}.py").exists() for n in names):
-                        found += [(path.name, f"{node.module}.{n}", ()) for n in names]  # from studio.planning import hardware
+                        found += [(path.name, f"{node.module}.{n}", ()) for n in names]
                     else:
                         found.append((path.name, node.module, names))
                 elif isinstance(node, ast.Import):
