@@ -437,8 +437,8 @@ def command_for(config: RunConfig) -> str:
 
 
 def launch_command_for(config: RunConfig, processes: int = 2, sharded: bool = False) -> str:
-    """The same run on several GPUs through accelerate, DDP or (``sharded``) FSDP: see README,
-    "More than one GPU"."""
+    """The same run on several GPUs through accelerate, DDP or (``sharded``) FSDP: see
+    docs/scaling-out.md."""
     if sharded:
         config = config.with_overrides({"training.distributed": "fsdp"})
     return command_for(config).replace(

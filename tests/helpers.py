@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 SAMPLE = Path(__file__).resolve().parents[1] / "studio" / "templates" / "samples" / "instructions.csv"
-SCREENSHOTS = os.environ.get("FS_SCREENSHOTS")  # set to a folder to refresh the README's images
+SCREENSHOTS = os.environ.get("FS_SCREENSHOTS")  # set to a folder to refresh the screenshots (assets/)
 
 
 def wait_until(condition, timeout: float, what: str, poll: float = 0.02):
