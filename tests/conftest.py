@@ -117,6 +117,35 @@ def pytest_report_header(config):
     )
 
 
+class _NotAUnitTest(AssertionError):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_train_nothing(request, monkeypatch):
+    """A test marked ``unit`` must train nothing and start no process (tests/README.md): here it
+    fails at the first backward pass or process start, so the marker cannot drift from the truth."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+    import multiprocessing
+    import subprocess
+
+    import torch
+
+    def refuse(what):
+        def fail(*args, **kwargs):
+            raise _NotAUnitTest(f"a `unit` test {what}: drop its `unit` marker (it is an integration test)")
+
+        return fail
+
+    monkeypatch.setattr(torch.autograd, "backward", refuse("ran a backward pass (trained)"))
+    monkeypatch.setattr(torch.Tensor, "backward", refuse("ran a backward pass (trained)"))
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse("started a process"))
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse("started a process"))
+    yield
+
+
 @pytest.fixture
 def instruction_csv(tmp_path) -> Path:
     rng = random.Random(1)
@@ -132,3 +161,21 @@ def runs_dir(tmp_path) -> Path:
     d = tmp_path / "runs"
     d.mkdir()
     return d
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_run(tiny_model_dir, tmp_path_factory):
+    """A finished 6-step LoRA run of the tiny model (4 held-out rows), trained once per session for
+    the tests that chat with, evaluate or export a run: ``Studio(run.path.parent)`` lists it.
+    Tests may add files to it (zips, an evaluation) but must not create runs next to it."""
+    from studio.runs.registry import RunRegistry
+    from studio.training import run_training
+    from tests.helpers import tiny_run_config
+
+    root = tmp_path_factory.mktemp("trained-tiny")
+    rows = [[f"what is {a} plus {b}", f"answer {a + b}"] for a in range(1, 9) for b in range(1, 6)]
+    data = write_csv(root / "train.csv", ["instruction", "output"], rows)
+    cfg = tiny_run_config(tiny_model_dir, data, max_steps=6, memory_check=False)
+    run = RunRegistry(root / "runs").create(cfg)
+    assert run_training(cfg, run).state == "finished"
+    return run
