@@ -109,16 +109,21 @@ def main() -> None:
     ):
         rec = recorded[n] if recorded else measure(method, seq, batch, data, work / "runs")
         if not args.measure_only:
-            from studio.planning.memory import estimate_for_model
+            from studio.config import RunConfig
+            from studio.planning import hardware
+            from studio.planning.memory import estimate, shape_for_model
+            from studio.planning.planner import settings_for
 
-            est = estimate_for_model(
-                "default",
-                method,
-                seq_len=seq,
-                batch_size=batch,
-                device="cpu",
-                lora_dropout=rec.get("lora_dropout", 0.05),
-            )  # older files: 0.05
+            # The run `measure` trains (older files recorded no dropout: it was 0.05 then).
+            cfg = RunConfig(method=method).with_overrides(
+                {
+                    "data.max_length": seq,
+                    "training.batch_size": batch,
+                    "lora.dropout": rec.get("lora_dropout", 0.05),
+                }
+            )
+            settings = settings_for(cfg, hardware.detect(), "cpu")
+            est = estimate(shape_for_model("default"), method, settings, "cpu")
             rec["estimate_bytes"] = est.total_bytes
             rec["error"] = est.total_bytes / rec["peak_rss_bytes"] - 1
         rows.append(rec)

@@ -4,10 +4,12 @@
 
 Every config field is also a flag (``--learning-rate``, ``--lora-r``...), generated from
 ``RunConfig`` so the CLI, the YAML file and the UI can never drift apart. Flags override the
-YAML given with ``--config``.
+YAML given with ``--config``. ``estimate`` takes the same flags and estimates the run ``train``
+would start with them (through ``planner.settings_for``, as the Train tab and the memory check do).
 
 Example:
     finetune-studio train --data train.csv --model default --method lora --max-steps 50
+    finetune-studio estimate --config run.yaml --devices 4 --distributed fsdp
     finetune-studio resume 20261122-153000-lora-train
     finetune-studio export 20261122-153000-lora-train --out adapter.zip
     finetune-studio export 20261122-153000-lora-train --merged --out merged.zip
@@ -21,7 +23,7 @@ import argparse
 import logging
 import sys
 
-from studio.config import METHODS, OPTIMIZERS, ConfigError, RunConfig, field_help, flag_name, leaf_fields
+from studio.config import ConfigError, RunConfig, field_help, flag_name, leaf_fields
 from studio.export.gguf_convert import QUANTS as GGUF_TYPES
 
 
@@ -33,16 +35,43 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
+def _add_config_flags(p: argparse.ArgumentParser, aliases: dict[str, str] | None = None) -> None:
+    """A flag per config field (``--lora-r``), and ``--config run.yaml`` that the flags override.
+
+    ``aliases`` gives a field a second flag (``{"data.max_length": "--seq-len"}``). A bool flag
+    alone means true (``--gradient-checkpointing``); ``--gradient-checkpointing false`` works too.
+    """
+    p.add_argument("--config", help="YAML run config; flags override its values.")
     for dotted, ftype, default in leaf_fields():
+        extra = {"nargs": "?", "const": True} if ftype is bool else {}
         p.add_argument(
             f"--{flag_name(dotted)}",
+            *([aliases[dotted]] if aliases and dotted in aliases else []),
             dest=dotted,
             default=None,
             metavar=ftype.__name__.upper(),
             type=_bool if ftype is bool else ftype,
-            help=f"{field_help(dotted)} (default: {default})".replace("%", "%%"),
-        )  # argparse formats help with %
+            help=f"{field_help(dotted)} (default: {default})".replace("%", "%%"),  # argparse formats help with %
+            **extra,
+        )
+
+
+def _run_config(args, check_data_file: bool = True) -> RunConfig:
+    """The RunConfig the flags describe: ``--config``'s YAML (or the defaults), then every flag given.
+
+    Raises:
+        ConfigError: every problem with the result.
+    """
+    cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig()
+    overrides = {dotted: getattr(args, dotted) for dotted, _, _ in leaf_fields()}
+    return cfg.with_overrides(overrides).check(check_data_file)
+
+
+def _print_problems(exc: ConfigError) -> int:
+    print("The run config has problems:", file=sys.stderr)
+    for p in exc.problems:
+        print(f"  - {p}", file=sys.stderr)
+    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="Train a model on a dataset file and save the run.")
-    train.add_argument("--config", help="YAML run config; flags override its values.")
     train.add_argument("--runs-dir", help="Folder that holds runs (default ./runs or $FINETUNE_STUDIO_RUNS_DIR).")
     _add_config_flags(train)
 
@@ -102,25 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     hw = sub.add_parser("hardware", help="What this machine has: GPUs, MPS, CPU, RAM, bf16, 4-bit support.")
     hw.add_argument("--json", action="store_true")
 
-    est = sub.add_parser("estimate", help="Estimate peak training memory from the model's config alone.")
-    est.add_argument(
-        "--model", default="default", help="default, a hub id or a local folder (only config.json is read)."
+    est = sub.add_parser(
+        "estimate",
+        help="Estimate peak training memory from the model's config alone.",
+        description="Takes every flag train takes (and --config run.yaml) and estimates the run they describe, "
+        "reading only the model's config.json; no data is read, so rows are taken to be max length long.",
     )
-    est.add_argument("--method", choices=METHODS, default="lora")
-    est.add_argument("--seq-len", type=int, default=RunConfig().data.max_length)
-    est.add_argument("--batch-size", type=int, default=RunConfig().training.batch_size)
-    est.add_argument("--gradient-checkpointing", action="store_true")
-    optimizer_help = field_help("training.optimizer").replace("%", "%%")
-    est.add_argument("--optimizer", choices=OPTIMIZERS, default="auto", help=optimizer_help)
-    est.add_argument("--lora-r", type=int, default=RunConfig().lora.r)
-    est.add_argument("--lora-targets", default=RunConfig().lora.targets)
+    _add_config_flags(est, aliases={"data.max_length": "--seq-len"})
     est.add_argument("--device", choices=("cpu", "cuda", "mps"), help="Default: this machine's.")
-    est.add_argument("--devices", type=int, default=1, help="GPUs the run is launched on (per-device estimate).")
     est.add_argument(
-        "--distributed",
-        choices=("ddp", "fsdp"),
-        default="ddp",
-        help="With --devices above 1: a full copy per GPU (ddp) or sharded (fsdp).",
+        "--devices",
+        type=int,
+        default=1,
+        metavar="INT",
+        help="GPUs the run is launched on (per-device estimate; --distributed says ddp or fsdp).",
     )
     est.add_argument("--json", action="store_true")
 
@@ -143,17 +166,12 @@ def _train(args) -> int:
     from studio.training import distributed
 
     try:
-        cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig()
-        overrides = {dotted: getattr(args, dotted) for dotted, _, _ in leaf_fields()}
-        cfg = cfg.with_overrides(overrides).check()
+        cfg = _run_config(args)
         # Under `accelerate launch` every process runs this; rank 0 creates the run folder and
         # the others train into it without writing (see studio/training/distributed.py).
         dist = distributed.from_env(cfg.training.distributed)
     except ConfigError as exc:
-        print("The run config has problems:", file=sys.stderr)
-        for p in exc.problems:
-            print(f"  - {p}", file=sys.stderr)
-        return 2
+        return _print_problems(exc)
     from studio.models import ModelError, resolve
 
     try:  # an unknown model is refused before a run folder is made for it
@@ -303,36 +321,32 @@ def _validate(args) -> int:
 
 
 def _estimate(args) -> int:
+    """The run ``train`` would start with these flags, estimated: the same RunConfig, through
+    planner.settings_for like the Train tab's plan and the memory check."""
     import json
 
     from studio.models import ModelError
     from studio.planning import hardware
-    from studio.planning.memory import GIB, shape_for_model
-    from studio.planning.planner import Settings, estimate_settings, plan
-    from studio.planning.precision import resolve
+    from studio.planning.memory import GIB, estimate, shape_for_model
+    from studio.planning.planner import plan, settings_for
 
+    try:
+        cfg = _run_config(args, check_data_file=False)  # the data is not read: no file needed
+    except ConfigError as exc:
+        return _print_problems(exc)
     hw = hardware.detect()
     device = args.device or hw.device
-    targets = "all-linear" if args.lora_targets == "all-linear" else [t.strip() for t in args.lora_targets.split(",")]
-    settings = Settings(
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        gradient_checkpointing=args.gradient_checkpointing,
-        bf16=resolve("auto", hw.bf16 if device == hw.device else device == "cuda") == "bf16",
-        lora_r=args.lora_r,
-        lora_targets=targets,
-        optimizer=args.optimizer,
-        devices=max(args.devices, 1),
-    )
+    devices, how = max(args.devices, 1), cfg.training.distributed
     try:
-        shape = shape_for_model(args.model)
-        est = estimate_settings(shape, args.method, settings, device, sharded=args.distributed == "fsdp")
+        settings = settings_for(cfg, hw, device, devices=devices, sharded=how == "fsdp")
+        shape = shape_for_model(cfg.model, cfg.trust_remote_code)
+        est = estimate(shape, cfg.method, settings, device)
     except (ModelError, OSError, ValueError) as exc:
         print(f"Could not estimate: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     # Fit verdicts need the device's free memory, so only for this machine's training device.
     p = plan(shape, hw, settings, device) if device == hw.device else None
-    verdict = p.get(args.method).verdict if p else None
+    verdict = p.get(cfg.method).verdict if p else None
     fits = None if p is None else verdict in ("fits", "tight")
     if args.json:
         print(
@@ -348,9 +362,9 @@ def _estimate(args) -> int:
             )
         )
         return 0
-    where = f"each of {args.devices} {device.upper()} devices ({args.distributed})" if args.devices > 1 else device
+    where = f"each of {devices} {device.upper()} devices ({how})" if devices > 1 else device
     print(
-        f"{args.method} on {where}: about {est.total_bytes / GIB:.2f} GiB peak "
+        f"{cfg.method} on {where}: about {est.total_bytes / GIB:.2f} GiB peak "
         f"({est.trainable_params:,} trainable of {est.total_params:,} parameters, "
         f"{est.adapter_bytes / 2**20:.0f} MiB saved)"
     )

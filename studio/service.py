@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -160,7 +160,7 @@ class Studio:
         t = config.training
         if batching.layout(t.packing, hw.device, t.batch_size, config.data.max_length, shape.model_type).packed:
             seq, basis = config.data.max_length, "packed: every row filled with examples up to max length"
-        plan_ = plan(shape, hw, replace(settings_for(config, hw), seq_len=seq))
+        plan_ = plan(shape, hw, settings_for(config, hw, seq_len=seq))
         return plan_, (
             f"Estimated for micro-batch {t.batch_size} x {seq} tokens ({basis})"
             f"{', gradient checkpointing' if t.gradient_checkpointing else ''}."

@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoConfig, LlamaConfig
 
 from studio.cli import main
-from studio.planning.memory import GIB, estimate, estimate_for_model, shape_from_config
+from studio.planning.memory import GIB, Settings, estimate, shape_for_model, shape_from_config
 
 LLAMA3_8B = LlamaConfig(
     vocab_size=128256,
@@ -19,6 +19,11 @@ LLAMA3_8B = LlamaConfig(
 )
 
 
+def _default(method: str, settings: Settings, device: str):
+    """The estimate for the bundled default model (only its config is read)."""
+    return estimate(shape_for_model("default"), method, settings, device)
+
+
 def test_parameter_counts_match_the_real_model_and_peft(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -27,7 +32,7 @@ def test_parameter_counts_match_the_real_model_and_peft(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert shape.total_params == model.num_parameters()
     for targets in ("all-linear", ["q_proj", "v_proj"]):
-        est = estimate(shape, "lora", 64, 2, lora_r=8, lora_targets=targets)
+        est = estimate(shape, "lora", Settings(64, 2, lora_r=8, lora_targets=targets))
         peft_model = get_peft_model(
             AutoModelForCausalLM.from_pretrained(tiny_model_dir),
             LoraConfig(r=8, target_modules=targets, task_type="CAUSAL_LM"),
@@ -42,26 +47,21 @@ def test_gpt2_conv1d_layers_are_counted():
     shape = shape_from_config(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300))
     names = {lin.name.split(".")[-1] for lin in shape.linears}
     assert {"c_attn", "c_proj", "c_fc"} <= names
-    assert estimate(shape, "lora", 32, 1).trainable_params > 0
+    assert estimate(shape, "lora", Settings(32, 1)).trainable_params > 0
 
 
 def test_published_scale_for_llama3_8b():
     """EleutherAI / HF anatomy figures the seeds quote, bf16 mixed precision on CUDA."""
     shape = shape_from_config(LLAMA3_8B)
     assert 7.9e9 < shape.total_params < 8.1e9
-    full = estimate(shape, "full", 512, 1, "cuda", bf16=True)
-    lora = estimate(shape, "lora", 512, 1, "cuda", bf16=True, lora_r=16, lora_targets=["q_proj", "v_proj"])
+    full = estimate(shape, "full", Settings(512, 1, bf16=True), "cuda")
+    lora = estimate(shape, "lora", Settings(512, 1, bf16=True, lora_r=16, lora_targets=["q_proj", "v_proj"]), "cuda")
     # QLoRA as the paper runs it: with gradient checkpointing.
     qlora = estimate(
         shape,
         "qlora",
-        512,
-        1,
+        Settings(512, 1, bf16=True, lora_r=16, lora_targets=["q_proj", "v_proj"], gradient_checkpointing=True),
         "cuda",
-        bf16=True,
-        lora_r=16,
-        lora_targets=["q_proj", "v_proj"],
-        gradient_checkpointing=True,
     )
     # The seeds' 100-135 GB is mixed-precision AdamW at 16-18 B/param. On CUDA the trainer steps
     # with the fused AdamW, which updates in place; torch's default (foreach) AdamW, used on CPU,
@@ -69,34 +69,34 @@ def test_published_scale_for_llama3_8b():
     # (benchmarks/results), and the estimate shows it as its own part.
     assert full.breakdown["optimizer_step_temp"] == 0
     assert 100e9 <= full.total_bytes <= 135e9
-    on_cpu = estimate(shape, "full", 512, 1, "cpu", bf16=True)
+    on_cpu = estimate(shape, "full", Settings(512, 1, bf16=True), "cpu")
     assert on_cpu.breakdown["optimizer_step_temp"] == 4 * shape.total_params
     assert 16e9 <= lora.total_bytes <= 24e9
     assert 5e9 <= qlora.total_bytes <= 10e9
     # The studio's LoRA targets (all linear layers): the 4-bit recipe keeps embeddings, output
     # layer and norms in 16 bits, not fp32 (issue 13: 13.6 GB without checkpointing before, 4.2 GB of
     # it fp32 embeddings and output layer). With checkpointing, as the QLoRA paper trains, 5-10 GB.
-    all_linear = estimate(shape, "qlora", 512, 1, "cuda", bf16=True, gradient_checkpointing=True)
+    all_linear = estimate(shape, "qlora", Settings(512, 1, bf16=True, gradient_checkpointing=True), "cuda")
     assert 5e9 <= all_linear.total_bytes <= 10e9, all_linear.breakdown
     unquantized = shape.total_params - sum(lin.d_in * lin.d_out for lin in shape.linears if lin is not shape.lm_head)
     assert all_linear.breakdown["base_weights"] < 0.6 * shape.total_params + 2 * unquantized
-    assert estimate(shape, "qlora", 512, 1, "cuda", bf16=True).total_bytes < 13.6e9 - 2 * unquantized
+    assert estimate(shape, "qlora", Settings(512, 1, bf16=True), "cuda").total_bytes < 13.6e9 - 2 * unquantized
     assert lora.trainable_params == 32 * 16 * ((4096 + 4096) + (4096 + 1024))
 
 
 def test_knobs_move_the_estimate_the_right_way():
     shape = shape_from_config(LLAMA3_8B)
 
-    def total(**kw):
-        args = {"method": "lora", "seq_len": 1024, "batch_size": 2, "device": "cuda", "bf16": True} | kw
-        return estimate(shape, **args).total_bytes
+    def total(method="lora", **kw):
+        settings = Settings(**({"seq_len": 1024, "batch_size": 2, "bf16": True} | kw))
+        return estimate(shape, method, settings, "cuda").total_bytes
 
     assert total(gradient_checkpointing=True) < total()
     assert total(seq_len=512) < total() < total(batch_size=4)
     assert total(method="qlora") < total() < total(method="full")
     assert total(method="full", optimizer="adamw_8bit") < total(method="full")
     assert total(lora_r=64) > total(lora_r=8)
-    est = estimate(shape, "lora", 512, 1, "cuda", bf16=True)
+    est = estimate(shape, "lora", Settings(512, 1, bf16=True), "cuda")
     assert est.total_bytes == sum(est.breakdown.values()) and est.breakdown["runtime_overhead"] > 0
 
 
@@ -126,16 +126,16 @@ def test_estimate_cli(capsys):
     assert main(["estimate", "--method", "full"]) == 0
     text = capsys.readouterr().out
     assert "GiB peak" in text and "Recommended:" in text
-    default = estimate_for_model("default", "lora", 128, 1, device="cpu", bf16=False)
+    default = _default("lora", Settings(128, 1), "cpu")
     assert default.total_params == 134_515_008
-    assert default.total_bytes < estimate_for_model("default", "full", 128, 1, device="cpu", bf16=False).total_bytes
+    assert default.total_bytes < _default("full", Settings(128, 1), "cpu").total_bytes
     assert main(["estimate", "--model", "./no/such/folder"]) == 2
     assert "Could not estimate" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_estimates_are_in_gib_range_for_the_default_model(method):
-    est = estimate_for_model("default", method, 512, 4, device="cpu", bf16=False)
+    est = _default(method, Settings(512, 4), "cpu")
     assert 1 * GIB < est.total_bytes < 20 * GIB
 
 
@@ -183,21 +183,15 @@ def test_cpu_estimates_match_recorded_peak_rss_within_10_percent():
     assert {r["method"] for r in rows} == {"full", "lora", "qlora"} and len(rows) == 40
     assert {r.get("lora_dropout", 0.05) for r in rows} == {0.0, 0.05}  # both LoRA dropout paths
     for r in rows:
-        est = estimate_for_model(
-            "default",
-            r["method"],
-            r["seq"],
-            r["batch"],
-            device="cpu",
-            bf16=False,
-            lora_dropout=r.get("lora_dropout", 0.05),
+        est = _default(
+            r["method"], Settings(r["seq"], r["batch"], lora_dropout=r.get("lora_dropout", 0.05)), "cpu"
         )  # recorded before the default became 0
         assert abs(est.total_bytes / r["peak_rss_bytes"] - 1) < 0.10, r
 
 
 def test_allocator_retention_is_a_cpu_only_part():
-    cpu = estimate_for_model("default", "lora", 512, 4, device="cpu", bf16=False)
-    cuda = estimate_for_model("default", "lora", 512, 4, device="cuda", bf16=True)
+    cpu = _default("lora", Settings(512, 4), "cpu")
+    cuda = _default("lora", Settings(512, 4, bf16=True), "cuda")
     assert cpu.breakdown["allocator_retention"] > 0
     assert "allocator_retention" not in cuda.breakdown
 
@@ -225,7 +219,7 @@ def test_every_common_architecture_is_estimated_from_its_config(config_cls):
     assert shape.total_params == AutoModelForCausalLM.from_config(config).num_parameters()
     for method in ("full", "lora", "qlora"):
         for device in ("cpu", "cuda"):
-            est = estimate(shape, method, 64, 2, device)
+            est = estimate(shape, method, Settings(64, 2), device)
             assert est.total_bytes == sum(est.breakdown.values()) > 0
             assert (est.trainable_params == shape.total_params) == (method == "full")
 
@@ -233,11 +227,8 @@ def test_every_common_architecture_is_estimated_from_its_config(config_cls):
 def test_logits_are_counted_only_at_labeled_positions():
     """The trainer runs the output layer where a label is; unknown data counts every position."""
     for device in ("cpu", "cuda"):
-        every = estimate_for_model("default", "lora", 512, 4, device=device, bf16=False)
-        half = estimate_for_model("default", "lora", 512, 4, device=device, bf16=False, labeled_share=0.5)
+        every = _default("lora", Settings(512, 4), device)
+        half = _default("lora", Settings(512, 4, labeled_share=0.5), device)
         assert half.breakdown["logits"] == pytest.approx(every.breakdown["logits"] / 2, rel=1e-6)
         assert half.breakdown["activations"] == every.breakdown["activations"]
-        assert (
-            estimate_for_model("default", "lora", 512, 4, device=device, bf16=False, labeled_share=1.0).total_bytes
-            == every.total_bytes
-        )
+        assert _default("lora", Settings(512, 4, labeled_share=1.0), device).total_bytes == every.total_bytes

@@ -60,11 +60,11 @@ def test_bitsandbytes_optimizers_train_and_resume_to_the_same_losses(name, tiny_
 def test_estimate_counts_each_optimizers_state(tiny_model_dir):
     from transformers import AutoConfig
 
-    from studio.planning.memory import estimate, shape_from_config
+    from studio.planning.memory import Settings, estimate, shape_from_config
 
     shape = shape_from_config(AutoConfig.from_pretrained(tiny_model_dir))
     state = {
-        name: estimate(shape, "lora", 64, 2, "cuda", optimizer=name).breakdown["optimizer_state"]
+        name: estimate(shape, "lora", Settings(64, 2, optimizer=name), "cuda").breakdown["optimizer_state"]
         for name in ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
     }
     assert state["adamw"] == state["paged_adamw_32bit"] == 4 * state["adamw_8bit"] == 4 * state["paged_adamw_8bit"]

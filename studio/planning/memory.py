@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 from dataclasses import asdict, dataclass, field
 
+from studio.config import optimizer_for
 from studio.formatting import GIB, MIB  # noqa: F401 - re-exported: sizes are computed here
 
 # State bytes per trainable parameter (two moments); 8-bit state also keeps a small absmax per block.
@@ -82,6 +83,28 @@ class ModelShape:
             return body
         names = set(targets)
         return [lin for lin in body if lin.name.split(".")[-1] in names]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The settings memory depends on: a slice of RunConfig plus the batch the estimate assumes.
+
+    A run's settings come from ``studio.planning.planner.settings_for``, the one place that reads
+    them from a RunConfig.
+    """
+
+    seq_len: int  # tokens per row of the batch: max length, or the data's longest row
+    batch_size: int  # rows per micro-batch on each device
+    gradient_accumulation: int = 1
+    gradient_checkpointing: bool = False
+    bf16: bool = False  # the run's resolved precision is bf16 (autocast), else fp32
+    lora_r: int = 16
+    lora_targets: str | list[str] = "all-linear"
+    lora_dropout: float = 0.0
+    optimizer: str = "auto"  # training.optimizer; auto is decided per method and device (config.optimizer_for)
+    labeled_share: float = 1.0  # of seq_len x batch_size positions; 1 until a batch is known
+    devices: int = 1  # GPUs the run is launched on (torchrun / accelerate launch), each with batch_size rows
+    sharded: bool = False  # with devices > 1: FSDP shards weights, gradients and optimizer state (else DDP)
 
 
 @dataclass
@@ -233,38 +256,31 @@ def _cpu_activations(
     return activations, logits, retained
 
 
-def estimate(
-    shape: ModelShape,
-    method: str,
-    seq_len: int,
-    batch_size: int,
-    device: str = "cpu",
-    bf16: bool = False,
-    gradient_checkpointing: bool = False,
-    optimizer: str = "adamw",
-    lora_r: int = 16,
-    lora_targets: str | list[str] = "all-linear",
-    lora_dropout: float = 0.0,
-    labeled_share: float = 1.0,
-    devices: int = 1,
-    sharded: bool = False,
-) -> Estimate:
-    """Peak memory of training with these settings, as a breakdown in bytes, per device.
+def estimate(shape: ModelShape, method: str, settings: Settings, device: str = "cpu") -> Estimate:
+    """Peak memory of training ``method`` with ``settings`` on ``device``, as a breakdown in bytes,
+    per device. Build the settings of a run with ``studio.planning.planner.settings_for``.
 
-    ``labeled_share`` is the share of the batch x seq positions that carry a label (the only
-    ones the output layer runs at); 1, the default, is the most a batch can need.
+    ``settings.labeled_share`` is the share of the batch x seq positions that carry a label (the
+    only ones the output layer runs at); 1, the default, is the most a batch can need.
 
-    With ``devices`` > 1 every device runs ``batch_size`` rows. Under DDP (``sharded`` False) each
-    holds everything, as one device does. Under FSDP the parameters, gradients and optimizer state
-    are divided by ``devices``; activations are not, and each device also holds the unsharded
-    weights of what is running: the root unit (embeddings and output layer) and two decoder layers
-    (the running one and the one being prefetched).
+    With ``settings.devices`` > 1 every device runs ``batch_size`` rows. Replicated (DDP,
+    ``sharded`` False) each holds everything, as one device does. Under FSDP the parameters,
+    gradients and optimizer state are divided by ``devices``; activations are not, and each device
+    also holds the unsharded weights of what is running: the root unit (embeddings and output
+    layer) and two decoder layers (the running one and the one being prefetched).
+
+    Example:
+        >>> estimate(shape_for_model("default"), "lora", Settings(seq_len=512, batch_size=4)).total_bytes
     """
-    a = 2 if bf16 else 4  # bytes of an activation under autocast (bf16) or in fp32
-    tokens = seq_len * batch_size
-    labeled = tokens * min(max(labeled_share, 0.0), 1.0)
+    s = settings
+    optimizer = optimizer_for(s.optimizer, method, device)
+    lora_r, lora_dropout, devices = s.lora_r, s.lora_dropout, s.devices
+    gradient_checkpointing = s.gradient_checkpointing
+    a = 2 if s.bf16 else 4  # bytes of an activation under autocast (bf16) or in fp32
+    tokens = s.seq_len * s.batch_size
+    labeled = tokens * min(max(s.labeled_share, 0.0), 1.0)
     P = shape.total_params
-    targets = shape.lora_targets(lora_targets) if method != "full" else []
+    targets = shape.lora_targets(s.lora_targets) if method != "full" else []
     lora_params = sum(lora_r * (t.d_in + t.d_out) for t in targets)
 
     if method == "full":
@@ -281,7 +297,7 @@ def estimate(
 
     saved = 4 * P if method == "full" else adapter
     gathered = 0
-    if sharded and devices > 1:
+    if s.sharded and devices > 1:
         weight_bytes = 4 if method == "full" else a  # full fine-tuning keeps fp32 parameters
         head = shape.lm_head.d_in * shape.lm_head.d_out if shape.lm_head else 0
         per_layer = (P - shape.embedding_params - head) / max(shape.layers, 1)
@@ -351,22 +367,3 @@ def shape_for_model(model: str, trust_remote_code: bool = False) -> ModelShape:
             f"Could not read the config of model {model!r}: {str(exc).splitlines()[0][:200]}. Check the name or folder."
         ) from None
     return shape_from_config(config)
-
-
-def estimate_for_model(
-    model: str,
-    method: str,
-    seq_len: int,
-    batch_size: int,
-    device: str | None = None,
-    trust_remote_code: bool = False,
-    **kwargs,
-) -> Estimate:
-    """Estimate for a model reference (default, hub id or folder): reads only its config."""
-    from studio.planning import hardware
-
-    if device is None or "bf16" not in kwargs:  # fill in from this machine
-        hw = hardware.detect()
-        device = device or hw.device
-        kwargs.setdefault("bf16", hw.bf16 if device == hw.device else device == "cuda")
-    return estimate(shape_for_model(model, trust_remote_code), method, seq_len, batch_size, device, **kwargs)

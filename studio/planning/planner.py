@@ -24,33 +24,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from studio.config import RunConfig, optimizer_for
+from studio.config import RunConfig
 from studio.formatting import format_bytes
 from studio.planning import precision
 from studio.planning.hardware import Hardware
-from studio.planning.memory import Estimate, ModelShape, estimate, shape_for_model
+from studio.planning.memory import Estimate, ModelShape, Settings, estimate, shape_for_model
 from studio.runs.records import Retry
 
 TIGHT_SHARE = 0.85
 QUALITY_ORDER = ("full", "lora", "qlora")
 METHOD_NAMES = {"full": "Full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The settings memory depends on (a slice of RunConfig)."""
-
-    seq_len: int
-    batch_size: int
-    gradient_accumulation: int = 1
-    gradient_checkpointing: bool = False
-    bf16: bool = False
-    lora_r: int = 16
-    lora_targets: str | list[str] = "all-linear"
-    lora_dropout: float = 0.0
-    optimizer: str = "auto"  # training.optimizer; auto is decided per method and device (config.optimizer_for)
-    labeled_share: float = 1.0  # of seq_len x batch_size positions; 1 until a batch is known
-    devices: int = 1  # GPUs the run is launched on (torchrun / accelerate launch), each with batch_size rows
 
 
 @dataclass
@@ -126,26 +109,6 @@ def available_bytes(hw: Hardware, device: str, devices: int = 1) -> int:
     return hw.ram_available_bytes
 
 
-def estimate_settings(shape: ModelShape, method: str, s: Settings, device: str, sharded: bool = False) -> Estimate:
-    """studio.planning.memory.estimate for a Settings bundle (per device; ``sharded``: under FSDP)."""
-    return estimate(
-        shape,
-        method,
-        s.seq_len,
-        s.batch_size,
-        device,
-        bf16=s.bf16,
-        gradient_checkpointing=s.gradient_checkpointing,
-        optimizer=optimizer_for(s.optimizer, method, device),
-        lora_r=s.lora_r,
-        lora_targets=s.lora_targets,
-        lora_dropout=s.lora_dropout,
-        labeled_share=s.labeled_share,
-        devices=s.devices,
-        sharded=sharded,
-    )
-
-
 def _verdict(total: int, available: int) -> str:
     if total <= TIGHT_SHARE * available:
         return "fits"
@@ -174,12 +137,13 @@ def plan(shape: ModelShape, hw: Hardware, settings: Settings, device: str | None
         if blocked:
             out.methods.append(MethodPlan(method, "n/a", blocked))
             continue
-        est = estimate_settings(shape, method, settings, device)
+        # The plan chooses the layout: a full copy per GPU (DDP) first, and only when that does
+        # not fit comfortably, sharding (FSDP), which divides the weights, gradients and
+        # optimizer state by the number of GPUs.
+        est = estimate(shape, method, replace(settings, sharded=False), device)
         sharded = False
         if settings.devices > 1 and method != "qlora" and _verdict(est.total_bytes, avail) != "fits":
-            # Replicated (DDP) it does not fit comfortably; sharding (FSDP) divides the weights,
-            # gradients and optimizer state by the number of GPUs.
-            fsdp = estimate_settings(shape, method, settings, device, sharded=True)
+            fsdp = estimate(shape, method, replace(settings, sharded=True), device)
             if fsdp.total_bytes < est.total_bytes:
                 est, sharded = fsdp, True
         verdict = _verdict(est.total_bytes, avail)
@@ -291,7 +255,7 @@ def suggest(
                 )
             )
     for changes, s, text in candidates:
-        est = estimate_settings(shape, method, s, device)
+        est = estimate(shape, method, s, device)
         if est.total_bytes <= target_bytes if target_bytes is not None else _verdict(est.total_bytes, avail) == "fits":
             return Suggestion(
                 method,
@@ -302,19 +266,54 @@ def suggest(
     return None
 
 
-def settings_for(config: RunConfig, hw: Hardware) -> Settings:
+def settings_for(
+    config: RunConfig,
+    hw: Hardware,
+    device: str | None = None,
+    *,
+    seq_len: int | None = None,
+    batch_size: int | None = None,
+    labeled_share: float = 1.0,
+    devices: int = 1,
+    sharded: bool = False,
+) -> Settings:
+    """The memory estimate's settings for a run of ``config``: the one way to build them.
+
+    Everything memory depends on is read from the config here; what the config cannot know is
+    given by the caller, and nobody patches the result afterwards.
+
+    Args:
+        config: the run's config (precision, batch, LoRA, optimizer, checkpointing, max length).
+        hw: the machine; ``auto`` precision resolves against its bf16 support.
+        device: the device estimated for (default: ``hw``'s training device). Another device
+            than this machine's (``estimate --device cuda`` on a laptop) is taken to have bf16
+            when it is CUDA.
+        seq_len: tokens per row of the batch, when the data is known: its longest row (shorter
+            than max length) or the measured batch's width. Default ``data.max_length``.
+        batch_size: rows of the measured batch (default ``training.batch_size``).
+        labeled_share: share of the batch's positions that carry a label (1: every one).
+        devices: processes the run is launched on, each with a batch of its own.
+        sharded: with ``devices`` > 1, FSDP instead of a full copy per device.
+
+    Example:
+        >>> settings_for(RunConfig(), hardware.detect(), seq_len=300).seq_len
+        300
+    """
     t = config.training
-    bf16 = precision.resolve(t.precision, hw.bf16) == "bf16"
+    device_bf16 = hw.bf16 if device in (None, hw.device) else device == "cuda"
     return Settings(
-        seq_len=config.data.max_length,
-        batch_size=t.batch_size,
+        seq_len=config.data.max_length if seq_len is None else seq_len,
+        batch_size=t.batch_size if batch_size is None else batch_size,
         gradient_accumulation=t.gradient_accumulation,
         gradient_checkpointing=t.gradient_checkpointing,
-        bf16=bf16,
+        bf16=precision.resolve(t.precision, device_bf16) == "bf16",
         lora_r=config.lora.r,
         lora_targets=config.lora.target_modules(),
         lora_dropout=config.lora.dropout,
         optimizer=t.optimizer,
+        labeled_share=labeled_share,
+        devices=max(devices, 1),
+        sharded=sharded,
     )
 
 
@@ -329,16 +328,16 @@ def retry_after_oom(config: RunConfig, hw: Hardware, device: str) -> Suggestion 
     """A change to retry with after the run ran out of memory: the cheapest setting change that
     cuts the estimate by at least 30% and fits what is free, else QLoRA (when it can run)."""
     shape = shape_for_model(config.model, config.trust_remote_code)
-    settings = settings_for(config, hw)
+    settings = settings_for(config, hw, device)
     avail = available_bytes(hw, device)
-    current = estimate_settings(shape, config.method, settings, device).total_bytes
+    current = estimate(shape, config.method, settings, device).total_bytes
     fix = suggest(
         shape, config.method, settings, device, avail, target_bytes=int(min(TIGHT_SHARE * avail, 0.7 * current))
     )
     if fix is not None:
         return fix
     if config.method != "qlora" and _why_not("qlora", hw, device) is None:
-        est = estimate_settings(shape, "qlora", settings, device).total_bytes
+        est = estimate(shape, "qlora", settings, device).total_bytes
         return Suggestion(
             "qlora", {"method": "qlora"}, f"QLoRA needs about {format_bytes(est)}: switch the method to QLoRA.", est
         )

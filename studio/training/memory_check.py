@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
@@ -30,7 +30,7 @@ import torch
 
 from studio.data.render import labeled_tokens
 from studio.formatting import format_bytes
-from studio.planning.memory import shape_for_model
+from studio.planning.memory import estimate, shape_for_model
 
 STEPS = 2
 
@@ -110,7 +110,7 @@ def available_bytes(device: str, local_rank: int = 0) -> int:
 
 def check_memory(trainer) -> MemoryCheck:
     """Run the check on a set-up trainer. Raises MemoryCheckFailed when the run would not fit."""
-    from studio.planning.planner import estimate_settings, settings_for, suggest
+    from studio.planning.planner import settings_for, suggest
 
     cfg = trainer.config
     batch = trainer.largest_batch()
@@ -119,15 +119,19 @@ def check_memory(trainer) -> MemoryCheck:
     shape = shape_for_model(cfg.model, cfg.trust_remote_code)
     # The output layer runs at labeled positions only (training/loss.py): the estimate counts those.
     labeled = labeled_tokens(batch) if trainer.loss_fn.labeled_only else rows * width
-    settings = replace(
-        settings_for(cfg, trainer.hw),
+    # The measured batch, on this run's devices; precision resolves from the same config and
+    # hardware as the trainer's did.
+    settings = settings_for(
+        cfg,
+        trainer.hw,
+        device,
         seq_len=width,
         batch_size=rows,
-        bf16=trainer.use_bf16,
         labeled_share=labeled / (rows * width),
+        devices=trainer.dist.world,
+        sharded=trainer.sharded,
     )
-    settings = replace(settings, devices=trainer.dist.world)
-    breakdown = estimate_settings(shape, cfg.method, settings, device, sharded=trainer.sharded).breakdown
+    breakdown = estimate(shape, cfg.method, settings, device).breakdown
     est = sum(breakdown.values())
     already_loaded = breakdown["base_weights"] + breakdown["adapter_weights"] + breakdown["runtime_overhead"]
     dist = trainer.dist
