@@ -24,14 +24,15 @@ def build_app(studio: Studio) -> gr.Blocks:
         dataset_path, mapping = gr.State(None), gr.State("")
         with gr.Tabs():
             with gr.Tab("Data", elem_id="tab-data"):
-                data = build_data_tab()
+                data = build_data_tab(dataset_path, mapping)
             with gr.Tab("Train", elem_id="tab-train"):
                 train = build_train_tab(studio, dataset_path, mapping)
             with gr.Tab("Chat", elem_id="tab-chat") as chat_tab:
                 chat_run = build_chat_tab(studio)
             with gr.Tab("Export", elem_id="tab-export") as export_tab:
                 export_run = build_export_tab(studio)
-        wire_data_tab(studio, data, dataset_path, mapping, train.model, train.max_length)
+        # Validation counts tokens with the Train tab's model and max length: wired once both exist.
+        wire_data_tab(studio, data, train.model, train.max_length)
         # Runs finish while the page is open: refresh the run lists whenever their tab opens.
         chat_tab.select(lambda: gr.Dropdown(choices=chat_choices(studio)), outputs=chat_run)
         export_tab.select(lambda: gr.Dropdown(choices=run_choices(studio)), outputs=export_run)
