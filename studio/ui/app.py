@@ -8,11 +8,9 @@ import importlib.resources
 import gradio as gr
 
 from studio.service import Studio
-from studio.ui import chat_tab
+from studio.ui import chat_tab, export_tab
 from studio.ui.data_tab import build_data_tab, wire_data_tab
-from studio.ui.export_tab import build_export_tab
 from studio.ui.train_tab import PLAN_EVENT, build_train_tab
-from studio.ui.views import run_choices
 
 CSS = importlib.resources.files("studio.ui") / "studio.css"  # package data, found wherever it is installed
 
@@ -30,13 +28,13 @@ def build_app(studio: Studio) -> gr.Blocks:
                 train = build_train_tab(studio, dataset_path, mapping)
             with gr.Tab("Chat", elem_id="tab-chat") as chat_page:
                 chat = chat_tab.build_chat_tab(studio)
-            with gr.Tab("Export", elem_id="tab-export") as export_tab:
-                export_run = build_export_tab(studio)
+            with gr.Tab("Export", elem_id="tab-export") as export_page:
+                export = export_tab.build_export_tab(studio)
         # Validation counts tokens with the Train tab's model and max length: wired once both exist.
         wire_data_tab(studio, data, train.model, train.max_length)
         # Runs finish while the page is open: refresh the run lists whenever their tab opens.
         chat_page.select(functools.partial(chat_tab.refreshed_choices, studio), outputs=chat.run)
-        export_tab.select(lambda: gr.Dropdown(choices=run_choices(studio)), outputs=export_run)
+        export_page.select(functools.partial(export_tab.refreshed_choices, studio), outputs=export.run)
         demo.load(train.show_plan, inputs=train.plan_inputs, outputs=train.plan_outputs, **PLAN_EVENT)
     return demo
 
