@@ -251,7 +251,7 @@ def test_a_checkpoint_resumes_only_with_the_process_count_and_sharding_it_was_sa
     optimizer in shards: resuming another way is refused with a sentence, not trained wrong."""
     from studio.models import ModelError
     from studio.training import Trainer
-    from studio.training.trainer import STATE_FILE
+    from studio.training.checkpoint import STATE_FILE
     from tests.helpers import tiny_run_config
 
     cfg = tiny_run_config(tiny_model_dir, data, max_steps=2, memory_check=False)

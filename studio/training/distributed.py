@@ -143,38 +143,6 @@ def sum_over_ranks(values: list[float], dist: Dist) -> list[float]:
     return box.tolist()
 
 
-SHARDED_DIR = "sharded"  # a sharded run's checkpoint: model and optimizer, one file per process
-
-
 def barrier(dist: Dist) -> None:
     if dist.enabled:
         torch.distributed.barrier()
-
-
-def full_state_dict(module, prefix: str = "") -> dict:
-    """The whole (unsharded) state dict of a sharded module on rank 0 (empty elsewhere), on the
-    CPU, keys without ``prefix``. Every process must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k.removeprefix(prefix): v for k, v in full.items()}
-
-
-def save_sharded(module, optimizer, folder) -> None:
-    """Model and optimizer state as a torch distributed checkpoint: each process writes its shards."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_state, optim_state = get_state_dict(module, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
-
-
-def load_sharded(module, optimizer, folder) -> None:
-    """Restore what :func:`save_sharded` wrote into the (already sharded) module and its optimizer."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_state, optim_state = get_state_dict(module, optimizer)
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 import threading
 import time
 from contextlib import nullcontext
@@ -31,7 +30,7 @@ from studio.data.render import collate
 from studio.planning import hardware, precision
 from studio.runs.records import EvalRecord, Event, Record, TrainRecord
 from studio.runs.registry import Run
-from studio.training import batching, distributed, optimizers
+from studio.training import batching, checkpoint, distributed, optimizers
 from studio.training.compiling import CompileWatch, compile_layers, inductor_problem
 from studio.training.loss import LabeledTokenLoss, causal_lm
 
@@ -39,9 +38,6 @@ MetricsSink = Callable[[Record], None]
 # How often a GPU run reads its losses back (each read waits for the device to catch up). On CPU
 # the host is the device, so every step is read at once.
 READ_EVERY_S = 1.0
-
-
-STATE_FILE = "trainer_state.pt"  # optimizer, scheduler, RNG and position: what resuming needs
 
 
 @dataclass
@@ -69,7 +65,7 @@ class EarlyStopped(Exception):
 class Trainer:
     """One run's training: ``setup()`` builds data, model and optimizer; ``train()`` runs the
     loop to the final step (raising TrainingStopped or EarlyStopped); ``save()``,
-    ``save_checkpoint()`` and ``restore()`` write and read the run folder.
+    ``save_checkpoint()`` and ``restore()`` write and read the run folder through checkpoint.py.
 
     The lifecycle around it (status, memory check, failures) is training/recipe.py; the memory
     check drives it through ``collate_rows``, ``autocast``, ``loss_fn``, ``clip_gradients`` and
@@ -130,6 +126,9 @@ class Trainer:
         self.loss_fn = LabeledTokenLoss(self.model)
         self.forward_loss = distributed.wrap(self.loss_fn, self.dist, self.device, t.distributed)
         self.sharded = distributed.is_sharded(self.loss_fn)
+        self.checkpoints = checkpoint.Checkpoints(
+            self.model, self.tokenizer, self.loss_fn, self.dist, self.sharded, self.device, cfg.method == "full"
+        )
         self.lengths = [len(e.input_ids) for e in self.train_examples]
         # An epoch's micro-batches, counted on the first epoch's draw (packing varies a little by draw).
         self.batches_per_epoch = len(batching.epoch(self.lengths, self.batching, random.Random(t.seed)))
@@ -335,13 +334,13 @@ class Trainer:
             if self.step == self._first_step + 1:
                 self._check_compiled()
             evaluate = t.eval_steps and self.step % t.eval_steps == 0 and self.step < self.total_steps
-            checkpoint = self.step % self.save_every == 0 and self.step < self.total_steps
+            save_now = self.step % self.save_every == 0 and self.step < self.total_steps
             due = time.time() - self._unread[0].started >= self.read_every_s
-            if due or evaluate or checkpoint or self.step == self.total_steps:
+            if due or evaluate or save_now or self.step == self.total_steps:
                 self._read()
             if evaluate:
                 self._watch(self.evaluate())
-            if checkpoint:
+            if save_now:
                 self.save_checkpoint()
 
     def _read(self) -> None:
@@ -428,106 +427,35 @@ class Trainer:
         self.run.append_metrics(record)
         self.on_metrics(record)
 
-    # ---- save and resume ---------------------------------------------------------------------
+    # ---- save and resume (checkpoint.py) ----------------------------------------------------
     def save(self, dest=None, with_state: bool = False) -> None:
         """Save the adapter (or full model) with its tokenizer, and with ``with_state`` what
-        resuming needs. A temp folder renamed at the end means a half-written save is never
-        mistaken for a finished one."""
-        if not self.dist.main and not self.sharded:  # DDP keeps every replica identical: rank 0 saves for all
-            return
+        resuming needs (under FSDP every process calls it)."""
         if dest is None:
             dest = self.run.model_dir if self.config.method == "full" else self.run.adapter_dir
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        if self.dist.main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        gathered = {}
-        if self.sharded:  # every process takes part; rank 0 gets whole tensors, written as one run would
-            distributed.barrier(self.dist)
-            gathered = {"state_dict": distributed.full_state_dict(self.loss_fn, prefix="model.")}
-            if with_state:  # optimizer state stays sharded: each process writes its own part
-                distributed.save_sharded(self.loss_fn, self.optimizer, tmp / distributed.SHARDED_DIR)
-        if self.dist.main:
-            self.model.save_pretrained(tmp, safe_serialization=True, **gathered)
-            self.tokenizer.save_pretrained(tmp)
-            if with_state:
-                torch.save(
-                    {
-                        "step": self.step,
-                        "micro": self.micro,
-                        "processes": self.dist.world,  # micro counts this process's share of the stream
-                        "batching": [self.batching.rows, self.batching.width],  # and in this layout
-                        "total_steps": self.total_steps,
-                        "best_eval": self.best_eval,
-                        "evals_without_gain": self.evals_without_gain,
-                        "optimizer": None if self.sharded else self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(),
-                        "rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state_all() if self.device == "cuda" else None,
-                    },
-                    tmp / STATE_FILE,
-                )
-            shutil.rmtree(dest, ignore_errors=True)
-            tmp.rename(dest)
-        if self.sharded:
-            distributed.barrier(self.dist)  # nobody goes on (or reads it) before the rename
+        position = None
+        if with_state:
+            position = checkpoint.Position(
+                self.step, self.micro, self.batching, self.total_steps, self.best_eval, self.evals_without_gain
+            )
+        self.checkpoints.save(dest, self.optimizer, self.scheduler, position)
 
     def save_checkpoint(self) -> None:
         """checkpoints/step-N with weights and trainer state; only the latest few are kept."""
         self._read()  # the steps it holds are in the log first (and a non-finite loss is never saved)
-        self.save(self.run.path / "checkpoints" / f"step-{self.step}", with_state=True)
+        self.save(checkpoint.step_folder(self.run, self.step), with_state=True)
         if not self.dist.main:
             return
-        for old in self.run.checkpoints()[: -self.config.training.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        checkpoint.prune(self.run, self.config.training.keep_checkpoints)
         self._emit(Event("checkpoint", self.step, time.time()))
 
-    def restore(self, checkpoint) -> None:
+    def restore(self, path) -> None:
         """Continue from a checkpoint: its weights, optimizer, scheduler, RNG and data position."""
-        state = torch.load(checkpoint / STATE_FILE, weights_only=True)
-        processes = state.get("processes", 1)
-        if processes != self.dist.world:
-            raise models.ModelError(
-                f"Checkpoint {checkpoint.name} was saved by a run of {processes} process(es) and this one has "
-                f"{self.dist.world}: each process replays its own share of the data, so resume it with "
-                f"{processes} (e.g. torchrun --nproc_per_node {processes} -m studio.cli resume ...)."
+        at = self.checkpoints.restore(path, self.optimizer, self.scheduler, self.batching)
+        self.step, self.micro = at.step, at.micro
+        if at.batching != self.batching:  # the stream replays in the layout it was trained in
+            self.batching = at.batching
+            self.batches_per_epoch = len(
+                batching.epoch(self.lengths, at.batching, random.Random(self.config.training.seed))
             )
-        was_sharded = (checkpoint / distributed.SHARDED_DIR).is_dir()
-        if was_sharded != self.sharded:
-            how = "sharded (--distributed fsdp)" if was_sharded else "not sharded"
-            raise models.ModelError(
-                f"Checkpoint {checkpoint.name} was saved by a run that was {how}; resume it the way it "
-                "was launched (the same launcher, number of processes and --distributed)."
-            )
-        if self.sharded:
-            distributed.load_sharded(self.loss_fn, self.optimizer, checkpoint / distributed.SHARDED_DIR)
-        else:
-            self._load_weights(checkpoint)
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        if state.get("cuda_rng") is not None and self.device == "cuda":
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.step, self.micro = state["step"], state["micro"]
-        # The stream replays in the layout the checkpoint was trained in (packed on a GPU, padded on
-        # a CPU; checkpoints from before packing were padded), wherever it resumes.
-        saved = batching.Batching(*state.get("batching", [self.batching.rows, None]))
-        if saved != self.batching:
-            self.batching = saved
-            self.batches_per_epoch = len(batching.epoch(self.lengths, saved, random.Random(self.config.training.seed)))
-        self.best_eval, self.evals_without_gain = state.get("best_eval"), state.get("evals_without_gain", 0)
-
-    def _load_weights(self, checkpoint) -> None:
-        from safetensors.torch import load_file
-
-        files = sorted(checkpoint.glob("*.safetensors"))
-        weights = {k: v for f in files for k, v in load_file(f).items()}
-        if self.config.method == "full":
-            missing, unexpected = self.model.load_state_dict(weights, strict=False)
-            tied = {k for k in missing if "lm_head" in k or "embed_out" in k}
-            if unexpected or set(missing) - tied:
-                raise models.ModelError(f"Checkpoint {checkpoint.name} does not match this model; start a new run.")
-        else:
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(self.model, weights)
+        self.best_eval, self.evals_without_gain = at.best_eval, at.evals_without_gain
