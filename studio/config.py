@@ -127,7 +127,7 @@ class TrainingConfig:
     compiling (measured on CPU); worth it for runs longer than about ten minutes. Where compiling does
     not work the run trains uncompiled and says so."""
     memory_check: bool = True
-    """Before training, run two optimizer steps on the longest rows and measure peak memory; stop with
+    """Before training, run an optimizer step on the longest rows and measure peak memory; stop with
     a suggestion if the run would not fit."""
     eval_steps: int = 0
     """Measure eval loss every N steps (0 = only at the end)."""

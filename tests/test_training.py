@@ -148,9 +148,10 @@ def test_early_stopping_ends_the_run_when_eval_loss_stops_improving(
 ):
     losses = iter([1.0, 0.9, 0.95, 0.97, 0.5, 0.4])  # best at the 2nd evaluation, then two without gain
 
-    def fake_evaluate(self):
-        loss = 2.0 if self.step == 0 else next(losses, 0.3)  # step 0 scores the base model, not watched
-        self._emit(EvalRecord(self.step, loss))
+    def fake_evaluate(self, at_step=None):
+        step = self.step if at_step is None else at_step
+        loss = 2.0 if step == 0 else next(losses, 0.3)  # step 0 scores the base model, not watched
+        self._emit(EvalRecord(step, loss))
         return loss
 
     monkeypatch.setattr(Trainer, "evaluate", fake_evaluate)
@@ -363,3 +364,25 @@ def test_gradients_are_clipped_to_the_configured_norm(tiny_model_dir, instructio
     assert after == pytest.approx(before if max_norm == 0 else max_norm, rel=1e-3)  # 0: measured, not clipped
     problems = RunConfig().with_overrides({"training.max_grad_norm": -1}).validate(check_data_file=False)
     assert "`training.max_grad_norm` must be 0 (no clipping) or more (got -1.0)." in problems
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_first_loss_point_comes_before_the_adapters_base_score(method, tiny_model_dir, instruction_csv, runs_dir):
+    """An adapter's base is scored with the adapter switched off right after step 1 (the first
+    loss point waits for nothing); full fine-tuning scores it before step 1. Either way the score
+    is the base's: equal to the model's held-out loss before any step (fp32: exact to 1e-6)."""
+    cfg = _cfg(tiny_model_dir, instruction_csv, method, max_steps=3, memory_check=False, precision="fp32")
+    fresh = Trainer(cfg, RunRegistry(runs_dir).create(cfg))
+    fresh.setup()
+    untrained = fresh.evaluate()
+    run = RunRegistry(runs_dir).create(cfg)
+    status = run_training(cfg, run)
+    assert status.state == "finished"
+    assert status.base_eval_loss == pytest.approx(untrained, abs=1e-6)
+    records = [(type(m).__name__, m.step) for m in run.metrics()]
+    first_two = [("TrainRecord", 1), ("EvalRecord", 0)] if method == "lora" else [("EvalRecord", 0), ("TrainRecord", 1)]
+    assert records[:2] == first_two
+    assert [m.step for m in run.eval_metrics()] == [0, 3]
+    assert {"tokenizer and data", "model", "base score", "first loss point"} <= status.startup.keys()
+    assert ("adapter" in status.startup) == (method == "lora")
+    assert 0 < status.startup["first loss point"] < 120

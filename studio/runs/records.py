@@ -99,6 +99,7 @@ class RunStatus:
     compiled_layers: int | None = None
     compile_note: str | None = None
     memory_check: dict[str, Any] | None = None  # MemoryCheck.to_dict()
+    startup: dict[str, float] | None = None  # seconds per start-up phase, and to the first loss point
     # how it ended
     base_eval_loss: float | None = None
     eval_loss: float | None = None

@@ -94,6 +94,9 @@ class Trainer:
         self.total_steps = 0
         self._unread: list[_Unread] = []  # steps done whose numbers are still on the device
         self._started, self._first_step = time.time(), 0
+        self.created = time.time()  # ~ when Train was pressed: the job's thread builds the trainer first
+        self.timings: dict[str, float] = {}  # seconds per start-up phase (startup())
+        self.after_first_step: Callable[[], None] | None = None  # run once, after step 1 is recorded
 
     # ---- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -110,10 +113,12 @@ class Trainer:
             )
         self.precision = precision.resolve(t.precision, self.hw.bf16)  # recorded with the run
 
+        started = time.time()
         self.tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
         data = prepare(cfg.data, self.tokenizer, t.seed)
         self.train_examples, self.eval_examples = data.train, data.eval
         self.data_findings = data.report.findings + data.notes
+        self.timings["tokenizer and data"] = time.time() - started
 
         self.model = self._load_model()
         self.batching = self._batching()
@@ -202,8 +207,9 @@ class Trainer:
         )
 
     def _load_model(self):
-        cfg = self.config
+        cfg, started = self.config, time.time()
         model = models.load_model(cfg.model, cfg.method, self.device, self.precision, cfg.trust_remote_code)
+        self.timings["model"] = time.time() - started
         model.config.use_cache = False
         if cfg.training.gradient_checkpointing:
             # Non-reentrant checkpointing needs no input that requires grad, so it works the
@@ -225,6 +231,7 @@ class Trainer:
             target_modules=cfg.lora.target_modules(),
             task_type="CAUSAL_LM",
         )
+        started = time.time()
         try:
             model = get_peft_model(model, lora)
         except ValueError as exc:
@@ -241,6 +248,7 @@ class Trainer:
             for module in model.modules():
                 if isinstance(module, BaseTunerLayer):
                     module.cast_input_dtype_enabled = False
+        self.timings["adapter"] = time.time() - started
         return model
 
     # ---- train -------------------------------------------------------------------------------
@@ -333,9 +341,13 @@ class Trainer:
             self._unread.append(_Unread(self.step, loss_sum, grad_norm, tokens, scored, lr, self.micro, step_start))
             if self.step == self._first_step + 1:
                 self._check_compiled()
+                if self.after_first_step is not None:
+                    self._read()  # the first loss point is out before the hook's work
+                    hook, self.after_first_step = self.after_first_step, None
+                    hook()
             evaluate = t.eval_steps and self.step % t.eval_steps == 0 and self.step < self.total_steps
             save_now = self.step % self.save_every == 0 and self.step < self.total_steps
-            due = time.time() - self._unread[0].started >= self.read_every_s
+            due = bool(self._unread) and time.time() - self._unread[0].started >= self.read_every_s
             if due or evaluate or save_now or self.step == self.total_steps:
                 self._read()
             if evaluate:
@@ -361,6 +373,7 @@ class Trainer:
             if not math.isfinite(loss):
                 raise FloatingPointError(f"The loss became {loss} at step {u.step}; lower the learning rate.")
         now = time.time()
+        self.timings.setdefault("first loss point", now - self.created)
         rate = sum(tokens for tokens, _ in counts) / max(now - unread[0].started, 1e-9)  # the steps read together
         memory = hardware.memory_snapshot(self.device)
         for u, loss, norm, (tokens, scored) in zip(unread, losses, norms, counts):
@@ -397,10 +410,30 @@ class Trainer:
                 f"{self.best_eval:.4f} for {patience} evaluations."
             )
 
+    def startup(self) -> dict[str, float]:
+        """Seconds per start-up phase (tokenizer and data, model, adapter, memory check, base
+        score) and from the trainer's creation to the first loss point, as the run records them."""
+        return {name: round(seconds, 2) for name, seconds in self.timings.items()}
+
+    @property
+    def base_scorable_later(self) -> bool:
+        """Whether the base can be scored after training started: an adapter switches off, one
+        process (several would each have to agree when) and no compiled layers (switching the
+        adapter off would recompile every layer)."""
+        return self.config.method != "full" and not self.dist.enabled and not self.compiled_layers
+
+    def evaluate_base(self) -> float | None:
+        """The base model's held-out loss, recorded at step 0: the model itself before the first
+        step (a new adapter is a no-op), the model with its adapter switched off after it."""
+        if self.step == 0:
+            return self.evaluate()
+        with self.model.disable_adapter():
+            return self.evaluate(at_step=0)
+
     @torch.no_grad()
-    def evaluate(self) -> float | None:
+    def evaluate(self, at_step: int | None = None) -> float | None:
         """Token-weighted mean loss on the held-out rows, batched as training is (packed rows keep
-        the compiled shape); None when there is no eval split."""
+        the compiled shape), recorded at ``at_step`` (default: now); None when there is no eval split."""
         if not self.eval_examples:
             return None
         self.model.eval()
@@ -418,7 +451,7 @@ class Trainer:
         if not count:
             return None
         eval_loss = total.item() / count
-        self._emit(EvalRecord(self.step, eval_loss, time.time()))
+        self._emit(EvalRecord(self.step if at_step is None else at_step, eval_loss, time.time()))
         return eval_loss
 
     def _emit(self, record: Record) -> None:
