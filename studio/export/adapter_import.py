@@ -40,6 +40,7 @@ from studio.config import ConfigError, RunConfig
 from studio.export.zip_safety import UnsafeZipError, check_entries, extract_members, read_member
 from studio.formatting import format_bytes, slug
 from studio.planning import memory
+from studio.planning.precision import PRECISIONS
 from studio.runs import fingerprint
 from studio.runs.files import atomic_write_text
 from studio.runs.records import EvalRecord, TrainRecord, parse_record
@@ -445,6 +446,8 @@ def _write_run(
     digest = src.get("data_sha256")
     if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{8,64}", digest):
         fields["data_sha256"] = digest
+    if src.get("precision") in PRECISIONS:  # zips from before it carried none: scored in fp32
+        fields["precision"] = src["precision"]
     # The name it had, else the id it had (an upload's file name may be a browser temp name).
     display = name or _printable(src.get("name")) or _printable(src.get("run_id")) or zip_path.stem[:NAME_MAX]
     message = f"Imported from {zip_path.name}."

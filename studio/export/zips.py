@@ -49,6 +49,7 @@ CARRIED_STATUS = (
     "eval_loss",
     "base_eval_loss",
     "trainable_params",
+    "precision",  # so an imported adapter computes as its source did (same greedy answers)
 )
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. What is 2 plus 3?"
 

@@ -61,7 +61,8 @@ def autocast(device: str, precision: str):
 
 def of_status(status: RunStatus) -> str:
     """A run's recorded precision. Runs from before the ``precision`` key recorded ``bf16``;
-    imported adapters record neither and are scored in fp32 (exact, if slower)."""
+    an imported adapter carries its source's, and one from a zip without it is scored in fp32
+    (exact, if slower)."""
     if status.precision in PRECISIONS:
         return status.precision
     return "bf16" if status.bf16 else "fp32"
