@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from pathlib import Path
@@ -121,13 +122,9 @@ class _NotAUnitTest(AssertionError):
     pass
 
 
-@pytest.fixture(autouse=True)
-def _unit_tests_train_nothing(request, monkeypatch):
-    """A test marked ``unit`` must train nothing and start no process (tests/README.md): here it
-    fails at the first backward pass or process start, so the marker cannot drift from the truth."""
-    if request.node.get_closest_marker("unit") is None:
-        yield
-        return
+@contextlib.contextmanager
+def _refusing_training_and_processes():
+    """Backward passes and process starts raise while inside (see the hooks below)."""
     import multiprocessing
     import subprocess
 
@@ -139,11 +136,39 @@ def _unit_tests_train_nothing(request, monkeypatch):
 
         return fail
 
-    monkeypatch.setattr(torch.autograd, "backward", refuse("ran a backward pass (trained)"))
-    monkeypatch.setattr(torch.Tensor, "backward", refuse("ran a backward pass (trained)"))
-    monkeypatch.setattr(subprocess.Popen, "__init__", refuse("started a process"))
-    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse("started a process"))
-    yield
+    patches = [
+        (torch.autograd, "backward", refuse("ran a backward pass (trained)")),
+        (torch.Tensor, "backward", refuse("ran a backward pass (trained)")),
+        (subprocess.Popen, "__init__", refuse("started a process")),
+        (multiprocessing.process.BaseProcess, "start", refuse("started a process")),
+    ]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    try:
+        for obj, name, replacement in patches:
+            setattr(obj, name, replacement)
+        yield
+    finally:
+        for obj, name, original in saved:
+            setattr(obj, name, original)
+
+
+def _guarded(item):
+    """A test marked ``unit`` must train nothing and start no process (tests/README.md), in its
+    body and in every fixture its setup builds (a module or session fixture that trains counts:
+    a unit test that needs one is not a unit test). So the marker cannot drift from the truth."""
+    return _refusing_training_and_processes() if item.get_closest_marker("unit") else contextlib.nullcontext()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    with _guarded(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    with _guarded(item):
+        yield
 
 
 @pytest.fixture

@@ -37,6 +37,7 @@ def _packed(examples, micro_batch, layout, sdpa):
 
 
 # ---- the stream --------------------------------------------------------------------------------
+@pytest.mark.unit
 def test_best_fit_fills_rows_and_keeps_every_example_once():
     rng = random.Random(0)
     lengths = [rng.randint(20, 400) for _ in range(480)]
@@ -47,6 +48,7 @@ def test_best_fit_fills_rows_and_keeps_every_example_once():
     assert fill > 0.95, fill  # almost no padding: 480 rows of 20-400 tokens
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("packed", [False, True])
 def test_an_epoch_uses_every_example_once_and_processes_split_the_stream(packed):
     from itertools import islice
@@ -64,6 +66,7 @@ def test_an_epoch_uses_every_example_once_and_processes_split_the_stream(packed)
     assert rank0 == single[0::2] and rank1 == single[1::2]
 
 
+@pytest.mark.unit
 def test_packed_tensors_have_one_shape_positions_per_document_and_no_cross_document_target():
     examples = _examples([5, 7, 3, 9])
     layout = Batching(rows=3, width=16)
@@ -80,6 +83,7 @@ def test_packed_tensors_have_one_shape_positions_per_document_and_no_cross_docum
     assert mask[6, 5] and not mask[6, 4] and not mask[5, 6]  # own document, causal, nothing across
 
 
+@pytest.mark.unit
 def test_our_mask_is_the_one_transformers_builds_from_the_position_ids():
     from transformers.masking_utils import create_causal_mask
 
@@ -98,6 +102,7 @@ def test_our_mask_is_the_one_transformers_builds_from_the_position_ids():
 
 
 # ---- the model sees each document alone --------------------------------------------------------
+@pytest.mark.unit
 @pytest.mark.parametrize("model_type", sorted(batching.PACKED_MODEL_TYPES))
 @pytest.mark.parametrize("sdpa", [True, False])
 def test_a_packed_document_has_the_logits_it_has_alone(model_type, sdpa):
@@ -167,6 +172,7 @@ def test_a_packed_run_trains_evaluates_and_counts_tokens(tiny_model_dir, instruc
     assert [e.step for e in run.eval_metrics()] == [0, 3, 6]  # 0: before training
 
 
+@pytest.mark.unit
 def test_packing_on_refuses_a_model_it_has_not_checked(tiny_model_dir, instruction_csv, runs_dir, monkeypatch):
     from studio.models import ModelError
 

@@ -2,6 +2,8 @@ import pytest
 
 from studio.config import ConfigError, RunConfig, field_help, leaf_fields
 
+pytestmark = pytest.mark.unit
+
 
 def test_defaults_are_valid_without_data_file():
     assert RunConfig().validate(check_data_file=False) == []

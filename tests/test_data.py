@@ -24,6 +24,8 @@ from studio.data.validate import prompt_key, token_lengths
 from studio.models import load_tokenizer
 from studio.ui.views import report_markdown
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def tok(tiny_model_dir):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from studio.runs.registry import RunRegistry
@@ -69,6 +70,7 @@ def test_accelerate_launch_two_processes_one_run(tiny_model_dir, instruction_csv
     assert model.active_adapter == "default"
 
 
+@pytest.mark.unit
 def test_each_process_takes_every_other_batch_of_the_same_stream():
     """Rank r trains on batches r, r + world, ...: together the ranks cover the single-process
     stream exactly once, so two processes see an epoch in half the steps."""
@@ -89,6 +91,7 @@ def test_each_process_takes_every_other_batch_of_the_same_stream():
     assert sorted(i for b in rank0 + rank1 for i in b) == list(range(64))
 
 
+@pytest.mark.unit
 def test_a_sharding_launch_config_the_run_does_not_follow_is_refused(
     monkeypatch, tiny_model_dir, instruction_csv, tmp_path, capsys
 ):

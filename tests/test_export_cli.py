@@ -125,6 +125,7 @@ def test_yaml_config_with_flag_overrides(tiny_model_dir, instruction_csv, runs_d
     assert cfg.training.max_steps == 4  # the flag wins
 
 
+@pytest.mark.unit
 def test_bad_config_prints_every_problem(tmp_path, capsys):
     assert (
         main(["train", "--data", str(tmp_path / "none.csv"), "--learning-rate", "5", "--runs-dir", str(tmp_path / "r")])
@@ -135,6 +136,7 @@ def test_bad_config_prints_every_problem(tmp_path, capsys):
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
 
 
+@pytest.mark.unit
 def test_export_refuses_unfinished_runs(runs_dir, capsys):
     run = RunRegistry(runs_dir).create(RunConfig())
     with pytest.raises(ExportError, match="no finished"):
@@ -143,6 +145,7 @@ def test_export_refuses_unfinished_runs(runs_dir, capsys):
     assert "No run called" in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_every_config_field_has_a_flag_and_copy_as_cli_round_trips(tmp_path):
     cfg = RunConfig.from_dict(
         {
@@ -200,6 +203,7 @@ def test_public_bind_requires_auth():
         assert proc.returncode != 0 and "without a password" in proc.stderr, proc.stderr
 
 
+@pytest.mark.unit
 def test_pickle_weights_are_refused(tiny_model_dir, tmp_path):
     import shutil
 
@@ -216,6 +220,7 @@ def test_pickle_weights_are_refused(tiny_model_dir, tmp_path):
         load_model(str(folder))
 
 
+@pytest.mark.unit
 def test_unknown_hub_model_offline_fails_fast_with_a_sentence(monkeypatch):
     """huggingface_hub alone retries for ~49 s offline; the studio answers at once."""
     import socket

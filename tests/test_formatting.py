@@ -1,6 +1,10 @@
 """One rule each for sizes, durations, table cells and slugs."""
 
+import pytest
+
 from studio.formatting import GIB, MIB, format_bytes, format_duration, markdown_cell, slug
+
+pytestmark = pytest.mark.unit
 
 
 def test_sizes_are_binary_so_a_limit_prints_as_itself():

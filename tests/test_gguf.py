@@ -232,6 +232,7 @@ def _save_tiny(kind: str, tiny_model_dir: Path, out: Path) -> Path:
     return out
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", ["llama-tied", "mistral", "qwen2"])
 def test_each_supported_architecture_reads_back_exactly(kind, tiny_model_dir, tmp_path):
     model_dir = _save_tiny(kind, tiny_model_dir, tmp_path / kind)
@@ -260,6 +261,7 @@ def test_each_supported_architecture_reads_back_exactly(kind, tiny_model_dir, tm
 # ---- refusals ------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_unsupported_models_are_refused_with_what_is_supported(tiny_model_dir):
     with pytest.raises(
         GgufError, match="supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM .* GPT2LMHeadModel"
@@ -283,6 +285,7 @@ def test_unsupported_models_are_refused_with_what_is_supported(tiny_model_dir):
         pre_tokenizer_name(PreTrainedTokenizerFast(tokenizer_object=custom))
 
 
+@pytest.mark.unit
 def test_the_default_tokenizer_is_named_as_llama_cpp_names_it():
     """llama.cpp identifies SmolLM's tokenizer by the hash of a check text's token ids; ours must
     produce the same name, or llama.cpp would split prompts differently from training."""
@@ -328,6 +331,7 @@ INST = (
 )
 
 
+@pytest.mark.unit
 def test_role_formats_are_read_from_the_template_and_verified():
     chatml = derive(_jinja(open_chatml()))
     assert chatml == CHATML
@@ -347,6 +351,7 @@ def open_chatml() -> str:
     return CHATML_TEMPLATE.read_text(encoding="utf-8")
 
 
+@pytest.mark.unit
 def test_the_go_template_is_ollamas_chatml():
     assert CHATML.go_template() == (
         "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
@@ -356,6 +361,7 @@ def test_the_go_template_is_ollamas_chatml():
     )
 
 
+@pytest.mark.unit
 def test_stop_tokens_end_the_turn_training_ended(tiny_model_dir):
     """The Modelfile's stops are where a trained assistant turn ends: the first thing after the
     answer in the training text, each one a single special token."""
@@ -373,6 +379,7 @@ def test_stop_tokens_end_the_turn_training_ended(tiny_model_dir):
     assert all(len(tokenizer(s, add_special_tokens=False)["input_ids"]) == 1 for s in stops)
 
 
+@pytest.mark.unit
 def test_modelfile_says_plainly_when_it_has_no_template():
     text = modelfile(
         "m.gguf", None, "the template folds the system prompt into the first user turn", ["</s>"], None, {}

@@ -30,3 +30,19 @@ def test_an_unmarked_test_may_do_both():
     (x * 2).sum().backward()
     assert x.grad.tolist() == [2.0, 2.0]
     assert subprocess.run([sys.executable, "-c", "pass"]).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def trains_in_setup():
+    """A module fixture that trains, as a shared trained run does."""
+    x = torch.ones(2, requires_grad=True)
+    try:
+        (x * 2).sum().backward()
+    except _NotAUnitTest:
+        return "refused"
+    return "trained"
+
+
+@pytest.mark.unit
+def test_a_unit_tests_fixtures_cannot_train_either(trains_in_setup):
+    assert trains_in_setup == "refused"

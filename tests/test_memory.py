@@ -8,6 +8,8 @@ from transformers import AutoConfig, LlamaConfig
 from studio.cli import main
 from studio.planning.memory import GIB, Settings, estimate, shape_for_model, shape_from_config
 
+pytestmark = pytest.mark.unit
+
 LLAMA3_8B = LlamaConfig(
     vocab_size=128256,
     hidden_size=4096,

@@ -42,6 +42,7 @@ def test_check_measures_and_leaves_the_run_unchanged(method, tiny_model_dir, ins
     assert runs[False].status().memory_check is None
 
 
+@pytest.mark.unit
 def test_a_run_the_estimate_says_cannot_fit_is_refused_before_it_starts(
     tiny_model_dir, instruction_csv, runs_dir, monkeypatch
 ):
@@ -55,6 +56,7 @@ def test_a_run_the_estimate_says_cannot_fit_is_refused_before_it_starts(
     assert _losses(run) == [] and not run.is_trained()  # nothing trained, nothing half-saved
 
 
+@pytest.mark.unit
 def test_out_of_memory_during_the_check_is_a_sentence_with_a_fix(tiny_model_dir, instruction_csv, runs_dir):
     cfg = _cfg(tiny_model_dir, instruction_csv, "lora", batch_size=8)
     trainer = Trainer(cfg, RunRegistry(runs_dir).create(cfg))
@@ -123,6 +125,7 @@ def test_out_of_memory_mid_run_fails_cleanly_with_a_retry_and_the_server_goes_on
     assert nxt.run.status().state == "finished"
 
 
+@pytest.mark.unit
 def test_memory_too_small_for_any_setting_says_what_else_to_do(tiny_model_dir, instruction_csv, runs_dir, monkeypatch):
     monkeypatch.setattr(mc, "available_bytes", lambda device, local_rank=0: 100 * 2**20)
     cfg = _cfg(tiny_model_dir, instruction_csv, "lora")

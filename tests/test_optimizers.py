@@ -12,12 +12,14 @@ from studio.training.optimizers import BITSANDBYTES
 from tests.helpers import tiny_run_config
 
 
+@pytest.mark.unit
 def test_auto_is_paged_adamw_for_qlora_on_cuda_and_adamw_elsewhere():
     assert optimizer_for("auto", "qlora", "cuda") == "paged_adamw_32bit"
     assert optimizer_for("auto", "lora", "cuda") == optimizer_for("auto", "qlora", "cpu") == "adamw"
     assert optimizer_for("adamw_8bit", "full", "cpu") == "adamw_8bit"
 
 
+@pytest.mark.unit
 def test_unknown_optimizer_and_bitsandbytes_under_fsdp_are_refused():
     problems = RunConfig.from_dict({"training": {"optimizer": "sgd"}}).validate(check_data_file=False)
     assert any("`training.optimizer` must be one of auto, adamw, adamw_8bit" in p for p in problems)
@@ -57,6 +59,7 @@ def test_bitsandbytes_optimizers_train_and_resume_to_the_same_losses(name, tiny_
     assert again == pytest.approx(losses, rel=1e-5)
 
 
+@pytest.mark.unit
 def test_estimate_counts_each_optimizers_state(tiny_model_dir):
     from transformers import AutoConfig
 

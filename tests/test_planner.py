@@ -16,6 +16,8 @@ from studio.planning.memory import GIB, estimate, shape_from_config
 from studio.planning.planner import TIGHT_SHARE, Settings, plan, settings_for
 from studio.planning.precision import AUTO_ENV
 
+pytestmark = pytest.mark.unit
+
 # A ~0.5B Llama: big enough that the methods differ by gigabytes, built on the meta device.
 SHAPE = shape_from_config(
     LlamaConfig(
@@ -309,7 +311,6 @@ def _function(tree: ast.Module, qualname: str) -> ast.AST | None:
     return node
 
 
-@pytest.mark.unit
 def test_the_checker_finds_settings_patched_with_replace():
     """The source test below is only as good as its checker: it sees a patch written any of these
     ways, and leaves alone the changes suggest() explores from settings it was handed."""
@@ -336,7 +337,6 @@ def exploring(settings):
     assert sorted(name for name, _ in _patched_settings(ast.parse(code))) == ["direct", "inner", "through_a_name"]
 
 
-@pytest.mark.unit
 def test_no_caller_patches_what_settings_for_built():
     """settings_for takes what varies between callers (the measured seq length and batch, the
     devices, sharding) as arguments; a replace() on its result would be a fifth way to build them."""
@@ -350,7 +350,6 @@ def test_no_caller_patches_what_settings_for_built():
     )
 
 
-@pytest.mark.unit
 def test_every_estimate_of_a_run_builds_its_settings_with_settings_for():
     for path, qualname in CALLERS.items():
         fn = _function(ast.parse((STUDIO / path).read_text(encoding="utf-8")), qualname)
@@ -368,7 +367,6 @@ def test_every_estimate_of_a_run_builds_its_settings_with_settings_for():
     assert built == inside and len(inside) == 1, built
 
 
-@pytest.mark.unit
 def test_settings_for_reads_the_config_and_takes_what_the_config_cannot_know(monkeypatch):
     monkeypatch.delenv(AUTO_ENV, raising=False)  # `auto` precision: decided by the hardware here
     cfg = RunConfig.from_dict(
@@ -450,7 +448,6 @@ def _flags(values: dict) -> list[str]:
     return [x for dotted, v in text.items() for x in (f"--{flag_name(dotted)}", v)]
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("dotted", [name for name, _, _ in leaf_fields()])
 def test_estimate_takes_every_config_flag(dotted):
     assert dotted in EVERY_FIELD, f"a new config field: give {dotted} a value in EVERY_FIELD"
@@ -460,7 +457,6 @@ def test_estimate_takes_every_config_flag(dotted):
     assert RunConfig().flat()[dotted] != value  # the value shows the flag, not the default
 
 
-@pytest.mark.unit
 def test_every_estimate_flag_reaches_the_config_it_estimates(tiny_model_dir, monkeypatch, capsys):
     from studio.planning import planner
 
@@ -487,7 +483,6 @@ def test_every_estimate_flag_reaches_the_config_it_estimates(tiny_model_dir, mon
     assert "gathered_weights" in out["breakdown"]  # estimated sharded across the two devices
 
 
-@pytest.mark.unit
 def test_estimate_keeps_its_own_flags_and_reads_a_run_yaml(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """--seq-len is max length; a bare --gradient-checkpointing turns it on; --config as train reads it."""
     from studio.planning import planner

@@ -105,6 +105,7 @@ def test_streams_token_by_token_with_the_same_seeded_sampling(two_runs):
     assert steps[-1] == again[-1]  # same seed, same sample
 
 
+@pytest.mark.unit
 def test_unfinished_run_is_refused(tiny_model_dir, runs_dir):
     run = RunRegistry(runs_dir).create(RunConfig(model=str(tiny_model_dir)))
     with pytest.raises(ValueError, match="no saved adapter"):
@@ -281,6 +282,7 @@ def test_chat_works_while_a_job_trains(two_runs, tiny_model_dir, instruction_csv
         job.thread.join(60)
 
 
+@pytest.mark.unit
 def test_base_is_loaded_as_each_method_trained_it(monkeypatch):
     """fp32 master weights for full, the run's dtype for LoRA, 4-bit for QLoRA where bitsandbytes
     runs; without it a QLoRA adapter still chats, on the full-precision base."""

@@ -8,6 +8,8 @@ from studio.config import RunConfig
 from studio.runs.records import EvalRecord, Event, Retry, RunStatus, TrainRecord, parse_record
 from studio.runs.registry import RunRegistry
 
+pytestmark = pytest.mark.unit
+
 
 def test_records_round_trip_with_keys_they_do_not_know():
     line = {"kind": "train", "step": 3, "loss": 1.5, "tokens": 40, "rss_mib": 812.0, "added_later": [1, 2]}

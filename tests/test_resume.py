@@ -143,6 +143,7 @@ def test_stop_saves_a_checkpoint_and_the_server_resumes_to_the_end(tiny_model_di
         jobs.resume(job.run)
 
 
+@pytest.mark.unit
 def test_each_reason_a_run_cannot_be_resumed_is_named(tmp_path):
     """Still running (a live process), finished, or no checkpoint: the sentence says which."""
     from studio.runs.registry import process_started_at
@@ -162,6 +163,7 @@ def test_each_reason_a_run_cannot_be_resumed_is_named(tmp_path):
     assert "already reached its final step (10 of 10)" in run.resume_problem()
 
 
+@pytest.mark.unit
 def test_a_queued_run_is_an_orphan_only_when_a_studio_starts(tmp_path):
     """A queued run has no process: resuming it by name must not mark it interrupted while a
     live server's queue holds it; a studio starting up knows the old queue is gone."""

@@ -7,6 +7,8 @@ from studio.config import RunConfig
 from studio.runs.records import EvalRecord, TrainRecord
 from studio.runs.registry import RunRegistry
 
+pytestmark = pytest.mark.unit
+
 
 def test_create_list_get_and_status(runs_dir):
     reg = RunRegistry(runs_dir)

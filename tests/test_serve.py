@@ -205,6 +205,7 @@ def test_training_keeps_priority(served, monkeypatch):
     assert err.value.response.headers["retry-after"] == "30"
 
 
+@pytest.mark.unit
 def test_the_chat_tabs_snippets_are_code_that_names_the_adapter():
     from studio.ui.api_panel import curl_snippet, python_snippet
 

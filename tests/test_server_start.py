@@ -87,6 +87,7 @@ def test_runs_folder_that_cannot_be_written():
     assert "The runs folder /proc cannot be written to" in _refused(_app("--runs-dir", "/proc"))
 
 
+@pytest.mark.unit
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into a chmod 555 folder anyway")
 def test_read_only_runs_folder(tmp_path):
     runs = tmp_path / "runs"
@@ -95,6 +96,7 @@ def test_read_only_runs_folder(tmp_path):
         RunRegistry(runs).check_writable()
 
 
+@pytest.mark.unit
 def test_cli_train_with_a_runs_folder_it_cannot_use(tiny_model_dir, instruction_csv, tmp_path, capsys):
     common = ["train", "--data", str(instruction_csv), "--model", str(tiny_model_dir), "--max-steps", "1"]
     assert main([*common, "--runs-dir", str(_uncreatable(tmp_path))]) == 2
@@ -109,6 +111,7 @@ def _offline_message(ref: str) -> str:
     return f"The model {ref!r} is not in the local Hugging Face cache and the hub cannot be reached (offline)."
 
 
+@pytest.mark.unit
 def test_cli_validate_unknown_model(instruction_csv, capsys):
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # conftest: tests never reach the network
     assert main(["validate", str(instruction_csv), "--model", UNKNOWN_MODEL]) == 2
@@ -116,6 +119,7 @@ def test_cli_validate_unknown_model(instruction_csv, capsys):
     assert err.startswith(f"Error: {_offline_message(UNKNOWN_MODEL)}") and "Use `default`" in err
 
 
+@pytest.mark.unit
 def test_cli_train_unknown_model(instruction_csv, runs_dir, capsys):
     assert (
         main(
@@ -138,6 +142,7 @@ def test_cli_train_unknown_model(instruction_csv, runs_dir, capsys):
     assert not list(runs_dir.iterdir())  # refused before a run folder was made for it
 
 
+@pytest.mark.unit
 def test_unknown_model_in_the_model_box(instruction_csv, runs_dir):
     """What the page's handlers call when the model box names a model that does not exist: the
     Data tab's report and the Train tab's memory plan both show the model's sentence."""
@@ -180,6 +185,7 @@ def _lazy_imports() -> list[tuple[str, str, tuple[str, ...]]]:
     return found
 
 
+@pytest.mark.unit
 def test_preload_covers_every_lazy_import():
     """Handlers must not be the first to import transformers, peft or a studio module: keep
     studio/inference/warmup.py's list in step with the imports inside functions."""
@@ -195,6 +201,7 @@ def test_preload_covers_every_lazy_import():
     assert not missing, "add these to studio/inference/warmup.py PRELOAD:\n" + "\n".join(missing)
 
 
+@pytest.mark.unit
 def test_preload_imports_what_it_lists():
     from studio.inference.warmup import PRELOAD, preload
 

@@ -7,6 +7,8 @@ import pytest
 import studio.service as service
 from studio.data import DataError
 
+pytestmark = pytest.mark.unit
+
 SAMPLE = Path(__file__).resolve().parents[1] / "studio" / "templates" / "samples" / "instructions.csv"
 
 

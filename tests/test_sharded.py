@@ -244,6 +244,7 @@ def test_processes_agree_on_one_memory_verdict(tmp_path):
     assert verdicts == ["Process 1 of 2: Two steps needed 9 GiB more RAM than the 1 GiB that was free."] * 2
 
 
+@pytest.mark.unit
 def test_a_checkpoint_resumes_only_with_the_process_count_and_sharding_it_was_saved_with(
     tiny_model_dir, data, tmp_path
 ):

@@ -9,6 +9,8 @@ from studio.runs.records import Retry
 from studio.service import Studio
 from studio.ui import train_tab
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def tab(tmp_path):

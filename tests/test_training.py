@@ -97,6 +97,7 @@ def test_qlora_trains_and_keeps_gradients_after_an_inference_pass(tiny_model_dir
     assert sum(float(p.grad.abs().sum()) for p in lora) > 0
 
 
+@pytest.mark.unit
 def test_bad_data_fails_with_a_sentence(tiny_model_dir, tmp_path, runs_dir):
     bad = tmp_path / "bad.csv"
     bad.write_text("name,age\nann,3\n")
@@ -163,6 +164,7 @@ def test_early_stopping_ends_the_run_when_eval_loss_stops_improving(
     assert run.is_trained()  # the adapter is saved as for any finished run
 
 
+@pytest.mark.unit
 def test_early_stopping_needs_evaluations():
     problems = RunConfig.from_dict({"training": {"early_stopping": 2}}).validate(check_data_file=False)
     assert any("needs `training.eval_steps`" in p for p in problems)
@@ -253,6 +255,7 @@ def test_labeled_token_loss_matches_other_model_families(config_cls):
         torch.testing.assert_close(grad, their_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.unit
 def test_soft_capped_and_unknown_heads_take_the_models_own_loss():
     from studio.training.loss import LabeledTokenLoss
 
@@ -326,6 +329,7 @@ sys.exit(main(["train", "--config", {str(config_path)!r}, "--runs-dir", {str(tmp
         assert status.retry.changes == {"training.compile": False}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("schedule, last_lr", [("cosine", 0.0), ("linear", 0.0), ("constant", 1e-2)])
 def test_lr_scheduler_shapes_the_learning_rate_after_warmup(
     tiny_model_dir, instruction_csv, runs_dir, schedule, last_lr
@@ -344,6 +348,7 @@ def test_lr_scheduler_shapes_the_learning_rate_after_warmup(
         assert lrs[6] == pytest.approx(1e-2 * 4 / 8)  # halfway down a straight line
 
 
+@pytest.mark.unit
 def test_lr_scheduler_is_validated():
     problems = RunConfig.from_dict({"training": {"lr_scheduler": "step"}}).validate(check_data_file=False)
     assert "`training.lr_scheduler` must be one of cosine, linear, constant (got 'step')." in problems

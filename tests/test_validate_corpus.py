@@ -9,6 +9,8 @@ import pytest
 
 from studio.cli import main
 
+pytestmark = pytest.mark.unit
+
 GOOD = "".join(f"what is {i} plus 1,answer {i + 1}\n" for i in range(12))
 
 

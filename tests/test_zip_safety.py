@@ -20,6 +20,8 @@ from studio.export.zip_safety import (
 )
 from studio.formatting import GIB, format_bytes
 
+pytestmark = pytest.mark.unit
+
 
 def _zip(path: Path, entries: dict, compression: int = zipfile.ZIP_DEFLATED) -> Path:
     """A zip at ``path`` holding ``entries`` (name -> bytes, or name -> (ZipInfo, bytes))."""
