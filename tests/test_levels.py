@@ -25,6 +25,7 @@ def test_a_unit_test_cannot_start_a_process():
         subprocess.run([sys.executable, "-c", "pass"])
 
 
+@pytest.mark.process
 def test_an_unmarked_test_may_do_both():
     x = torch.ones(2, requires_grad=True)
     (x * 2).sum().backward()

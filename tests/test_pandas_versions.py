@@ -42,6 +42,8 @@ import pandas
 from studio.cli import main
 from studio.data import detect_format, read_table, validate
 
+pytestmark = pytest.mark.process
+
 moji, sample, model, runs = sys.argv[1:]
 table = read_table(moji)
 found = {f.code: f.rows for f in validate(table, detect_format(table.df)).findings}

@@ -172,6 +172,7 @@ def test_completions_stop_strings_and_metrics(served):
     assert httpx.get(url.removesuffix("/v1") + "/metrics").status_code == 401
 
 
+@pytest.mark.process
 def test_a_non_local_bind_needs_a_key():
     from studio.launch import resolve_api_key, ui_api_key
 
@@ -244,6 +245,7 @@ def test_ignore_eos_decodes_to_max_tokens(served):
     assert reply.usage.completion_tokens == 20 and reply.choices[0].finish_reason == "length"
 
 
+@pytest.mark.process
 def test_a_cold_serve_process_answers_first_and_logs_the_request(tiny_model_dir, tmp_path):
     """`finetune-studio serve` as a fresh process whose very first request is a completion; the
     request's log line reaches its output (INFO, with nothing else configuring logging)."""

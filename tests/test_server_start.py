@@ -45,6 +45,7 @@ def busy_port():
         yield s.getsockname()[1]
 
 
+@pytest.mark.process
 def test_busy_port_is_named_with_the_fix(busy_port, tmp_path):
     message = _refused(_app("--port", str(busy_port), "--runs-dir", str(tmp_path / "runs")))
     assert message == (
@@ -61,6 +62,7 @@ def test_busy_port_through_the_cli(busy_port, tmp_path):
     assert f"Port {busy_port} is already in use" in str(exc.value.code)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("port", ["0", "70000"])
 def test_port_out_of_range(port, tmp_path):
     assert "--port must be between 1 and 65535" in _refused(_app("--port", port, "--runs-dir", str(tmp_path)))
@@ -73,6 +75,7 @@ def _uncreatable(tmp_path: Path) -> Path:
     return blocker / "runs"
 
 
+@pytest.mark.process
 def test_runs_folder_that_cannot_be_created(tmp_path):
     runs = _uncreatable(tmp_path)
     message = _refused(_app("--runs-dir", str(runs)))
@@ -82,6 +85,7 @@ def test_runs_folder_that_cannot_be_created(tmp_path):
     )
 
 
+@pytest.mark.process
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc: a folder even root cannot write")
 def test_runs_folder_that_cannot_be_written():
     assert "The runs folder /proc cannot be written to" in _refused(_app("--runs-dir", "/proc"))

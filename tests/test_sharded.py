@@ -136,6 +136,7 @@ def trained(tiny_model_dir, data, tmp_path_factory):
     return get
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_two_sharded_processes_train_like_one_with_accumulation(method, tiny_model_dir, trained):
     one, fsdp = trained("one", method), trained("fsdp", method)
@@ -159,6 +160,7 @@ def test_two_sharded_processes_train_like_one_with_accumulation(method, tiny_mod
     assert sorted(p.name for p in (last / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
 
+@pytest.mark.process
 def test_ddp_trains_like_one_process_with_accumulation(tiny_model_dir, data, tmp_path, trained):
     one = trained("one", "lora")
     ddp = _train(tiny_model_dir, data, tmp_path / "ddp", "lora", 2, "--memory-check", "true")
@@ -167,6 +169,7 @@ def test_ddp_trains_like_one_process_with_accumulation(tiny_model_dir, data, tmp
     _same_direction(_weights(ddp), _weights(one))
 
 
+@pytest.mark.process
 def test_a_killed_sharded_run_resumes_to_its_final_step(tiny_model_dir, data, tmp_path, trained):
     """Kill both processes (SIGKILL, no clean-up) after a checkpoint; `resume` under the same
     launcher continues from the sharded checkpoint and lands where an unbroken run lands."""
@@ -231,6 +234,7 @@ def _agree_worker(rank: int, port: int, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.process
 def test_processes_agree_on_one_memory_verdict(tmp_path):
     """One process that would not fit stops every process, with its sentence."""
     import json
