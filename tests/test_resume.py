@@ -99,7 +99,7 @@ def test_sigkill_then_resume_ends_at_the_final_step_with_the_same_losses(
         assert ours[step] == pytest.approx(theirs[step], rel=1e-4), step
     assert len(run.checkpoints()) <= 2  # keep_checkpoints
     assert main(["resume", run.id, "--runs-dir", str(killed_runs)]) == 2  # finished runs cannot be resumed
-    assert "already reached its final step (120 of 120)" in capsys.readouterr().err
+    assert f"already reached its final step ({STEPS} of {STEPS})" in capsys.readouterr().err
 
 
 def test_stop_saves_a_checkpoint_and_the_server_resumes_to_the_end(tiny_model_dir, instruction_csv, runs_dir):
