@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Column roles, e.g. question=prompt answer=response (roles: prompt, input, response, "
         "system, messages, text). Default: detect.",
     )
-    val.add_argument("--json", action="store_true", help="Print the report as JSON (see README for the fields).")
+    val.add_argument("--json", action="store_true", help="Print the report as JSON (docs/cli.md lists the fields).")
 
     hw = sub.add_parser("hardware", help="What this machine has: GPUs, MPS, CPU, RAM, bf16, 4-bit support.")
     hw.add_argument("--json", action="store_true")
