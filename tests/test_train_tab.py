@@ -89,8 +89,17 @@ def test_the_memory_plans_suggested_change_lands_on_the_form(tab):
     """The plan's "Apply the suggested change" button: what show_plan keeps is what apply reads."""
     studio, tab = tab
     too_big = {"method": "full", "training.batch_size": 256, "data.max_length": 4096}
-    html, _, kept, _, apply_button = train_tab.show_plan(studio, tab, _data(tab, **too_big))
-    assert apply_button.visible and isinstance(kept["fix"], Retry) and kept["fix"].changes
+    shown = train_tab.show_plan(studio, tab, _data(tab, **too_big))
+    assert set(shown) == set(tab.plan_outputs)
+    kept = shown[tab.plan_state]
+    assert shown[tab.apply_fix].visible and isinstance(kept["fix"], Retry) and kept["fix"].changes
+    method, lr = tab.form.fields["method"], tab.form.fields["training.learning_rate"]
+    nothing_fits = train_tab.use_recommendation(tab, kept, DEFAULT_LEARNING_RATE["full"])
+    assert kept["recommended"] is None and nothing_fits == {method: gr.skip(), lr: gr.skip()}
+    defaults = train_tab.show_plan(studio, tab, _data(tab))[tab.plan_state]  # LoRA; the default model fits
+    use = train_tab.use_recommendation(tab, defaults, DEFAULT_LEARNING_RATE["lora"])
+    assert use[method].value == defaults["recommended"] in ("full", "lora", "qlora")
+    assert use[lr] == train_tab.switch_lr(DEFAULT_LEARNING_RATE["lora"], defaults["recommended"])
     out = train_tab.apply_plan_fix(tab, kept, DEFAULT_LEARNING_RATE["full"])
     assert out[tab.form.fields["method"]].value == kept["fix"].method
     assert all(out[tab.form.fields[k]] == v for k, v in kept["fix"].changes.items() if k in tab.form.fields)

@@ -285,31 +285,39 @@ def form_config(tab: TrainTab, data: dict) -> RunConfig:
     return RunConfig().with_overrides(values, skip_none=False)
 
 
-def show_plan(studio: Studio, tab: TrainTab, data: dict):
+def show_plan(studio: Studio, tab: TrainTab, data: dict) -> dict:
     """Re-plan on every change that moves memory; problems show in place of the table."""
-    hidden = (gr.Button(visible=False), gr.Button(visible=False))
+
+    def problems_shown(problems: list[str]) -> dict:
+        return {
+            tab.plan_html: _problems_html(problems),
+            tab.plan_plot: None,
+            tab.plan_state: None,
+            tab.use_recommended: gr.Button(visible=False),
+            tab.apply_fix: gr.Button(visible=False),
+        }
+
     try:
         cfg = form_config(tab, data)
         problems = cfg.validate(check_data_file=False)
         if problems:
-            return _problems_html(problems), None, None, *hidden
+            return problems_shown(problems)
         plan, basis = studio.memory_plan(cfg)
     except ConfigError as exc:
-        return _problems_html(exc.problems), None, None, *hidden
+        return problems_shown(exc.problems)
     except ModelError as exc:
-        return _problems_html([str(exc)]), None, None, *hidden
-    keep = {"recommended": plan.recommended, "fix": plan.suggestion.as_retry() if plan.suggestion else None}
+        return problems_shown([str(exc)])
     rec = plan.recommended
-    return (
-        plan_table_html(plan, cfg.method, basis),
-        memory_plan_figure(plan),
-        keep,
-        gr.Button(
+    return {
+        tab.plan_html: plan_table_html(plan, cfg.method, basis),
+        tab.plan_plot: memory_plan_figure(plan),
+        tab.plan_state: {"recommended": rec, "fix": plan.suggestion.as_retry() if plan.suggestion else None},
+        tab.use_recommended: gr.Button(
             visible=bool(rec and rec != cfg.method),
             value=f"Use {METHOD_NAMES[rec]}" if rec else "Use the recommended method",
         ),
-        gr.Button(visible=plan.suggestion is not None),
-    )
+        tab.apply_fix: gr.Button(visible=plan.suggestion is not None),
+    }
 
 
 def start(studio: Studio, tab: TrainTab, data: dict):
@@ -372,10 +380,12 @@ def switch_lr(current_lr, new_method):
     return gr.skip() if new_lr == current_lr else new_lr
 
 
-def use_recommendation(tab: TrainTab, kept, current_lr):
+def use_recommendation(tab: TrainTab, kept, current_lr) -> dict:
+    """The plan's recommended method, with the learning rate that goes with it."""
+    method, lr = tab.form.fields["method"], tab.form.fields["training.learning_rate"]
     if not kept or not kept.get("recommended"):
-        return gr.skip(), gr.skip()
-    return gr.Radio(value=kept["recommended"]), switch_lr(current_lr, kept["recommended"])
+        return {method: gr.skip(), lr: gr.skip()}
+    return {method: gr.Radio(value=kept["recommended"]), lr: switch_lr(current_lr, kept["recommended"])}
 
 
 def apply_plan_fix(tab: TrainTab, kept, current_lr) -> dict:
