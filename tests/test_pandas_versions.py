@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.process
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "studio" / "templates" / "samples" / "instructions.csv"
 PANDAS_30 = "3.0.6"
@@ -41,8 +43,6 @@ import json, sys
 import pandas
 from studio.cli import main
 from studio.data import detect_format, read_table, validate
-
-pytestmark = pytest.mark.process
 
 moji, sample, model, runs = sys.argv[1:]
 table = read_table(moji)
