@@ -30,7 +30,7 @@ from studio.data.render import collate
 from studio.planning import hardware, precision
 from studio.runs.records import EvalRecord, Event, Record, TrainRecord
 from studio.runs.registry import Run
-from studio.training import batching, checkpoint, distributed, optimizers
+from studio.training import adapters, batching, checkpoint, distributed, optimizers
 from studio.training.compiling import CompileWatch, compile_layers, inductor_problem
 from studio.training.loss import LabeledTokenLoss, causal_lm
 
@@ -217,37 +217,8 @@ class Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.method == "full":
             return model
-        from peft import LoraConfig, get_peft_model
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        # QLoRA: no prepare_model_for_kbit_training. Besides freezing (get_peft_model freezes the
-        # base too) it casts everything the 4-bit base keeps in 16 bits (embeddings, output layer,
-        # norms) to fp32: for a Llama-3-8B shape 4 GB more weights plus fp32 logits, more than the
-        # 4-bit linears save on a 1B model. They stay in the compute dtype, as in a LoRA run's base.
-        lora = LoraConfig(
-            r=cfg.lora.r,
-            lora_alpha=cfg.lora.alpha,
-            lora_dropout=cfg.lora.dropout,
-            target_modules=cfg.lora.target_modules(),
-            task_type="CAUSAL_LM",
-        )
         started = time.time()
-        try:
-            model = get_peft_model(model, lora)
-        except ValueError as exc:
-            raise models.ModelError(
-                f"LoRA targets {cfg.lora.targets!r} do not match this model "
-                f"({str(exc).splitlines()[0][:160]}). Use all-linear, or module "
-                "names such as q_proj,v_proj."
-            ) from None
-        if self.precision == "bf16":
-            # The adapters keep fp32 weights (PEFT's autocast_adapter_dtype), and every forward here
-            # runs under bf16 autocast, which computes their matmuls in bf16. PEFT would first cast
-            # each adapted layer's bf16 input to fp32 for autocast to cast straight back: two copies
-            # per adapted layer and step, the same numbers (tests/test_batching.py compares).
-            for module in model.modules():
-                if isinstance(module, BaseTunerLayer):
-                    module.cast_input_dtype_enabled = False
+        model = adapters.attach_lora(model, cfg.lora, self.precision)
         self.timings["adapter"] = time.time() - started
         return model
 
