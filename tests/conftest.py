@@ -98,7 +98,22 @@ def pytest_addoption(parser):
     )
 
 
+def _share_the_cores() -> None:
+    """Under pytest-xdist (``make test`` runs JOBS workers) each worker gets its share of the cores
+    for torch's threads, and its child processes (CLI, torchrun) inherit it: two workers that each
+    spin two OpenMP threads on two cores slow each other down."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ.setdefault("OMP_NUM_THREADS", threads)
+        os.environ.setdefault("MKL_NUM_THREADS", threads)
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 def pytest_configure(config):
+    _share_the_cores()
     from studio.planning import hardware, precision
 
     choice = config.getoption("--precision")
