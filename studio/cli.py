@@ -1,6 +1,6 @@
 """The page's journey without a browser.
 
-`finetune-studio train | resume | validate | estimate | hardware | export | import | ui | prepare-model`
+`finetune-studio train | resume | eval | validate | estimate | hardware | export | import | ui | prepare-model`
 
 Every config field is also a flag (``--learning-rate``, ``--lora-r``...), generated from
 ``RunConfig`` so the CLI, the YAML file and the UI can never drift apart. Flags override the
@@ -11,6 +11,7 @@ Example:
     finetune-studio train --data train.csv --model default --method lora --max-steps 50
     finetune-studio estimate --config run.yaml --devices 4 --distributed fsdp
     finetune-studio resume 20261122-153000-lora-train
+    finetune-studio eval 20261122-153000-lora-train --rows 50 --json --fail-if-worse
     finetune-studio export 20261122-153000-lora-train --out adapter.zip
     finetune-studio export 20261122-153000-lora-train --merged --out merged.zip
     finetune-studio export 20261122-153000-lora-train --gguf q8_0
@@ -156,6 +157,42 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="Serve the base model and its trained adapters over an OpenAI-compatible API (/v1)."
     )
     add_serve_args(srv)
+
+    ev = sub.add_parser(
+        "eval",
+        help="Score a run's generated answers against references, base vs adapter, with 95%% intervals.",
+        description="Base and adapter answer the same rows (the run's held-out rows, or --eval-path's); each "
+        "metric is reported with bootstrap intervals, the paired adapter-minus-base difference and "
+        "win/tie/loss per row. The result is stored under the run folder (evaluations/). Exit code 0: done; "
+        "1: --fail-if-worse and the adapter is worse beyond chance; 2: a problem (named in a sentence).",
+    )
+    ev.add_argument("run", help="Run id (folder name under the runs folder), run folder path, or id@step-N.")
+    ev.add_argument("--runs-dir")
+    ev.add_argument(
+        "--eval-path", help="Score this file's rows (CSV, TSV, JSONL, JSON, Parquet) instead of the held-out rows."
+    )
+    ev.add_argument(
+        "--rows", type=int, metavar="N", help="Score at most N rows, spread evenly (default: all, max 200)."
+    )
+    ev.add_argument(
+        "--metric",
+        action="append",
+        metavar="NAME",
+        help="A metric to report (repeat for several; the first is the primary). Default: picked from the "
+        "references' shape.",
+    )
+    ev.add_argument("--pattern", help="The regular expression a regex metric checks answers against.")
+    ev.add_argument("--schema", metavar="FILE_OR_JSON", help="The JSON Schema a JSON metric checks answers against.")
+    ev.add_argument(
+        "--max-new-tokens", type=int, metavar="N", help="Answer length cap (default: longest reference + 8 tokens)."
+    )
+    ev.add_argument("--json", action="store_true", help="Print the result as one JSON object (docs/cli.md).")
+    ev.add_argument(
+        "--fail-if-worse",
+        action="store_true",
+        help="Exit 1 when the adapter is worse than the base beyond chance on the primary metric, or on any "
+        "metric after Holm's correction.",
+    )
 
     sub.add_parser("prepare-model", help="Convert the bundled default model once (make install runs this).")
     return parser
@@ -422,6 +459,86 @@ def _import(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    import json
+    from pathlib import Path
+
+    from studio.evaluation.task import worse_than_base
+    from studio.models import ModelError
+    from studio.service import Studio
+
+    schema = args.schema
+    if schema and not schema.lstrip().startswith(("{", "[")):
+        try:
+            schema = Path(schema).read_text(encoding="utf-8")
+        except OSError as exc:
+            print(f"The schema file {args.schema} cannot be read ({exc.strerror or exc}).", file=sys.stderr)
+            return 2
+
+    def progress(done: int, total: int, eta_s: float | None) -> None:
+        if not args.json:
+            left = f", about {eta_s:.0f} s left" if eta_s is not None else ""
+            print(f"{done}/{total} rows answered{left}", file=sys.stderr, flush=True)
+
+    runs_dir = args.runs_dir
+    folder = Path(args.run.partition("@")[0])
+    if runs_dir is None and (folder / "status.json").is_file():
+        runs_dir = folder.parent  # a run folder named outright: its parent is the runs folder
+    try:
+        result = Studio(runs_dir).evaluate_task(
+            args.run,
+            eval_path=args.eval_path,
+            rows=args.rows,
+            metrics=args.metric,
+            pattern=args.pattern,
+            schema=schema,
+            max_new_tokens=args.max_new_tokens,
+            progress=progress,
+        )
+    except (LookupError, ValueError, ModelError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(_eval_table(result))
+    problem = worse_than_base(result) if args.fail_if_worse else None
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
+    return 0
+
+
+def _eval_table(result: dict) -> str:
+    """The evaluation as a few readable lines: the table, the verdicts, where the rows are."""
+
+    def ci(pair) -> str:
+        return f"[{pair[0]:.2f}, {pair[1]:.2f}]"
+
+    version = f" v{result['version']}" if result.get("version") else ""
+    lines = [
+        f"Run {result['run']}{version}: {result['rows']} rows ({result.get('source', 'held-out rows')}), "
+        f"{result['seconds']:.1f} s",
+        f"Metrics: {result['reason']}",
+        "",
+        f"{'metric':<18}{'base':<20}{'adapter':<20}{'difference':<22}win/tie/loss",
+    ]
+    for m in result["metrics"]:
+        lines.append(
+            f"{m['name']:<18}{m['base']:.2f} {ci(m['base_ci95']):<15}{m['adapter']:.2f} {ci(m['adapter_ci95']):<15}"
+            f"{m['diff']:+.2f} {ci(m['diff_ci95']):<16}{m['wins']}/{m['ties']}/{m['losses']}"
+        )
+    lines += ["", *result["verdicts"]]
+    cut = result["cut_share"]
+    if cut["base"] or cut["adapter"]:
+        lines.append(
+            f"Answers cut at {result['max_new_tokens']} tokens: base {cut['base']:.0%}, adapter {cut['adapter']:.0%} "
+            "(--max-new-tokens raises the cap)."
+        )
+    lines.append(f"Every row, both answers and their scores: {result['examples']}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     from studio.runs.registry import RunsFolderError
 
@@ -447,6 +564,8 @@ def _command(args) -> int:
         return _validate(args)
     if args.command == "estimate":
         return _estimate(args)
+    if args.command == "eval":
+        return _eval(args)
     if args.command == "hardware":
         import json
 

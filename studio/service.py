@@ -350,6 +350,41 @@ class Studio:
         run, _ = self.activate_run(ref)
         return heldout.evaluate(self.playground, run, samples=samples, progress=progress)
 
+    def evaluate_task(
+        self,
+        ref: str,
+        *,
+        eval_path: str | None = None,
+        rows: int | None = None,
+        metrics: list[str] | None = None,
+        pattern: str | None = None,
+        schema: str | None = None,
+        max_new_tokens: int | None = None,
+        progress=None,
+        stop=None,
+    ) -> dict:
+        """Task scores on generated answers, base vs adapter, with intervals; stored with the run
+        (studio/evaluation/task.py). ``ref`` is a run id, a run folder or ``id@step-N``; the page
+        and ``finetune-studio eval`` both call this. Raises LookupError, ValueError or ModelError
+        with a sentence, EvaluationStopped when ``stop`` is set."""
+        from studio.evaluation import task
+
+        run_id, checkpoint = split_ref(ref)
+        run = self.registry.get(run_id)
+        return task.evaluate_task(
+            self.playground,
+            run,
+            checkpoint=checkpoint,
+            eval_path=eval_path,
+            rows=rows,
+            metrics=metrics,
+            pattern=pattern,
+            schema=schema,
+            max_new_tokens=max_new_tokens,
+            progress=progress,
+            stop=stop,
+        )
+
     def rename_run(self, run_id: str, name: str) -> str:
         return self.registry.get(run_id).rename(name)
 

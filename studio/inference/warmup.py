@@ -53,6 +53,7 @@ PRELOAD: dict[str, tuple[str, ...]] = {
     "studio.config": (),
     "studio.data.tokens": (),
     "studio.evaluation.heldout": (),
+    "studio.evaluation.task": (),
     "studio.export.zips": (),
     "studio.runs.fingerprint": (),
     "studio.planning.hardware": (),
