@@ -172,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-path", help="Score this file's rows (CSV, TSV, JSONL, JSON, Parquet) instead of the held-out rows."
     )
     ev.add_argument(
+        "--mapping",
+        nargs="*",
+        default=[],
+        metavar="COL=ROLE",
+        help="The eval file's column roles, e.g. question=prompt answer=response (default: the run's mapping, "
+        "else detected).",
+    )
+    ev.add_argument(
         "--rows", type=int, metavar="N", help="Score at most N rows, spread evenly (default: all, max 200)."
     )
     ev.add_argument(
@@ -488,6 +496,7 @@ def _eval(args) -> int:
         result = Studio(runs_dir).evaluate_task(
             args.run,
             eval_path=args.eval_path,
+            mapping=args.mapping,
             rows=args.rows,
             metrics=args.metric,
             pattern=args.pattern,

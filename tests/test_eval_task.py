@@ -270,6 +270,10 @@ def test_bad_input_is_a_sentence_with_exit_code_2(untrained_run, capsys, tmp_pat
     code, _, err = _eval(capsys, run.path, "--eval-path", other)
     assert code == 2 and str(other) in err and "colour" in err
 
+    mapped = ("--eval-path", other, "--mapping", "colour=prompt", "size=response")
+    code, _, err = _eval(capsys, run.path, *mapped)  # mapped by hand, the file is fine: the run is not
+    assert code == 2 and "train it first" in err
+
     code, _, err = _eval(capsys, run.path, "--eval-path", tmp_path / "missing.csv")
     assert code == 2 and "missing.csv" in err
 

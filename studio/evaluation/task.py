@@ -1,8 +1,8 @@
 """Did the fine-tune help at the task? Base and adapter answer the same rows; metrics score them.
 
 Rows are the run's held-out rows (rebuilt from its config as heldout.py does: same file, mapping,
-seed and split) or an eval file the person names, mapped with the run's own mapping when it set
-one (else detected). A chat row is scored on its **last assistant turn given every turn before
+seed and split) or an eval file the person names, mapped by their mapping, else the run's own
+when it set one, else detected. A chat row is scored on its **last assistant turn given every turn before
 it**: the prompt is those turns rendered with the run's chat template and its generation prompt,
 the reference is that last reply's text (so a multi-turn row is one question, not one answer
 glued from every reply). A **plain text row** has no question, so it is scored on continuing
@@ -150,7 +150,7 @@ def held_out_conversations(run: Run, tokenizer) -> list[Conversation]:
     return held
 
 
-def file_conversations(path: str, mapping: str, tokenizer, cfg) -> list[Conversation]:
+def file_conversations(path: str, mapping: str | list[str], tokenizer, cfg) -> list[Conversation]:
     """An eval file's usable rows, read like the Data tab reads files. Raises ValueError naming
     the file and what is wrong with it (unreadable, columns that map to nothing, no usable row)."""
     try:
@@ -289,6 +289,7 @@ def evaluate_task(
     *,
     checkpoint: str | None = None,
     eval_path: str | None = None,
+    mapping: str | list[str] = "",
     rows: int | None = None,
     metrics: list[str] | None = None,
     pattern: str | None = None,
@@ -302,6 +303,7 @@ def evaluate_task(
 
     Args:
         eval_path: score this file's rows instead of the run's held-out rows.
+        mapping: the eval file's ``column=role`` pairs (default: the run's mapping, else detected).
         rows: at most this many rows, spread evenly (default: all, at most MAX_ROWS).
         metrics, pattern, schema: metric names (studio/evaluation/metrics.py) and what they take;
             default: picked from the references' shape.
@@ -320,7 +322,7 @@ def evaluate_task(
         tokenizer = playground.tokenizer
     else:
         tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    mapping = cfg.data.mapping  # an eval file is mapped as the run's data was, where the person mapped it
+    mapping = mapping or cfg.data.mapping  # an eval file is mapped as the run's data was, where the person mapped it
     convs = (
         file_conversations(eval_path, mapping, tokenizer, cfg) if eval_path else held_out_conversations(run, tokenizer)
     )
