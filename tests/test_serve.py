@@ -283,3 +283,24 @@ def test_a_cold_serve_process_answers_first_and_logs_the_request(tiny_model_dir,
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.unit
+def test_a_closed_engine_ends_its_thread_after_what_was_queued():
+    """An engine made for one job (an evaluation) leaves no idle thread; a later submit starts one."""
+    from studio.serving.engine import Engine, Request
+
+    def resolve(ref):
+        raise LookupError(f"no such model {ref}")  # every request ends at once, with a sentence
+
+    engine = Engine(playground=None, resolve=resolve)
+    first = engine.submit(Request("a", "x", [1, 2], None))
+    engine.close()
+    engine._thread.join(5)
+    assert not engine._thread.is_alive()
+    assert first.events.get(timeout=5) == ("error", "no such model x")  # what was queued is still answered
+    later = engine.submit(Request("b", "y", [1], None))
+    assert later.events.get(timeout=5) == ("error", "no such model y") and engine._thread.is_alive()
+    engine.close()
+    engine._thread.join(5)
+    assert not engine._thread.is_alive()

@@ -345,7 +345,8 @@ def evaluate_task(
     try:
         answers = generate(engines, scored, settings, progress, stop)
     finally:
-        for engine, _ in engines:  # an idle engine keeps its playground: a full fine-tune's own model goes
+        for engine, _ in engines:  # no idle decoding thread, and a full fine-tune's own model goes
+            engine.close()
             if engine.playground is not playground:
                 engine.playground.model = None
     sides = {

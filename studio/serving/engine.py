@@ -70,6 +70,9 @@ class Request:
         return None if self.first_token_at is None else self.first_token_at - self.submitted_at
 
 
+_CLOSE = object()  # queued by Engine.close: the decoding thread ends when it reaches it
+
+
 class Engine:
     """The background decoder. ``submit`` never blocks; the caller reads ``request.events``."""
 
@@ -94,25 +97,43 @@ class Engine:
         self._queue.put(request)
         return request
 
+    def close(self) -> None:
+        """End the decoding thread once the requests already queued are done (an engine made for
+        one job, such as an evaluation, leaves no idle thread behind); a later submit starts one."""
+        with self._start_lock:
+            if self._thread is not None and self._thread.is_alive():
+                self._queue.put(_CLOSE)
+
     def _loop(self) -> None:
         while True:
             try:
-                self._next_batch()
+                if self._next_batch() is _CLOSE:
+                    return
             except Exception:  # noqa: BLE001 - the engine outlives any one batch
                 log.exception("the serving engine's batch loop failed; it goes on")
 
-    def _next_batch(self) -> None:
-        """Wait for a request, gather what arrives within ``max_wait_s`` (up to ``max_batch``), decode."""
-        batch = [self._queue.get()]
+    def _next_batch(self):
+        """Wait for a request, gather what arrives within ``max_wait_s`` (up to ``max_batch``), decode;
+        ``_CLOSE`` once the close marker is reached."""
+        first = self._queue.get()
+        if first is _CLOSE:
+            return _CLOSE
+        batch = [first]
         deadline = time.monotonic() + self.max_wait_s
+        closing = False
         while len(batch) < self.max_batch:
             try:
-                batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
+            if nxt is _CLOSE:
+                closing = True
+                break
+            batch.append(nxt)
         batch = [r for r in batch if not r.cancelled.is_set()]
         if batch:
             self._run(batch)
+        return _CLOSE if closing else None
 
     def _run(self, batch: list[Request]) -> None:
         batch_id = next(self._batch_ids)
