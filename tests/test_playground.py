@@ -269,8 +269,10 @@ def test_chat_works_while_a_job_trains(two_runs, tiny_model_dir, instruction_csv
     shutil.copytree(finished.path, studio.registry.root / finished.id)
     job = studio.start_training(tiny_run_config(tiny_model_dir, instruction_csv, max_steps=2000, memory_check=False))
     try:
-        first_step = lambda: any(isinstance(m, TrainRecord) for m in job.snapshot())  # noqa: E731
-        wait_until(first_step, 120, "the first training step", 0.05)
+        # Step 2: past the first step and the base's score that follows it (an adapter's base is
+        # scored right after the first loss point), so the loop is stepping while we chat.
+        second_step = lambda: any(isinstance(m, TrainRecord) and m.step >= 2 for m in job.snapshot())  # noqa: E731
+        wait_until(second_step, 120, "the second training step", 0.05)
         studio.activate_run(finished.id)
         steps_before = len(job.snapshot())
         *_, (base_text, adapted_text) = studio.chat(PROMPT, PROMPT, SamplingSettings(max_new_tokens=12), finished.id)
