@@ -8,7 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from studio.evaluation.metrics import NAMES, infer_pattern, label_report, metric_by_name, pick_metrics
+from studio.evaluation.metrics import NAMES, metric_by_name
+from studio.evaluation.shapes import infer_pattern, label_report, pick_metrics
 
 pytestmark = pytest.mark.unit
 

@@ -44,7 +44,8 @@ from studio.data.dataset import inspect
 from studio.data.render import Conversation
 from studio.data.split import split_by_prompt
 from studio.data.validate import prompt_key
-from studio.evaluation.metrics import Metric, label_report, metric_by_name, pick_metrics
+from studio.evaluation.metrics import Metric, metric_by_name
+from studio.evaluation.shapes import label_report, pick_metrics
 from studio.evaluation.stats import Paired, holm, paired, verdict
 from studio.inference.playground import (
     BASE_ADAPTER,
