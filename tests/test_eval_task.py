@@ -282,3 +282,21 @@ def test_bad_input_is_a_sentence_with_exit_code_2(untrained_run, capsys, tmp_pat
 
     code, _, err = _eval(capsys, run.path)  # valid input, but nothing trained yet
     assert code == 2 and "train it first" in err
+
+
+@pytest.mark.process
+def test_eval_in_a_fresh_process_exits_with_its_own_code(trained_tiny_run):
+    """As a CI job runs it: `finetune-studio eval --json` in a new process prints its result and
+    exits with the command's own code. (On the default model, an engine thread still alive at exit
+    aborted the process with 134; tests/test_serve.py checks that Engine.close waits for it.)"""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "studio.cli", "eval", str(trained_tiny_run.path), "--rows", "2", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["rows"] == 2

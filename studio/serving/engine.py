@@ -97,12 +97,17 @@ class Engine:
         self._queue.put(request)
         return request
 
-    def close(self) -> None:
-        """End the decoding thread once the requests already queued are done (an engine made for
-        one job, such as an evaluation, leaves no idle thread behind); a later submit starts one."""
+    def close(self, timeout: float = 30.0) -> None:
+        """End the decoding thread once the requests already queued are done, and wait for it (an
+        engine made for one job, such as an evaluation, leaves no thread behind: a process that
+        exits while a thread that ran torch is still alive aborts, "terminate called without an
+        active exception", exit code 134). A later submit starts a new thread."""
         with self._start_lock:
-            if self._thread is not None and self._thread.is_alive():
-                self._queue.put(_CLOSE)
+            thread = self._thread
+            if thread is None or not thread.is_alive():
+                return
+            self._queue.put(_CLOSE)
+        thread.join(timeout)
 
     def _loop(self) -> None:
         while True:
