@@ -58,6 +58,7 @@ class Request:
     completion_tokens: int = 0
     finish_reason: str | None = None  # "stop" (end of turn or a stop string) or "length"
     text: str = ""
+    output_ids: list[int] = field(default_factory=list)  # every token chosen, an end of turn included
     batch_id: str | None = None  # "7", or "7.2" for the second base load of gathered batch 7
     batch_refs: list[str] = field(default_factory=list)  # every row decoded in that batch
 
@@ -268,6 +269,7 @@ class _Row:
         else:
             token = scores.argmax(dim=-1, keepdim=True)
         tid = int(token)
+        self.r.output_ids.append(tid)  # evaluation teacher-forces these exact tokens (regression.py)
         if self.r.first_token_at is None:
             self.r.first_token_at = time.monotonic()
         if tid in eos and not self.r.ignore_eos:
