@@ -169,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run", help="Run id (folder name under the runs folder), run folder path, or id@step-N.")
     ev.add_argument("--runs-dir")
     ev.add_argument(
+        "--against",
+        metavar="RUN",
+        help="Compare with this adapter (run id or id@step-N, trained the same way on the same base) "
+        "instead of the base, on the same rows.",
+    )
+    ev.add_argument(
         "--eval-path", help="Score this file's rows (CSV, TSV, JSONL, JSON, Parquet) instead of the held-out rows."
     )
     ev.add_argument(
@@ -495,6 +501,7 @@ def _eval(args) -> int:
     try:
         result = Studio(runs_dir).evaluate_task(
             args.run,
+            against=args.against,
             eval_path=args.eval_path,
             mapping=args.mapping,
             rows=args.rows,
@@ -530,7 +537,7 @@ def _eval_table(result: dict) -> str:
         f"{result['seconds']:.1f} s",
         f"Metrics: {result['reason']}",
         "",
-        f"{'metric':<18}{'base':<20}{'adapter':<20}{'difference':<22}win/tie/loss",
+        f"{'metric':<18}{(result.get('against') or 'base')[:19]:<20}{'adapter':<20}{'difference':<22}win/tie/loss",
     ]
     for m in result["metrics"]:
         lines.append(

@@ -354,6 +354,7 @@ class Studio:
         self,
         ref: str,
         *,
+        against: str | None = None,
         eval_path: str | None = None,
         mapping: str | list[str] = "",
         rows: int | None = None,
@@ -365,17 +366,25 @@ class Studio:
         stop=None,
     ) -> dict:
         """Task scores on generated answers, base vs adapter, with intervals; stored with the run
-        (studio/evaluation/task.py). ``ref`` is a run id, a run folder or ``id@step-N``; the page
-        and ``finetune-studio eval`` both call this. Raises LookupError, ValueError or ModelError
+        (studio/evaluation/task.py). ``ref`` is a run id, a run folder or ``id@step-N``; so is
+        ``against``, another adapter to compare with instead of the base. The page and
+        ``finetune-studio eval`` both call this. Raises LookupError, ValueError or ModelError
         with a sentence, EvaluationStopped when ``stop`` is set."""
         from studio.evaluation import task
 
         run_id, checkpoint = split_ref(ref)
         run = self.registry.get(run_id)
+        other = None
+        if against and against != "base":
+            other_id, other_checkpoint = split_ref(against)
+            other = (self.registry.get(other_id), other_checkpoint)
+            if (other[0].id, other_checkpoint) == (run.id, checkpoint):
+                raise ValueError(f"{ref} would be compared with itself: name another run or checkpoint.")
         return task.evaluate_task(
             self.playground,
             run,
             checkpoint=checkpoint,
+            against=other,
             eval_path=eval_path,
             mapping=mapping,
             rows=rows,
@@ -386,6 +395,18 @@ class Studio:
             progress=progress,
             stop=stop,
         )
+
+    def evaluations(self, run_id: str) -> list[dict]:
+        """The run's stored task evaluations, newest first (studio/evaluation/stored.py)."""
+        from studio.evaluation import stored
+
+        return stored.evaluations(self.registry.get(run_id))
+
+    def evaluation_comparison(self, eval_set_sha256: str):
+        """Every run/version scored on this eval set, side by side (a DataFrame)."""
+        from studio.evaluation import stored
+
+        return stored.comparison(self.registry.list(), eval_set_sha256)
 
     def rename_run(self, run_id: str, name: str) -> str:
         return self.registry.get(run_id).rename(name)

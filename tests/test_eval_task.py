@@ -244,6 +244,45 @@ def test_fail_if_worse_exits_1_on_a_bad_adapter_and_0_on_a_good_one(good_base_ru
     assert "worse than the base" in err and "Every row" in out
 
 
+def test_against_another_adapter_and_every_score_side_by_side(good_base_runs, capsys):
+    """--against puts another adapter where the base was, on the same rows; the stored
+    evaluations then line up by eval set in the comparison, and the drill-down filters them."""
+    from studio.evaluation import stored
+    from studio.runs.registry import RunRegistry
+
+    root, base, good_run, bad_run, eval_file = good_base_runs
+    flags = ("--runs-dir", root, "--eval-path", eval_file)
+    _, good = _eval_json(capsys, good_run.id, *flags)
+    code, out, err = _eval(capsys, bad_run.id, *flags, "--against", good_run.id, "--fail-if-worse")
+    assert code == 1 and f"worse than {good_run.id}" in err, out + err
+    code, against = _eval_json(capsys, bad_run.id, *flags, "--against", good_run.id)
+    assert against["against"] == good_run.id and against["eval_set_sha256"] == good["eval_set_sha256"]
+    # The same rows answered greedily by the same adapter: the same score, now on the "base" side.
+    assert against["metrics"][0]["base"] == pytest.approx(good["metrics"][0]["adapter"])
+    assert f"worse than {good_run.id}" in against["verdicts"][0]
+
+    code, out, err = _eval(capsys, good_run.id, *flags, "--against", base.id)  # a full fine-tune
+    assert code == 2 and "trained the same way on the same base" in err, out + err
+    code, out, err = _eval(capsys, good_run.id, *flags, "--against", good_run.id)
+    assert code == 2 and "compared with itself" in err, out + err
+
+    latest = stored.evaluations(bad_run)[0]
+    assert latest["against"] == good_run.id and Path(latest["examples"]).is_file()
+    rows = stored.examples(latest)
+    primary = latest["metrics"][0]["name"]
+    worse = stored.drill_down(latest, rows, stored.ADAPTER_WORSE)
+    everything = stored.drill_down(latest, rows)
+    assert len(everything) == latest["rows"] and 0 < len(worse) <= len(everything)
+    assert (worse[f"{primary}: adapter"] < worse[f"{primary}: base"]).all()
+    assert len(worse) == latest["metrics"][0]["losses"]  # "worse" rows are the paired losses
+
+    side_by_side = stored.comparison(RunRegistry(root).list(), good["eval_set_sha256"])
+    scored = side_by_side[side_by_side["metric"] == primary]
+    assert {good_run.id, bad_run.id, base.id} <= set(scored["run"])
+    mine = scored[(scored["run"] == good_run.id) & (scored["compared with"] == "base")]
+    assert mine["score"].iloc[0] == pytest.approx(good["metrics"][0]["adapter"], abs=1e-4)
+
+
 # ---- bad input --------------------------------------------------------------------------------------
 @pytest.fixture
 def untrained_run(tiny_model_dir, tmp_path):

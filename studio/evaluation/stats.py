@@ -248,8 +248,9 @@ def _points(x: float) -> str:
     return ("+" if v > 0 else "-") + text
 
 
-def verdict(p: Paired, metric: str) -> str:
-    """One sentence that follows from the difference's interval.
+def verdict(p: Paired, metric: str, than: str | None = None) -> str:
+    """One sentence that follows from the difference's interval (the adapter against the base,
+    or against ``than``, another adapter scored on the same rows).
 
     Better (or worse) "larger than chance" when the interval excludes 0; "no difference" when
     it includes 0 and excludes differences of 10 points (:data:`MEANINGFUL`) either way; else
@@ -263,10 +264,11 @@ def verdict(p: Paired, metric: str) -> str:
     level = f"{p.level * 100:g}%"
     lo, hi = p.diff_ci95
     numbers = f"{_points(p.diff)} points, {level} interval {_points(lo)} to {_points(hi)}"
+    other = f" than {than}" if than else ""
     if lo > 0:
-        return f"The adapter is better on {name} ({numbers}): larger than chance."
+        return f"The adapter is better{other} on {name} ({numbers}): larger than chance."
     if hi < 0:
-        return f"The adapter is worse on {name} ({numbers}): larger than chance."
+        return f"The adapter is worse{other} on {name} ({numbers}): larger than chance."
     if max(-lo, hi) < MEANINGFUL:
         return f"No difference on {name} larger than chance ({numbers})."
     rows = "1 row is" if p.n == 1 else f"{p.n} rows are"

@@ -47,6 +47,7 @@ from studio.data.validate import prompt_key
 from studio.evaluation.metrics import Metric, metric_by_name
 from studio.evaluation.shapes import label_report, pick_metrics
 from studio.evaluation.stats import Paired, holm, paired, verdict
+from studio.evaluation.stored import EVALUATIONS, EXAMPLES_SUFFIX
 from studio.inference.playground import (
     BASE_ADAPTER,
     CHECKPOINT_SEP,
@@ -64,7 +65,6 @@ from studio.serving.engine import Engine, Request
 MAX_ROWS = 200  # the default cap: enough for intervals of about +-0.07 near 0.5
 BATCH_ROWS = 4  # rows per engine batch; each row runs twice (base and adapter): 8 sequences
 MARGIN = 8  # tokens over the longest reference before an answer counts as cut
-EVALUATIONS = "evaluations"  # the folder under a run that holds its stored evaluations
 
 Progress = Callable[[int, int, "float | None"], None]  # (rows done, rows, seconds left or None)
 
@@ -199,11 +199,22 @@ def choose_metrics(
 
 
 # ---- generation ----------------------------------------------------------------------------
-def _sides(playground: Playground, run: Run, checkpoint: str | None) -> list[tuple[Engine, str | None]]:
-    """(engine, request ref) for the base side and the adapter side."""
+def _base_load(playground: Playground, run: Run) -> BaseLoad:
     cfg = run.config()
     run_precision = precision.of_status(run.status())
-    load = BaseLoad(cfg.model, *base_load_for(cfg.method, run_precision, playground.device), cfg.trust_remote_code)
+    return BaseLoad(cfg.model, *base_load_for(cfg.method, run_precision, playground.device), cfg.trust_remote_code)
+
+
+def _sides(
+    playground: Playground, run: Run, checkpoint: str | None, against: tuple[Run, str | None] | None = None
+) -> list[tuple[Engine, str | None]]:
+    """(engine, request ref) for the base side (or ``against``: another adapter, a run and its
+    checkpoint or None) and the adapter side."""
+    if against is not None:
+        return _adapter_pair(playground, (run, checkpoint), against)
+    cfg = run.config()
+    run_precision = precision.of_status(run.status())
+    load = _base_load(playground, run)
     weights = Playground.weights_for(run, checkpoint)  # no weights: a sentence now, not a failed batch later
     # Models load here, on the caller's thread: a base that cannot load is a ModelError with its
     # sentence, not a failed batch, and loading does not count in the progress estimate.
@@ -225,8 +236,36 @@ def _sides(playground: Playground, run: Run, checkpoint: str | None) -> list[tup
         return load, lambda pg: pg.serve_adapter(run, checkpoint)
 
     engine = Engine(playground, resolve, max_batch=2 * BATCH_ROWS)
-    ref = run.id if checkpoint is None else f"{run.id}{CHECKPOINT_SEP}{checkpoint}"
-    return [(engine, None), (engine, ref)]
+    return [(engine, None), (engine, _ref(run, checkpoint))]
+
+
+def _adapter_pair(
+    playground: Playground, mine: tuple[Run, str | None], other: tuple[Run, str | None]
+) -> list[tuple[Engine, str | None]]:
+    """Two adapters on one loaded base, one engine: both sides in each batch, as the base and an
+    adapter are. Both must be adapters trained the same way on the same base."""
+    loads = [_base_load(playground, r) for r, _ in (mine, other)]
+    if any(r.config().method == "full" for r, _ in (mine, other)) or loads[0] != loads[1]:
+        raise ValueError(
+            f"Only adapters trained the same way on the same base can be compared row by row: {mine[0].id} "
+            f"is {mine[0].config().method} on {mine[0].config().model}, {other[0].id} is "
+            f"{other[0].config().method} on {other[0].config().model}. Compare each with the base instead."
+        )
+    for r, c in (mine, other):
+        Playground.weights_for(r, c)  # no weights: a sentence now
+    with playground.serving(loads[0]):
+        pass
+    refs = {_ref(r, c): (r, c) for r, c in (mine, other)}
+    engine = Engine(
+        playground,
+        lambda ref: (loads[0], lambda pg: pg.serve_adapter(*refs[ref])),
+        max_batch=2 * BATCH_ROWS,
+    )
+    return [(engine, _ref(*other)), (engine, _ref(*mine))]
+
+
+def _ref(run: Run, checkpoint: str | None) -> str:
+    return run.id if checkpoint is None else f"{run.id}{CHECKPOINT_SEP}{checkpoint}"
 
 
 def _wait(requests: list[Request], stop: threading.Event | None) -> None:
@@ -289,6 +328,7 @@ def evaluate_task(
     run: Run,
     *,
     checkpoint: str | None = None,
+    against: tuple[Run, str | None] | None = None,
     eval_path: str | None = None,
     mapping: str | list[str] = "",
     rows: int | None = None,
@@ -303,6 +343,8 @@ def evaluate_task(
     (the documented ``finetune-studio eval --json`` shape, docs/cli.md).
 
     Args:
+        against: compare with this adapter (a run and its checkpoint or None) instead of the
+            base, on the same rows; "base" in the result's metrics then means it.
         eval_path: score this file's rows instead of the run's held-out rows.
         mapping: the eval file's ``column=role`` pairs (default: the run's mapping, else detected).
         rows: at most this many rows, spread evenly (default: all, at most MAX_ROWS).
@@ -342,7 +384,7 @@ def evaluate_task(
     if problems:
         raise ValueError(" ".join(problems))
 
-    engines = _sides(playground, run, checkpoint)
+    engines = _sides(playground, run, checkpoint, against)
     try:
         answers = generate(engines, scored, settings, progress, stop)
     finally:
@@ -365,7 +407,8 @@ def evaluate_task(
         "seconds": 0.0,
         "metrics": [_metric_entry(m, p) for m, p in compared],
         "reason": reason,
-        "verdicts": [verdict(p, m.name) for m, p in compared],
+        "against": _ref(*against) if against else None,
+        "verdicts": [verdict(p, m.name, _ref(*against) if against else None) for m, p in compared],
         "cut_share": {side: sum(cut) / len(scored) for side, (_, cut) in sides.items()},
         "regression": None,  # general regression (issue 23, item 3) is measured apart from the task
         "examples": None,
@@ -410,7 +453,7 @@ def _store(run: Run, result: dict, rows: list[Row], sides: dict, scores: dict) -
     stem = time.strftime("%Y%m%d-%H%M%S", time.localtime(result["at"])) + "-" + result["eval_set_sha256"][:12]
     for n in range(1, 1000):
         name = stem if n == 1 else f"{stem}-{n}"
-        examples = folder / f"{name}.examples.jsonl"
+        examples = folder / f"{name}{EXAMPLES_SUFFIX}"
         try:
             handle = examples.open("x", encoding="utf-8")  # claims the name: no other evaluation has it
         except FileExistsError:
@@ -440,10 +483,11 @@ def worse_than_base(result: dict[str, Any], alpha: float = 0.05) -> str | None:
     if not metrics:
         return None
     primary = metrics[0]
+    other = result.get("against") or "the base"
     if primary["diff_ci95"][1] < 0:
-        return f"The adapter is worse than the base on {primary['name']} (the primary metric), beyond chance."
+        return f"The adapter is worse than {other} on {primary['name']} (the primary metric), beyond chance."
     rejected = holm([m["p_value"] for m in metrics], alpha)
     worse = [m["name"] for m, r in zip(metrics, rejected) if r and m["diff"] < 0]
     if worse:
-        return f"The adapter is worse than the base on {', '.join(worse)}, beyond chance after Holm's correction."
+        return f"The adapter is worse than {other} on {', '.join(worse)}, beyond chance after Holm's correction."
     return None

@@ -54,6 +54,7 @@ PRELOAD: dict[str, tuple[str, ...]] = {
     "studio.data.tokens": (),
     "studio.evaluation.heldout": (),
     "studio.evaluation.task": (),
+    "studio.evaluation.stored": (),
     "studio.export.zips": (),
     "studio.runs.fingerprint": (),
     "studio.planning.hardware": (),
