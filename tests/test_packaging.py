@@ -21,6 +21,7 @@ DATA = [
     "studio/templates/samples/instructions.csv",
     "studio/templates/samples/text.csv",
     "studio/ui/studio.css",
+    "studio/evaluation/general_prompts.jsonl",
 ]
 
 
