@@ -44,6 +44,7 @@ from studio.data.dataset import inspect
 from studio.data.render import Conversation
 from studio.data.split import split_by_prompt
 from studio.data.validate import prompt_key
+from studio.evaluation.judge import JudgeSettings, judge_evaluation
 from studio.evaluation.metrics import Metric, metric_by_name
 from studio.evaluation.shapes import label_report, pick_metrics
 from studio.evaluation.stats import Paired, holm, paired, verdict
@@ -338,6 +339,7 @@ def evaluate_task(
     max_new_tokens: int | None = None,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    judge: JudgeSettings | None = None,
 ) -> dict[str, Any]:
     """Generate base and adapter answers for the rows, score them, store and return the result
     (the documented ``finetune-studio eval --json`` shape, docs/cli.md).
@@ -351,6 +353,7 @@ def evaluate_task(
         metrics, pattern, schema: metric names (studio/evaluation/metrics.py) and what they take;
             default: picked from the references' shape.
         max_new_tokens: default: the longest reference in tokens plus MARGIN.
+        judge: also ask this LLM judge (studio/evaluation/judge.py); its failure is ``result["judge"]["error"]``.
 
     Raises:
         ValueError: a sentence (no rows, an unreadable eval file, a bad metric, pattern or schema).
@@ -411,6 +414,7 @@ def evaluate_task(
         "verdicts": [verdict(p, m.name, _ref(*against) if against else None) for m, p in compared],
         "cut_share": {side: sum(cut) / len(scored) for side, (_, cut) in sides.items()},
         "regression": None,  # general regression (issue 23, item 3) is measured apart from the task
+        "judge": None,  # the LLM judge's entry when one is asked (studio/evaluation/judge.py)
         "examples": None,
         "source": str(eval_path) if eval_path else "held-out rows",
         "skipped_rows": skipped,
@@ -419,9 +423,13 @@ def evaluate_task(
     }
     if any(m.name == "label" for m in chosen):
         result["labels"] = {side: label_report(texts, references) for side, (texts, _) in sides.items()}
+    judged = None
+    if judge is not None:  # after the scores, and never raising: a judge that fails leaves them whole
+        answers = (sides[side][0] for side in ("base", "adapter"))
+        result["judge"], judged = judge_evaluation(judge, [r.prompt for r in scored], references, *answers)
     result["at"] = time.time()
     result["seconds"] = round(time.perf_counter() - started, 2)
-    _store(run, result, scored, sides, scores)
+    _store(run, result, scored, sides, scores, judged)
     return result
 
 
@@ -445,7 +453,7 @@ def _metric_entry(metric: Metric, p: Paired) -> dict[str, Any]:
     }
 
 
-def _store(run: Run, result: dict, rows: list[Row], sides: dict, scores: dict) -> None:
+def _store(run: Run, result: dict, rows: list[Row], sides: dict, scores: dict, judged: list | None = None) -> None:
     """Write the examples JSONL and the result next to it under the run; never over an earlier
     evaluation (a second one in the same second gets its own name)."""
     folder = run.path / EVALUATIONS
@@ -471,6 +479,8 @@ def _store(run: Run, result: dict, rows: list[Row], sides: dict, scores: dict) -
             line["cut"] = {side: cut[i] for side, (_, cut) in sides.items()}
             if not isinstance(r.prompt, str):
                 line["messages"] = r.prompt
+            if judged and judged[i] is not None:
+                line["judge"] = judged[i]  # the judge's verdicts and reasons for this row
             handle.write(json.dumps(line, ensure_ascii=False) + "\n")
     atomic_write_text(Path(result["path"]), json.dumps(result, indent=2))
 
