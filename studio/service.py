@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,7 @@ class Studio:
         self._longest: dict = {}  # (path, mapping, model) -> longest row in tokens, for memory plans
         self.serving = None  # the OpenAI-compatible API's context once it is mounted (studio/serving)
         self._busy: tuple[float, str | None] = (0.0, None)  # training_busy's answer and when
+        self._evaluations_running: set[threading.Event] = set()  # each running evaluation's stop
 
     @staticmethod
     def _key(path: Path):
@@ -364,37 +366,52 @@ class Studio:
         max_new_tokens: int | None = None,
         progress=None,
         stop=None,
+        judge=None,
     ) -> dict:
         """Task scores on generated answers, base vs adapter, with intervals; stored with the run
         (studio/evaluation/task.py). ``ref`` is a run id, a run folder or ``id@step-N``; so is
         ``against``, another adapter to compare with instead of the base. The page and
         ``finetune-studio eval`` both call this. Raises LookupError, ValueError or ModelError
-        with a sentence, EvaluationStopped when ``stop`` is set."""
+        with a sentence, EvaluationStopped when ``stop`` is set. ``judge``: an LLM judge's
+        JudgeSettings (studio/evaluation/judge.py), also asked."""
         from studio.evaluation import task
 
         run_id, checkpoint = split_ref(ref)
         run = self.registry.get(run_id)
+        stop = stop or threading.Event()  # stop_evaluations() reaches every running evaluation
         other = None
         if against and against != "base":
             other_id, other_checkpoint = split_ref(against)
             other = (self.registry.get(other_id), other_checkpoint)
             if (other[0].id, other_checkpoint) == (run.id, checkpoint):
                 raise ValueError(f"{ref} would be compared with itself: name another run or checkpoint.")
-        return task.evaluate_task(
-            self.playground,
-            run,
-            checkpoint=checkpoint,
-            against=other,
-            eval_path=eval_path,
-            mapping=mapping,
-            rows=rows,
-            metrics=metrics,
-            pattern=pattern,
-            schema=schema,
-            max_new_tokens=max_new_tokens,
-            progress=progress,
-            stop=stop,
-        )
+        self._evaluations_running.add(stop)
+        try:
+            return task.evaluate_task(
+                self.playground,
+                run,
+                checkpoint=checkpoint,
+                against=other,
+                eval_path=eval_path,
+                mapping=mapping,
+                rows=rows,
+                metrics=metrics,
+                pattern=pattern,
+                schema=schema,
+                max_new_tokens=max_new_tokens,
+                progress=progress,
+                stop=stop,
+                judge=judge,
+            )
+        finally:
+            self._evaluations_running.discard(stop)
+
+    def stop_evaluations(self) -> int:
+        """Stop every running evaluation (the page's Stop); how many there were."""
+        running = list(self._evaluations_running)
+        for stop in running:
+            stop.set()
+        return len(running)
 
     def evaluations(self, run_id: str) -> list[dict]:
         """The run's stored task evaluations, newest first (studio/evaluation/stored.py)."""

@@ -20,11 +20,13 @@ from typing import Any
 
 import pandas as pd
 
+from studio.evaluation.metrics import label_key
 from studio.runs.files import read_json
 from studio.runs.registry import Run
 
 EVALUATIONS = "evaluations"  # the folder under a run that holds its stored evaluations
 EXAMPLES_SUFFIX = ".examples.jsonl"
+TASK_RESULT, TASK_EXAMPLES = "task_evaluation.json", "task_evaluation.examples.jsonl"  # their names in a zip
 
 # What the drill-down can show (the page's filter), besides one choice per label.
 ALL_ROWS = "all rows"
@@ -92,6 +94,21 @@ def label(result: dict[str, Any]) -> str:
     return f"{when} · {what} vs {against} · {result.get('rows', '?')} rows of {result.get('source', '?')}"
 
 
+def latest_of_weights(run: Run) -> dict[str, Any] | None:
+    """The newest evaluation of the run's final weights (not a checkpoint's, not against another
+    adapter): what the model card and the zip report."""
+    return next((r for r in evaluations(run) if not r.get("checkpoint") and not r.get("against")), None)
+
+
+def portable(result: dict[str, Any]) -> dict[str, Any]:
+    """The result without this machine's paths (what a zip carries)."""
+    out = {k: v for k, v in result.items() if k not in ("path", "examples")}
+    out["examples"] = TASK_EXAMPLES
+    if out.get("source") not in (None, "held-out rows"):
+        out["source"] = Path(str(out["source"])).name
+    return out
+
+
 def headline(result: dict[str, Any]) -> str:
     """The primary metric in a few words, for the runs table: ``format 0.96 (base 0.00)``."""
     if not result.get("metrics"):
@@ -120,13 +137,14 @@ def drill_down(result: dict[str, Any], rows: list[dict[str, Any]], show: str = A
     return pd.DataFrame(lines, columns=columns)
 
 
-def filter_choices(result: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+def filter_choices(result: dict[str, Any]) -> list[str]:
     """The filters that mean something for this evaluation: JSON only where json_valid ran,
     one per label where the label metric did."""
     names = {m["name"] for m in result.get("metrics", [])}
     choices = [f for f in FILTERS if f != INVALID_JSON or "json_valid" in names]
-    if "label" in names:
-        choices += [LABEL_PREFIX + lab for lab in sorted({_text(r.get("reference")).strip() for r in rows})]
+    labels = (result.get("labels") or {}).get("adapter", {}).get("labels")
+    if "label" in names and labels:
+        choices += [LABEL_PREFIX + lab for lab in labels]
     return choices
 
 
@@ -175,7 +193,7 @@ def _shown(row: dict[str, Any], primary: str | None, show: str) -> bool:
     if show in (ALL_ROWS, "", None):
         return True
     if show.startswith(LABEL_PREFIX):
-        return _text(row.get("reference")).strip() == show[len(LABEL_PREFIX) :]
+        return label_key(_text(row.get("reference"))) == label_key(show[len(LABEL_PREFIX) :])
     if show == CUT:
         return any((row.get("cut") or {}).values())
     scores = row.get("scores") or {}

@@ -58,6 +58,8 @@ RUN_FILES = (
     "fingerprint.json",
     "run.json",
     "evaluation.json",
+    "task_evaluation.json",  # task scores and their rows: for the reader, not imported as the run's own
+    "task_evaluation.examples.jsonl",
     "README.md",
     "loss_curve.svg",
 )

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
+from studio.evaluation import stored
 from studio.formatting import markdown_cell, slug
 from studio.models import DEFAULT_HUB_ID, DEFAULT_MODEL, DEFAULT_MODEL_LABEL, base_id
 from studio.runs.records import EvalRecord, TrainRecord
@@ -70,6 +71,35 @@ def _evaluation_section(run: Run, what: str) -> str:
         lines += [
             f"| {_cell(x.get('prompt'))} | {_cell(x.get('base'))} | {_cell(x.get('adapter'))} |" for x in s["samples"]
         ]
+    return "\n".join(lines)
+
+
+def _task_section(run: Run) -> str:
+    """The latest task evaluation of these weights: each metric for base and adapter with its
+    95% interval, the verdicts, how far it moved outside the task."""
+    result = stored.latest_of_weights(run)
+    if result is None:
+        return ""
+    lines = [
+        "",
+        f"Task scores on {result['rows']} rows ({_cell(stored.portable(result).get('source'))}), generated "
+        "answers scored against the references; 95% intervals from a bootstrap over rows, the "
+        "difference paired row by row (`task_evaluation.json`, every row in `task_evaluation.examples.jsonl`):",
+        "",
+        "| metric | base | adapter | difference | wins / ties / losses |",
+        "|---|---|---|---|---|",
+    ]
+    for m in result["metrics"]:
+        lines.append(
+            f"| {_cell(m['name'])} | {m['base']:.3f} ({m['base_ci95'][0]:.3f} to {m['base_ci95'][1]:.3f}) | "
+            f"{m['adapter']:.3f} ({m['adapter_ci95'][0]:.3f} to {m['adapter_ci95'][1]:.3f}) | "
+            f"{m['diff']:+.3f} ({m['diff_ci95'][0]:+.3f} to {m['diff_ci95'][1]:+.3f}) | "
+            f"{m['wins']} / {m['ties']} / {m['losses']} |"
+        )
+    lines += ["", *[f"- {_cell(v)}" for v in result.get("verdicts", [])]]
+    regression = result.get("regression")
+    if isinstance(regression, dict) and regression.get("sentence"):
+        lines += ["", f"Outside the task: {_cell(regression['sentence'])}"]
     return "\n".join(lines)
 
 
@@ -162,7 +192,8 @@ def model_card(run: Run, kind: str = "adapter", caveat: str = "") -> str:
         steps=_fmt(status.step),
         trainable=_fmt(status.trainable_params),
         final_loss=_fmt(status.final_loss),
-        evaluation=_evaluation_section(run, "This model" if kind != "adapter" else "With the adapter"),
+        evaluation=_evaluation_section(run, "This model" if kind != "adapter" else "With the adapter")
+        + _task_section(run),
         loss_curve=f"![Training loss]({LOSS_CURVE})\n" if has_curve else "",
         caveat=f"\n{caveat}\n" if caveat else "",
         load_section=_load_section(kind, bid, cfg.lora.r, _slug(run.name)),

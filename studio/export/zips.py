@@ -28,6 +28,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
+from studio.evaluation import stored
 from studio.export.model_card import LOSS_CURVE, loss_curve_svg, model_card
 from studio.models import base_id
 from studio.runs.records import EvalRecord, TrainRecord
@@ -135,6 +136,11 @@ def export_zip(run: Run, out: str | Path | None = None) -> Path:
         evaluation = run.evaluation()
         if evaluation is not None:
             zf.writestr("evaluation.json", json.dumps(evaluation, indent=2))
+        task = stored.latest_of_weights(run)
+        if task is not None:  # the task scores the card reports, with every row they came from
+            zf.writestr(stored.TASK_RESULT, json.dumps(stored.portable(task), indent=2))
+            if Path(task["examples"]).is_file():
+                _add_file(zf, Path(task["examples"]), stored.TASK_EXAMPLES)
         status = run.status().to_dict()
         zf.writestr(
             RUN_JSON,

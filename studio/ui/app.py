@@ -1,4 +1,4 @@
-"""The whole page: the four tabs' builders put together, and the options it is launched with."""
+"""The whole page: the tabs' builders put together, and the options it is launched with."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import importlib.resources
 import gradio as gr
 
 from studio.service import Studio
-from studio.ui import chat_tab, export_tab
+from studio.ui import chat_tab, eval_tab, export_tab
 from studio.ui.data_tab import build_data_tab, wire_data_tab
 from studio.ui.train_tab import PLAN_EVENT, build_train_tab
 
@@ -28,12 +28,17 @@ def build_app(studio: Studio) -> gr.Blocks:
                 train = build_train_tab(studio, dataset_path, mapping)
             with gr.Tab("Chat", elem_id="tab-chat") as chat_page:
                 chat = chat_tab.build_chat_tab(studio)
+            with gr.Tab("Evaluate", elem_id="tab-evaluate") as eval_page:
+                evaluation = eval_tab.build_eval_tab(studio)
             with gr.Tab("Export", elem_id="tab-export") as export_page:
                 export = export_tab.build_export_tab(studio)
         # Validation counts tokens with the Train tab's model and max length: wired once both exist.
         wire_data_tab(studio, data, train.model, train.max_length)
         # Runs finish while the page is open: refresh the run lists whenever their tab opens.
         chat_page.select(functools.partial(chat_tab.refreshed_choices, studio), outputs=chat.run)
+        eval_page.select(
+            functools.partial(eval_tab.refreshed_choices, studio), outputs=[evaluation.run, evaluation.against]
+        )
         export_page.select(functools.partial(export_tab.refreshed_choices, studio), outputs=export.run)
         demo.load(train.show_plan, inputs=train.plan_inputs, outputs=train.plan_outputs, **PLAN_EVENT)
     return demo

@@ -9,6 +9,7 @@ import time
 import pandas as pd
 
 from studio.data import DataReport
+from studio.evaluation import stored
 from studio.formatting import format_duration
 from studio.inference.playground import CHECKPOINT_SEP
 from studio.runs.registry import Run, checkpoint_step
@@ -24,6 +25,7 @@ RUNS_COLUMNS = [
     "steps",
     "final loss",
     "eval loss",
+    "task score",
     "duration s",
     "created",
 ]
@@ -65,8 +67,12 @@ def resumable_choices(studio: Studio) -> list[tuple[str, str]]:
 
 
 def runs_frame(studio: Studio) -> pd.DataFrame:
-    """The past-runs table, newest first."""
-    return pd.DataFrame([r.summary() for r in studio.runs()], columns=RUNS_COLUMNS)
+    """The past-runs table, newest first; "task score" is the latest evaluation's primary metric."""
+    rows = []
+    for r in studio.runs():
+        latest = stored.evaluations(r)
+        rows.append({**r.summary(), "task score": stored.headline(latest[0]) if latest else ""})
+    return pd.DataFrame(rows, columns=RUNS_COLUMNS)
 
 
 def progress_markdown(view: JobView) -> str:
