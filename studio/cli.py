@@ -202,6 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--json", action="store_true", help="Print the result as one JSON object (docs/cli.md).")
     ev.add_argument(
+        "--judge-url",
+        metavar="URL",
+        help="Also ask an LLM judge: any OpenAI-compatible API's base URL, e.g. http://localhost:11434/v1 (Ollama).",
+    )
+    ev.add_argument("--judge-model", metavar="NAME", help="The judge model's name as that API knows it.")
+    ev.add_argument(
+        "--judge-key",
+        metavar="KEY",
+        help="The judge API's key; better: the FINETUNE_STUDIO_JUDGE_KEY environment variable (a flag shows "
+        "in the process list). Sent, never stored.",
+    )
+    ev.add_argument("--judge-timeout", type=float, metavar="S", help="Seconds per judge reply (default 120).")
+    ev.add_argument("--judge-rows", type=int, metavar="N", help="Judge at most N rows (default 100; 4 requests each).")
+    ev.add_argument(
         "--fail-if-worse",
         action="store_true",
         help="Exit 1 when the adapter is worse than the base beyond chance on the primary metric, or on any "
@@ -477,6 +491,7 @@ def _eval(args) -> int:
     import json
     from pathlib import Path
 
+    from studio.evaluation.judge import JudgeSettings
     from studio.evaluation.task import worse_than_base
     from studio.models import ModelError
     from studio.service import Studio
@@ -494,6 +509,16 @@ def _eval(args) -> int:
             left = f", about {eta_s:.0f} s left" if eta_s is not None else ""
             print(f"{done}/{total} rows answered{left}", file=sys.stderr, flush=True)
 
+    judge = None
+    if args.judge_url or args.judge_model:  # checked before any answer is generated
+        given = {"timeout_s": args.judge_timeout, "max_rows": args.judge_rows}
+        given = {k: v for k, v in given.items() if v is not None}  # else JudgeSettings' defaults
+        try:
+            judge = JudgeSettings(args.judge_url or "", args.judge_model or "", args.judge_key, **given)
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+
     runs_dir = args.runs_dir
     folder = Path(args.run.partition("@")[0])
     if runs_dir is None and (folder / "status.json").is_file():
@@ -510,12 +535,15 @@ def _eval(args) -> int:
             schema=schema,
             max_new_tokens=args.max_new_tokens,
             progress=progress,
+            judge=judge,
         )
     except (LookupError, ValueError, ModelError) as exc:
         print(exc, file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result, indent=2))
+        if (result.get("judge") or {}).get("error"):  # the scores stand; say why the judge's are missing
+            print(result["judge"]["error"], file=sys.stderr)
     else:
         print(_eval_table(result))
     problem = worse_than_base(result) if args.fail_if_worse else None
@@ -527,6 +555,7 @@ def _eval(args) -> int:
 
 def _eval_table(result: dict) -> str:
     """The evaluation as a few readable lines: the table, the verdicts, where the rows are."""
+    from studio.evaluation.judge import describe
 
     def ci(pair) -> str:
         return f"[{pair[0]:.2f}, {pair[1]:.2f}]"
@@ -551,6 +580,7 @@ def _eval_table(result: dict) -> str:
             f"Answers cut at {result['max_new_tokens']} tokens: base {cut['base']:.0%}, adapter {cut['adapter']:.0%} "
             "(--max-new-tokens raises the cap)."
         )
+    lines += describe(result.get("judge"))
     lines.append(f"Every row, both answers and their scores: {result['examples']}")
     return "\n".join(lines)
 

@@ -89,10 +89,10 @@ _VERDICT = re.compile(r"verdict\W{0,8}(?:answer\s+)?(tie|incorrect|correct|a|b)(
 
 # ---- prompts and verdicts ---------------------------------------------------------------------
 def question_text(prompt: list[dict[str, str]] | str) -> str:
-    """The request as the judge reads it: one user turn as itself, a conversation as labelled
-    turns, a plain text as a text to continue."""
+    """The request as the judge reads it: a text as itself, one user turn as its text, a
+    conversation as labelled turns."""
     if isinstance(prompt, str):
-        return f"Continue this text:\n{prompt}"
+        return prompt
     if len(prompt) == 1 and prompt[0].get("role") == "user":
         return prompt[0]["content"]
     return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in prompt)
@@ -230,9 +230,12 @@ def judge_evaluation(
 ) -> tuple[dict[str, Any], list[dict[str, Any] | None]]:
     """Both kinds of judging on at most ``settings.max_rows`` rows (spread evenly): the result's
     ``judge`` entry, and each row's verdicts and reasons (None for a row not judged) for the
-    examples file. Never raises for the judge's sake: a judge that cannot be used gives
-    ``{"error": sentence, ...}`` and no rows, so the task scores are stored all the same."""
+    examples file. ``prompts`` are the task's (studio/evaluation/task.py: Row.prompt): chat turns,
+    or a plain text row's first half, which the judge is told to continue. Never raises for the
+    judge's sake: a judge that cannot be used gives ``{"error": sentence, ...}`` and no rows, so
+    the task scores are stored all the same."""
     started = time.perf_counter()
+    prompts = [f"Continue this text:\n{p}" if isinstance(p, str) else p for p in prompts]
     n = len(prompts)
     k = min(n, settings.max_rows)
     picked = [i * n // k for i in range(k)]  # spread evenly, as the task's own rows are

@@ -53,6 +53,7 @@ PRELOAD: dict[str, tuple[str, ...]] = {
     "studio.config": (),
     "studio.data.tokens": (),
     "studio.evaluation.heldout": (),
+    "studio.evaluation.judge": (),
     "studio.evaluation.task": (),
     "studio.evaluation.stored": (),
     "studio.export.zips": (),
