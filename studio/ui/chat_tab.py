@@ -1,5 +1,6 @@
 """Chat tab: one prompt, the base model and the adapted model side by side, streaming; and the
-base-vs-adapter evaluation on the run's held-out rows.
+base-vs-adapter loss on the run's held-out rows (task scores on generated answers live on the
+Evaluate tab, studio/ui/eval_tab.py).
 
 Both panes come from one loaded base model: the base pane runs with the adapter disabled.
 Picking another run or checkpoint swaps the adapter; the base is not reloaded. Each request
@@ -100,7 +101,7 @@ def build_chat_tab(studio: Studio) -> ChatTab:
         send = gr.Button("Send", variant="primary", elem_id="chat-send", scale=1)
         regenerate = gr.Button("Regenerate", elem_id="chat-regenerate", scale=1)
         clear = gr.Button("Clear", elem_id="chat-clear", scale=1)
-    with gr.Accordion("Evaluation: base vs adapter on the held-out rows", open=True):
+    with gr.Accordion("Held-out loss: base vs adapter (task scores on generated answers: the Evaluate tab)", open=True):
         eval_table = gr.Dataframe(headers=EVAL_HEADERS, value=None, interactive=False, elem_id="eval-table")
         with gr.Row():
             eval_samples = gr.Slider(0, 10, value=3, step=1, label="Held-out prompts to answer with both")
