@@ -17,6 +17,7 @@ from tests.helpers import free_port, tiny_run_config, wait_until, write_csv
 
 KEY = "test-key-0123456789abcdef"
 PROMPTS = ["what is 2 plus 3", "what is 7 plus 1", "hello world", "the capital of france is"]
+HI = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
@@ -302,3 +303,115 @@ def test_a_closed_engine_ends_its_thread_after_what_was_queued():
     assert later.events.get(timeout=5) == ("error", "no such model y") and engine._thread.is_alive()
     engine.close()
     assert not engine._thread.is_alive()
+
+
+def _post(url, path, body, key=KEY):
+    import httpx
+
+    root = url.removesuffix("/v1")
+    return httpx.post(root + path, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+
+
+def _reference_logprobs(model_dir, weights, ids):
+    """Plain transformers (and PEFT for an adapter), fp32: log p(ids[i] | ids[:i]) for i >= 1."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if weights is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(weights))
+    with torch.no_grad():
+        logp = torch.log_softmax(model.eval()(torch.tensor([ids])).logits[0].float(), dim=-1)
+    return [float(logp[i - 1, t]) for i, t in enumerate(ids) if i]
+
+
+def test_echo_with_logprobs_scores_every_prompt_token_of_a_batch(served, tiny_model_dir):
+    """lm-eval's loglikelihood request: token-id prompts, batched, echo, logprobs, max_tokens 1."""
+    url, ctx, runs = served
+    tokenizer = ctx.catalog.tokenizer(ctx.catalog.get(ctx.catalog.base))
+    prompts = [tokenizer(p)["input_ids"] for p in ("what is 2 plus 3 answer 5", "hello world")]
+    for model, weights in ((ctx.catalog.base, None), (runs[0].id, runs[0].weights_dir())):
+        body = {"model": model, "prompt": prompts, "max_tokens": 1, "echo": True, "logprobs": 2, "temperature": 0}
+        reply = _post(url, "/v1/completions", body)
+        assert reply.status_code == 200, reply.text
+        choices = reply.json()["choices"]
+        assert [c["index"] for c in choices] == [0, 1]
+        for ids, choice in zip(prompts, choices):
+            lp = choice["logprobs"]
+            assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(ids) + 1  # the prompt and one token
+            assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+            assert all(len(top) <= 3 and max(top.values()) <= 0 for top in lp["top_logprobs"][1:])
+            assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
+            assert choice["text"].startswith(tokenizer.decode(ids))
+            expected = _reference_logprobs(tiny_model_dir, weights, ids)
+            assert lp["token_logprobs"][1 : len(ids)] == pytest.approx(expected, abs=1e-4)  # fp32 runs
+        alone = _post(url, "/v1/completions", body | {"prompt": prompts[1]}).json()["choices"][0]["logprobs"]
+        assert alone["token_logprobs"][1:] == pytest.approx(choices[1]["logprobs"]["token_logprobs"][1:], abs=1e-5)
+
+
+def test_echo_alone_scores_the_prompt_and_logprobs_follow_the_reply(served):
+    url, ctx, runs = served
+    scored = _post(url, "/v1/completions", {"model": runs[0].id, "prompt": "hello world", "max_tokens": 0,
+                                            "echo": True, "logprobs": 0})  # fmt: skip
+    choice = scored.json()["choices"][0]
+    assert scored.status_code == 200 and choice["text"] == "hello world" and choice["finish_reason"] == "length"
+    assert len(choice["logprobs"]["token_logprobs"]) == scored.json()["usage"]["prompt_tokens"]
+    chat = _chat(_client(url), runs[0].id, PROMPTS[0], logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
+    assert "".join(t.token for t in content) == chat.choices[0].message.content
+    assert _chat(_client(url), runs[0].id, PROMPTS[0]).choices[0].logprobs is None  # not asked: null
+
+
+@pytest.mark.parametrize(
+    "body, param, says",
+    [
+        ({"prompt": []}, "prompt", "non-empty string, a list of strings, a list of token ids"),
+        ({"prompt": [[1, 2], []]}, "prompt", "`prompt[1]` is an empty list of token ids"),
+        ({"prompt": [1, 10**6]}, "prompt", "`prompt[1]` is 1000000: token ids must be integers from 0 to"),
+        ({"prompt": [[1, -1]]}, "prompt", "`prompt[0][1]` is -1"),
+        ({"prompt": [1, "a"]}, "prompt", "`prompt[1]` is 'a'"),
+        ({"prompt": ["a", 3]}, "prompt", "(`prompt[1]` is int)"),
+        ({"prompt": [[1]] * 129}, "prompt", "at most 128"),
+        ({"prompt": "hi", "logprobs": 21}, "logprobs", "`logprobs` must be an integer from 0 to 20"),
+        ({"prompt": "hi", "logprobs": True}, "logprobs", "`logprobs` must be an integer"),
+        ({"prompt": "hi", "echo": "yes"}, "echo", "`echo` must be true or false"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens", "from 1 to 64"),
+        ({"prompt": "hi", "logprobs": 1, "stream": True}, "stream", "without `logprobs` or `echo`"),
+        ({"prompt": ["a", "b"], "stream": True}, "stream", "one prompt"),
+        ({"prompt": "hi", "best_of": 3}, "best_of", "`best_of` must be 1"),
+        ({"prompt": "hi", "suffix": "end"}, "suffix", "not supported"),
+        ({"prompt": "hi", "logit_bias": {"5": 10}}, "logit_bias", "not supported"),
+        ({"messages": HI, "top_logprobs": 2}, "top_logprobs", "needs `logprobs: true`"),
+        ({"messages": HI, "logprobs": True, "top_logprobs": 30}, "top_logprobs", "from 0 to 20"),
+    ],
+)  # fmt: skip
+def test_unsupported_or_malformed_scoring_requests_are_refused_with_a_sentence(served, body, param, says):
+    url, ctx, runs = served
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    reply = _post(url, path, {"model": runs[0].id, "max_tokens": 2} | body)
+    error = reply.json()["error"]
+    assert reply.status_code == 400 and error["type"] == "invalid_request_error", reply.text
+    assert error["param"] == param and says in error["message"], error["message"]
+
+
+def test_tokenize_and_detokenize_answer_as_vllm_does(served):
+    url, ctx, runs = served
+    tokenizer = ctx.catalog.tokenizer(ctx.catalog.get(ctx.catalog.base))
+    tokens = _post(url, "/tokenize", {"prompt": "hello world", "add_special_tokens": False}).json()
+    assert tokens["tokens"] == tokenizer("hello world", add_special_tokens=False)["input_ids"]
+    assert tokens["count"] == len(tokens["tokens"]) and tokens["max_model_len"] == 512
+    assert _post(url, "/detokenize", {"tokens": tokens["tokens"]}).json() == {"prompt": "hello world"}
+    chat = _post(url, "/tokenize", {"model": runs[0].id, "messages": [{"role": "user", "content": "hi"}]}).json()
+    assert tokenizer.decode(chat["tokens"]).endswith("<|im_start|>assistant\n")
+    bad = _post(url, "/detokenize", {"tokens": [1, 10**6]})
+    assert bad.status_code == 400 and "`tokens[1]` is 1000000" in bad.json()["error"]["message"]
+    root = url.removesuffix("/v1")
+    import httpx
+
+    info = httpx.get(root + "/tokenizer_info", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert info["eos_token"] == "<|im_end|>" and info["chat_template"] == tokenizer.chat_template
+    assert httpx.get(root + "/tokenizer_info").status_code == 401  # the key guards these too
+    assert _post(url, "/tokenize", {"prompt": "hi"}, key="wrong-key-0123456789abcdef").status_code == 401

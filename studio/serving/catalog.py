@@ -48,7 +48,7 @@ class Catalog:
         self.base_load = BaseLoad(base, "lora", precision.resolve("auto", hw.bf16))
         self._tokenizers: dict[str, object] = {}
         self._hashes: dict[tuple[str, int], str] = {}  # (weights folder, mtimes) -> sha256 prefix
-        self._contexts: dict[str, int | None] = {}  # model ref -> context length
+        self._configs: dict[str, object] = {}  # model ref -> its transformers config (None: unreadable)
         self._lock = threading.Lock()
 
     def models(self) -> list[Served]:
@@ -118,19 +118,28 @@ class Catalog:
         served = self.get(model_id)
         return served.load, lambda pg: pg.serve_adapter(served.run, served.checkpoint)
 
-    def context_length(self, served: Served) -> int | None:
-        """The base's context window in tokens (``max_position_embeddings``), None when unknown."""
+    def _config(self, served: Served):
         key = served.load.model
         with self._lock:
-            if key not in self._contexts:
+            if key not in self._configs:
                 from transformers import AutoConfig
 
                 try:
-                    cfg = AutoConfig.from_pretrained(models.resolve(key))
-                    self._contexts[key] = getattr(cfg, "max_position_embeddings", None)
+                    self._configs[key] = AutoConfig.from_pretrained(models.resolve(key))
                 except (OSError, ValueError):
-                    self._contexts[key] = None
-            return self._contexts[key]
+                    self._configs[key] = None
+            return self._configs[key]
+
+    def context_length(self, served: Served) -> int | None:
+        """The base's context window in tokens (``max_position_embeddings``), None when unknown."""
+        return getattr(self._config(served), "max_position_embeddings", None)
+
+    def vocab_size(self, served: Served) -> int:
+        """How many token ids a prompt may use: those both the tokenizer and the model's
+        embedding know (a tokenizer with added tokens can outgrow an embedding never resized)."""
+        size = len(self.tokenizer(served))
+        embedding = getattr(self._config(served), "vocab_size", None)
+        return min(size, embedding) if isinstance(embedding, int) else size
 
     def tokenizer(self, served: Served):
         """The run's own tokenizer (saved with its adapter: its chat template is the one it

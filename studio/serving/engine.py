@@ -13,7 +13,9 @@ so the Chat tab and the endpoint never see each other's half-loaded state.
 
 Per row: its own sampling settings and seeded generator, its own stop strings (text is held back
 while it could still be the start of one), its own max tokens; a cancelled row (the client went
-away) stops at the next step.
+away) stops at the next step. A row that asks for log-probabilities gets each generated token
+scored, and with ``echo`` every prompt token too, from the prefill that every row runs anyway
+(studio/serving/logprobs.py); only then does the prefill keep logits for all positions.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 
 from studio.inference.playground import BASE_ADAPTER, BaseLoad, Playground, SamplingSettings, sampling_processors
 from studio.planning import precision
+from studio.serving.logprobs import Scored, score
 from studio.serving.routing import can_route, routed
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,8 @@ class Request:
     stop: list[str] = field(default_factory=list)
     tokenizer: Any = None  # the run's tokenizer (decoding); the base's when None
     ignore_eos: bool = False  # decode to max tokens even past an end of turn (vLLM's extension; benchmarks)
+    logprobs: int | None = None  # alternatives per token to report (0-20); None: no log-probabilities
+    echo: bool = False  # with logprobs: score the prompt's tokens too; max_new_tokens may then be 0
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     # filled in by the engine
@@ -61,6 +66,12 @@ class Request:
     output_ids: list[int] = field(default_factory=list)  # every token chosen, an end of turn included
     batch_id: str | None = None  # "7", or "7.2" for the second base load of gathered batch 7
     batch_refs: list[str] = field(default_factory=list)  # every row decoded in that batch
+    prompt_scores: list[Scored] = field(default_factory=list)  # prompt tokens 2..n (echo with logprobs)
+    scores: list[Scored] = field(default_factory=list)  # each generated token, an ending end-of-turn too
+
+    @property
+    def wants_prompt_scores(self) -> bool:
+        return self.echo and self.logprobs is not None
 
     @property
     def queue_s(self) -> float:
@@ -215,7 +226,10 @@ def _steps(pg, states: list[_Row], ids, mask, positions, mixed: dict, run_precis
     device, rows = pg.device, len(states)
     eos = pg.eos_ids()
     cache, step_input = None, ids
-    for _ in range(max(s.r.settings.max_new_tokens for s in states)):
+    # The prefill keeps the logits of every position only for rows that score their prompt: on
+    # the default model that is 49k floats per prompt token, which generation never reads.
+    keep = 0 if any(s.r.wants_prompt_scores for s in states) else 1
+    for step in range(max(1, max(s.r.settings.max_new_tokens for s in states))):
         if all(s.done for s in states):
             break
         with precision.autocast(device, run_precision):
@@ -225,14 +239,27 @@ def _steps(pg, states: list[_Row], ids, mask, positions, mixed: dict, run_precis
                 position_ids=positions,
                 past_key_values=cache,
                 use_cache=True,
+                logits_to_keep=keep if step == 0 else 1,
                 **mixed,
             )
         cache = out.past_key_values
+        if step == 0 and keep == 0:
+            _score_prompts(states, out.logits)
         logits = out.logits[:, -1, :].float()
         tokens = [s.advance(logits[i : i + 1], eos) for i, s in enumerate(states)]
         step_input = torch.tensor(tokens, device=device).unsqueeze(-1)
         mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=device)], dim=-1)
         positions = positions[:, -1:] + 1
+
+
+def _score_prompts(states: list[_Row], logits: torch.Tensor) -> None:
+    """Each echo row's prompt tokens 2..n, scored from the prefill: rows are left-padded, so a
+    prompt of n tokens fills the last n columns, and column j predicts column j + 1."""
+    width = logits.shape[1]
+    for i, s in enumerate(states):
+        ids = s.r.prompt_ids
+        if s.r.wants_prompt_scores and len(ids) > 1:
+            s.r.prompt_scores = score(logits[i, width - len(ids) : width - 1], ids[1:], s.r.logprobs)
 
 
 def _drop_adapter_name_hooks(model) -> None:
@@ -263,6 +290,9 @@ class _Row:
         if self.r.cancelled.is_set():
             self.finish("stop")
             return self.r.prompt_ids[-1]
+        if self.r.settings.max_new_tokens == 0:  # echo only: the prompt was scored, nothing to add
+            self.finish("length")
+            return self.r.prompt_ids[-1]
         scores = self.processors(self.ids, logits)
         if self.r.settings.temperature > 0:
             token = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self.generator)
@@ -270,6 +300,8 @@ class _Row:
             token = scores.argmax(dim=-1, keepdim=True)
         tid = int(token)
         self.r.output_ids.append(tid)  # evaluation teacher-forces these exact tokens (regression.py)
+        if self.r.logprobs is not None:  # from the raw logits, before any sampling setting
+            self.r.scores += score(logits, [tid], self.r.logprobs)
         if self.r.first_token_at is None:
             self.r.first_token_at = time.monotonic()
         if tid in eos and not self.r.ignore_eos:
