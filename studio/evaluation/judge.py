@@ -278,7 +278,9 @@ def _reference_summary(sides: dict[str, dict[str, Any]]) -> dict[str, Any]:
         if b["score"] is not None and a["score"] is not None
     ]
     if not both:
-        out.update(diff=None, diff_ci95=None, verdict="The judge graded no row on both sides against its reference.")
+        out.update(
+            diff=None, diff_ci95=None, rows=0, verdict="The judge graded no row on both sides against its reference."
+        )
         return out
     p = paired([b for b, _ in both], [a for _, a in both])
     out.update(diff=p.diff, diff_ci95=list(p.diff_ci95), rows=p.n, verdict=verdict(p, "the judge's correctness"))
