@@ -43,7 +43,9 @@ def test_nothing_picked_or_nothing_stored_says_what_to_do(tmp_path):
 def evaluated(trained_tiny_run):
     studio = Studio(trained_tiny_run.path.parent)
     _, tab = _build(studio)
-    shown = eval_tab.evaluate(studio, tab, _settings(tab, run=trained_tiny_run.id, rows=5), progress=lambda *a, **k: None)
+    shown = eval_tab.evaluate(
+        studio, tab, _settings(tab, run=trained_tiny_run.id, rows=5), progress=lambda *a, **k: None
+    )
     return studio, tab, trained_tiny_run, shown
 
 
