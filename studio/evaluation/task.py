@@ -46,6 +46,7 @@ from studio.data.split import split_by_prompt
 from studio.data.validate import prompt_key
 from studio.evaluation.judge import JudgeSettings, judge_evaluation
 from studio.evaluation.metrics import Metric, metric_by_name
+from studio.evaluation.regression import measure_regression
 from studio.evaluation.shapes import label_report, pick_metrics
 from studio.evaluation.stats import Paired, holm, paired, verdict
 from studio.evaluation.stored import EVALUATIONS, EXAMPLES_SUFFIX
@@ -340,6 +341,7 @@ def evaluate_task(
     progress: Progress | None = None,
     stop: threading.Event | None = None,
     judge: JudgeSettings | None = None,
+    regression_prompts: int | None = None,
 ) -> dict[str, Any]:
     """Generate base and adapter answers for the rows, score them, store and return the result
     (the documented ``finetune-studio eval --json`` shape, docs/cli.md).
@@ -354,6 +356,9 @@ def evaluate_task(
             default: picked from the references' shape.
         max_new_tokens: default: the longest reference in tokens plus MARGIN.
         judge: also ask this LLM judge (studio/evaluation/judge.py); its failure is ``result["judge"]["error"]``.
+        regression_prompts: how many bundled general prompts measure how far the adapter moved
+            from the base outside the task (studio/evaluation/regression.py; default all 100,
+            0 skips it; not measured with ``against``).
 
     Raises:
         ValueError: a sentence (no rows, an unreadable eval file, a bad metric, pattern or schema).
@@ -363,6 +368,8 @@ def evaluate_task(
     started = time.perf_counter()
     if rows is not None and rows < 1:
         raise ValueError(f"--rows must be at least 1 (got {rows}).")
+    if regression_prompts is not None and regression_prompts < 0:
+        raise ValueError(f"--regression-prompts must be 0 (skip) or more (got {regression_prompts}).")
     cfg = run.config()
     if playground.tokenizer is not None and playground.base_ref == cfg.model:
         tokenizer = playground.tokenizer
@@ -390,6 +397,11 @@ def evaluate_task(
     engines = _sides(playground, run, checkpoint, against)
     try:
         answers = generate(engines, scored, settings, progress, stop)
+        regression = None  # on the same engines, before a full fine-tune's own model goes
+        if against is None and regression_prompts != 0:
+            regression = measure_regression(
+                engines, tokenizer, generate, prompts=regression_prompts, progress=progress, stop=stop
+            )
     finally:
         for engine, _ in engines:  # no idle decoding thread, and a full fine-tune's own model goes
             engine.close()
@@ -413,7 +425,7 @@ def evaluate_task(
         "against": _ref(*against) if against else None,
         "verdicts": [verdict(p, m.name, _ref(*against) if against else None) for m, p in compared],
         "cut_share": {side: sum(cut) / len(scored) for side, (_, cut) in sides.items()},
-        "regression": None,  # general regression (issue 23, item 3) is measured apart from the task
+        "regression": regression,  # how far the adapter moved from the base outside the task
         "judge": None,  # the LLM judge's entry when one is asked (studio/evaluation/judge.py)
         "examples": None,
         "source": str(eval_path) if eval_path else "held-out rows",
