@@ -200,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--max-new-tokens", type=int, metavar="N", help="Answer length cap (default: longest reference + 8 tokens)."
     )
+    ev.add_argument(
+        "--regression-prompts",
+        type=int,
+        metavar="N",
+        help="General prompts that measure how far the adapter moved from the base outside the task "
+        "(default all 100 bundled; 0 skips it).",
+    )
     ev.add_argument("--json", action="store_true", help="Print the result as one JSON object (docs/cli.md).")
     ev.add_argument(
         "--judge-url",
@@ -536,6 +543,7 @@ def _eval(args) -> int:
             max_new_tokens=args.max_new_tokens,
             progress=progress,
             judge=judge,
+            regression_prompts=args.regression_prompts,
         )
     except (LookupError, ValueError, ModelError) as exc:
         print(exc, file=sys.stderr)
@@ -580,6 +588,8 @@ def _eval_table(result: dict) -> str:
             f"Answers cut at {result['max_new_tokens']} tokens: base {cut['base']:.0%}, adapter {cut['adapter']:.0%} "
             "(--max-new-tokens raises the cap)."
         )
+    if result.get("regression"):
+        lines += ["", result["regression"]["sentence"]]
     lines += describe(result.get("judge"))
     lines.append(f"Every row, both answers and their scores: {result['examples']}")
     return "\n".join(lines)

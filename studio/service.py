@@ -367,13 +367,15 @@ class Studio:
         progress=None,
         stop=None,
         judge=None,
+        regression_prompts: int | None = None,
     ) -> dict:
         """Task scores on generated answers, base vs adapter, with intervals; stored with the run
         (studio/evaluation/task.py). ``ref`` is a run id, a run folder or ``id@step-N``; so is
         ``against``, another adapter to compare with instead of the base. The page and
         ``finetune-studio eval`` both call this. Raises LookupError, ValueError or ModelError
         with a sentence, EvaluationStopped when ``stop`` is set. ``judge``: an LLM judge's
-        JudgeSettings (studio/evaluation/judge.py), also asked."""
+        JudgeSettings (studio/evaluation/judge.py), also asked. ``regression_prompts``: general
+        prompts for the regression check (default all 100, 0 skips it)."""
         from studio.evaluation import task
 
         run_id, checkpoint = split_ref(ref)
@@ -402,6 +404,7 @@ class Studio:
                 progress=progress,
                 stop=stop,
                 judge=judge,
+                regression_prompts=regression_prompts,
             )
         finally:
             self._evaluations_running.discard(stop)

@@ -166,3 +166,29 @@ def test_stop_stops_between_chunks(trained_tiny_run):
     finally:
         for engine, _ in sides:
             engine.close()
+
+
+# ---- through finetune-studio eval -------------------------------------------------------------------
+def test_eval_reports_regression_and_the_flag_shrinks_or_skips_it(trained_tiny_run, capsys):
+    import json
+
+    from studio.cli import main
+
+    run = trained_tiny_run
+    capsys.readouterr()
+    assert main(["eval", str(run.path), "--rows", "2", "--regression-prompts", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert RESULT_KEYS <= set(result["regression"]) and result["regression"]["prompts"] == 4
+    assert result["regression"]["kl_per_token"] > 0
+    stored = json.loads(Path(result["path"]).read_text(encoding="utf-8"))
+    assert stored["regression"] == result["regression"]  # kept with the run's evaluation
+
+    assert main(["eval", str(run.path), "--rows", "2", "--regression-prompts", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["regression"] is None
+
+    assert main(["eval", str(run.path), "--rows", "2", "--regression-prompts", "2"]) == 0
+    assert "Outside your task the adapter" in capsys.readouterr().out  # the table's sentence
+
+    assert main(["eval", str(run.path), "--regression-prompts", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--regression-prompts" in err and "Traceback" not in err
