@@ -6,6 +6,7 @@ zip carry the task scores."""
 import csv
 import json
 import zipfile
+from pathlib import Path
 
 import gradio as gr
 import pytest
@@ -41,12 +42,43 @@ def test_nothing_picked_or_nothing_stored_says_what_to_do(tmp_path):
 
 @pytest.fixture(scope="module")
 def evaluated(trained_tiny_run):
+    """The tab's Evaluate on the tiny run: 5 rows, 5 general prompts, and a judge nobody answers at."""
+    from tests.helpers import free_port
+
     studio = Studio(trained_tiny_run.path.parent)
     _, tab = _build(studio)
-    shown = eval_tab.evaluate(
-        studio, tab, _settings(tab, run=trained_tiny_run.id, rows=5), progress=lambda *a, **k: None
+    settings = _settings(
+        tab,
+        run=trained_tiny_run.id,
+        rows=5,
+        general=5,
+        judge_url=f"http://127.0.0.1:{free_port()}/v1",
+        judge_model="judge",
+        judge_key="sk-secret-0123",
     )
+    shown = eval_tab.evaluate(studio, tab, settings, progress=lambda *a, **k: None)
     return studio, tab, trained_tiny_run, shown
+
+
+def test_a_judge_that_is_not_there_is_a_sentence_and_the_scores_stay(evaluated):
+    studio, tab, run, shown = evaluated
+    result = stored.evaluations(run)[0]
+    assert "refused the connection" in result["judge"]["error"]
+    assert "LLM judge" in shown[tab.summary] and "refused the connection" in shown[tab.summary]
+    assert result["metrics"] and result["regression"]["prompts"] == 5
+    assert "Outside your task" in shown[tab.summary]
+    assert "sk-secret-0123" not in Path(result["path"]).read_text(encoding="utf-8")
+
+
+@pytest.mark.unit
+def test_judge_settings_it_cannot_use_stop_before_anything_runs(tmp_path, monkeypatch):
+    studio = Studio(tmp_path / "runs")
+    _, tab = _build(studio)
+    warned = []
+    monkeypatch.setattr(gr, "Warning", warned.append)
+    monkeypatch.setattr(studio, "evaluate_task", lambda *a, **k: pytest.fail("no evaluation should start"))
+    eval_tab.evaluate(studio, tab, _settings(tab, run="some-run", judge_url="ftp://x", judge_model="m"))
+    assert warned and "http" in warned[0]  # and evaluate_task was never called
 
 
 def test_evaluate_shows_scores_with_intervals_and_a_reload_shows_the_same(evaluated):

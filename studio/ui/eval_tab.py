@@ -32,6 +32,7 @@ HELD_OUT = "the run's held-out rows"
 A_FILE = "an eval file"
 BASE = "base"
 PICK = "Pick a trained run to evaluate."
+GENERAL_DEFAULT = 30  # of the 100 bundled prompts: a sense of the drift for about half a minute on a CPU
 METRIC_COLUMNS = ["metric", "compared with", "95% interval", "adapter", "adapter 95% interval"]
 METRIC_COLUMNS += ["difference", "difference 95% interval", "wins / ties / losses", "p"]
 
@@ -50,6 +51,10 @@ class EvalTab:
     metrics: gr.Dropdown
     pattern: gr.Textbox
     schema: gr.Textbox
+    general: gr.Slider
+    judge_url: gr.Textbox
+    judge_model: gr.Textbox
+    judge_key: gr.Textbox
     start: gr.Button
     stop: gr.Button
     history: gr.Dropdown
@@ -75,6 +80,10 @@ class EvalTab:
             self.metrics,
             self.pattern,
             self.schema,
+            self.general,
+            self.judge_url,
+            self.judge_model,
+            self.judge_key,
         }
 
     @property
@@ -136,6 +145,26 @@ def build_eval_tab(studio: Studio) -> EvalTab:
         with gr.Row():
             pattern = gr.Textbox(label="Regular expression (for regex)", elem_id="eval-pattern")
             schema = gr.Textbox(label="JSON Schema (for json)", lines=3, elem_id="eval-schema")
+    general = gr.Slider(
+        0,
+        100,
+        value=GENERAL_DEFAULT,
+        step=5,
+        label="General prompts: how far the adapter moved outside your task (0 skips)",
+        elem_id="eval-general",
+    )
+    with gr.Accordion("LLM judge (optional): a bigger model compares the answers", open=False):
+        gr.Markdown(
+            "Any OpenAI-compatible API: Ollama (`http://localhost:11434/v1`), vLLM, a hosted API, or another "
+            "`finetune-studio serve`. It is asked which answer is better in both orders (position bias cancels) "
+            "and whether each answer matches the reference. The key is sent to that URL, never stored."
+        )
+        with gr.Row():
+            judge_url = gr.Textbox(
+                label="Judge API URL", placeholder="http://localhost:11434/v1", elem_id="eval-judge-url"
+            )
+            judge_model = gr.Textbox(label="Judge model", placeholder="qwen2.5:14b", elem_id="eval-judge-model")
+            judge_key = gr.Textbox(label="API key (if it needs one)", type="password", elem_id="eval-judge-key")
     with gr.Row():
         start = gr.Button("Evaluate", variant="primary", elem_id="eval-start", scale=3)
         stop = gr.Button("Stop", elem_id="eval-stop", scale=1)
@@ -165,6 +194,10 @@ def build_eval_tab(studio: Studio) -> EvalTab:
         metrics=metrics,
         pattern=pattern,
         schema=schema,
+        general=general,
+        judge_url=judge_url,
+        judge_model=judge_model,
+        judge_key=judge_key,
         start=start,
         stop=stop,
         history=history,
@@ -249,6 +282,17 @@ def evaluate(studio: Studio, tab: EvalTab, data: dict, progress=gr.Progress()) -
             gr.Warning("Upload an eval file first, or score the run's held-out rows.")
             return {c: gr.skip() for c in [tab.history, *tab.shown]}
 
+    judge = None
+    url, model = (data[tab.judge_url] or "").strip(), (data[tab.judge_model] or "").strip()
+    if url or model:
+        from studio.evaluation.judge import JudgeSettings
+
+        try:
+            judge = JudgeSettings(url=url, model=model, key=(data[tab.judge_key] or "").strip() or None)
+        except ValueError as exc:
+            gr.Warning(str(exc))
+            return {c: gr.skip() for c in [tab.history, *tab.shown]}
+
     def report(done: int, total: int, eta_s: float | None) -> None:
         left = f", about {eta_s:.0f} s left" if eta_s is not None else ""
         progress((done, total), desc=f"{done} of {total} rows answered by both{left}")
@@ -263,6 +307,8 @@ def evaluate(studio: Studio, tab: EvalTab, data: dict, progress=gr.Progress()) -
             metrics=list(data[tab.metrics] or []) or None,
             pattern=(data[tab.pattern] or "").strip() or None,
             schema=(data[tab.schema] or "").strip() or None,
+            regression_prompts=int(data[tab.general]),
+            judge=judge,
             progress=report,
         )
     except EvaluationStopped as exc:
@@ -311,7 +357,9 @@ def summary_markdown(result: dict) -> str:
         lines += ["", f"**Outside your task:** {regression['sentence']}"]
     judge = result.get("judge")
     if isinstance(judge, dict):
-        lines += ["", f"**Judge:** {judge.get('sentence') or judge.get('error') or ''}"]
+        from studio.evaluation.judge import describe
+
+        lines += ["", "**LLM judge:** " + "  \n".join(line for line in describe(judge) if line)]
     if notes:
         lines += ["", *[f"*{n}*" for n in notes]]
     return "\n".join(lines)
