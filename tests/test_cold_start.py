@@ -185,3 +185,76 @@ def test_the_page_server_also_serves_the_api(fresh_app):
         models = json.load(resp)
     assert models["object"] == "list" and models["data"][0]["id"] == "default", models
     assert "OpenAI-compatible API on http://127.0.0.1" in log.read_text()
+
+
+@pytest.mark.process
+def test_upload_train_then_evaluate_with_intervals_drill_down_reload_and_comparison(fresh_app, browser, tiny_model_dir):
+    """Issue 23's journey on a cold server: upload the instructions sample, train (the tiny model,
+    to keep it short), Evaluate: the picked format metric with intervals and win/tie/loss, the
+    drill-down filtered to "adapter worse", the sentence about outside the task; a reload keeps
+    the scores; a second run scored on the same rows appears beside the first."""
+    from playwright.sync_api import expect
+
+    from studio.cli import main
+    from studio.evaluation import stored
+    from studio.runs.registry import RunRegistry
+    from studio.training import run_training
+
+    url, log = fresh_app
+    runs = RunRegistry(log.parent / "runs")
+    page, errors = open_page(browser, url)
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#model-name textarea").fill(str(tiny_model_dir))
+    page.locator("#model-name textarea").press("Tab")
+    page.get_by_role("tab", name="Data").click()
+    page.set_input_files("#data-upload input[type=file]", str(SAMPLE))
+    expect(page.locator("#data-report")).to_contain_text("300 usable", timeout=60_000)
+    _plan_after_data(page)
+    page.locator("#train-max-steps input").fill("12")
+    page.locator("#train-max-steps input").press("Tab")
+    page.locator("#train-button").click()
+    expect(page.locator("#train-status")).to_contain_text("Finished", timeout=240_000)
+    (first,) = runs.list()
+
+    page.get_by_role("tab", name="Evaluate").click()
+    page.locator("#eval-run input").click()
+    page.get_by_role("option").filter(has_text=f"{first.id} v1").click()
+    expect(page.locator("#eval-summary")).to_contain_text("has not been evaluated yet", timeout=30_000)
+    page.locator("#eval-rows input[type=number]").fill("10")
+    page.locator("#eval-rows input[type=number]").press("Tab")
+    page.locator("#eval-general input[type=number]").fill("10")
+    page.locator("#eval-general input[type=number]").press("Tab")
+    page.locator("#eval-start").click()
+    summary, scores = page.locator("#eval-summary"), page.locator("#eval-scores")
+    expect(summary).to_contain_text("Your answers share a format", timeout=240_000)
+    result = stored.evaluations(first)[0]
+    assert [m["name"] for m in result["metrics"]][0] == "regex"  # the format, picked from the references
+    primary = result["metrics"][0]
+    expect(scores).to_contain_text(f"{primary['adapter_ci95'][0]:.3f} to {primary['adapter_ci95'][1]:.3f}")
+    expect(scores).to_contain_text(f"{primary['wins']} / {primary['ties']} / {primary['losses']}")
+    expect(summary).to_contain_text(result["verdicts"][0])
+    expect(summary).to_contain_text("Outside your task")
+    grid = page.locator("#eval-table-rows [role=grid]")  # a virtual table: its rows are counted, not drawn
+    expect(grid).to_have_attribute("aria-rowcount", str(result["rows"] + 1), timeout=30_000)  # and the header
+
+    page.locator("#eval-filter input").click()
+    page.get_by_role("option", name=stored.ADAPTER_WORSE, exact=True).click()
+    expect(grid).to_have_attribute("aria-rowcount", str(primary["losses"] + 1), timeout=30_000)
+
+    # A second run on the same data and split, scored from the command line on the same rows.
+    second = runs.create(first.config().with_overrides({"training.learning_rate": 1e-3}))
+    assert run_training(second.config(), second).state == "finished"
+    assert main(["eval", second.id, "--runs-dir", str(runs.root), "--rows", "10", "--regression-prompts", "0"]) == 0
+
+    page.reload()
+    page.get_by_role("tab", name="Evaluate").click()
+    page.locator("#eval-run input").click()
+    page.get_by_role("option").filter(has_text=f"{first.id} v1").click()
+    expect(page.locator("#eval-summary")).to_contain_text(result["verdicts"][0], timeout=30_000)
+    compare = page.locator("#eval-compare")
+    expect(compare).to_contain_text(first.id, timeout=30_000)
+    expect(compare).to_contain_text(second.id)
+    assert not _shown_errors(page), (_shown_errors(page), log.read_text()[-3000:])
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+    assert not errors, errors
+    page.close()
