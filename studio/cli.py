@@ -223,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--judge-timeout", type=float, metavar="S", help="Seconds per judge reply (default 120).")
     ev.add_argument("--judge-rows", type=int, metavar="N", help="Judge at most N rows (default 100; 4 requests each).")
     ev.add_argument(
+        "--checkpoints",
+        action="store_true",
+        help="Score every checkpoint of the run and its final weights against the base on the same rows, in "
+        "one pass, and say which is best at the task (not only on loss).",
+    )
+    ev.add_argument(
         "--fail-if-worse",
         action="store_true",
         help="Exit 1 when the adapter is worse than the base beyond chance on the primary metric, or on any "
@@ -530,6 +536,8 @@ def _eval(args) -> int:
     folder = Path(args.run.partition("@")[0])
     if runs_dir is None and (folder / "status.json").is_file():
         runs_dir = folder.parent  # a run folder named outright: its parent is the runs folder
+    if args.checkpoints:
+        return _eval_checkpoints(args, Studio(runs_dir), schema, progress, judge)
     try:
         result = Studio(runs_dir).evaluate_task(
             args.run,
@@ -558,6 +566,58 @@ def _eval(args) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 1
+    return 0
+
+
+def _eval_checkpoints(args, studio, schema, progress, judge) -> int:
+    """``eval RUN --checkpoints``: every checkpoint against the base, and the best one."""
+    import json
+
+    from studio.models import ModelError
+
+    clash = [
+        flag
+        for flag, given in (
+            ("--against", args.against),
+            ("--judge-url", judge),
+            ("--fail-if-worse", args.fail_if_worse),
+        )
+        if given
+    ]
+    if "@" in args.run or clash:
+        what = ", ".join(clash) if clash else f"a checkpoint ({args.run})"
+        print(
+            f"--checkpoints scores every checkpoint of a run against the base; it does not take {what}.",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        summary = studio.evaluate_checkpoints(
+            args.run,
+            eval_path=args.eval_path,
+            mapping=args.mapping,
+            rows=args.rows,
+            metrics=args.metric,
+            pattern=args.pattern,
+            schema=schema,
+            max_new_tokens=args.max_new_tokens,
+            progress=progress,
+        )
+    except (LookupError, ValueError, ModelError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    metric = summary["checkpoints"][0]["metric"]
+    print(f"Run {summary['run']}: {summary['rows']} rows, every checkpoint against the base on {metric}\n")
+    print(f"{'checkpoint':<14}{'step':>6}  {metric + ' [95%]':<24}{'vs base':>9}  eval loss")
+    for c in summary["checkpoints"]:
+        score = f"{c['adapter']:.3f} [{c['adapter_ci95'][0]:.2f}, {c['adapter_ci95'][1]:.2f}]"
+        loss = f"{c['eval_loss']:.4f}" if c["eval_loss"] is not None else "-"
+        mark = "  <- best" if c["checkpoint"] == summary["best"] else ""
+        print(f"{c['checkpoint']:<14}{c['step']:>6}  {score:<24}{c['diff']:>+9.3f}  {loss}{mark}")
+    print(f"\n{summary['sentence']}")
     return 0
 
 

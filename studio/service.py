@@ -409,6 +409,20 @@ class Studio:
         finally:
             self._evaluations_running.discard(stop)
 
+    def evaluate_checkpoints(self, run_id: str, *, progress=None, stop=None, **options) -> dict:
+        """Every checkpoint of the run and its final weights scored against the base on the same
+        rows, and which is best at the task (studio/evaluation/checkpoints.py). ``options`` are
+        the rows and metrics ``evaluate_task`` takes. Raises LookupError, ValueError, ModelError."""
+        from studio.evaluation.checkpoints import evaluate_checkpoints
+
+        run = self.registry.get(run_id)
+        stop = stop or threading.Event()
+        self._evaluations_running.add(stop)
+        try:
+            return evaluate_checkpoints(self.playground, run, progress=progress, stop=stop, **options)
+        finally:
+            self._evaluations_running.discard(stop)
+
     def stop_evaluations(self) -> int:
         """Stop every running evaluation (the page's Stop); how many there were."""
         running = list(self._evaluations_running)

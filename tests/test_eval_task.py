@@ -53,7 +53,7 @@ def _tokenizer(model_dir):
 # ---- rows -----------------------------------------------------------------------------------
 @pytest.mark.unit
 def test_a_chat_row_is_scored_on_its_last_assistant_turn(tiny_model_dir):
-    from studio.evaluation.task import build_rows
+    from studio.evaluation.rows import build_rows
 
     conv = [
         {"role": "system", "content": "be brief"},
@@ -75,7 +75,7 @@ def test_a_chat_row_is_scored_on_its_last_assistant_turn(tiny_model_dir):
 
 @pytest.mark.unit
 def test_a_plain_text_row_is_scored_on_continuing_its_first_half(tiny_model_dir):
-    from studio.evaluation.task import build_rows
+    from studio.evaluation.rows import build_rows
 
     tok = _tokenizer(tiny_model_dir)
     rows, skipped = build_rows(["the sky is blue and the grass is green", "hello"], tok, max_length=256)
@@ -87,7 +87,7 @@ def test_a_plain_text_row_is_scored_on_continuing_its_first_half(tiny_model_dir)
 
 def test_held_out_rows_are_the_ones_training_held_out(trained_tiny_run):
     from studio.evaluation.heldout import held_out_rows, prompt_and_reference
-    from studio.evaluation.task import build_rows, held_out_conversations
+    from studio.evaluation.rows import build_rows, held_out_conversations
 
     tok = _tokenizer(trained_tiny_run.config().model)
     rows, _ = build_rows(held_out_conversations(trained_tiny_run, tok), tok, 64)
@@ -281,6 +281,42 @@ def test_against_another_adapter_and_every_score_side_by_side(good_base_runs, ca
     assert {good_run.id, bad_run.id, base.id} <= set(scored["run"])
     mine = scored[(scored["run"] == good_run.id) & (scored["compared with"] == "base")]
     assert mine["score"].iloc[0] == pytest.approx(good["metrics"][0]["adapter"], abs=1e-4)
+
+
+def test_every_checkpoint_in_one_pass_and_the_best_at_the_task(good_base_runs, capsys):
+    """--checkpoints: each checkpoint and the final weights against the base on the same rows,
+    stored like any evaluation; the final's scores equal its own evaluation's; the best named."""
+    from studio.evaluation import stored
+    from studio.runs.registry import RunRegistry
+    from studio.training import run_training
+
+    root, base, good_run, bad_run, eval_file = good_base_runs
+    cfg = good_run.config().with_overrides({"training.save_steps": 4, "training.max_steps": 12})
+    run = RunRegistry(root).create(cfg)
+    assert run_training(cfg, run).state == "finished"
+    flags = ("--runs-dir", root, "--eval-path", eval_file)
+    code, out, err = _eval(capsys, run.id, *flags, "--checkpoints", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert [c["checkpoint"] for c in summary["checkpoints"]] == ["step-4", "step-8", "final"]
+    assert [c["step"] for c in summary["checkpoints"]] == [4, 8, 12]
+    best = max(summary["checkpoints"], key=lambda c: (c["adapter"], c["step"]))
+    assert summary["best"] == best["checkpoint"] and summary["sentence"].startswith(
+        "The final weights" if best["checkpoint"] == "final" else f"{best['checkpoint']} (step"
+    )
+    kept = {r.get("checkpoint") for r in stored.evaluations(run)}
+    assert kept == {"step-4", "step-8", None}  # each stored as its own evaluation
+    _, alone = _eval_json(capsys, run.id, *flags, "--regression-prompts", "0")
+    final = summary["checkpoints"][-1]
+    assert final["adapter"] == pytest.approx(alone["metrics"][0]["adapter"])  # batched with others = alone
+    assert final["base"] == pytest.approx(alone["metrics"][0]["base"])
+
+    code, out, err = _eval(capsys, run.id, *flags, "--checkpoints")  # the table
+    assert code == 0 and "<- best" in out and summary["sentence"] in out
+    code, _, err = _eval(capsys, base.id, *flags, "--checkpoints")
+    assert code == 2 and "whole model" in err
+    code, _, err = _eval(capsys, run.id, *flags, "--checkpoints", "--against", good_run.id)
+    assert code == 2 and "--against" in err
 
 
 # ---- bad input --------------------------------------------------------------------------------------

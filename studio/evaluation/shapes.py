@@ -193,3 +193,19 @@ def label_report(answers: list[str], references: list[str]) -> dict:
         "confusion": confusion,
         "other": sum(row[other] for row in confusion),
     }
+
+
+def choose_metrics(
+    references: list[str], names: list[str] | None = None, pattern: str | None = None, schema: str | None = None
+) -> tuple[list[Metric], str]:
+    """The person's metrics (``names``, with the pattern or schema they take) or those the
+    references' shape suggests, with the reason. Raises ValueError with a sentence."""
+    if names:
+        metrics = [metric_by_name(n, pattern=pattern, schema=schema) for n in dict.fromkeys(names)]
+        return metrics, "You chose " + ", ".join(m.name for m in metrics) + "."
+    if pattern or schema:
+        raise ValueError(
+            "A pattern goes with the regex metric and a schema with the json metric: add --metric regex "
+            "or --metric json (several --metric flags may be given)."
+        )
+    return pick_metrics(references)

@@ -1,26 +1,18 @@
 """Did the fine-tune help at the task? Base and adapter answer the same rows; metrics score them.
 
-Rows are the run's held-out rows (rebuilt from its config as heldout.py does: same file, mapping,
-seed and split) or an eval file the person names, mapped by their mapping, else the run's own
-when it set one, else detected. A chat row is scored on its **last assistant turn given every turn before
-it**: the prompt is those turns rendered with the run's chat template and its generation prompt,
-the reference is that last reply's text (so a multi-turn row is one question, not one answer
-glued from every reply). A **plain text row** has no question, so it is scored on continuing
-its own text: the prompt is its first half (whole words, no template, as the run trained on
-text), the reference its second half; a row of fewer than two words is skipped, and the result
-says how many were.
-
-Answers are generated greedily (by default) through the serving engine (studio/serving/engine.py),
-a few rows per batch, base and adapter rows side by side in one forward on the one loaded base
-(the base rows with every adapter off), with the run's stop tokens and precision. A full
-fine-tune is a whole model: its answers come from it loaded on its own, the base's from the
-base, each batched by an engine of its own. Batches go to the engine a few rows at a time, so
-the Chat tab and API clients take their turn on the model between them.
+The rows and what each is scored on: studio/evaluation/rows.py. Answers are generated greedily
+through the serving engine (studio/serving/engine.py), a few rows per batch, base and adapter rows
+side by side in one forward on the one loaded base (the base rows with every adapter off), with
+the run's stop tokens and precision; batches go to the engine a few rows at a time, so the Chat
+tab and API clients take their turn on the model between them. A full fine-tune is a whole
+model: its answers come from it loaded on its own, each side batched by an engine of its own.
 
 Scores: each metric's per-row scores for both sides, paired bootstrap intervals and a verdict
-(studio/evaluation/stats.py); the first metric is the primary one. The result is stored under
-the run folder (``evaluations/<time>-<eval set sha[:12]>.json`` plus its ``.examples.jsonl``),
-never over an earlier one.
+(studio/evaluation/stats.py); the first metric is the primary one. Then, on the same engines, how
+far the adapter moved outside the task (studio/evaluation/regression.py) and, when asked, an LLM
+judge (studio/evaluation/judge.py). The result is stored under the run folder
+(``evaluations/<time>-<eval set sha[:12]>.json`` plus its ``.examples.jsonl``), never over an
+earlier one (studio/evaluation/stored.py reads them back).
 
 Example:
     >>> result = evaluate_task(playground, run, rows=50)
@@ -29,25 +21,19 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import queue
-import re
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from studio.data import DataError, load_and_map, validate
-from studio.data.dataset import inspect
-from studio.data.render import Conversation
-from studio.data.split import split_by_prompt
-from studio.data.validate import prompt_key
 from studio.evaluation.judge import JudgeSettings, judge_evaluation
-from studio.evaluation.metrics import Metric, metric_by_name
+from studio.evaluation.metrics import Metric
 from studio.evaluation.regression import measure_regression
-from studio.evaluation.shapes import label_report, pick_metrics
+from studio.evaluation.rows import Row, build_rows, eval_set_sha256, file_conversations, held_out_conversations, spread
+from studio.evaluation.shapes import choose_metrics, label_report
 from studio.evaluation.stats import Paired, holm, paired, verdict
 from studio.evaluation.stored import EVALUATIONS, EXAMPLES_SUFFIX
 from studio.inference.playground import (
@@ -75,133 +61,8 @@ class EvaluationStopped(RuntimeError):
     """The person pressed Stop; nothing was stored."""
 
 
-@dataclass
-class Row:
-    """One scored row: the turns (or text) before the scored answer, and that answer."""
-
-    prompt: list[dict[str, str]] | str  # chat turns before the last assistant turn, or a text's first half
-    reference: str
-    prompt_ids: list[int]
-    prompt_text: str  # what the model is given, as rendered
-
-
-# ---- rows ----------------------------------------------------------------------------------
-def scored_turn(conv: Conversation) -> tuple[list[dict[str, str]] | str, str] | None:
-    """(prompt, reference) for a row: the turns before its last assistant turn and that turn's
-    text, or a plain text's first half and second half. None when the row has nothing to score."""
-    if isinstance(conv, str):
-        words = list(re.finditer(r"\S+", conv))
-        if len(words) < 2:
-            return None
-        at = words[len(words) // 2 - 1].end()  # after the middle word, keeping the text's own spacing
-        return conv[:at], conv[at:].strip()
-    last = max((i for i, m in enumerate(conv) if m["role"] == "assistant" and m["content"].strip()), default=None)
-    if last is None:
-        return None
-    return conv[:last], conv[last]["content"].strip()
-
-
-def build_rows(convs: list[Conversation], tokenizer, max_length: int) -> tuple[list[Row], int]:
-    """Rows ready to generate from, and how many conversations were skipped (nothing to score,
-    or a prompt at or over the run's max length, which training never saw an answer after)."""
-    rows, skipped = [], 0
-    for conv in convs:
-        turn = scored_turn(conv)
-        if turn is None:
-            skipped += 1
-            continue
-        prompt, reference = turn
-        if isinstance(prompt, str):
-            text = prompt
-        else:
-            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not ids or len(ids) >= max_length:
-            skipped += 1
-            continue
-        rows.append(Row(prompt, reference, ids, text))
-    return rows, skipped
-
-
-def held_out_conversations(run: Run, tokenizer) -> list[Conversation]:
-    """The run's held-out rows as conversations, split exactly as its trainer split them
-    (studio/data/dataset.py: prepare). Raises ValueError with the reason and the fix."""
-    cfg = run.config()
-    if run.status().imported or not cfg.data.path:
-        raise ValueError(
-            "This adapter was imported, so its held-out rows are not here; name an eval file "
-            "(--eval-path, or upload one) to score it."
-        )
-    try:
-        report = inspect(cfg.data, tokenizer)
-    except DataError as exc:
-        raise ValueError(f"The run's data can no longer be read ({exc}); name an eval file instead.") from None
-    convs = [c for c in report.convs if c is not None]
-    if cfg.data.eval_path:
-        train_keys = {prompt_key(c) for c in convs}
-        held = file_conversations(cfg.data.eval_path, cfg.data.mapping or report.mapping.to_pairs(), tokenizer, cfg)
-        held = [c for c in held if prompt_key(c) not in train_keys]  # leaked rows were left out in training too
-    else:
-        keys = [prompt_key(c) for c in convs]
-        _, eval_idx = split_by_prompt(keys, cfg.data.eval_fraction, cfg.data.eval_rows, cfg.training.seed)
-        held = [convs[i] for i in eval_idx]
-    if not held:
-        raise ValueError(
-            "This run held out no rows (eval fraction 0 and no eval file), so there is nothing to "
-            "score; name an eval file (--eval-path) or set an eval fraction and train again."
-        )
-    return held
-
-
-def file_conversations(path: str, mapping: str | list[str], tokenizer, cfg) -> list[Conversation]:
-    """An eval file's usable rows, read like the Data tab reads files. Raises ValueError naming
-    the file and what is wrong with it (unreadable, columns that map to nothing, no usable row)."""
-    try:
-        table, column_map = load_and_map(str(path), mapping, cfg.data.max_file_mb)
-        report = validate(table, column_map, tokenizer, cfg.data.max_length)
-    except DataError as exc:
-        raise ValueError(f"The eval file {path} cannot be used: {exc}") from None
-    convs = [c for c in report.convs if c is not None]
-    if not convs:
-        first = report.errors()[0] if report.errors() else None
-        why = f" {first.message} {first.fix}" if first else ""
-        raise ValueError(f"The eval file {path} has no usable rows.{why}")
-    return convs
-
-
-def eval_set_sha256(rows: list[Row]) -> str:
-    """A fingerprint of the scored rows (prompt turns and reference, in any order), so two
-    evaluations on the same rows can be found and compared whatever file they came from."""
-    items = sorted(json.dumps([r.prompt, r.reference], sort_keys=True, ensure_ascii=False) for r in rows)
-    return hashlib.sha256("\n".join(items).encode("utf-8")).hexdigest()
-
-
-def _sample(items: list, n: int) -> list:
-    """``n`` items spread evenly over ``items`` (all of them when there are no more than ``n``)."""
-    if len(items) <= n:
-        return items
-    return [items[i * len(items) // n] for i in range(n)]
-
-
-# ---- metrics -------------------------------------------------------------------------------
-def choose_metrics(
-    references: list[str], names: list[str] | None = None, pattern: str | None = None, schema: str | None = None
-) -> tuple[list[Metric], str]:
-    """The person's metrics (``names``, with the pattern or schema they take) or those the
-    references' shape suggests, with the reason. Raises ValueError with a sentence."""
-    if names:
-        metrics = [metric_by_name(n, pattern=pattern, schema=schema) for n in dict.fromkeys(names)]
-        return metrics, "You chose " + ", ".join(m.name for m in metrics) + "."
-    if pattern or schema:
-        raise ValueError(
-            "A pattern goes with the regex metric and a schema with the json metric: add --metric regex "
-            "or --metric json (several --metric flags may be given)."
-        )
-    return pick_metrics(references)
-
-
 # ---- generation ----------------------------------------------------------------------------
-def _base_load(playground: Playground, run: Run) -> BaseLoad:
+def base_load(playground: Playground, run: Run) -> BaseLoad:
     cfg = run.config()
     run_precision = precision.of_status(run.status())
     return BaseLoad(cfg.model, *base_load_for(cfg.method, run_precision, playground.device), cfg.trust_remote_code)
@@ -216,7 +77,7 @@ def _sides(
         return _adapter_pair(playground, (run, checkpoint), against)
     cfg = run.config()
     run_precision = precision.of_status(run.status())
-    load = _base_load(playground, run)
+    load = base_load(playground, run)
     weights = Playground.weights_for(run, checkpoint)  # no weights: a sentence now, not a failed batch later
     # Models load here, on the caller's thread: a base that cannot load is a ModelError with its
     # sentence, not a failed batch, and loading does not count in the progress estimate.
@@ -238,7 +99,7 @@ def _sides(
         return load, lambda pg: pg.serve_adapter(run, checkpoint)
 
     engine = Engine(playground, resolve, max_batch=2 * BATCH_ROWS)
-    return [(engine, None), (engine, _ref(run, checkpoint))]
+    return [(engine, None), (engine, ref_of(run, checkpoint))]
 
 
 def _adapter_pair(
@@ -246,7 +107,7 @@ def _adapter_pair(
 ) -> list[tuple[Engine, str | None]]:
     """Two adapters on one loaded base, one engine: both sides in each batch, as the base and an
     adapter are. Both must be adapters trained the same way on the same base."""
-    loads = [_base_load(playground, r) for r, _ in (mine, other)]
+    loads = [base_load(playground, r) for r, _ in (mine, other)]
     if any(r.config().method == "full" for r, _ in (mine, other)) or loads[0] != loads[1]:
         raise ValueError(
             f"Only adapters trained the same way on the same base can be compared row by row: {mine[0].id} "
@@ -257,16 +118,16 @@ def _adapter_pair(
         Playground.weights_for(r, c)  # no weights: a sentence now
     with playground.serving(loads[0]):
         pass
-    refs = {_ref(r, c): (r, c) for r, c in (mine, other)}
+    refs = {ref_of(r, c): (r, c) for r, c in (mine, other)}
     engine = Engine(
         playground,
         lambda ref: (loads[0], lambda pg: pg.serve_adapter(*refs[ref])),
         max_batch=2 * BATCH_ROWS,
     )
-    return [(engine, _ref(*other)), (engine, _ref(*mine))]
+    return [(engine, ref_of(*other)), (engine, ref_of(*mine))]
 
 
-def _ref(run: Run, checkpoint: str | None) -> str:
+def ref_of(run: Run, checkpoint: str | None) -> str:
     return run.id if checkpoint is None else f"{run.id}{CHECKPOINT_SEP}{checkpoint}"
 
 
@@ -325,6 +186,63 @@ def generate(
 
 
 # ---- the evaluation --------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    """What an evaluation scores and how, settled before any model loads."""
+
+    tokenizer: Any
+    rows: list[Row]
+    skipped: int  # rows with nothing to score, or a prompt at the max length
+    metrics: list[Metric]
+    reason: str  # why these metrics
+    settings: SamplingSettings
+    source: str  # "held-out rows" or the eval file
+    pattern: str | None
+    schema: str | None
+
+
+def prepare(
+    playground: Playground,
+    run: Run,
+    *,
+    eval_path: str | None = None,
+    mapping: str | list[str] = "",
+    rows: int | None = None,
+    metrics: list[str] | None = None,
+    pattern: str | None = None,
+    schema: str | None = None,
+    max_new_tokens: int | None = None,
+) -> Prepared:
+    """The rows, metrics and generation settings (see :func:`evaluate_task`); raises ValueError
+    with a sentence for a bad count, file, metric, pattern or schema."""
+    if rows is not None and rows < 1:
+        raise ValueError(f"--rows must be at least 1 (got {rows}).")
+    cfg = run.config()
+    if playground.tokenizer is not None and playground.base_ref == cfg.model:
+        tokenizer = playground.tokenizer
+    else:
+        tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    mapping = mapping or cfg.data.mapping  # an eval file is mapped as the run's data was, where the person mapped it
+    convs = (
+        file_conversations(eval_path, mapping, tokenizer, cfg) if eval_path else held_out_conversations(run, tokenizer)
+    )
+    scored, skipped = build_rows(spread(convs, rows or MAX_ROWS), tokenizer, cfg.data.max_length)
+    if not scored:
+        raise ValueError(
+            f"None of the {len(convs)} rows has an answer to score within the run's max length "
+            f"({cfg.data.max_length} tokens); check the eval file's responses."
+        )
+    references = [r.reference for r in scored]
+    chosen, reason = choose_metrics(references, metrics, pattern, schema)
+    longest = max(len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for ref in references)
+    settings = SamplingSettings(max_new_tokens=max_new_tokens or min(longest + MARGIN, 4096))
+    problems = settings.problems()
+    if problems:
+        raise ValueError(" ".join(problems))
+    source = str(eval_path) if eval_path else "held-out rows"
+    return Prepared(tokenizer, scored, skipped, chosen, reason, settings, source, pattern, schema)
+
+
 def evaluate_task(
     playground: Playground,
     run: Run,
@@ -366,83 +284,91 @@ def evaluate_task(
         EvaluationStopped: ``stop`` was set.
     """
     started = time.perf_counter()
-    if rows is not None and rows < 1:
-        raise ValueError(f"--rows must be at least 1 (got {rows}).")
     if regression_prompts is not None and regression_prompts < 0:
         raise ValueError(f"--regression-prompts must be 0 (skip) or more (got {regression_prompts}).")
-    cfg = run.config()
-    if playground.tokenizer is not None and playground.base_ref == cfg.model:
-        tokenizer = playground.tokenizer
-    else:
-        tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    mapping = mapping or cfg.data.mapping  # an eval file is mapped as the run's data was, where the person mapped it
-    convs = (
-        file_conversations(eval_path, mapping, tokenizer, cfg) if eval_path else held_out_conversations(run, tokenizer)
-    )
-    scored, skipped = build_rows(_sample(convs, rows or MAX_ROWS), tokenizer, cfg.data.max_length)
-    if not scored:
-        raise ValueError(
-            f"None of the {len(convs)} rows has an answer to score within the run's max length "
-            f"({cfg.data.max_length} tokens); check the eval file's responses."
-        )
-    references = [r.reference for r in scored]
-    chosen, reason = choose_metrics(references, metrics, pattern, schema)  # before any model loads
-    longest = max(len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for ref in references)
-    max_new = max_new_tokens or min(longest + MARGIN, 4096)
-    settings = SamplingSettings(max_new_tokens=max_new)
-    problems = settings.problems()
-    if problems:
-        raise ValueError(" ".join(problems))
-
+    prep = prepare(
+        playground,
+        run,
+        eval_path=eval_path,
+        mapping=mapping,
+        rows=rows,
+        metrics=metrics,
+        pattern=pattern,
+        schema=schema,
+        max_new_tokens=max_new_tokens,
+    )  # before any model loads
     engines = _sides(playground, run, checkpoint, against)
     try:
-        answers = generate(engines, scored, settings, progress, stop)
+        answers = generate(engines, prep.rows, prep.settings, progress, stop)
         regression = None  # on the same engines, before a full fine-tune's own model goes
         if against is None and regression_prompts != 0:
             regression = measure_regression(
-                engines, tokenizer, generate, prompts=regression_prompts, progress=progress, stop=stop
+                engines, prep.tokenizer, generate, prompts=regression_prompts, progress=progress, stop=stop
             )
     finally:
-        for engine, _ in engines:  # no idle decoding thread, and a full fine-tune's own model goes
-            engine.close()
-            if engine.playground is not playground:
-                engine.playground.model = None
-    sides = {
-        side: ([a[k].text.strip() for a in answers], [a[k].finish_reason == "length" for a in answers])
-        for k, side in enumerate(("base", "adapter"))
-    }
-    scores = {m.name: {side: m.score_rows(sides[side][0], references) for side in sides} for m in chosen}
-    compared = [(m, paired(scores[m.name]["base"], scores[m.name]["adapter"])) for m in chosen]
+        close_sides(engines, playground)
+    sides = {"base": side_texts(answers, 0), "adapter": side_texts(answers, 1)}
+    result, scores = score_sides(run, checkpoint, ref_of(*against) if against else None, prep, sides)
+    result["regression"] = regression  # how far the adapter moved from the base outside the task
+    judged = None
+    if judge is not None:  # after the scores, and never raising: a judge that fails leaves them whole
+        texts = (sides[side][0] for side in ("base", "adapter"))
+        references = [r.reference for r in prep.rows]
+        result["judge"], judged = judge_evaluation(judge, [r.prompt for r in prep.rows], references, *texts)
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    store(run, result, prep.rows, sides, scores, judged)
+    return result
+
+
+def side_texts(answers: list[list[Request]], side: int) -> tuple[list[str], list[bool]]:
+    """One side's answer texts and whether each was cut by the token cap."""
+    return [a[side].text.strip() for a in answers], [a[side].finish_reason == "length" for a in answers]
+
+
+def close_sides(sides: list[tuple[Engine, str | None]], playground: Playground) -> None:
+    """No idle decoding thread, and a full fine-tune's own model goes."""
+    for engine, _ in sides:
+        engine.close()
+        if engine.playground is not playground:
+            engine.playground.model = None
+
+
+def score_sides(
+    run: Run, checkpoint: str | None, against: str | None, prep: Prepared, sides: dict[str, tuple[list, list]]
+) -> tuple[dict[str, Any], dict]:
+    """The result (the ``--json`` shape) for two sides' answers, and each metric's per-row scores."""
+    references = [r.reference for r in prep.rows]
+    scores = {m.name: {side: m.score_rows(sides[side][0], references) for side in sides} for m in prep.metrics}
+    compared = [(m, paired(scores[m.name]["base"], scores[m.name]["adapter"])) for m in prep.metrics]
     result = {
         "run": run.id,
         "checkpoint": checkpoint,
         "version": run.version,
-        "rows": len(scored),
-        "eval_set_sha256": eval_set_sha256(scored),
+        "rows": len(prep.rows),
+        "eval_set_sha256": eval_set_sha256(prep.rows),
         "seconds": 0.0,
         "metrics": [_metric_entry(m, p) for m, p in compared],
-        "reason": reason,
-        "against": _ref(*against) if against else None,
-        "verdicts": [verdict(p, m.name, _ref(*against) if against else None) for m, p in compared],
-        "cut_share": {side: sum(cut) / len(scored) for side, (_, cut) in sides.items()},
-        "regression": regression,  # how far the adapter moved from the base outside the task
+        "reason": prep.reason,
+        "against": against,
+        "verdicts": [verdict(p, m.name, against) for m, p in compared],
+        "cut_share": {side: sum(cut) / len(prep.rows) for side, (_, cut) in sides.items()},
+        "regression": None,
         "judge": None,  # the LLM judge's entry when one is asked (studio/evaluation/judge.py)
         "examples": None,
-        "source": str(eval_path) if eval_path else "held-out rows",
-        "skipped_rows": skipped,
-        "max_new_tokens": max_new,
-        "settings": {"metrics": [m.name for m in chosen], "pattern": pattern, "schema": schema, "greedy": True},
+        "source": prep.source,
+        "skipped_rows": prep.skipped,
+        "max_new_tokens": prep.settings.max_new_tokens,
+        "settings": {
+            "metrics": [m.name for m in prep.metrics],
+            "pattern": prep.pattern,
+            "schema": prep.schema,
+            "greedy": True,
+        },
+        "at": time.time(),
     }
-    if any(m.name == "label" for m in chosen):
+    if any(m.name == "label" for m in prep.metrics):
         result["labels"] = {side: label_report(texts, references) for side, (texts, _) in sides.items()}
-    judged = None
-    if judge is not None:  # after the scores, and never raising: a judge that fails leaves them whole
-        answers = (sides[side][0] for side in ("base", "adapter"))
-        result["judge"], judged = judge_evaluation(judge, [r.prompt for r in scored], references, *answers)
-    result["at"] = time.time()
-    result["seconds"] = round(time.perf_counter() - started, 2)
-    _store(run, result, scored, sides, scores, judged)
-    return result
+    return result, scores
 
 
 def _metric_entry(metric: Metric, p: Paired) -> dict[str, Any]:
@@ -465,7 +391,7 @@ def _metric_entry(metric: Metric, p: Paired) -> dict[str, Any]:
     }
 
 
-def _store(run: Run, result: dict, rows: list[Row], sides: dict, scores: dict, judged: list | None = None) -> None:
+def store(run: Run, result: dict, rows: list[Row], sides: dict, scores: dict, judged: list | None = None) -> None:
     """Write the examples JSONL and the result next to it under the run; never over an earlier
     evaluation (a second one in the same second gets its own name)."""
     folder = run.path / EVALUATIONS

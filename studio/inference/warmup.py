@@ -55,6 +55,7 @@ PRELOAD: dict[str, tuple[str, ...]] = {
     "studio.evaluation.heldout": (),
     "studio.evaluation.judge": (),
     "studio.evaluation.task": (),
+    "studio.evaluation.checkpoints": (),
     "studio.evaluation.stored": (),
     "studio.export.zips": (),
     "studio.runs.fingerprint": (),
