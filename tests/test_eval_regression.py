@@ -88,6 +88,7 @@ def test_the_sentence_follows_the_thresholds(kl, level, opening):
     assert f"KL {kl:.3f} nats/token" in text and "4 of 100 answers (4%) changed materially" in text
     assert f"below {KL_SMALL} is small, above {KL_LARGE} large" in text  # the thresholds explained
     assert f"ROUGE-L below {CHANGED_ROUGE_L}" in text and text.endswith(".")
+    assert ("Read the answers that changed most" in text) == (level == "large")  # the next step
 
 
 # ---- the bundled prompts --------------------------------------------------------------------------

@@ -45,16 +45,17 @@ PROMPTS_FILE = "general_prompts.jsonl"  # package data next to this module (pypr
 MAX_NEW_TOKENS = 48  # every prompt is answerable in 32-64 tokens; a cut answer is still a fair sample
 FORCE_BATCH = 4  # answers teacher-forced per forward (logits: batch x length x vocab floats)
 
-# Thresholds, in nats per answer token. Measured (docs/evaluation numbers in the module's tests
-# and benchmarks/results/README.md): a bf16-vs-fp32 forward of the same base gives ~0.002, so
-# anything under 0.01 is noise; on SmolLM2-135M, LoRA adapters below 0.1 changed under a tenth
-# of the greedy answers, while adapters above 0.5 changed most of them. At 0.1 nats per token
-# the adapter still puts nine tenths of the base's probability mass where the base does (the
-# mass it moves is at most sqrt(KL/2) ~ 0.22 by Pinsker, and typically far less).
-KL_SMALL = 0.1
+# Thresholds, in nats per answer token, from LoRA adapters of SmolLM2-135M (the default model)
+# measured here (docs/numbers.md; 40-100 prompts each, KL -> share of answers changed):
+#   instructions sample, lr 1e-4: 5 steps 0.002 -> 12%, 10 steps 0.011 -> 33%, 20 steps 0.02 -> 49%
+#   chat sample, lr 1e-3: 10 steps 0.13 -> 85%, 20 steps 0.22 -> 93%
+#   instructions sample, lr 1e-3, 20 steps: 1.29 -> 91% ("ANSWER: ..." on every prompt)
+# A small model's greedy answers fork at near-ties, so even 5 barely-trained steps change about
+# one answer in eight: below 0.01 that is all that happens. By 0.1 most answers change.
+KL_SMALL = 0.01
 """Below this the adapter behaves like the base outside the task."""
-KL_LARGE = 0.5
-"""Above this it answers general prompts differently: check that it still does what the base did."""
+KL_LARGE = 0.1
+"""Above this it answers most general prompts differently: check they are still what you need."""
 CHANGED_ROUGE_L = 0.5
 """An adapter answer that keeps less than half of the base's answer (ROUGE-L F1 against it)
 changed materially; rewordings and small edits of the same answer score above it."""
@@ -126,12 +127,15 @@ def sentence(kl_per_token: float, changed_share: float, prompts: int) -> str:
         "large": "Outside your task the adapter answers differently from the base",
     }[level(kl_per_token)]
     changed = round(changed_share * prompts)
-    return (
+    text = (
         f"{opening}: KL {kl_per_token:.3f} nats/token on the base's own answers to {prompts} general "
         f"prompts (below {KL_SMALL} is small, above {KL_LARGE} large), and {changed} of {prompts} "
         f"answers ({changed_share:.0%}) changed materially (kept less than half of the base's "
         f"answer, ROUGE-L below {CHANGED_ROUGE_L})."
     )
+    if level(kl_per_token) == "large":
+        text += " Read the answers that changed most before using it outside the task."
+    return text
 
 
 def summarise(kl_sums: Sequence[float], tokens: Sequence[int], similarity: Sequence[float]) -> dict[str, Any]:
@@ -217,7 +221,8 @@ def measure_regression(
     Returns:
         ``kl_per_token``, ``kl_ci95``, ``changed_share``, ``changed_ci95``, ``prompts``,
         ``tokens``, ``level``, ``sentence``, ``thresholds``, ``max_new_tokens``, ``seconds`` and
-        ``most_changed`` (the three answers the adapter moved furthest from, by KL per token).
+        ``most_changed`` (the three adapter answers furthest from the base's: lowest ROUGE-L
+        against it, then highest KL per token).
     """
     started = time.perf_counter()
     chosen = general_prompts(prompts)
@@ -251,7 +256,7 @@ def measure_regression(
     rouge = metric_by_name("rouge_l")
     similarity = [rouge.score(texts[i][1], texts[i][0]) for i in range(len(rows))]
     result = summarise([kl_sums[i] for i in range(len(rows))], [tokens[i] for i in range(len(rows))], similarity)
-    furthest = sorted(range(len(rows)), key=lambda i: -kl_sums[i] / max(tokens[i], 1))[:3]
+    furthest = sorted(range(len(rows)), key=lambda i: (similarity[i], -kl_sums[i] / max(tokens[i], 1)))[:3]
     result["most_changed"] = [
         {
             "id": rows[i].prompt.id,
