@@ -39,14 +39,14 @@ from studio.inference.playground import SamplingSettings
 from studio.planning import precision
 from studio.serving.engine import Engine
 
-__all__ = ["GeneralPrompt", "general_prompts", "measure_regression", "summarise", "token_kl", "sentence"]
+__all__ = ["GeneralPrompt", "general_prompts", "level", "measure_regression", "sentence", "summarise", "token_kl"]
 
 PROMPTS_FILE = "general_prompts.jsonl"  # package data next to this module (pyproject.toml)
 MAX_NEW_TOKENS = 48  # every prompt is answerable in 32-64 tokens; a cut answer is still a fair sample
 FORCE_BATCH = 4  # answers teacher-forced per forward (logits: batch x length x vocab floats)
 
 # Thresholds, in nats per answer token, from LoRA adapters of SmolLM2-135M (the default model)
-# measured here (docs/numbers.md; 40-100 prompts each, KL -> share of answers changed):
+# measured by benchmarks/regression.py (docs/numbers.md; 40-100 prompts, KL -> answers changed):
 #   instructions sample, lr 1e-4: 5 steps 0.002 -> 12%, 10 steps 0.011 -> 33%, 20 steps 0.02 -> 49%
 #   chat sample, lr 1e-3: 10 steps 0.13 -> 85%, 20 steps 0.22 -> 93%
 #   instructions sample, lr 1e-3, 20 steps: 1.29 -> 91% ("ANSWER: ..." on every prompt)
@@ -62,7 +62,8 @@ CHANGED_ROUGE_L = 0.5
 """An adapter answer that keeps less than half of the base's answer (ROUGE-L F1 against it)
 changed materially; rewordings and small edits of the same answer score above it."""
 
-Generate = Callable[..., list]  # studio/evaluation/task.py: generate(sides, rows, settings, progress, stop)
+# task.py's generate(sides, rows, settings, progress, stop), passed in: task.py imports this module.
+Generate = Callable[..., list]
 
 
 @dataclass(frozen=True)
