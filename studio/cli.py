@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="General prompts that measure how far the adapter moved from the base outside the task "
-        "(default all 100 bundled; 0 skips it).",
+        "(default 30 of the 100 bundled, spread over their kinds; 0 skips it).",
     )
     ev.add_argument("--json", action="store_true", help="Print the result as one JSON object (docs/cli.md).")
     ev.add_argument(

@@ -375,7 +375,7 @@ class Studio:
         ``finetune-studio eval`` both call this. Raises LookupError, ValueError or ModelError
         with a sentence, EvaluationStopped when ``stop`` is set. ``judge``: an LLM judge's
         JudgeSettings (studio/evaluation/judge.py), also asked. ``regression_prompts``: general
-        prompts for the regression check (default all 100, 0 skips it)."""
+        prompts for the regression check (default 30 of the 100, 0 skips it)."""
         from studio.evaluation import task
 
         run_id, checkpoint = split_ref(ref)

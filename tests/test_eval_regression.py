@@ -91,6 +91,17 @@ def test_the_sentence_follows_the_thresholds(kl, level, opening):
     assert ("Read the answers that changed most" in text) == (level == "large")  # the next step
 
 
+@pytest.mark.unit
+def test_a_small_kl_with_many_changed_answers_is_not_called_unchanged():
+    """A tiny or undertrained base forks its greedy answers at near-ties: KL 0.001 with 80% of the
+    answers changed must not read "behaves like the base" (it did, on the tiny test model)."""
+    text = sentence(0.001, 0.8, 10)
+    assert "behaves like the base" not in text and "barely moved" in text and "near-ties" in text
+    assert "8 of 10 answers (80%) changed materially" in text
+    calm = sentence(0.001, regression.CHANGED_MANY - 0.01, 100)
+    assert "behaves like the base" in calm and "near-ties" not in calm
+
+
 # ---- the bundled prompts --------------------------------------------------------------------------
 @pytest.mark.unit
 def test_the_bundled_prompts_load_are_unique_varied_and_ship_in_the_package():

@@ -131,3 +131,9 @@ def test_runs_table_card_and_zip_carry_the_task_scores(evaluated, tmp_path):
     assert {stored.TASK_RESULT, stored.TASK_EXAMPLES} <= set(names)
     carried = json.loads(zipfile.ZipFile(tmp_path / "a.zip").read(stored.TASK_RESULT))
     assert carried["metrics"] == result["metrics"] and str(run.path) not in json.dumps(carried)  # no local paths
+
+
+def test_score_every_checkpoint_of_a_run_that_kept_none_is_a_sentence(evaluated):
+    studio, tab, run, _ = evaluated  # 6 steps: no checkpoint kept
+    out = eval_tab.score_checkpoints(studio, tab, _settings(tab, run=run.id), progress=lambda *a, **k: None)
+    assert "Can't score the checkpoints" in out[tab.summary] and "kept no checkpoints" in out[tab.summary]

@@ -32,8 +32,13 @@ RESULT_KEYS |= {"reason", "verdicts", "cut_share"}
 
 
 def _eval(capsys, *argv) -> tuple[int, str, str]:
+    """`finetune-studio eval` in this process; general regression off unless asked for (its own
+    tests are in test_eval_regression.py; 100 prompts per call would double this file's time)."""
+    argv = tuple(map(str, argv))
+    if "--regression-prompts" not in argv:
+        argv += ("--regression-prompts", "0")
     capsys.readouterr()
-    code = main(["eval", *map(str, argv)])
+    code = main(["eval", *argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -179,9 +184,11 @@ def test_the_page_and_the_cli_give_the_same_numbers_and_stop_stops(trained_tiny_
     assert calls[0] == (0, 9, None) and calls[1][:2] == (4, 9) and calls[1][2] >= 0 and len(calls) == 2
     assert set((trained_tiny_run.path / "evaluations").glob("*")) == before  # nothing stored
 
-    page = studio.evaluate_task(trained_tiny_run.id, eval_path=str(path))
-    _, cli = _eval_json(capsys, trained_tiny_run.path, "--eval-path", path)
+    page = studio.evaluate_task(trained_tiny_run.id, eval_path=str(path), regression_prompts=6)
+    _, cli = _eval_json(capsys, trained_tiny_run.path, "--eval-path", path, "--regression-prompts", "6")
     assert cli["metrics"] == page["metrics"] and cli["eval_set_sha256"] == page["eval_set_sha256"]
+    for key in ("kl_per_token", "changed_share", "prompts", "sentence"):
+        assert cli["regression"][key] == pytest.approx(page["regression"][key]), key
 
 
 # ---- --fail-if-worse ------------------------------------------------------------------------------
@@ -368,10 +375,12 @@ def test_eval_in_a_fresh_process_exits_with_its_own_code(trained_tiny_run):
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "studio.cli", "eval", str(trained_tiny_run.path), "--rows", "2", "--json"],
+        [sys.executable, "-m", "studio.cli", "eval", str(trained_tiny_run.path), "--rows", "2", "--json"]
+        + ["--regression-prompts", "4"],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout)["rows"] == 2
+    result = json.loads(proc.stdout)
+    assert result["rows"] == 2 and result["regression"]["prompts"] == 4

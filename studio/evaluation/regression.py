@@ -58,6 +58,13 @@ KL_SMALL = 0.01
 """Below this the adapter behaves like the base outside the task."""
 KL_LARGE = 0.1
 """Above this it answers most general prompts differently: check they are still what you need."""
+DEFAULT_PROMPTS = 30
+"""Of the bundled 100, spread over their kinds: about a minute on the default model on a 2-core
+CPU (100 take 3-4 minutes there); ask for all 100 when the interval should be narrower."""
+CHANGED_MANY = 0.3
+"""A share of changed answers this high contradicts "behaves like the base" even when the KL is
+small: the sentence then says the answers forked at near-ties (a tiny or undertrained base's
+greedy answers do), rather than calling the adapter unchanged."""
 CHANGED_ROUGE_L = 0.5
 """An adapter answer that keeps less than half of the base's answer (ROUGE-L F1 against it)
 changed materially; rewordings and small edits of the same answer score above it."""
@@ -124,11 +131,14 @@ def level(kl_per_token: float) -> str:
 
 def sentence(kl_per_token: float, changed_share: float, prompts: int) -> str:
     """The result in words, the thresholds explained."""
+    forked = level(kl_per_token) == "small" and changed_share >= CHANGED_MANY
     opening = {
         "small": "Outside your task the adapter behaves like the base",
         "moderate": "Outside your task the adapter has moved somewhat from the base",
         "large": "Outside your task the adapter answers differently from the base",
     }[level(kl_per_token)]
+    if forked:
+        opening = "Outside your task the adapter's probabilities barely moved from the base's"
     changed = round(changed_share * prompts)
     text = (
         f"{opening}: KL {kl_per_token:.3f} nats/token on the base's own answers to {prompts} general "
@@ -136,6 +146,11 @@ def sentence(kl_per_token: float, changed_share: float, prompts: int) -> str:
         f"answers ({changed_share:.0%}) changed materially (kept less than half of the base's "
         f"answer, ROUGE-L below {CHANGED_ROUGE_L})."
     )
+    if forked:
+        text += (
+            " Many answers changed anyway: the base's answers to these prompts hinge on near-ties between "
+            "tokens, so a small nudge forks them; read the answers that changed most."
+        )
     if level(kl_per_token) == "large":
         text += " Read the answers that changed most before using it outside the task."
     return text
@@ -218,7 +233,7 @@ def measure_regression(
         tokenizer: the run's (its chat template renders each prompt).
         generate: task.py's ``generate``: answers rows through the engines, raises
             EvaluationStopped when ``stop`` is set and ValueError when a batch fails.
-        prompts: how many of the bundled prompts (default: all 100).
+        prompts: how many of the bundled prompts (default: DEFAULT_PROMPTS, spread over their kinds).
         progress: ``(prompts done, prompts, seconds left or None)``.
 
     Returns:
@@ -228,7 +243,7 @@ def measure_regression(
         against it, then highest KL per token).
     """
     started = time.perf_counter()
-    chosen = general_prompts(prompts)
+    chosen = general_prompts(DEFAULT_PROMPTS if prompts is None else prompts)
     rows = []
     for gp in chosen:
         messages = [{"role": "user", "content": gp.prompt}]

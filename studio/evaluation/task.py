@@ -275,7 +275,7 @@ def evaluate_task(
         max_new_tokens: default: the longest reference in tokens plus MARGIN.
         judge: also ask this LLM judge (studio/evaluation/judge.py); its failure is ``result["judge"]["error"]``.
         regression_prompts: how many bundled general prompts measure how far the adapter moved
-            from the base outside the task (studio/evaluation/regression.py; default all 100,
+            from the base outside the task (studio/evaluation/regression.py; default 30 of 100,
             0 skips it; not measured with ``against``).
 
     Raises:

@@ -20,21 +20,26 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from studio.evaluation import stored
+from studio.evaluation import regression, stored
 from studio.evaluation.metrics import NAMES
-from studio.formatting import markdown_cell, slug
+from studio.formatting import slug
 from studio.inference.playground import split_ref
 from studio.models import ModelError
 from studio.service import Studio
+from studio.ui.eval_views import (
+    BASE,
+    HELD_OUT,
+    METRIC_COLUMNS,
+    checkpoints_markdown,
+    labels_markdown,
+    scores_frame,
+    summary_markdown,
+)
 from studio.ui.views import chat_choices
 
-HELD_OUT = "the run's held-out rows"
 A_FILE = "an eval file"
-BASE = "base"
 PICK = "Pick a trained run to evaluate."
-GENERAL_DEFAULT = 30  # of the 100 bundled prompts: a sense of the drift for about half a minute on a CPU
-METRIC_COLUMNS = ["metric", "compared with", "95% interval", "adapter", "adapter 95% interval"]
-METRIC_COLUMNS += ["difference", "difference 95% interval", "wins / ties / losses", "p"]
+GENERAL_DEFAULT = regression.DEFAULT_PROMPTS
 
 
 @dataclass
@@ -167,6 +172,7 @@ def build_eval_tab(studio: Studio) -> EvalTab:
             judge_key = gr.Textbox(label="API key (if it needs one)", type="password", elem_id="eval-judge-key")
     with gr.Row():
         start = gr.Button("Evaluate", variant="primary", elem_id="eval-start", scale=3)
+        checkpoints = gr.Button("Score every checkpoint", elem_id="eval-checkpoints", scale=2)
         stop = gr.Button("Stop", elem_id="eval-stop", scale=1)
     history = gr.Dropdown(choices=[], value=None, label="Stored evaluations of this run", elem_id="eval-history")
     summary = gr.Markdown(PICK, elem_id="eval-summary")
@@ -217,6 +223,7 @@ def build_eval_tab(studio: Studio) -> EvalTab:
     show.change(bind(filter_rows, studio, tab), inputs={run, history, show}, outputs=[table, csv])
     refresh.click(bind(refreshed_choices, studio), outputs=[run, against])
     start.click(bind(evaluate, studio, tab), inputs=tab.settings, outputs=[history, *tab.shown])
+    checkpoints.click(bind(score_checkpoints, studio, tab), inputs=tab.settings, outputs=[summary, comparison])
     stop.click(bind(stop_evaluations, studio))
     return tab
 
@@ -271,17 +278,10 @@ def evaluate(studio: Studio, tab: EvalTab, data: dict, progress=gr.Progress()) -
     """Run an evaluation with the tab's settings; show it (and list it with the stored ones)."""
     from studio.evaluation.task import EvaluationStopped
 
-    ref = data[tab.run]
-    if not ref:
-        gr.Warning(PICK)
-        return {c: gr.skip() for c in [tab.history, *tab.shown]}
-    eval_path = None
-    if data[tab.source] == A_FILE:
-        eval_path = data[tab.eval_file]
-        if not eval_path:
-            gr.Warning("Upload an eval file first, or score the run's held-out rows.")
-            return {c: gr.skip() for c in [tab.history, *tab.shown]}
-
+    skip = {c: gr.skip() for c in [tab.history, *tab.shown]}
+    options = _options(tab, data)
+    if options is None:
+        return skip
     judge = None
     url, model = (data[tab.judge_url] or "").strip(), (data[tab.judge_model] or "").strip()
     if url or model:
@@ -291,32 +291,75 @@ def evaluate(studio: Studio, tab: EvalTab, data: dict, progress=gr.Progress()) -
             judge = JudgeSettings(url=url, model=model, key=(data[tab.judge_key] or "").strip() or None)
         except ValueError as exc:
             gr.Warning(str(exc))
-            return {c: gr.skip() for c in [tab.history, *tab.shown]}
-
-    def report(done: int, total: int, eta_s: float | None) -> None:
-        left = f", about {eta_s:.0f} s left" if eta_s is not None else ""
-        progress((done, total), desc=f"{done} of {total} rows answered by both{left}")
-
+            return skip
+    ref = data[tab.run]
     try:
         result = studio.evaluate_task(
             ref,
             against=data[tab.against] or BASE,
-            eval_path=eval_path,
-            mapping=(data[tab.mapping] or "").strip() if eval_path else "",
-            rows=int(data[tab.rows]),
-            metrics=list(data[tab.metrics] or []) or None,
-            pattern=(data[tab.pattern] or "").strip() or None,
-            schema=(data[tab.schema] or "").strip() or None,
             regression_prompts=int(data[tab.general]),
             judge=judge,
-            progress=report,
+            progress=_reporter(progress),
+            **options,
         )
     except EvaluationStopped as exc:
-        return {tab.history: gr.skip(), **{c: gr.skip() for c in tab.shown}, tab.summary: f"**{exc}**"}
+        return {**skip, tab.summary: f"**{exc}**"}
     except (LookupError, ValueError, ModelError) as exc:
-        return {tab.history: gr.skip(), **{c: gr.skip() for c in tab.shown}, tab.summary: f"**Can't evaluate.** {exc}"}
+        return {**skip, tab.summary: f"**Can't evaluate.** {exc}"}
     result = _one(studio, ref, result["path"])  # as stored: what a reload will show
     return {tab.history: _history(_stored_for(studio, ref), result), **_shown(studio, tab, result)}
+
+
+def score_checkpoints(studio: Studio, tab: EvalTab, data: dict, progress=gr.Progress()) -> dict:
+    """Every checkpoint of the picked run and its final weights against the base, on the tab's
+    rows and metrics: which is best at the task (studio/evaluation/checkpoints.py)."""
+    from studio.evaluation.task import EvaluationStopped
+
+    skip = {tab.summary: gr.skip(), tab.comparison: gr.skip()}
+    options = _options(tab, data)
+    if options is None:
+        return skip
+    run_id, _ = split_ref(data[tab.run])
+    try:
+        summary = studio.evaluate_checkpoints(run_id, progress=_reporter(progress), **options)
+    except EvaluationStopped as exc:
+        return {**skip, tab.summary: f"**{exc}**"}
+    except (LookupError, ValueError, ModelError) as exc:
+        return {**skip, tab.summary: f"**Can't score the checkpoints.** {exc}"}
+    return {
+        tab.summary: checkpoints_markdown(summary),
+        tab.comparison: studio.evaluation_comparison(summary["eval_set_sha256"]),
+    }
+
+
+def _options(tab: EvalTab, data: dict) -> dict | None:
+    """The rows and metrics the tab asks for, as ``evaluate_task`` takes them; None (and a
+    warning) when there is no run or no eval file."""
+    if not data[tab.run]:
+        gr.Warning(PICK)
+        return None
+    eval_path = None
+    if data[tab.source] == A_FILE:
+        eval_path = data[tab.eval_file]
+        if not eval_path:
+            gr.Warning("Upload an eval file first, or score the run's held-out rows.")
+            return None
+    return {
+        "eval_path": eval_path,
+        "mapping": (data[tab.mapping] or "").strip() if eval_path else "",
+        "rows": int(data[tab.rows]),
+        "metrics": list(data[tab.metrics] or []) or None,
+        "pattern": (data[tab.pattern] or "").strip() or None,
+        "schema": (data[tab.schema] or "").strip() or None,
+    }
+
+
+def _reporter(progress):
+    def report(done: int, total: int, eta_s: float | None) -> None:
+        left = f", about {eta_s:.0f} s left" if eta_s is not None else ""
+        progress((done, total), desc=f"{done} of {total} answered{left}")
+
+    return report
 
 
 def stop_evaluations(studio: Studio) -> None:
@@ -324,98 +367,6 @@ def stop_evaluations(studio: Studio) -> None:
         gr.Info("Stopping the evaluation after the rows in flight; nothing is stored.")
     else:
         gr.Info("No evaluation is running.")
-
-
-# ---- how a stored evaluation reads -----------------------------------------------------------
-
-
-def summary_markdown(result: dict) -> str:
-    """What was scored and the verdict in words, then the notes that qualify it."""
-    other = result.get("against") or "the base"
-    what = result["run"] + (
-        f" @ {result['checkpoint']}" if result.get("checkpoint") else f" v{result.get('version') or 1}"
-    )
-    lines = [
-        f"**{what}** against **{other}** on {result['rows']} rows ({result.get('source', HELD_OUT)}), "
-        f"scored in {result.get('seconds', 0):.0f} s.",
-        "",
-        f"**Metrics:** {result.get('reason', '')}",
-        "",
-    ]
-    lines += [f"- {v}" for v in result.get("verdicts", [])]
-    notes = [m["errors"] for m in result.get("metrics", []) if m.get("errors")]
-    cut = result.get("cut_share") or {}
-    if cut.get("base") or cut.get("adapter"):
-        notes.append(
-            f"Answers cut at {result.get('max_new_tokens')} tokens: {other} {cut.get('base', 0):.0%}, adapter "
-            f"{cut.get('adapter', 0):.0%}; a cut answer may score lower than it would have."
-        )
-    if result.get("skipped_rows"):
-        notes.append(f"{result['skipped_rows']} rows had nothing to score and were left out.")
-    regression = result.get("regression")
-    if isinstance(regression, dict) and regression.get("sentence"):
-        lines += ["", f"**Outside your task:** {regression['sentence']}"]
-    judge = result.get("judge")
-    if isinstance(judge, dict):
-        from studio.evaluation.judge import describe
-
-        lines += ["", "**LLM judge:** " + "  \n".join(line for line in describe(judge) if line)]
-    if notes:
-        lines += ["", *[f"*{n}*" for n in notes]]
-    return "\n".join(lines)
-
-
-def scores_frame(result: dict) -> pd.DataFrame:
-    """One line per metric: the other side and the adapter with intervals, the paired difference."""
-    other = result.get("against") or BASE
-
-    def ci(pair) -> str:
-        return f"{pair[0]:.3f} to {pair[1]:.3f}"
-
-    lines = [
-        [
-            m["name"],
-            f"{other}: {m['base']:.3f}",
-            ci(m["base_ci95"]),
-            round(m["adapter"], 3),
-            ci(m["adapter_ci95"]),
-            f"{m['diff']:+.3f}",
-            ci(m["diff_ci95"]),
-            f"{m['wins']} / {m['ties']} / {m['losses']}",
-            round(m.get("p_value", float("nan")), 3),
-        ]
-        for m in result.get("metrics", [])
-    ]
-    return pd.DataFrame(lines, columns=METRIC_COLUMNS)
-
-
-def labels_markdown(result: dict) -> str:
-    """Per-label precision/recall/F1 for both sides, and the adapter's confusion matrix."""
-    labels = result.get("labels")
-    if not labels:
-        return ""
-    other = result.get("against") or BASE
-    base, adapter = labels["base"], labels["adapter"]
-    lines = [
-        f"**Labels:** accuracy {other} {base['accuracy']:.0%}, adapter {adapter['accuracy']:.0%}; macro F1 "
-        f"{base['macro_f1']:.2f} / {adapter['macro_f1']:.2f}.",
-        "",
-        "| label | rows | precision | recall | F1 (adapter) | F1 (" + other + ") |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, s in adapter["per_label"].items():
-        b = base["per_label"].get(name, {})
-        lines.append(
-            f"| {_md(name)} | {s['support']} | {s['precision']:.2f} | {s['recall']:.2f} | {s['f1']:.2f} | "
-            f"{b.get('f1', 0):.2f} |"
-        )
-    names = adapter["labels"]
-    lines += ["", "Adapter's confusion matrix (rows: reference, columns: answer):", ""]
-    lines.append("| | " + " | ".join(_md(n) for n in names) + " | other |")
-    lines.append("|---" * (len(names) + 2) + "|")
-    for name, row in zip(names, adapter["confusion"]):
-        lines.append(f"| {_md(name)} | " + " | ".join(str(c) for c in row) + " |")
-    return "\n".join(lines)
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -472,7 +423,3 @@ def _csv_button(result: dict, frame: pd.DataFrame, show: str | None) -> gr.Downl
     path = Path(result["path"])
     name = f"{path.stem}-{slug(show or stored.ALL_ROWS)}.csv"
     return gr.DownloadButton(value=str(stored.to_csv(frame, path.with_name(name))), interactive=True)
-
-
-def _md(text: str) -> str:
-    return markdown_cell(text, limit=60)
