@@ -132,6 +132,11 @@ def test_runs_table_card_and_zip_carry_the_task_scores(evaluated, tmp_path):
     carried = json.loads(zipfile.ZipFile(tmp_path / "a.zip").read(stored.TASK_RESULT))
     assert carried["metrics"] == result["metrics"] and str(run.path) not in json.dumps(carried)  # no local paths
 
+    # Imported back (into another runs folder): read as the source run's files, not as adapter files.
+    imported = Studio(tmp_path / "other-runs").import_adapter(tmp_path / "a.zip")
+    assert "Skipped" not in (imported.status().message or "")
+    assert not list(imported.path.rglob(stored.TASK_RESULT)) and stored.evaluations(imported) == []
+
 
 def test_score_every_checkpoint_of_a_run_that_kept_none_is_a_sentence(evaluated):
     studio, tab, run, _ = evaluated  # 6 steps: no checkpoint kept
