@@ -309,8 +309,11 @@ def _resume(args) -> int:
 
 
 def _run_and_report(cfg, run, resume: bool) -> int:
+    import threading
+
     from studio.runs.records import EvalRecord, Event, Record, TrainRecord
     from studio.training import run_training
+    from studio.training.signals import StopOnSignals
 
     def progress(m: Record) -> None:
         if isinstance(m, TrainRecord):
@@ -328,10 +331,18 @@ def _run_and_report(cfg, run, resume: bool) -> int:
         elif isinstance(m, Event) and m.kind == "checkpoint":
             print(f"checkpoint saved at step {m.step}", flush=True)
 
-    status = run_training(cfg, run, on_metrics=progress, resume=resume)
+    # Ctrl-C and SIGTERM do what the server's Stop does: finish the step, save, end stopped and
+    # resumable (exit 130 / 143); a second Ctrl-C aborts (studio/training/signals.py).
+    stop = threading.Event()
+    with StopOnSignals(stop, announce=run.writable) as signals:
+        status = run_training(cfg, run, stop_event=stop, on_metrics=progress, resume=resume)
+    stopped_by_signal = signals.exit_code if status.state == "finished" and status.stopped else None
     if not run.writable:  # another rank reports; this one only says whether it failed
-        return 0 if status.state != "failed" else 1
+        return stopped_by_signal or (0 if status.state not in ("failed", "interrupted") else 1)
     print(status.message)
+    if stopped_by_signal:
+        print(f"Saved: {run.weights_dir()}")
+        return stopped_by_signal
     if status.state != "finished":
         print(f"Details: {run.log_path}", file=sys.stderr)
         return 1

@@ -143,6 +143,11 @@ def sum_over_ranks(values: list[float], dist: Dist) -> list[float]:
     return box.tolist()
 
 
+def any_rank(flag: bool, dist: Dist) -> bool:
+    """True on every process when ``flag`` is true on any (e.g. a stop asked of one of them)."""
+    return sum_over_ranks([float(flag)], dist)[0] > 0
+
+
 def barrier(dist: Dist) -> None:
     if dist.enabled:
         torch.distributed.barrier()

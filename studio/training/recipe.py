@@ -9,6 +9,7 @@
         _train          the loop, until the final step, Stop or early stopping
         _finish         the final eval, the save, status "finished"
         _fail           any failure: the traceback to train.log, a sentence and a retry to the status
+                        (a second Ctrl-C: status "interrupted", resumable from the last checkpoint)
 
 Every failure ends as a status with a sentence (studio/training/failures.py), never a crash.
 """
@@ -68,7 +69,7 @@ def run_training(
 
 @dataclass
 class _Outcome:
-    stopped: bool = False  # Stop was pressed: saved with a checkpoint, resumable
+    stopped: bool = False  # Stop was pressed (or Ctrl-C / SIGTERM): saved with a checkpoint, resumable
     early: str | None = None  # early stopping's sentence
 
 
@@ -191,6 +192,8 @@ def _fail(trainer: Trainer, exc: BaseException) -> RunStatus:
     run = trainer.run
     with run.log_path.open("a", encoding="utf-8") as f:
         f.write("".join(traceback.format_exception(exc)))
+    if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C (signals.py): nothing failed, it was cut short
+        return _interrupted(trainer)
     msg = failure_message(exc)
     retry = retry_for(exc, trainer.config, getattr(trainer, "device", None))
     if retry and is_out_of_memory(exc):
@@ -198,6 +201,24 @@ def _fail(trainer: Trainer, exc: BaseException) -> RunStatus:
     log.warning("run %s failed: %s", run.id, msg)
     return run.set_status(
         "failed", startup=trainer.startup(), finished_at=time.time(), step=trainer.step, message=msg, retry=retry
+    )
+
+
+def _interrupted(trainer: Trainer) -> RunStatus:
+    run = trainer.run
+    saved = run.checkpoints()
+    after = (
+        f"`finetune-studio resume` continues from its last checkpoint ({saved[-1].name})."
+        if saved
+        else "No checkpoint was saved yet; train it again."
+    )
+    return run.set_status(
+        "interrupted",
+        startup=trainer.startup(),
+        finished_at=time.time(),
+        step=trainer.step,
+        message=f"Aborted at step {trainer.step} by a second Ctrl-C; the steps since the last checkpoint "
+        f"were not saved. {after}",
     )
 
 

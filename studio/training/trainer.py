@@ -277,7 +277,7 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self._started, self._first_step = time.time(), self.step
         while self.step < self.total_steps:
-            if self.stop_event.is_set():
+            if self._stop_requested():
                 self._read()
                 raise TrainingStopped()
             if self.save_event.is_set():
@@ -325,6 +325,14 @@ class Trainer:
                 self._watch(self.evaluate())
             if save_now:
                 self.save_checkpoint()
+
+    def _stop_requested(self) -> bool:
+        """Whether to stop before the next step: Stop was pressed, or the CLI got Ctrl-C or SIGTERM
+        (studio/training/signals.py). Under several processes a signal reaches each at its own
+        moment, so they agree every step (one all-reduce of a flag; every step is read there
+        anyway) and all stop at the same step, where they save one checkpoint together."""
+        asked = self.stop_event.is_set()
+        return distributed.any_rank(asked, self.dist) if self.dist.enabled else asked
 
     def _read(self) -> None:
         """Read the unread steps' losses and gradient norms from the device in one go (under
