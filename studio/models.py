@@ -110,6 +110,28 @@ def resolve(ref: str) -> str:
     return ref  # a hub id; from_pretrained reports if it cannot be fetched
 
 
+def local_folder(ref: str) -> Path | None:
+    """The folder on this machine that holds ``ref``'s files (the converted default, a local
+    folder, or a hub id's cached snapshot), or None; it never converts, downloads or asks the
+    network (fingerprint.py digests the weights found there)."""
+    ref = ref.strip()
+    if ref == DEFAULT_MODEL:
+        folder = default_model_dir()
+        return folder if (folder / "config.json").exists() else None
+    p = Path(ref).expanduser()
+    if p.is_dir():
+        return p
+    if ref.startswith((".", "/", "~")):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(ref, "config.json")
+    except Exception:  # noqa: BLE001 - a malformed id is "not cached"
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
 def _in_hub_cache(repo_id: str) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache

@@ -47,6 +47,15 @@ def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
     return path
 
 
+def resave_adapter(src: Path, dst: Path) -> None:
+    """Copy an adapter's files over another's as a save does: each through a temp file and a rename."""
+    import shutil
+
+    for f in [*src.glob("*.safetensors"), src / "adapter_config.json"]:
+        shutil.copyfile(f, dst / f".{f.name}.tmp")
+        os.replace(dst / f".{f.name}.tmp", dst / f.name)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -192,6 +192,48 @@ def test_adapter_from_another_base_is_refused_naming_both(two_runs, tmp_path):
     assert len(warnings) == 1 and "chat template differs" in warnings[0]
 
 
+def test_an_adapter_on_a_base_whose_weights_changed_is_refused_naming_both_digests(two_runs, tiny_model_dir, tmp_path):
+    """Issue 24: the base re-saved with other weights under the same path (same shapes, so the
+    structural check passes) is caught by the weights digest, in chat and in serving."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from studio.inference.playground import BaseLoad
+    from studio.runs import fingerprint
+    from studio.runs.registry import Run
+
+    a, _ = two_runs
+    digest = fingerprint.weights_digest(tiny_model_dir)
+    assert digest and a.fingerprint()["weights"] == digest  # recorded at training time
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")  # the same bytes: the same digest
+    clone = Run(shutil.copytree(a.path, tmp_path / "runs" / a.id))
+    clone.config_path.write_text(a.config().with_overrides({"model": str(base)}).to_yaml())
+    assert Playground().activate(clone) == []  # the untouched base loads, no warning
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    model.save_pretrained(tmp_path / "updated")  # the same shapes and names: only the values differ
+    shutil.copyfile(tmp_path / "updated" / "model.safetensors", base / "model.safetensors")
+    changed = fingerprint.weights_digest(base)
+    assert changed != digest
+    pg = Playground()
+    with pytest.raises(ValueError, match="changed since this adapter was trained") as err:
+        pg.activate(clone)
+    assert digest[:12] in str(err.value) and changed[:12] in str(err.value)
+    assert f"finetune-studio train --config {clone.config_path}" in str(err.value)
+    with pg.serving(BaseLoad(str(base), *pg.base_load)), pytest.raises(ValueError, match=changed[:12]):
+        pg.serve_adapter(clone)
+
+    old_style = {k: v for k, v in clone.fingerprint().items() if k != "weights"}  # written before the digest
+    fingerprint.write(clone.path, old_style)
+    warnings = pg.activate(clone)
+    assert len(warnings) == 1 and "could not be compared" in warnings[0]
+
+
 def test_unloading_a_deleted_run_leaves_an_honest_base(two_runs, tiny_model_dir):
     a, b = two_runs
     pg = Playground()
@@ -204,6 +246,39 @@ def test_unloading_a_deleted_run_leaves_an_honest_base(two_runs, tiny_model_dir)
     pg.activate(a)
     *_, (base_text, _) = pg.stream_pair(PROMPT, PROMPT, SamplingSettings(max_new_tokens=12))
     assert base_text == _hf_greedy(_plain(tiny_model_dir, a), pg.tokenizer, PROMPT, a, n=12) and pg.base_loads == 1
+
+
+def test_chat_and_serving_notice_a_resaved_adapter(two_runs, tiny_model_dir, tmp_path):
+    """Issue 24: a run that re-saves under the same id is chatted with as its new weights (as
+    plain PEFT loads them), never a cached copy; a batch already running keeps the weights it began with."""
+    import shutil
+
+    from studio.inference.playground import BaseLoad, _adapter_name
+    from studio.runs.registry import Run
+    from tests.helpers import resave_adapter
+
+    a, b = two_runs
+    clone = Run(shutil.copytree(a.path, tmp_path / a.id))
+    pg = Playground()
+    pg.activate(clone)
+    settings = SamplingSettings(max_new_tokens=20)
+    *_, (_, before) = pg.stream_pair(PROMPT, PROMPT, settings, clone.id)
+    resave_adapter(b.adapter_dir, clone.adapter_dir)
+    *_, (_, after) = pg.stream_pair(PROMPT, PROMPT, settings, clone.id)  # no activate: the Chat tab's next message
+    assert before == _hf_greedy(_plain(tiny_model_dir, a, a.adapter_dir), pg.tokenizer, PROMPT, a)
+    assert after == _hf_greedy(_plain(tiny_model_dir, b, b.adapter_dir), pg.tokenizer, PROMPT, b) != before
+    assert list(pg.model.peft_config) == [_adapter_name(clone.id) + "_r1"] and pg.base_loads == 1
+    pg.activate(clone)  # unchanged files: nothing reloads
+    assert list(pg.model.peft_config) == [_adapter_name(clone.id) + "_r1"]
+
+    load = BaseLoad(str(tiny_model_dir), *pg.base_load)
+    with pg.serving(load):
+        name = pg.serve_adapter(clone)
+        resave_adapter(a.adapter_dir, clone.adapter_dir)  # mid-batch: its rows keep what they started with
+        assert pg.serve_adapter(clone) == name
+    with pg.serving(load):
+        assert pg.serve_adapter(clone) == _adapter_name(clone.id) + "_r2"  # the next batch has the new weights
+    assert pg.base_loads == 1
 
 
 def test_bad_sampling_settings_are_refused(two_runs):

@@ -13,7 +13,7 @@ import pytest
 
 from studio.runs.registry import RunRegistry
 from studio.training import run_training
-from tests.helpers import free_port, tiny_run_config, wait_until, write_csv
+from tests.helpers import free_port, resave_adapter, tiny_run_config, wait_until, write_csv
 
 KEY = "test-key-0123456789abcdef"
 PROMPTS = ["what is 2 plus 3", "what is 7 plus 1", "hello world", "the capital of france is"]
@@ -415,3 +415,38 @@ def test_tokenize_and_detokenize_answer_as_vllm_does(served):
     assert info["eos_token"] == "<|im_end|>" and info["chat_template"] == tokenizer.chat_template
     assert httpx.get(root + "/tokenizer_info").status_code == 401  # the key guards these too
     assert _post(url, "/tokenize", {"prompt": "hi"}, key="wrong-key-0123456789abcdef").status_code == 401
+
+
+def test_a_resaved_adapter_is_served_at_once_and_logged(served, tiny_model_dir, caplog):
+    """Issue 24: after a run re-saves, the next request answers with the new weights (as plain
+    PEFT loading them does), the log names their hash, and the old copy is dropped."""
+    import shutil
+
+    from studio.inference.playground import _adapter_name
+    from studio.runs import files
+
+    url, ctx, runs = served
+    clone = runs[0].path.parent / f"{runs[0].id}-resaved"  # a run of its own: the others stay as they are
+    shutil.copytree(runs[0].path, clone)
+    try:
+        ids = ctx.catalog.tokenizer(ctx.catalog.get(ctx.catalog.base))("what is 2 plus 3 answer 5")["input_ids"]
+        body = {"model": clone.name, "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0}
+
+        def scored():
+            reply = _post(url, "/v1/completions", body)
+            assert reply.status_code == 200, reply.text
+            return reply.json()["choices"][0]["logprobs"]["token_logprobs"][1:]
+
+        old = scored()
+        assert old == pytest.approx(_reference_logprobs(tiny_model_dir, runs[0].weights_dir(), ids), abs=1e-4)
+        resave_adapter(runs[1].weights_dir(), clone / "adapter")
+        with caplog.at_level(logging.INFO, logger="studio.serving"):
+            new = scored()
+        assert new == pytest.approx(_reference_logprobs(tiny_model_dir, runs[1].weights_dir(), ids), abs=1e-4)
+        assert new != pytest.approx(old, abs=1e-3)  # otherwise the swap proves nothing
+        line = [r.getMessage() for r in caplog.records if f"model={clone.name} " in r.getMessage()][-1]
+        assert f"weights={files.weights_sha256(runs[1].weights_dir())} " in line
+        loaded = [n for n in ctx.engine.playground.model.peft_config if n.startswith(_adapter_name(clone.name))]
+        assert loaded == [_adapter_name(clone.name) + "_r1"]  # the old weights are gone from memory
+    finally:
+        shutil.rmtree(clone)

@@ -6,7 +6,9 @@ decoded in one loop, a token for each side per step, each with its own KV cache 
 random generator seeded identically, so both panes stream at once under the same settings.
 
 Adapters stay loaded after use (switching back is a pointer change, not a disk read), bounded
-by ``max_adapters`` and ``max_adapter_bytes``: the least recently used is dropped first. Before
+by ``max_adapters`` and ``max_adapter_bytes``: the least recently used is dropped first. A loaded
+adapter is keyed by its files as well as its ref: when a run re-saves (new files under the same
+ref), the next request loads the new weights and drops the old (see ``_current``). Before
 an adapter is loaded, the base fingerprint it was trained on is compared with the loaded base
 (studio/runs/fingerprint.py): another base is refused, a different tokenizer or template warned about.
 The OpenAI-compatible API (studio/serving) decodes its batches on this same base and adapters.
@@ -28,11 +30,12 @@ import torch
 from studio import models
 from studio.data.render import labeled_tokens
 from studio.planning import hardware, precision
-from studio.runs import fingerprint
+from studio.runs import files, fingerprint
 from studio.runs.registry import Run
 
 CHECKPOINT_SEP = "@"  # "run-id@step-40" names a run's intermediate checkpoint
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch's adapter_names
+ADAPTER_FILES = ("*.safetensors", "adapter_config.json")  # what an adapter is on disk: a change reloads it
 
 
 def split_ref(ref: str) -> tuple[str, str | None]:
@@ -73,9 +76,19 @@ class BaseLoad(NamedTuple):
 
 @dataclass
 class LoadedAdapter:
-    name: str  # the PEFT adapter name (a sanitised ref)
+    name: str  # the PEFT adapter name (a sanitised ref, plus "_rN" after the Nth reload)
     bytes: int  # its weights on disk, for the memory bound
     precision: str = "fp32"  # the run's precision: its scores and replies are computed in it
+    run: Run | None = None  # where it came from, to notice a re-save (see Playground._current)
+    checkpoint: str | None = None
+    weights: Path | None = None  # the folder it was loaded from
+    stamp: tuple = ()  # files.stamp of that folder when loaded
+    sha256: str | None = None  # its weights' hash (the request log prints it)
+    reloads: int = 0
+
+
+def _ref(run_id: str, checkpoint: str | None) -> str:
+    return run_id if checkpoint is None else f"{run_id}{CHECKPOINT_SEP}{checkpoint}"
 
 
 def _adapter_name(ref: str) -> str:
@@ -157,40 +170,78 @@ class Playground:
         started = time.perf_counter()
         with self._lock:
             cfg = run.config()
-            ref = run.id if checkpoint is None else f"{run.id}{CHECKPOINT_SEP}{checkpoint}"
+            ref = _ref(run.id, checkpoint)
             weights = self.weights_for(run, checkpoint)
             run_precision = precision.of_status(run.status())
             self._ensure_base(cfg.model, base_load_for(cfg.method, run_precision, self.device), cfg.trust_remote_code)
-            trained_on = run.fingerprint() or fingerprint.read(weights)
-            errors, warnings = fingerprint.compare(trained_on, self.base_fingerprint) if trained_on else ([], [])
-            if errors:
-                raise ValueError(errors[0])
+            warnings = self._check(run, weights)
             if cfg.method == "full":
                 if ref not in self.full_models:
                     model = models.load_model(str(weights), "full", self.device).eval()
                     self.full_models = {ref: (model, run_precision)}
-            else:
-                self._load_adapter(ref, weights, run_precision)
+            elif not self._current(ref):
+                self._load_adapter(ref, weights, run_precision, run, checkpoint)
             self.active = ref
+            if ref in self.adapters:
+                self.adapters.move_to_end(ref)  # most recently used
+                self.model.set_adapter(self.adapters[ref].name)
         self.last_load_s = time.perf_counter() - started
         return warnings
 
-    def _load_adapter(self, ref: str, weights: Path, run_precision: str) -> None:
+    def _check(self, run: Run, weights: Path) -> list[str]:
+        """The fingerprint check before a load: raises ValueError (another base), else warnings."""
+        trained_on = run.fingerprint() or fingerprint.read(weights)
+        errors, warnings = fingerprint.compare(trained_on, self.base_fingerprint, run.path) if trained_on else ([], [])
+        if errors:
+            raise ValueError(errors[0])
+        return warnings
+
+    def _current(self, ref: str) -> bool:
+        """Whether ``ref`` is loaded and still the files on disk. A run that re-saved (same ref, new
+        files) is not: the caller loads it again. Checked per request at the cost of a few stat
+        calls; an adapter pinned by the running batch counts as current, so rows already decoding
+        (and rows of the same batch) keep the weights the batch started with."""
+        loaded = self.adapters.get(ref)
+        if loaded is None:
+            return False
+        if ref in self._pinned or loaded.run is None:
+            return True
+        try:
+            weights = self.weights_for(loaded.run, loaded.checkpoint)
+            return weights == loaded.weights and files.stamp(weights, ADAPTER_FILES) == loaded.stamp
+        except (ValueError, OSError):  # the files are gone mid-save: keep serving what is loaded
+            return True
+
+    def _load_adapter(self, ref: str, weights: Path, run_precision: str, run: Run, checkpoint: str | None) -> None:
+        """Load ``weights`` as ``ref`` (again, when its files changed) and make it the model's set
+        adapter. A reload loads the new weights under a new PEFT name first and then deletes the
+        old (PEFT cannot delete a model's last adapter), so memory holds one copy per ref."""
         from peft import PeftModel
 
-        if ref in self.adapters:
-            self.adapters.move_to_end(ref)  # most recently used
+        old = self.adapters.get(ref)
+        stamp = files.stamp(weights, ADAPTER_FILES)
+        reloads = old.reloads + 1 if old is not None else 0
+        name = _adapter_name(ref) + (f"_r{reloads}" if reloads else "")
+        if not self.adapters and not isinstance(self.model, PeftModel):
+            self.model = PeftModel.from_pretrained(self.model, str(weights), adapter_name=name)
         else:
-            name = _adapter_name(ref)
-            if not self.adapters and not isinstance(self.model, PeftModel):
-                self.model = PeftModel.from_pretrained(self.model, str(weights), adapter_name=name)
-            else:
-                self.model.load_adapter(str(weights), adapter_name=name)
-            self.model.eval()
-            self.adapters[ref] = LoadedAdapter(name, _weights_bytes(weights), run_precision)
-            self._evict(keep=ref)
-            self._adapter_layers = _peft_layers(self.model)
-        self.model.set_adapter(self.adapters[ref].name)
+            self.model.load_adapter(str(weights), adapter_name=name)
+        self.model.eval()
+        self.model.set_adapter(name)  # PEFT warns when the set adapter is deleted
+        if old is not None:
+            self.model.delete_adapter(old.name)
+        sha = files.weights_sha256(weights)
+        self.adapters.pop(ref, None)
+        self.adapters[ref] = LoadedAdapter(
+            name, _weights_bytes(weights), run_precision, run, checkpoint, weights, stamp, sha, reloads
+        )
+        self._evict(keep=ref)
+        self._adapter_layers = _peft_layers(self.model)
+
+    def weights_sha256(self, name: str) -> str | None:
+        """The weights hash of the loaded adapter whose PEFT name is ``name`` (what the request log
+        prints: the bytes that actually answered), None for the base."""
+        return next((a.sha256 for a in self.adapters.values() if a.name == name), None)
 
     def _evict(self, keep: str) -> None:
         """Drop least recently used adapters beyond the count or byte budget (never ``keep``)."""
@@ -239,17 +290,13 @@ class Playground:
     def serve_adapter(self, run: Run, checkpoint: str | None = None) -> str:
         """Inside ``serving``: load a run's adapter (fingerprint checked) without changing what
         the Chat tab has active; returns its PEFT adapter name."""
-        ref = run.id if checkpoint is None else f"{run.id}{CHECKPOINT_SEP}{checkpoint}"
-        if ref not in self.adapters:
+        ref = _ref(run.id, checkpoint)
+        if not self._current(ref):  # not loaded, or the run re-saved since
             weights = self.weights_for(run, checkpoint)
-            trained_on = run.fingerprint() or fingerprint.read(weights)
-            errors, _ = fingerprint.compare(trained_on, self.base_fingerprint) if trained_on else ([], [])
-            if errors:
-                raise ValueError(errors[0])
-            active = self.active
-            self._load_adapter(ref, weights, precision.of_status(run.status()))
-            if active in self.adapters:  # the Chat tab's choice stays what it was
-                self.model.set_adapter(self.adapters[active].name)
+            self._check(run, weights)
+            self._load_adapter(ref, weights, precision.of_status(run.status()), run, checkpoint)
+            if self.active in self.adapters:  # the Chat tab's choice stays what it was
+                self.model.set_adapter(self.adapters[self.active].name)
         else:
             self.adapters.move_to_end(ref)
         self._pinned.add(ref)
@@ -299,6 +346,11 @@ class Playground:
             return self.full_models[ref]
         if ref not in self.adapters:
             raise ValueError(f"{ref} is no longer loaded (another session loaded others since); pick it again.")
+        if not self._current(ref):  # the run re-saved since it was picked: chat with the new weights
+            loaded = self.adapters[ref]
+            weights = self.weights_for(loaded.run, loaded.checkpoint)
+            self._check(loaded.run, weights)
+            self._load_adapter(ref, weights, precision.of_status(loaded.run.status()), loaded.run, loaded.checkpoint)
         self.model.set_adapter(self.adapters[ref].name)
         return self.model, self.adapters[ref].precision
 

@@ -7,21 +7,30 @@ the weights, and inside exported zips), and the playground and importer compare 
 base they are about to use:
 
 - architecture, layer count, widths or vocabulary differ -> refused, naming both bases;
+- the base's weights differ (``weights``: the base was updated or replaced under the same name)
+  -> refused, naming both digests and what to do;
 - tokenizer vocabulary or chat template differ -> a warning (it loads, but prompts may be
   tokenised or formatted differently than in training).
 
-The fingerprint is computed from the model's config and tokenizer only, so checking a base
-never needs its weights.
+The structure comes from the model's config and tokenizer. The weights digest (``weights_digest``)
+reads each safetensors file's header and 16 samples of 4 KiB: milliseconds even for a 16 GB
+base, where hashing every byte would take about a minute. It catches a base re-saved with other
+weights (fine-tuned or re-converted: every tensor moves, so every sample does), a changed
+dtype, shape or tensor list (the header); it can miss an edit confined to bytes between the
+samples (one tensor changed in place, same shape). Fingerprints written before the digest
+existed still load, with a warning that the weights could not be compared.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import struct
+import threading
 from pathlib import Path
 from typing import Any
 
-from studio.runs.files import atomic_write_text, read_json
+from studio.runs.files import atomic_write_text, read_json, stamp
 
 FILE = "fingerprint.json"
 
@@ -38,6 +47,7 @@ STRUCTURAL = (
 )
 # Differences that still load but change what the model sees: warned about.
 SOFT = ("tokenizer_sha256", "chat_template_sha256")
+SAMPLES, SAMPLE_BYTES = 16, 4096  # what weights_digest reads of each file's data, evenly spread
 
 
 def _sha(text: str | None) -> str | None:
@@ -58,7 +68,58 @@ def fingerprint(model_config, tokenizer, model_ref: str) -> dict[str, Any]:
     vocab = tokenizer.get_vocab()
     fp["tokenizer_sha256"] = _sha(json.dumps(sorted(vocab.items())))
     fp["chat_template_sha256"] = _sha(getattr(tokenizer, "chat_template", None))
+    fp["weights"] = _digest_of(model_ref)
     return fp
+
+
+_DIGEST_LOCK = threading.Lock()
+_DIGESTS: dict[tuple[str, tuple], str] = {}  # (folder, files.stamp) -> digest: once per base version
+
+
+def weights_digest(folder: str | Path) -> str | None:
+    """A cheap digest of a model folder's weights (16 hex), None when it has no safetensors.
+
+    For each ``*.safetensors`` file in name order: its name, its size, the sha256 of its JSON
+    header (the first 8 bytes give the header's length; it lists every tensor's name, dtype,
+    shape and offsets) and the sha256 of ``SAMPLES`` blocks of ``SAMPLE_BYTES`` read at fixed,
+    evenly spread offsets of the tensor data. Computed once per version of the files (cached by
+    path, sizes, mtimes and inodes), not per load or request. See the module docstring for what
+    it catches and what it can miss.
+    """
+    folder = Path(folder)
+    key = (str(folder.resolve()), stamp(folder))
+    if not key[1]:
+        return None
+    with _DIGEST_LOCK:
+        if key not in _DIGESTS:
+            h = hashlib.sha256()
+            for f in sorted(folder.glob("*.safetensors")):
+                h.update(_file_digest(f).encode())
+            _DIGESTS[key] = h.hexdigest()[:16]
+        return _DIGESTS[key]
+
+
+def _file_digest(path: Path) -> str:
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        header_len = struct.unpack("<Q", fh.read(8))[0] if size >= 8 else 0
+        header = fh.read(header_len)
+        start = 8 + header_len
+        span = max(0, size - start - SAMPLE_BYTES)
+        samples = hashlib.sha256()
+        for i in range(SAMPLES):
+            fh.seek(start + span * i // (SAMPLES - 1))
+            samples.update(fh.read(SAMPLE_BYTES))
+    return f"{path.name}:{size}:{hashlib.sha256(header).hexdigest()}:{samples.hexdigest()}"
+
+
+def _digest_of(model_ref: str) -> str | None:
+    """The weights digest of the base named ``model_ref`` when its files are on this machine
+    (never downloads, never asks the network), else None."""
+    from studio import models
+
+    folder = models.local_folder(model_ref)
+    return weights_digest(folder) if folder is not None else None
 
 
 def for_model_ref(model_ref: str, trust_remote_code: bool = False) -> dict[str, Any]:
@@ -88,6 +149,10 @@ def write(folder: str | Path, fp: dict[str, Any]) -> None:
     atomic_write_text(Path(folder) / FILE, json.dumps(fp, indent=2))
 
 
+def _short(digest: str) -> str:
+    return digest[:12]
+
+
 def _describe(fp: dict[str, Any]) -> str:
     arch = (fp.get("architectures") or [fp.get("model_type") or "?"])[0]
     return (
@@ -96,11 +161,14 @@ def _describe(fp: dict[str, Any]) -> str:
     )
 
 
-def compare(trained_on: dict[str, Any], base: dict[str, Any]) -> tuple[list[str], list[str]]:
+def compare(
+    trained_on: dict[str, Any], base: dict[str, Any], run_dir: str | Path | None = None
+) -> tuple[list[str], list[str]]:
     """(errors, warnings) for using an adapter trained on ``trained_on`` with ``base``.
 
     Errors mean the adapter must not be loaded; warnings mean it loads but may behave
-    differently than in training. Each is a sentence naming both bases.
+    differently than in training. Each is a sentence naming both bases. ``run_dir`` (the run's
+    folder, when there is one) goes into the retrain command an error suggests.
     """
     errors, warnings = [], []
     differing = [
@@ -111,6 +179,22 @@ def compare(trained_on: dict[str, Any], base: dict[str, Any]) -> tuple[list[str]
         errors.append(
             f"This adapter was trained on {_describe(trained_on)}, but the base here is "
             f"{_describe(base)} ({detail}). Load it with the base it was trained on."
+        )
+    if not errors and trained_on.get("weights") and base.get("weights"):
+        if trained_on["weights"] != base["weights"]:
+            model = base.get("model") or trained_on.get("model") or "?"
+            config = Path(run_dir) / "config.yaml" if run_dir is not None else "RUN_FOLDER/config.yaml"
+            errors.append(
+                f"The base at `{model}` changed since this adapter was trained (its weights' digest was "
+                f"{_short(trained_on['weights'])}, it is {_short(base['weights'])} now): the adapter was "
+                "trained on another base. Put the original base back, or retrain the adapter on this one "
+                f"with the same settings (finetune-studio train --config {config})."
+            )
+    elif not errors and (trained_on.get("weights") or base.get("weights")):
+        warnings.append(
+            "The base's weights could not be compared with the ones this adapter was trained on (one "
+            "fingerprint has no weights digest: it predates the check, or the base is not on this "
+            "machine): if the base was updated under the same name, replies may not match training."
         )
     if not errors:
         if (

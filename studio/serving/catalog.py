@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from studio import models
 from studio.inference.playground import BASE_ADAPTER, BaseLoad, Playground, base_load_for, split_ref
 from studio.planning import precision
 from studio.planning.hardware import Hardware
+from studio.runs import files
 from studio.runs.registry import Run, RunRegistry, checkpoint_step
 
 ADAPTER_METHODS = ("lora", "qlora")
@@ -38,7 +38,7 @@ class Served:
 
 class Catalog:
     """Model ids by name, resolved against the runs folder on every call (a run finished or
-    deleted since is seen at once). Tokenizers and weight hashes are cached per weights folder."""
+    deleted since is seen at once). Tokenizers are cached per weights folder."""
 
     def __init__(self, registry: RunRegistry, hw: Hardware, base: str = models.DEFAULT_MODEL):
         self.registry = registry
@@ -47,7 +47,6 @@ class Catalog:
         # The base alone runs as a LoRA run trained here would have loaded it: same batch.
         self.base_load = BaseLoad(base, "lora", precision.resolve("auto", hw.bf16))
         self._tokenizers: dict[str, object] = {}
-        self._hashes: dict[tuple[str, int], str] = {}  # (weights folder, mtimes) -> sha256 prefix
         self._configs: dict[str, object] = {}  # model ref -> its transformers config (None: unreadable)
         self._lock = threading.Lock()
 
@@ -152,17 +151,6 @@ class Catalog:
             return self._tokenizers[key]
 
     def weights_hash(self, served: Served) -> str | None:
-        """sha256 (first 16 hex) of the adapter weights that answered: which bytes served a request."""
-        if served.weights is None:
-            return None
-        files = sorted(served.weights.glob("*.safetensors"))
-        key = (str(served.weights), sum(f.stat().st_mtime_ns for f in files))
-        with self._lock:
-            if key not in self._hashes:
-                h = hashlib.sha256()
-                for f in files:
-                    with f.open("rb") as fh:
-                        for chunk in iter(lambda: fh.read(1 << 20), b""):
-                            h.update(chunk)
-                self._hashes[key] = h.hexdigest()[:16]
-            return self._hashes[key]
+        """sha256 (first 16 hex) of the adapter weights on disk now (studio/runs/files.py: the same
+        hash the playground records for what it loaded, computed once per version of the files)."""
+        return None if served.weights is None else files.weights_sha256(served.weights)

@@ -66,6 +66,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)  # every token chosen, an end of turn included
     batch_id: str | None = None  # "7", or "7.2" for the second base load of gathered batch 7
     batch_refs: list[str] = field(default_factory=list)  # every row decoded in that batch
+    weights_sha256: str | None = None  # the hash of the adapter weights that decoded it (None: the base)
     prompt_scores: list[Scored] = field(default_factory=list)  # prompt tokens 2..n (echo with logprobs)
     scores: list[Scored] = field(default_factory=list)  # each generated token, an ending end-of-turn too
 
@@ -170,6 +171,8 @@ class Engine:
             try:
                 with self.playground.serving(load) as pg:
                     names = [prepare(pg) for _, prepare in rows]
+                    for (r, _), name in zip(rows, names):  # the log names the bytes that answer, not the disk's
+                        r.weights_sha256 = pg.weights_sha256(name)
                     _decode(pg, [r for r, _ in rows], names, load.precision)
             except Exception as exc:  # noqa: BLE001 - a failed batch answers every row, the engine goes on
                 log.exception("batch %s failed", batch_id)

@@ -260,7 +260,10 @@ def _event(payload: str | dict) -> str:
 
 
 def _record(ctx: ServingContext, served: Served, job: Job, error: str | None) -> None:
-    ctx.stats.record(served.id, served.version, ctx.catalog.weights_hash(served), job, error)
+    # The weights the engine decoded with (a run that re-saves mid-request is logged as what
+    # answered); the files on disk only for a request that failed before its adapter loaded.
+    weights = job.weights_sha256 or ctx.catalog.weights_hash(served)
+    ctx.stats.record(served.id, served.version, weights, job, error)
 
 
 @dataclass
