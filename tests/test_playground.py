@@ -195,6 +195,7 @@ def test_adapter_from_another_base_is_refused_naming_both(two_runs, tmp_path):
 def test_an_adapter_on_a_base_whose_weights_changed_is_refused_naming_both_digests(two_runs, tiny_model_dir, tmp_path):
     """Issue 24: the base re-saved with other weights under the same path (same shapes, so the
     structural check passes) is caught by the weights digest, in chat and in serving."""
+    import json
     import shutil
 
     from transformers import AutoModelForCausalLM
@@ -209,6 +210,8 @@ def test_an_adapter_on_a_base_whose_weights_changed_is_refused_naming_both_diges
     base = shutil.copytree(tiny_model_dir, tmp_path / "base")  # the same bytes: the same digest
     clone = Run(shutil.copytree(a.path, tmp_path / "runs" / a.id))
     clone.config_path.write_text(a.config().with_overrides({"model": str(base)}).to_yaml())
+    status = json.loads((clone.path / "status.json").read_text())
+    (clone.path / "status.json").write_text(json.dumps({**status, "model": str(base)}))
     assert Playground().activate(clone) == []  # the untouched base loads, no warning
 
     torch.manual_seed(0)
@@ -227,6 +230,9 @@ def test_an_adapter_on_a_base_whose_weights_changed_is_refused_naming_both_diges
     assert f"finetune-studio train --config {clone.config_path}" in str(err.value)
     with pg.serving(BaseLoad(str(base), *pg.base_load)), pytest.raises(ValueError, match=changed[:12]):
         pg.serve_adapter(clone)
+    from studio.ui.views import run_label  # the run lists say so before anyone picks it
+
+    assert "trained on another base" in run_label(clone) and "another base" not in run_label(a)
 
     old_style = {k: v for k, v in clone.fingerprint().items() if k != "weights"}  # written before the digest
     fingerprint.write(clone.path, old_style)

@@ -113,6 +113,16 @@ def _file_digest(path: Path) -> str:
     return f"{path.name}:{size}:{hashlib.sha256(header).hexdigest()}:{samples.hexdigest()}"
 
 
+def base_changed(trained_on: dict[str, Any] | None, model_ref: str | None) -> bool:
+    """True when the base ``model_ref`` is on this machine and its weights' digest is not the one
+    ``trained_on`` recorded: the run was "trained on another base". False when either is unknown.
+    Cheap enough for every row of a runs list (the digest is cached per version of the files)."""
+    if not trained_on or not trained_on.get("weights") or not model_ref:
+        return False
+    now = _digest_of(model_ref)
+    return now is not None and now != trained_on["weights"]
+
+
 def _digest_of(model_ref: str) -> str | None:
     """The weights digest of the base named ``model_ref`` when its files are on this machine
     (never downloads, never asks the network), else None."""

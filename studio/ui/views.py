@@ -12,8 +12,11 @@ from studio.data import DataReport
 from studio.evaluation import stored
 from studio.formatting import format_duration
 from studio.inference.playground import CHECKPOINT_SEP
+from studio.runs import fingerprint
 from studio.runs.registry import Run, checkpoint_step
 from studio.service import JobView, Studio
+
+ANOTHER_BASE = "trained on another base"  # the base's weights changed since (fingerprint.base_changed)
 
 RUNS_COLUMNS = [
     "run",
@@ -38,7 +41,8 @@ def run_label(run: Run) -> str:
     name = f"{s.name} · " if s.name else ""
     tag = "imported" if s.imported else s.method or "?"
     loss = f", loss {s.final_loss:.3f}" if isinstance(s.final_loss, (int, float)) else ""
-    return f"{name}{run.id} v{s.version or 1} ({tag}, {when}{loss})"
+    moved = f", {ANOTHER_BASE}" if fingerprint.base_changed(run.fingerprint(), s.model) else ""
+    return f"{name}{run.id} v{s.version or 1} ({tag}, {when}{loss}{moved})"
 
 
 def run_choices(studio: Studio) -> list[tuple[str, str]]:
@@ -71,7 +75,10 @@ def runs_frame(studio: Studio) -> pd.DataFrame:
     rows = []
     for r in studio.runs():
         latest = stored.evaluations(r)
-        rows.append({**r.summary(), "task score": stored.headline(latest[0]) if latest else ""})
+        row = {**r.summary(), "task score": stored.headline(latest[0]) if latest else ""}
+        if row["state"] == "finished" and fingerprint.base_changed(r.fingerprint(), row["model"]):
+            row["state"] = f"finished, {ANOTHER_BASE}"
+        rows.append(row)
     return pd.DataFrame(rows, columns=RUNS_COLUMNS)
 
 
