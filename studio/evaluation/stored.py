@@ -56,15 +56,6 @@ def evaluations(run: Run) -> list[dict[str, Any]]:
     return sorted(found, key=lambda d: (d.get("at") or 0, d["path"]), reverse=True)
 
 
-def find(run: Run, name: str) -> dict[str, Any]:
-    """One stored evaluation by its file name (with or without ``.json``); LookupError if absent."""
-    stem = Path(name).name.removesuffix(".json")
-    for data in evaluations(run):
-        if Path(data["path"]).stem == stem:
-            return data
-    raise LookupError(f"Run {run.id} has no stored evaluation called {stem}.")
-
-
 def examples(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The evaluation's rows (prompt, reference, both answers, per-row scores); [] if the file is
     gone. A damaged line is skipped rather than losing the rest."""
