@@ -83,9 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--runs-dir", help="Folder that holds runs (default ./runs or $FINETUNE_STUDIO_RUNS_DIR).")
     _add_config_flags(train)
 
-    resume = sub.add_parser("resume", help="Continue an interrupted or stopped run from its last checkpoint.")
+    resume = sub.add_parser(
+        "resume",
+        help="Continue an interrupted or stopped run from its last checkpoint, or a finished one to a new total.",
+    )
     resume.add_argument("run", help="Run id (folder name under the runs folder) or run folder path.")
     resume.add_argument("--runs-dir")
+    resume.add_argument(
+        "--max-steps",
+        type=int,
+        help="Continue a finished run to this many steps in all (more than its final step): a short "
+        "warm-up, then the run's own decay over the added steps.",
+    )
 
     export = sub.add_parser("export", help="Zip a finished run's adapter with its tokenizer, config and model card.")
     export.add_argument("run", help="Run id (folder name under the runs folder) or run folder path.")
@@ -289,7 +298,7 @@ def _resume(args) -> int:
         problem = None
         if dist.main:
             run.mark_if_orphaned()  # a run whose process was killed says "running" until now
-            problem = run.resume_problem()
+            problem = run.resume_problem(args.max_steps)
         problem = distributed.broadcast(problem, dist)
         if problem:
             if dist.main:
@@ -297,10 +306,10 @@ def _resume(args) -> int:
             return 2
         run = Run(run.path, writable=dist.main)
         if dist.main:
-            point = run.resume_point()
+            point = run.resume_point(args.max_steps)
             processes = f" ({dist.world} processes)" if dist.enabled else ""
             print(f"Run folder: {run.path}{processes}\nResuming from {point.name}", flush=True)
-        return _run_and_report(cfg, run, resume=True)
+        return _run_and_report(cfg, run, resume=True, continue_to=args.max_steps)
     finally:
         if dist.enabled:
             import torch
@@ -308,7 +317,7 @@ def _resume(args) -> int:
             torch.distributed.destroy_process_group()
 
 
-def _run_and_report(cfg, run, resume: bool) -> int:
+def _run_and_report(cfg, run, resume: bool, continue_to: int | None = None) -> int:
     import threading
 
     from studio.runs.records import EvalRecord, Event, Record, TrainRecord
@@ -328,6 +337,8 @@ def _run_and_report(cfg, run, resume: bool) -> int:
             print(m.extra["summary"], flush=True)
         elif isinstance(m, Event) and m.kind == "compile":
             print(m.extra["note"], flush=True)
+        elif isinstance(m, Event) and m.kind == "continue":
+            print(m.extra["schedule"], flush=True)
         elif isinstance(m, Event) and m.kind == "checkpoint":
             print(f"checkpoint saved at step {m.step}", flush=True)
 
@@ -335,7 +346,7 @@ def _run_and_report(cfg, run, resume: bool) -> int:
     # resumable (exit 130 / 143); a second Ctrl-C aborts (studio/training/signals.py).
     stop = threading.Event()
     with StopOnSignals(stop, announce=run.writable) as signals:
-        status = run_training(cfg, run, stop_event=stop, on_metrics=progress, resume=resume)
+        status = run_training(cfg, run, stop_event=stop, on_metrics=progress, resume=resume, continue_to=continue_to)
     stopped_by_signal = signals.exit_code if status.state == "finished" and status.stopped else None
     if not run.writable:  # another rank reports; this one only says whether it failed
         return stopped_by_signal or (0 if status.state not in ("failed", "interrupted") else 1)

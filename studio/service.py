@@ -195,18 +195,21 @@ class Studio:
         return self.jobs.save_now()
 
     def resumable_runs(self) -> list[tuple[Run, int]]:
-        """Runs a Resume can continue (interrupted, failed or stopped, with a checkpoint), each
-        with the step it would continue from."""
+        """Runs a Resume can continue (interrupted, failed or stopped, with a checkpoint, or
+        finished with its trainer state: Continue training), each with the step it would continue from."""
         out = []
         for run in self.registry.list():
             point = run.resume_point()
             if point is not None:
                 out.append((run, checkpoint_step(point)))
+            elif run.is_continuable():
+                out.append((run, run.status().step))
         return out
 
-    def resume_training(self, run_id: str) -> Job:
-        """Raises LookupError (unknown or not resumable run), ConfigError, or RuntimeError (busy)."""
-        return self.jobs.resume(self.registry.get(run_id))
+    def resume_training(self, run_id: str, continue_to: int | None = None) -> Job:
+        """Resume a run, or continue a finished one to ``continue_to`` steps in all.
+        Raises LookupError (unknown or not resumable run), ConfigError, or RuntimeError (busy)."""
+        return self.jobs.resume(self.registry.get(run_id), continue_to)
 
     def job_view(self) -> JobView:
         view = self._job_view()

@@ -9,13 +9,16 @@ runs/<id>/
     adapter/         the PEFT adapter (LoRA/QLoRA) once saved
     model/           the full model (full fine-tuning) once saved
     checkpoints/     resumable saves (step-N/: weights + trainer_state.pt), the latest few kept
+    final_state/     a finished run's trainer_state.pt (no weights: those are adapter/ or model/),
+                     what continuing it to a new total (`resume --max-steps N`) needs
     train.log        tracebacks and details that the page summarises in a sentence
 
 Status files are written atomically (temp file + rename) so a crash never leaves half a file.
 
 A run's id (its folder name) never changes; ``status.json`` carries what a person may change or
 what identifies a result: ``name`` (a display name, renamable), ``version`` (incremented each
-time the run saves a finished adapter, e.g. after a resume), ``data_sha256``, the eval scores.
+time the run saves a finished adapter, e.g. after a resume or a continuation; each overwrites
+adapter/), ``data_sha256``, the eval scores.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from studio.formatting import slug
 from studio.runs.records import STATES, EvalRecord, Record, RunStatus, TrainRecord, parse_record
 
 NAME_MAX = 80
+STATE_FILE = "trainer_state.pt"  # what resuming needs (training/checkpoint.py writes it)
 RUNS_DIR_ENV = "FINETUNE_STUDIO_RUNS_DIR"
 
 
@@ -65,6 +69,10 @@ class Run:
     @property
     def model_dir(self) -> Path:
         return self.path / "model"
+
+    @property
+    def final_state_dir(self) -> Path:
+        return self.path / "final_state"
 
     @property
     def metrics_path(self) -> Path:
@@ -171,16 +179,24 @@ class Run:
         root = self.path / "checkpoints"
         if not root.is_dir():
             return []
-        done = [d for d in root.glob("step-*") if (d / "trainer_state.pt").exists() and _is_step_name(d.name)]
+        done = [d for d in root.glob("step-*") if (d / STATE_FILE).exists() and _is_step_name(d.name)]
         return sorted(done, key=checkpoint_step)
 
-    def resume_point(self) -> Path | None:
-        """The checkpoint a Resume continues from, or None when the run cannot be resumed
-        (:meth:`resume_problem` says why)."""
-        return None if self.resume_problem() else self.checkpoints()[-1]
+    def resume_point(self, new_total: int | None = None) -> Path | None:
+        """The checkpoint a Resume continues from (a finished run's ``final_state/`` when
+        continued to ``new_total`` steps), or None when it cannot (:meth:`resume_problem` says why)."""
+        if self.resume_problem(new_total):
+            return None
+        return self.final_state_dir if self.is_continuable() else self.checkpoints()[-1]
 
-    def resume_problem(self) -> str | None:
+    def is_continuable(self) -> bool:
+        """Finished at its final step with the trainer state kept: it can train on to a new total."""
+        status = self.status()
+        return status.state == "finished" and not status.stopped and (self.final_state_dir / STATE_FILE).exists()
+
+    def resume_problem(self, new_total: int | None = None) -> str | None:
         """Why a Resume cannot continue this run, as a sentence with what to do; None when it can.
+        ``new_total`` continues a finished run to that many steps in all.
         Call :meth:`mark_if_orphaned` first: a run whose process was killed still says running."""
         status = self.status()
         state = status.state
@@ -190,14 +206,34 @@ class Run:
                 f"Run {self.id} cannot be resumed: it is still {state}{who}. Stop it first, or wait for it to finish."
             )
         if state == "finished" and not status.stopped:
+            return self._continue_problem(status.step, status.total_steps, new_total)
+        if new_total is not None:
             return (
-                f"Run {self.id} cannot be resumed: it already reached its final step "
-                f"({status.step} of {status.total_steps or '?'}). Start a new run to train more."
+                f"Run {self.id} has not reached its final step ({status.step} of {status.total_steps or '?'}); "
+                "resume it without --max-steps first, then continue it to a new total."
             )
         if not self.checkpoints():
             return (
                 f"Run {self.id} cannot be resumed: it ended ({state}) before saving its first checkpoint. "
                 "Train it again (a smaller `training.save_steps` saves sooner)."
+            )
+        return None
+
+    def _continue_problem(self, step: int, total: int | None, new_total: int | None) -> str | None:
+        if new_total is None:
+            return (
+                f"Run {self.id} already reached its final step ({step} of {total or '?'}); "
+                f"continue it with --max-steps N (N > {step}, the new total)."
+            )
+        if new_total <= step:
+            return (
+                f"Run {self.id} finished at step {step}, so the new total must be more than {step} "
+                f"(got --max-steps {new_total})."
+            )
+        if not (self.final_state_dir / STATE_FILE).exists():
+            return (
+                f"Run {self.id} cannot be continued: it finished before the studio kept a finished run's "
+                "trainer state (optimizer, schedule position). Start a new run to train more."
             )
         return None
 

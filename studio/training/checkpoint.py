@@ -2,7 +2,9 @@
 
 A save is the adapter (or the full model) with its tokenizer. A checkpoint (``checkpoints/step-N``)
 adds ``trainer_state.pt``: optimizer, scheduler, RNG and the position in the data stream, so a
-resumed run continues where it stopped and ends at the configured final step.
+resumed run continues where it stopped and ends at the configured final step. A finished run
+keeps the same state without weights (``final_state/``, next to ``adapter/`` or ``model/``): what
+continuing it to a new total needs (training/schedule.py).
 
 Under DDP every replica is identical and rank 0 saves for all. Under FSDP every process takes
 part: rank 0 writes whole weights, as one process would, and the optimizer state stays sharded,
@@ -20,11 +22,10 @@ from pathlib import Path
 import torch
 
 from studio import models
-from studio.runs.registry import Run
+from studio.runs.registry import STATE_FILE, Run  # STATE_FILE: optimizer, scheduler, RNG and position
 from studio.training import distributed
 from studio.training.batching import Batching
 
-STATE_FILE = "trainer_state.pt"  # optimizer, scheduler, RNG and position: what resuming needs
 SHARDED_DIR = "sharded"  # a sharded run's checkpoint: model and optimizer, one file per process
 
 
@@ -38,6 +39,7 @@ class Position:
     total_steps: int
     best_eval: float | None = None
     evals_without_gain: int = 0
+    continued_from: int | None = None  # a continuation's first step: its schedule is rebuilt from it
 
 
 def step_folder(run: Run, step: int) -> Path:
@@ -64,10 +66,13 @@ class Checkpoints:
     device: str
     full: bool  # full fine-tuning: every weight is saved, else the adapters
 
-    def save(self, dest: Path, optimizer=None, scheduler=None, position: Position | None = None) -> None:
+    def save(
+        self, dest: Path, optimizer=None, scheduler=None, position: Position | None = None, weights: bool = True
+    ) -> None:
         """Save the adapter (or full model) with its tokenizer into ``dest``, and with ``position``
-        (then ``optimizer`` and ``scheduler`` too) what resuming needs. A temp folder renamed at
-        the end means a half-written save is never mistaken for a finished one."""
+        (then ``optimizer`` and ``scheduler`` too) what resuming needs; ``weights=False`` saves
+        only that state (a finished run's weights are its adapter/ or model/ already). A temp
+        folder renamed at the end means a half-written save is never mistaken for a finished one."""
         dist, sharded = self.dist, self.sharded
         if not dist.main and not sharded:  # DDP keeps every replica identical: rank 0 saves for all
             return
@@ -78,12 +83,14 @@ class Checkpoints:
         gathered = {}
         if sharded:  # every process takes part; rank 0 gets whole tensors, written as one run would
             distributed.barrier(dist)
-            gathered = {"state_dict": full_state_dict(self.loss_fn, prefix="model.")}
+            if weights:
+                gathered = {"state_dict": full_state_dict(self.loss_fn, prefix="model.")}
             if position is not None:  # optimizer state stays sharded: each process writes its own part
                 save_sharded(self.loss_fn, optimizer, tmp / SHARDED_DIR)
         if dist.main:
-            self.model.save_pretrained(tmp, safe_serialization=True, **gathered)
-            self.tokenizer.save_pretrained(tmp)
+            if weights:
+                self.model.save_pretrained(tmp, safe_serialization=True, **gathered)
+                self.tokenizer.save_pretrained(tmp)
             if position is not None:
                 torch.save(
                     {
@@ -94,6 +101,7 @@ class Checkpoints:
                         "total_steps": position.total_steps,
                         "best_eval": position.best_eval,
                         "evals_without_gain": position.evals_without_gain,
+                        "continued_from": position.continued_from,
                         "optimizer": None if sharded else optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "rng": torch.get_rng_state(),
@@ -106,9 +114,12 @@ class Checkpoints:
         if sharded:
             distributed.barrier(dist)  # nobody goes on (or reads it) before the rename
 
-    def restore(self, checkpoint: Path, optimizer, scheduler, layout: Batching) -> Position:
+    def restore(
+        self, checkpoint: Path, optimizer, scheduler, layout: Batching, weights: Path | None = None
+    ) -> Position:
         """Load a checkpoint's weights, optimizer, scheduler and RNG; returns where the run was.
-        ``layout`` is the run's batching now (a checkpoint from before packing was padded).
+        ``layout`` is the run's batching now (a checkpoint from before packing was padded);
+        ``weights`` is where the weights are when the checkpoint holds only state (final_state/).
 
         Raises:
             ModelError: the checkpoint was saved by another number of processes, sharded when
@@ -132,7 +143,7 @@ class Checkpoints:
         if self.sharded:
             load_sharded(self.loss_fn, optimizer, checkpoint / SHARDED_DIR)
         else:
-            self._load_weights(checkpoint)
+            self._load_weights(weights or checkpoint)
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
@@ -147,6 +158,7 @@ class Checkpoints:
             total_steps=state.get("total_steps", 0),
             best_eval=state.get("best_eval"),
             evals_without_gain=state.get("evals_without_gain", 0),
+            continued_from=state.get("continued_from"),
         )
 
     def _load_weights(self, checkpoint: Path) -> None:

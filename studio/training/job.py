@@ -50,9 +50,10 @@ class JobManager:
         self.queue: list[Job] = []  # waiting jobs, first to start first
         self._lock = threading.Lock()
 
-    def start(self, config: RunConfig, resume_run: Run | None = None) -> Job:
+    def start(self, config: RunConfig, resume_run: Run | None = None, continue_to: int | None = None) -> Job:
         """Validate, create the run folder (or reuse ``resume_run``'s) and train in a background
         thread, or queue the job when another is training (``queue_position`` then says where).
+        ``continue_to`` trains a finished ``resume_run`` on to that many steps in all.
 
         Raises:
             ConfigError: the config has problems (all listed).
@@ -69,15 +70,17 @@ class JobManager:
                 )
             if resume_run is not None:
                 resume_run.mark_if_orphaned()
-                problem = resume_run.resume_problem()
+                problem = resume_run.resume_problem(continue_to)
                 if problem:
                     raise LookupError(problem)
             run = resume_run or self.registry.create(config)
             job = Job(run=run, config=config)
             if resume_run is not None:  # the live view starts from what the run already drew
-                job.metrics = [m for m in run.metrics() if m.step <= checkpoint_step(run.resume_point())]
+                point = run.resume_point(continue_to)
+                at = run.status().step if continue_to is not None else checkpoint_step(point)
+                job.metrics = [m for m in run.metrics() if m.step <= at]
             job.thread = threading.Thread(
-                target=self._run, name=f"train-{run.id}", daemon=True, args=(job, resume_run is not None)
+                target=self._run, name=f"train-{run.id}", daemon=True, args=(job, resume_run is not None, continue_to)
             )
             if busy:
                 self.queue.append(job)
@@ -91,9 +94,17 @@ class JobManager:
             job.thread.start()
             return job
 
-    def _run(self, job: Job, resume: bool) -> None:
+    def _run(self, job: Job, resume: bool, continue_to: int | None = None) -> None:
         try:
-            run_training(job.config, job.run, job.stop_event, job.add_metrics, resume=resume, save_event=job.save_event)
+            run_training(
+                job.config,
+                job.run,
+                job.stop_event,
+                job.add_metrics,
+                resume=resume,
+                save_event=job.save_event,
+                continue_to=continue_to,
+            )
         finally:
             self._start_next()
 
@@ -118,9 +129,10 @@ class JobManager:
             self.registry.delete(job.run.id)
         return [job.run.id for job in dropped]
 
-    def resume(self, run: Run) -> Job:
-        """Continue an interrupted or stopped run from its last checkpoint, with its own config."""
-        return self.start(run.config(), resume_run=run)
+    def resume(self, run: Run, continue_to: int | None = None) -> Job:
+        """Continue an interrupted or stopped run from its last checkpoint, with its own config;
+        with ``continue_to``, a finished run on to that many steps in all."""
+        return self.start(run.config(), resume_run=run, continue_to=continue_to)
 
     def save_now(self) -> bool:
         """Ask the running job to save a checkpoint after its current step; False when none runs."""

@@ -5,9 +5,10 @@
         _setup          data, model, optimizer (Trainer.setup); what was built goes into the status
         _before_training  the fingerprint, the memory check, the base model's held-out score (for an
                         adapter: right after the first loss point, with the adapter switched off)
-        _resume         a resumed run continues from its last checkpoint
+        _resume         a resumed run continues from its last checkpoint; a finished one continued
+                        to a new total, from its final state on a schedule of its own (schedule.py)
         _train          the loop, until the final step, Stop or early stopping
-        _finish         the final eval, the save, status "finished"
+        _finish         the final eval, the save (with the trainer state), status "finished"
         _fail           any failure: the traceback to train.log, a sentence and a retry to the status
                         (a second Ctrl-C: status "interrupted", resumable from the last checkpoint)
 
@@ -16,6 +17,7 @@ Every failure ends as a status with a sentence (studio/training/failures.py), ne
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from studio.config import RunConfig
 from studio.runs import fingerprint
+from studio.runs.files import atomic_write_text
 from studio.runs.records import Event, RunStatus
 from studio.runs.registry import Run, process_started_at
 from studio.training.failures import failure_message, is_out_of_memory, retry_for
@@ -43,13 +46,22 @@ def run_training(
     on_metrics: MetricsSink | None = None,
     resume: bool = False,
     save_event: threading.Event | None = None,
+    continue_to: int | None = None,
 ) -> RunStatus:
     """Train to the end (or until stopped), save, and leave a final status. Returns the status.
 
     With ``resume`` the run continues from its last checkpoint in the same folder (weights,
     optimizer, scheduler, RNG and data position), so it ends at the configured final step.
+    With ``continue_to`` a finished run trains on from its final state to that many steps in
+    all (the caller checked ``run.resume_problem(continue_to)``); its config says the new total.
     """
     checkpoint = run.checkpoints()[-1] if resume and run.checkpoints() else None
+    if continue_to is not None:
+        checkpoint = run.final_state_dir
+        config = copy.deepcopy(config)
+        config.training.max_steps = continue_to
+        if run.writable:  # the hyperparameters next to the artifact say what it was trained to
+            atomic_write_text(run.config_path, config.to_yaml())
     if resume and checkpoint is None:
         return run.set_status("failed", message="This run has no checkpoint to resume from; start a new run.")
     trainer = Trainer(config, run, stop_event, on_metrics, save_event)
@@ -57,7 +69,9 @@ def run_training(
     try:
         _setup(trainer)
         _before_training(trainer, resuming=checkpoint is not None)
-        if checkpoint is not None:
+        if continue_to is not None:
+            _continue(trainer, checkpoint, continue_to)
+        elif checkpoint is not None:
             _resume(trainer, checkpoint)
         return _finish(trainer, _train(trainer))
     except BaseException as exc:  # noqa: BLE001 - every failure must end as a status, not a crash
@@ -146,6 +160,23 @@ def _resume(trainer: Trainer, checkpoint: Path) -> None:
     trainer.run.set_status("running", message=f"Resumed at step {trainer.step}; training...")
 
 
+def _continue(trainer: Trainer, final_state: Path, total: int) -> None:
+    """A finished run trains on: its weights (adapter/ or model/) and optimizer moments, a new
+    schedule over the added steps, since the run's own has decayed to zero."""
+    run = trainer.run
+    trainer.restore(final_state, weights=run.weights_dir())
+    trainer.total_steps, trainer.evals_without_gain = total, 0  # early stopping's patience starts again
+    plan = trainer.continue_from(trainer.step)
+    run.truncate_metrics(trainer.step)
+    if trainer.dist.main:  # one process speaks for the run
+        with run.log_path.open("a", encoding="utf-8") as f:
+            f.write(f"{plan} (optimizer state loaded from {final_state.name}/)\n")
+        event = Event("continue", trainer.step, time.time(), {"schedule": plan})
+        run.append_metrics(event)
+        trainer.on_metrics(event)
+    run.set_status("running", message=plan)
+
+
 def _train(trainer: Trainer) -> _Outcome:
     try:
         trainer.train()
@@ -165,6 +196,8 @@ def _finish(trainer: Trainer, outcome: _Outcome) -> RunStatus:
         pending()
     eval_loss = trainer.evaluate()
     trainer.save()
+    if not outcome.stopped:  # what continuing it needs: the optimizer and schedule position, not the weights again
+        trainer.save(run.final_state_dir, with_state=True, weights=False)
     train = run.train_metrics()
     done = (
         f"Stopped at step {trainer.step} of {trainer.total_steps}; the adapter and a checkpoint "

@@ -30,7 +30,7 @@ from studio.data.render import collate
 from studio.planning import hardware, precision
 from studio.runs.records import EvalRecord, Event, Record, TrainRecord
 from studio.runs.registry import Run
-from studio.training import adapters, batching, checkpoint, distributed, optimizers
+from studio.training import adapters, batching, checkpoint, distributed, optimizers, schedule
 from studio.training.compiling import CompileWatch, compile_layers, inductor_problem
 from studio.training.loss import LabeledTokenLoss, causal_lm
 
@@ -92,6 +92,7 @@ class Trainer:
         self.dist = distributed.Dist()  # one process until setup() reads the launcher's environment
         self.sharded = False  # FSDP: parameters, gradients and optimizer state split across processes
         self.total_steps = 0
+        self.continued_from: int | None = None  # a continuation's first step (continue_from)
         self._unread: list[_Unread] = []  # steps done whose numbers are still on the device
         self._started, self._first_step = time.time(), 0
         self.created = time.time()  # ~ when Train was pressed: the job's thread builds the trainer first
@@ -304,11 +305,11 @@ class Trainer:
                 n_tokens, n_scored = batching.counts(self.train_examples, micro_batch)
                 tokens, scored = tokens + n_tokens, scored + n_scored
             grad_norm = self.clip_gradients(params)
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step trains at (before the schedule moves)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            lr = self.scheduler.get_last_lr()[0]
             self._unread.append(_Unread(self.step, loss_sum, grad_norm, tokens, scored, lr, self.micro, step_start))
             if self.step == self._first_step + 1:
                 self._check_compiled()
@@ -440,17 +441,23 @@ class Trainer:
         self.on_metrics(record)
 
     # ---- save and resume (checkpoint.py) ----------------------------------------------------
-    def save(self, dest=None, with_state: bool = False) -> None:
+    def save(self, dest=None, with_state: bool = False, weights: bool = True) -> None:
         """Save the adapter (or full model) with its tokenizer, and with ``with_state`` what
-        resuming needs (under FSDP every process calls it)."""
+        resuming needs; ``weights=False``: only that (under FSDP every process calls it)."""
         if dest is None:
             dest = self.run.model_dir if self.config.method == "full" else self.run.adapter_dir
         position = None
         if with_state:
             position = checkpoint.Position(
-                self.step, self.micro, self.batching, self.total_steps, self.best_eval, self.evals_without_gain
+                self.step,
+                self.micro,
+                self.batching,
+                self.total_steps,
+                self.best_eval,
+                self.evals_without_gain,
+                self.continued_from,
             )
-        self.checkpoints.save(dest, self.optimizer, self.scheduler, position)
+        self.checkpoints.save(dest, self.optimizer, self.scheduler, position, weights)
 
     def save_checkpoint(self) -> None:
         """checkpoints/step-N with weights and trainer state; only the latest few are kept."""
@@ -461,13 +468,27 @@ class Trainer:
         checkpoint.prune(self.run, self.config.training.keep_checkpoints)
         self._emit(Event("checkpoint", self.step, time.time()))
 
-    def restore(self, path) -> None:
-        """Continue from a checkpoint: its weights, optimizer, scheduler, RNG and data position."""
-        at = self.checkpoints.restore(path, self.optimizer, self.scheduler, self.batching)
+    def restore(self, path, weights=None) -> None:
+        """Continue from a checkpoint: its weights (or ``weights``), optimizer, scheduler, RNG and
+        data position."""
+        at = self.checkpoints.restore(path, self.optimizer, self.scheduler, self.batching, weights)
         self.step, self.micro = at.step, at.micro
+        if at.continued_from is not None:  # a continuation stopped part-way: its schedule, where it was
+            self.total_steps = at.total_steps
+            self.continue_from(at.continued_from, done=self.scheduler.last_epoch)
         if at.batching != self.batching:  # the stream replays in the layout it was trained in
             self.batching = at.batching
             self.batches_per_epoch = len(
                 batching.epoch(self.lengths, at.batching, random.Random(self.config.training.seed))
             )
         self.best_eval, self.evals_without_gain = at.best_eval, at.evals_without_gain
+
+    def continue_from(self, start: int, done: int = 0) -> str:
+        """Train on from step ``start`` to ``total_steps`` on a continuation's own schedule
+        (schedule.py), ``done`` of its steps taken; the optimizer's moments carry on. Returns
+        the schedule in words."""
+        t = self.config.training
+        plan = schedule.Continuation.plan(start, self.total_steps, t.warmup_ratio, t.lr_scheduler)
+        self.scheduler = plan.scheduler(self.optimizer, self.scheduler.base_lrs, done)
+        self.continued_from = start
+        return plan.describe(t.learning_rate)

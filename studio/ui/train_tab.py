@@ -86,6 +86,7 @@ class TrainTab:
     cli: gr.Code
     past: PastRuns
     shown: gr.State
+    continue_steps: gr.Number  # a finished run's new total (Continue training)
 
     @property
     def inputs(self) -> set:
@@ -175,12 +176,21 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
         cancel_btn = gr.Button("Cancel queued runs", elem_id="cancel-queued-button", visible=False)
     with gr.Row():
         resume_run = gr.Dropdown(
-            label="Resume an interrupted or stopped run",
+            label="Resume an interrupted or stopped run, or continue a finished one",
             elem_id="resume-run",
             scale=3,
             choices=resumable_choices(studio),
             value=None,
-            info="Continues from its last checkpoint with its own settings, to its final step.",
+            info="Continues from its last checkpoint with its own settings, to its final step; a finished "
+            "run trains on to the new total, with a short warm-up, then its own decay over the added steps.",
+        )
+        continue_steps = gr.Number(
+            label="Continue to (total steps)",
+            elem_id="continue-steps",
+            precision=0,
+            minimum=1,
+            scale=1,
+            info="For a finished run only: more than its final step.",
         )
         resume_btn = gr.Button("Resume", elem_id="resume-button", scale=1)
     status = gr.Markdown("No training yet.", elem_id="train-status")
@@ -222,6 +232,7 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
         cli,
         past,
         shown,
+        continue_steps,
     )
     bind = functools.partial  # handlers are module functions of (studio, tab, ...)
     fields, lr = form.fields, form.fields["training.learning_rate"]
@@ -230,7 +241,7 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
     stop_btn.click(bind(stop, studio))
     cancel_btn.click(bind(cancel_queued, studio))
     save_btn.click(bind(save_now, studio))
-    resume_btn.click(bind(resume, studio), inputs=resume_run, outputs=status)
+    resume_btn.click(bind(resume, studio), inputs=[resume_run, continue_steps], outputs=status)
     timer.tick(
         bind(poll, studio, tab),
         inputs=[shown, log_scale],
@@ -405,16 +416,22 @@ def apply_change(tab: TrainTab, retry: Retry | None, current_lr) -> dict:
     }
 
 
-def resume(studio: Studio, run_id):
+def resume(studio: Studio, run_id, total=None):
+    """Resume the picked run; a finished one continues to ``total`` steps (Continue training)."""
     if not run_id:
         gr.Warning("Pick a run to resume.")
         return gr.skip()
+    finished = {run.id: step for run, step in studio.resumable_runs() if run.is_continuable()}
+    if run_id in finished and not (total and int(total) > finished[run_id]):
+        msg = f"Run {run_id} finished at step {finished[run_id]}: type a new total above it in Continue to."
+        gr.Warning(msg)
+        return f"**{msg}**"
     try:
-        studio.resume_training(run_id)
+        studio.resume_training(run_id, int(total) if run_id in finished else None)
     except (LookupError, ConfigError, RuntimeError) as exc:
         gr.Warning(str(exc))
         return f"**{exc}**"
-    return f"Resuming {run_id}..."
+    return f"Continuing {run_id} to {int(total)} steps..." if run_id in finished else f"Resuming {run_id}..."
 
 
 def save_now(studio: Studio):

@@ -63,9 +63,14 @@ def chat_choices(studio: Studio) -> list[tuple[str, str]]:
 
 
 def resumable_choices(studio: Studio) -> list[tuple[str, str]]:
-    """(label, run id) for runs a Resume can continue."""
+    """(label, run id) for runs a Resume can continue, finished ones to a new total."""
     return [
-        (f"{run.id} ({run.status().state}, from step {step} of {run.status().total_steps or '?'})", run.id)
+        (
+            f"{run.id} (finished at step {step}: continue to N steps)"
+            if run.is_continuable()
+            else f"{run.id} ({run.status().state}, from step {step} of {run.status().total_steps or '?'})",
+            run.id,
+        )
         for run, step in studio.resumable_runs()
     ]
 
