@@ -54,6 +54,7 @@ def test_a_finished_run_continues_to_a_new_total(tiny_model_dir, instruction_csv
     assert run.config().training.max_steps == 16
     assert "optimizer state loaded from final_state/" in run.log_path.read_text()
     assert any(isinstance(m, Event) and m.kind == "continue" and m.step == 8 for m in run.metrics())
+    assert [c.name for c in run.checkpoints()] == ["step-8", "step-10"]  # at the start, then every 10 steps
 
     train = run.train_metrics()
     assert [m.step for m in train] == list(range(1, 17))
@@ -65,13 +66,14 @@ def test_a_finished_run_continues_to_a_new_total(tiny_model_dir, instruction_csv
     assert all(math.isfinite(m.loss) for m in train)
     assert (run.final_state_dir / "trainer_state.pt").exists()  # it can be continued again
 
-    # A continuation stopped or killed part-way resumes on its own schedule: the checkpoint the
-    # continuation saved at step 10 restores the rate step 11 trained at, and the total of 16.
-    resumed = Trainer(run.config(), run)
-    resumed.setup()
-    resumed.restore(run.checkpoints()[-1])
-    assert (resumed.step, resumed.total_steps, resumed.continued_from) == (10, 16, 8)
-    assert resumed.scheduler.get_last_lr()[0] == pytest.approx(lrs[11])
+    # A continuation stopped or killed part-way resumes on its own schedule: each checkpoint it
+    # saved (at its start, and at step 10) restores the total of 16 and the rate the next step used.
+    for saved in run.checkpoints():
+        resumed = Trainer(run.config(), run)
+        resumed.setup()
+        resumed.restore(saved)
+        assert (resumed.total_steps, resumed.continued_from) == (16, 8)
+        assert resumed.scheduler.get_last_lr()[0] == pytest.approx(lrs[resumed.step + 1])
 
     # Continue training in the UI: the finished run is listed, a total at or below it is refused
     # before anything starts, a larger one trains on (the same path as the CLI's).

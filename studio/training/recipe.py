@@ -168,6 +168,9 @@ def _continue(trainer: Trainer, final_state: Path, total: int) -> None:
     trainer.total_steps, trainer.evals_without_gain = total, 0  # early stopping's patience starts again
     plan = trainer.continue_from(trainer.step)
     run.truncate_metrics(trainer.step)
+    # A checkpoint at the start, with the new total and schedule: a continuation killed before its
+    # first regular checkpoint resumes from here, not from a checkpoint of the run before it.
+    trainer.save_checkpoint()
     if trainer.dist.main:  # one process speaks for the run
         with run.log_path.open("a", encoding="utf-8") as f:
             f.write(f"{plan} (optimizer state loaded from {final_state.name}/)\n")
