@@ -270,6 +270,25 @@ def test_a_failing_judge_leaves_an_error_and_no_rows():
 
 
 @pytest.mark.unit
+def test_stop_ends_a_judge_that_hangs_and_keeps_the_scores(fake_judge):
+    """The page's Stop during judging: the judge's entry says it was stopped, within a second, and
+    judge_evaluation returns (so the task scores are stored) instead of waiting out the timeout."""
+    hanging = fake_judge(lambda body: ("hang", ""))
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    started = time.perf_counter()
+    entry, rows = judge_evaluation(
+        JudgeSettings(hanging.url, "m", timeout_s=30),
+        **ROWS,
+        base_answers=["a"] * 4,
+        adapter_answers=["b"] * 4,
+        stop=stop,
+    )
+    assert entry["error"] == judge_client.STOPPED and rows == [None] * 4
+    assert time.perf_counter() - started < 3
+
+
+@pytest.mark.unit
 def test_judge_evaluation_spreads_its_rows_and_summarises_both_kinds(fake_judge):
     def reply(body):
         text = _user(body)

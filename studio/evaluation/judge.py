@@ -22,6 +22,7 @@ scores are stored all the same.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from typing import Any
 
@@ -146,14 +147,16 @@ def judge_pairwise(
     references: list[str],
     base_answers: list[str],
     adapter_answers: list[str],
+    stop: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Which answer is better per row, asked in both orders; the adapter's win rate with its 95%
-    interval, wins/ties/losses, rows without a verdict, and every reply per row. Raises JudgeError."""
+    interval, wins/ties/losses, rows without a verdict, and every reply per row. Raises JudgeError
+    (also when ``stop`` is set)."""
     questions = [question_text(p) for p in prompts]
     asks = []
     for q, ref, base, tuned in zip(questions, references, base_answers, adapter_answers, strict=True):
         asks += [pairwise_messages(q, ref, base, tuned), pairwise_messages(q, ref, tuned, base)]
-    replies = ask_all(settings, asks)
+    replies = ask_all(settings, asks, stop)
     rows, outcomes = [], []
     for i in range(len(questions)):
         orders = []
@@ -198,7 +201,11 @@ def _pairwise_verdict(s: dict[str, Any]) -> str:
 
 
 def judge_against_reference(
-    settings: JudgeSettings, prompts: list, references: list[str], answers: list[str]
+    settings: JudgeSettings,
+    prompts: list,
+    references: list[str],
+    answers: list[str],
+    stop: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Each answer alone against its reference: CORRECT scores 1, INCORRECT 0, no verdict None;
     the mean over rows with a verdict and its 95% interval, and every reply. Raises JudgeError."""
@@ -207,7 +214,7 @@ def judge_against_reference(
         for p, ref, answer in zip(prompts, references, answers, strict=True)
     ]
     rows = []
-    for reply in ask_all(settings, asks):
+    for reply in ask_all(settings, asks, stop):
         choice = None if isinstance(reply, Refused) else parse_verdict(reply, ("CORRECT", "INCORRECT"))
         score = None if choice is None else float(choice == "CORRECT")
         rows.append({"verdict": choice, "score": score, "reason": _reason(reply)})
@@ -227,13 +234,14 @@ def judge_evaluation(
     references: list[str],
     base_answers: list[str],
     adapter_answers: list[str],
+    stop: threading.Event | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any] | None]]:
     """Both kinds of judging on at most ``settings.max_rows`` rows (spread evenly): the result's
     ``judge`` entry, and each row's verdicts and reasons (None for a row not judged) for the
     examples file. ``prompts`` are the task's (studio/evaluation/task.py: Row.prompt): chat turns,
     or a plain text row's first half, which the judge is told to continue. Never raises for the
     judge's sake: a judge that cannot be used gives ``{"error": sentence, ...}`` and no rows, so
-    the task scores are stored all the same."""
+    the task scores are stored all the same; so does ``stop`` (the judge's entry says it was stopped)."""
     started = time.perf_counter()
     prompts = [f"Continue this text:\n{p}" if isinstance(p, str) else p for p in prompts]
     n = len(prompts)
@@ -245,9 +253,11 @@ def judge_evaluation(
 
     entry: dict[str, Any] = {**settings.to_dict(), "rows": len(picked), "of_rows": n}
     try:
-        pair = judge_pairwise(settings, take(prompts), take(references), take(base_answers), take(adapter_answers))
+        pair = judge_pairwise(
+            settings, take(prompts), take(references), take(base_answers), take(adapter_answers), stop
+        )
         sides = {
-            side: judge_against_reference(settings, take(prompts), take(references), take(answers))
+            side: judge_against_reference(settings, take(prompts), take(references), take(answers), stop)
             for side, answers in (("base", base_answers), ("adapter", adapter_answers))
         }
     except JudgeError as exc:

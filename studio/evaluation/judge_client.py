@@ -17,11 +17,13 @@ import http.client
 import json
 import os
 import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -218,11 +220,27 @@ def _ask(settings: JudgeSettings, messages: list[dict[str, str]]) -> str | Refus
     raise AssertionError("unreachable")
 
 
-def ask_all(settings: JudgeSettings, conversations: list[list[dict[str, str]]]) -> list[str | Refused]:
-    """Every reply, in order, ``settings.workers`` at a time; the first JudgeError stops the rest."""
+STOPPED = "The judge was stopped before it finished; the task scores are stored without its verdicts."
+
+
+def ask_all(
+    settings: JudgeSettings, conversations: list[list[dict[str, str]]], stop: threading.Event | None = None
+) -> list[str | Refused]:
+    """Every reply, in order, ``settings.workers`` at a time; the first JudgeError stops the rest,
+    and so does ``stop`` (the page's Stop: a JudgeError saying so, checked every quarter second)."""
     pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="judge")
     futures = [pool.submit(_ask, settings, c) for c in conversations]
+    replies: list[str | Refused] = []
     try:
-        return [f.result() for f in futures]
+        for f in futures:
+            while True:
+                if stop is not None and stop.is_set():
+                    raise JudgeError(STOPPED)
+                try:
+                    replies.append(f.result(timeout=0.25))
+                    break
+                except FuturesTimeout:
+                    continue
+        return replies
     finally:
         pool.shutdown(wait=False, cancel_futures=True)  # after a failure, queued requests never start

@@ -314,7 +314,7 @@ def evaluate_task(
     if judge is not None:  # after the scores, and never raising: a judge that fails leaves them whole
         texts = (sides[side][0] for side in ("base", "adapter"))
         references = [r.reference for r in prep.rows]
-        result["judge"], judged = judge_evaluation(judge, [r.prompt for r in prep.rows], references, *texts)
+        result["judge"], judged = judge_evaluation(judge, [r.prompt for r in prep.rows], references, *texts, stop=stop)
     result["seconds"] = round(time.perf_counter() - started, 2)
     store(run, result, prep.rows, sides, scores, judged)
     return result

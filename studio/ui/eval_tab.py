@@ -364,7 +364,10 @@ def _reporter(progress):
 
 def stop_evaluations(studio: Studio) -> None:
     if studio.stop_evaluations():
-        gr.Info("Stopping the evaluation after the rows in flight; nothing is stored.")
+        gr.Info(
+            "Stopping after the rows in flight: while answering, nothing is stored; while judging, the "
+            "scores are stored without the judge's verdicts."
+        )
     else:
         gr.Info("No evaluation is running.")
 
