@@ -188,7 +188,8 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
             label="Continue to (total steps)",
             elem_id="continue-steps",
             precision=0,
-            minimum=1,
+            # No `minimum`: with it, Resume on a stopped run (the box left empty) failed in the
+            # browser with a bare "Error" before the handler ran; resume() checks the total itself.
             scale=1,
             info="For a finished run only: more than its final step.",
         )
