@@ -56,7 +56,9 @@ def summary_markdown(result: dict) -> str:
             f"{cut.get('adapter', 0):.0%}; a cut answer may score lower than it would have."
         )
     if result.get("skipped_rows"):
-        notes.append(f"{result['skipped_rows']} rows had nothing to score and were left out.")
+        notes.append(
+            f"{result['skipped_rows']} rows were left out: nothing to score, or a prompt at the run's max length."
+        )
     regression = result.get("regression")
     if isinstance(regression, dict) and regression.get("sentence"):
         lines += ["", f"**Outside your task:** {regression['sentence']}"]
