@@ -558,22 +558,25 @@ def _eval(args) -> int:
     folder = Path(args.run.partition("@")[0])
     if runs_dir is None and (folder / "status.json").is_file():
         runs_dir = folder.parent  # a run folder named outright: its parent is the runs folder
+    options = {  # which rows and metrics: the same for one evaluation and for --checkpoints
+        "eval_path": args.eval_path,
+        "mapping": args.mapping,
+        "rows": args.rows,
+        "metrics": args.metric,
+        "pattern": args.pattern,
+        "schema": schema,
+        "max_new_tokens": args.max_new_tokens,
+    }
     if args.checkpoints:
-        return _eval_checkpoints(args, Studio(runs_dir), schema, progress, judge)
+        return _eval_checkpoints(args, Studio(runs_dir), options, progress, judge)
     try:
         result = Studio(runs_dir).evaluate_task(
             args.run,
             against=args.against,
-            eval_path=args.eval_path,
-            mapping=args.mapping,
-            rows=args.rows,
-            metrics=args.metric,
-            pattern=args.pattern,
-            schema=schema,
-            max_new_tokens=args.max_new_tokens,
             progress=progress,
             judge=judge,
             regression_prompts=args.regression_prompts,
+            **options,
         )
     except (LookupError, ValueError, ModelError) as exc:
         print(exc, file=sys.stderr)
@@ -591,7 +594,7 @@ def _eval(args) -> int:
     return 0
 
 
-def _eval_checkpoints(args, studio, schema, progress, judge) -> int:
+def _eval_checkpoints(args, studio, options: dict, progress, judge) -> int:
     """``eval RUN --checkpoints``: every checkpoint against the base, and the best one."""
     import json
 
@@ -614,17 +617,7 @@ def _eval_checkpoints(args, studio, schema, progress, judge) -> int:
         )
         return 2
     try:
-        summary = studio.evaluate_checkpoints(
-            args.run,
-            eval_path=args.eval_path,
-            mapping=args.mapping,
-            rows=args.rows,
-            metrics=args.metric,
-            pattern=args.pattern,
-            schema=schema,
-            max_new_tokens=args.max_new_tokens,
-            progress=progress,
-        )
+        summary = studio.evaluate_checkpoints(args.run, progress=progress, **options)
     except (LookupError, ValueError, ModelError) as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -355,30 +355,13 @@ class Studio:
         run, _ = self.activate_run(ref)
         return heldout.evaluate(self.playground, run, samples=samples, progress=progress)
 
-    def evaluate_task(
-        self,
-        ref: str,
-        *,
-        against: str | None = None,
-        eval_path: str | None = None,
-        mapping: str | list[str] = "",
-        rows: int | None = None,
-        metrics: list[str] | None = None,
-        pattern: str | None = None,
-        schema: str | None = None,
-        max_new_tokens: int | None = None,
-        progress=None,
-        stop=None,
-        judge=None,
-        regression_prompts: int | None = None,
-    ) -> dict:
+    def evaluate_task(self, ref: str, *, against: str | None = None, progress=None, stop=None, **options) -> dict:
         """Task scores on generated answers, base vs adapter, with intervals; stored with the run
-        (studio/evaluation/task.py). ``ref`` is a run id, a run folder or ``id@step-N``; so is
-        ``against``, another adapter to compare with instead of the base. The page and
-        ``finetune-studio eval`` both call this. Raises LookupError, ValueError or ModelError
-        with a sentence, EvaluationStopped when ``stop`` is set. ``judge``: an LLM judge's
-        JudgeSettings (studio/evaluation/judge.py), also asked. ``regression_prompts``: general
-        prompts for the regression check (default 30 of the 100, 0 skips it)."""
+        (studio/evaluation/task.py: ``options`` are its rows, metrics, judge and regression
+        settings). ``ref`` is a run id, a run folder or ``id@step-N``; so is ``against``, another
+        adapter to compare with instead of the base. The page and ``finetune-studio eval`` both
+        call this. Raises LookupError, ValueError or ModelError with a sentence,
+        EvaluationStopped when ``stop`` is set."""
         from studio.evaluation import task
 
         run_id, checkpoint = split_ref(ref)
@@ -393,21 +376,7 @@ class Studio:
         self._evaluations_running.add(stop)
         try:
             return task.evaluate_task(
-                self.playground,
-                run,
-                checkpoint=checkpoint,
-                against=other,
-                eval_path=eval_path,
-                mapping=mapping,
-                rows=rows,
-                metrics=metrics,
-                pattern=pattern,
-                schema=schema,
-                max_new_tokens=max_new_tokens,
-                progress=progress,
-                stop=stop,
-                judge=judge,
-                regression_prompts=regression_prompts,
+                self.playground, run, checkpoint=checkpoint, against=other, progress=progress, stop=stop, **options
             )
         finally:
             self._evaluations_running.discard(stop)

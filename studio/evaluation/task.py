@@ -213,8 +213,17 @@ def prepare(
     schema: str | None = None,
     max_new_tokens: int | None = None,
 ) -> Prepared:
-    """The rows, metrics and generation settings (see :func:`evaluate_task`); raises ValueError
-    with a sentence for a bad count, file, metric, pattern or schema."""
+    """The rows, metrics and generation settings an evaluation uses; raises ValueError with a
+    sentence for a bad count, file, metric, pattern or schema.
+
+    Args:
+        eval_path: score this file's rows instead of the run's held-out rows.
+        mapping: the eval file's ``column=role`` pairs (default: the run's mapping, else detected).
+        rows: at most this many rows, spread evenly (default: all, at most MAX_ROWS).
+        metrics, pattern, schema: metric names (studio/evaluation/metrics.py) and what they take;
+            default: picked from the references' shape.
+        max_new_tokens: default: the longest reference in tokens plus MARGIN.
+    """
     if rows is not None and rows < 1:
         raise ValueError(f"--rows must be at least 1 (got {rows}).")
     cfg = run.config()
@@ -249,17 +258,11 @@ def evaluate_task(
     *,
     checkpoint: str | None = None,
     against: tuple[Run, str | None] | None = None,
-    eval_path: str | None = None,
-    mapping: str | list[str] = "",
-    rows: int | None = None,
-    metrics: list[str] | None = None,
-    pattern: str | None = None,
-    schema: str | None = None,
-    max_new_tokens: int | None = None,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
     judge: JudgeSettings | None = None,
     regression_prompts: int | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Generate base and adapter answers for the rows, score them, store and return the result
     (the documented ``finetune-studio eval --json`` shape, docs/cli.md).
@@ -267,16 +270,12 @@ def evaluate_task(
     Args:
         against: compare with this adapter (a run and its checkpoint or None) instead of the
             base, on the same rows; "base" in the result's metrics then means it.
-        eval_path: score this file's rows instead of the run's held-out rows.
-        mapping: the eval file's ``column=role`` pairs (default: the run's mapping, else detected).
-        rows: at most this many rows, spread evenly (default: all, at most MAX_ROWS).
-        metrics, pattern, schema: metric names (studio/evaluation/metrics.py) and what they take;
-            default: picked from the references' shape.
-        max_new_tokens: default: the longest reference in tokens plus MARGIN.
         judge: also ask this LLM judge (studio/evaluation/judge.py); its failure is ``result["judge"]["error"]``.
         regression_prompts: how many bundled general prompts measure how far the adapter moved
             from the base outside the task (studio/evaluation/regression.py; default 30 of 100,
             0 skips it; not measured with ``against``).
+        options: which rows and metrics, as :func:`prepare` takes them (eval_path, mapping,
+            rows, metrics, pattern, schema, max_new_tokens).
 
     Raises:
         ValueError: a sentence (no rows, an unreadable eval file, a bad metric, pattern or schema).
@@ -286,17 +285,7 @@ def evaluate_task(
     started = time.perf_counter()
     if regression_prompts is not None and regression_prompts < 0:
         raise ValueError(f"--regression-prompts must be 0 (skip) or more (got {regression_prompts}).")
-    prep = prepare(
-        playground,
-        run,
-        eval_path=eval_path,
-        mapping=mapping,
-        rows=rows,
-        metrics=metrics,
-        pattern=pattern,
-        schema=schema,
-        max_new_tokens=max_new_tokens,
-    )  # before any model loads
+    prep = prepare(playground, run, **options)  # before any model loads
     engines = _sides(playground, run, checkpoint, against)
     try:
         answers = generate(engines, prep.rows, prep.settings, progress, stop)
