@@ -98,7 +98,7 @@ def check_reload(run, model: str) -> None:
     ids = torch.tensor([[1, 5, 9, 14, 3, 7]], device="cuda")
     pg = Playground("cuda")
     pg.activate(run)
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model).to("cuda"), run.adapter_dir).eval()
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model).to("cuda"), run.weights_dir()).eval()
     with torch.no_grad():
         diff = (pg.model(input_ids=ids).logits - plain(input_ids=ids).logits).abs().max().item()
     print(f"        reload in plain PEFT on cuda: max |logit diff| = {diff:.2e}")

@@ -56,10 +56,12 @@ def make_runs(root: Path, n: int) -> list:
         torch.manual_seed(i)
         peft_model = get_peft_model(base, lora)
         run = registry.create(cfg)
-        peft_model.save_pretrained(run.adapter_dir, safe_serialization=True)
-        tokenizer.save_pretrained(run.adapter_dir)
+        number, folder = run.next_version_dir()
+        peft_model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
         fingerprint.write(run.path, fp)
-        run.set_status("finished", version=1)
+        run.commit_version(number, "trained")
+        run.set_status("finished", version=number)
         base = peft_model.unload()  # take the LoRA layers out again for the next adapter
         runs.append(run)
     return runs
@@ -102,7 +104,7 @@ def main() -> None:
             pg.activate(run)
             loads.append(time.perf_counter() - t0)
             grew = rss() - before
-        file_bytes = sum(f.stat().st_size for f in c.adapter_dir.glob("*.safetensors"))
+        file_bytes = sum(f.stat().st_size for f in c.weights_dir().glob("*.safetensors"))
         # One more load after evicting: the steady-state cost of loading a new adapter.
         pg.unload(c.id)
         t0 = time.perf_counter()

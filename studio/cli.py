@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     export = sub.add_parser("export", help="Zip a finished run's adapter with its tokenizer, config and model card.")
-    export.add_argument("run", help="Run id (folder name under the runs folder) or run folder path.")
+    export.add_argument("run", help="Run id (its latest version), RUN@vN (a kept version), or a run folder path.")
     export.add_argument("--out", help="Where to write the zip (default: inside the run folder).")
     kind = export.add_mutually_exclusive_group()
     kind.add_argument(
@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("prepare-model", help="Convert the bundled default model once (make install runs this).")
+    from studio import cli_registry
+
+    cli_registry.add_parsers(sub)
     return parser
 
 
@@ -490,12 +493,12 @@ def _export(args) -> int:
     from studio.runs.registry import RunRegistry
 
     try:
-        run = RunRegistry(args.runs_dir).get(args.run)
+        run = RunRegistry(args.runs_dir).version_view(args.run)
         if args.gguf:
             out = export_gguf(run, args.gguf, args.out)
         else:
             out = (export_merged if args.merged else export_zip)(run, args.out)
-    except (LookupError, ExportError) as exc:
+    except (LookupError, ValueError, ExportError) as exc:
         print(exc, file=sys.stderr)
         return 1
     print(f"Wrote {out} ({format_bytes(out.stat().st_size)})")
@@ -697,6 +700,10 @@ def _command(args) -> int:
         return _estimate(args)
     if args.command == "eval":
         return _eval(args)
+    if args.command in ("versions", "deploy"):
+        from studio import cli_registry
+
+        return (cli_registry.versions_command if args.command == "versions" else cli_registry.deploy_command)(args)
     if args.command == "hardware":
         import json
 

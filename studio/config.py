@@ -138,6 +138,10 @@ class TrainingConfig:
     the run, at least 10 steps apart."""
     keep_checkpoints: int = 2
     """How many of the latest checkpoints to keep on disk."""
+    keep_versions: int = 0
+    """How many of a run's latest versions (each final save: v1, v2, ...) to keep on disk; a deployed
+    version is always kept. 0 = the default: 10 for LoRA/QLoRA (an adapter is megabytes), 2 for full
+    fine-tuning (each version is a whole model)."""
     seed: int = 42
     """Random seed for the split, shuffling and adapter initialisation."""
     optimizer: str = "auto"
@@ -306,6 +310,8 @@ class RunConfig:
                 f"`training.optimizer` {t.optimizer} cannot step sharded (fsdp) parameters: bitsandbytes "
                 "optimizers need whole tensors. Use adamw with fsdp, or ddp."
             )
+        if not 0 <= t.keep_versions <= 1000:
+            p.append(f"`training.keep_versions` must be between 0 (the default) and 1000 (got {t.keep_versions}).")
         if not 1 <= t.keep_checkpoints <= 100:
             p.append(f"`training.keep_checkpoints` must be between 1 and 100 (got {t.keep_checkpoints}).")
         return p

@@ -27,6 +27,8 @@ from studio.models import load_tokenizer
 from studio.planning import hardware
 from studio.planning.memory import shape_for_model
 from studio.planning.planner import Plan, plan, settings_for
+from studio.runs import versions
+from studio.runs.deployments import Deployment, Deployments
 from studio.runs.records import ACTIVE_STATES, EvalRecord, Retry, TrainRecord
 from studio.runs.registry import Run, RunRegistry, checkpoint_step, config_diff
 from studio.training import Job, JobManager, batching
@@ -88,6 +90,7 @@ class Studio:
 
     def __init__(self, runs_dir: str | Path | None = None):
         self.registry = RunRegistry(runs_dir)
+        self.deployments = Deployments(self.registry)  # the same folder every server process reads
         self.registry.mark_orphans_interrupted()
         self.jobs = JobManager(self.registry)
         self.hardware = hardware.detect()
@@ -425,8 +428,37 @@ class Studio:
         if self.jobs.cancel_queued(run_id):  # a waiting run: out of the queue, folder removed
             return run_id
         run = self.registry.get(run_id)
+        held = [d.name for d in self.deployments.list() if d.run == run.id]
+        if held:
+            raise ValueError(
+                f"Run {run.id} is deployed as {', '.join(held)}; point "
+                f"{'it' if len(held) == 1 else 'them'} at another version first (Registry tab)."
+            )
         self.playground.unload(run.id)
         return self.registry.delete(run.id)
+
+    # ---- versions and deployments (studio/runs/versions.py, studio/runs/deployments.py) -------
+    def version_rows(self, run_id: str) -> list[dict]:
+        """A run's kept versions with their lineage, disk use, scores and deployments."""
+        return self.deployments.version_rows(self.registry.get(run_id))
+
+    def delete_version(self, ref: str):
+        """Delete ``RUN@vN``. Raises LookupError (no run) or ValueError (the latest, a deployed
+        one, no such version) with the reason."""
+        run_id, point = split_ref(ref)
+        run = self.registry.get(run_id)
+        number = versions.number_of(point)
+        if number is None:
+            raise ValueError(f"Pick a version to delete (RUN@vN), not {ref!r}.")
+        # A copy still loaded in memory is never used again: every request resolves its version first.
+        return run.delete_version(number, self.deployments.holding(run.id, number))
+
+    def deploy(self, name: str, ref: str, why: str = "") -> Deployment:
+        """Point deployment ``name`` at ``ref`` (RUN@vN; RUN: its latest). Raises DeploymentError."""
+        return self.deployments.set(name.strip() if isinstance(name, str) else name, ref, why)
+
+    def rollback(self, name: str, why: str = "") -> Deployment:
+        return self.deployments.rollback(name, why)
 
     def export_run(
         self, run_id: str, out: str | Path | None = None, merged: bool = False, gguf: str | None = None
@@ -435,7 +467,7 @@ class Studio:
         (f16, bf16, q8_0, q4_0) the GGUF zip for llama.cpp and Ollama, checked against the merged model.
         Raises LookupError (unknown run) or ExportError (not finished, base missing, not convertible,
         or the GGUF does not answer like the merged model)."""
-        run = self.registry.get(run_id)
+        run = self.registry.version_view(run_id)  # RUN@vN: that version
         if gguf:
             return export_gguf(run, gguf, out)
         return export_merged(run, out) if merged else export_zip(run, out)

@@ -47,13 +47,26 @@ def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
     return path
 
 
-def resave_adapter(src: Path, dst: Path) -> None:
-    """Copy an adapter's files over another's as a save does: each through a temp file and a rename."""
+def add_version(run, src: Path, kind: str = "trained"):
+    """Give ``run`` a new version holding the adapter files in ``src``, as a finished save does:
+    the weights through a temp folder renamed into versions/vN, then the lineage. Returns it."""
     import shutil
 
-    for f in [*src.glob("*.safetensors"), src / "adapter_config.json"]:
-        shutil.copyfile(f, dst / f".{f.name}.tmp")
-        os.replace(dst / f".{f.name}.tmp", dst / f.name)
+    number, folder = run.next_version_dir()
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("version.json", "scores.json"))
+    tmp.rename(folder)
+    return run.commit_version(number, kind)
+
+
+def write_fingerprint(run, fp: dict) -> None:
+    """Write a run's base fingerprint as if it had trained on that base: the run's and each
+    version's own copy (a version keeps the base it was trained on)."""
+    from studio.runs import fingerprint
+
+    fingerprint.write(run.path, fp)
+    for v in run.versions():
+        fingerprint.write(v.path, fp)
 
 
 def free_port() -> int:

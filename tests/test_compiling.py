@@ -33,7 +33,7 @@ def test_compiled_layers_train_to_the_same_losses(tiny_model_dir, instruction_cs
         assert status.compiled_layers == (2 if compile_ else 0) and status.compile_note is None
         losses[compile_] = [m.loss for m in run.train_metrics()]
     assert losses[True] == pytest.approx(losses[False], rel=rel)
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run.adapter_dir)
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run.weights_dir())
 
 
 @pytest.mark.process

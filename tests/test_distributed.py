@@ -66,8 +66,8 @@ def test_accelerate_launch_two_processes_one_run(tiny_model_dir, instruction_csv
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run.adapter_dir)
-    assert json.loads((run.adapter_dir / "adapter_config.json").read_text())["r"] == 16
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run.weights_dir())
+    assert json.loads((run.weights_dir() / "adapter_config.json").read_text())["r"] == 16
     assert model.active_adapter == "default"
 
 

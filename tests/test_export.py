@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import stat
 import zipfile
 from pathlib import Path
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 
 from studio.export.adapter_import import AdapterImportError, import_adapter_zip
 from studio.export.zips import artifact_name, export_merged, export_zip, zip_contents
-from studio.runs.registry import RunRegistry
+from studio.runs.registry import Run, RunRegistry
 from studio.training import run_training
 from tests.helpers import tiny_run_config, write_csv
 
@@ -122,14 +123,25 @@ def test_adapter_zip_holds_weights_card_curve_and_fingerprint(trained, tiny_mode
     out = tmp_path / "unzipped"
     zf.extractall(out)
     ids = _probe(tiny_model_dir)
-    assert torch.equal(_logits(_peft(tiny_model_dir, out), ids), _logits(_peft(tiny_model_dir, run.adapter_dir), ids))
+    assert torch.equal(_logits(_peft(tiny_model_dir, out), ids), _logits(_peft(tiny_model_dir, run.weights_dir()), ids))
 
-    # A new version of the run gets a new file name.
-    run.set_status("finished", version=2)
-    try:
-        assert export_zip(run).name == f"{run.id}-v2-adapter.zip"
-    finally:
-        run.set_status("finished", version=1)
+    # The zip carries the version's lineage, without this machine's paths.
+    lineage = json.loads(zf.read("lineage.json"))
+    assert lineage["version"] == 1 and lineage["parent"] is None and lineage["kind"] == "trained"
+    assert lineage["data"]["sha256"] == run.status().data_sha256 and lineage["data"]["train_rows"]
+    data_path = run.config().data.path
+    assert data_path not in json.dumps(lineage) and lineage["config"]["data"]["path"] == Path(data_path).name
+    assert "version.json" not in zf.namelist()
+
+    # A new version gets a new file name; the old one stays exportable as it was.
+    from tests.helpers import add_version
+
+    clone = Run(shutil.copytree(run.path, tmp_path / "clone" / run.id))
+    add_version(clone, clone.weights_dir(), kind="continued")
+    assert export_zip(clone).name == f"{run.id}-v2-adapter.zip"
+    with zipfile.ZipFile(export_zip(clone.at_version(1), tmp_path / "v1.zip")) as old:
+        assert json.loads(old.read("lineage.json"))["version"] == 1
+    assert json.loads(zipfile.ZipFile(clone.path / f"{run.id}-v2-adapter.zip").read("lineage.json"))["parent"] == 1
 
 
 # ---- merged --------------------------------------------------------------------------------------
@@ -158,7 +170,7 @@ def test_merged_model_logits_match_the_adapted_model(trained, tiny_model_dir, tm
     zipfile.ZipFile(path).extractall(tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", use_safetensors=True).eval()
     ids = _probe(tiny_model_dir)
-    adapted = _logits(_peft(tiny_model_dir, run.adapter_dir), ids)
+    adapted = _logits(_peft(tiny_model_dir, run.weights_dir()), ids)
     base = _logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), ids)
     diff = (_logits(merged, ids) - adapted).abs().max().item()
     assert diff < 1e-4, diff
@@ -182,7 +194,7 @@ def test_qlora_merges_onto_the_full_precision_base_with_the_caveat(tiny_model_di
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     ids = _probe(tiny_model_dir)
     # Exact against the full-precision base + adapter; only close to the 4-bit adapted model.
-    assert (_logits(merged, ids) - _logits(_peft(tiny_model_dir, run.adapter_dir), ids)).abs().max() < 1e-4
+    assert (_logits(merged, ids) - _logits(_peft(tiny_model_dir, run.weights_dir()), ids)).abs().max() < 1e-4
 
 
 def test_full_fine_tuning_exports_the_model_itself(tiny_model_dir, tmp_path):
@@ -212,8 +224,8 @@ def test_import_round_trip_keeps_weights_and_metadata(trained, adapter_zip, tmp_
     assert run.config().model == source.config().model and run.config().data.path == ""
     assert run.config().lora.r == 8 and run.fingerprint() == source.fingerprint()
     assert len(run.train_metrics()) == len(source.train_metrics())
-    original = load_file(source.adapter_dir / "adapter_model.safetensors")
-    imported = load_file(run.adapter_dir / "adapter_model.safetensors")
+    original = load_file(source.weights_dir() / "adapter_model.safetensors")
+    imported = load_file(run.weights_dir() / "adapter_model.safetensors")
     assert original.keys() == imported.keys() and all(torch.equal(original[k], imported[k]) for k in original)
 
     # The imported run exports again, and that zip imports again with the same weights.
@@ -222,7 +234,7 @@ def test_import_round_trip_keeps_weights_and_metadata(trained, adapter_zip, tmp_
     assert second.id == f"{source.id}-imported-2" and second.name == source.id
     assert import_adapter_zip(again, registry, name="my copy!").id == "my-copy-imported"
     assert torch.equal(
-        load_file(second.adapter_dir / "adapter_model.safetensors")[next(iter(original))],
+        load_file(second.weights_dir() / "adapter_model.safetensors")[next(iter(original))],
         original[next(iter(original))],
     )
     assert "imported adapter" in zipfile.ZipFile(again).read("README.md").decode()
@@ -384,5 +396,5 @@ def test_size_cap_not_a_zip_and_plain_peft_folder(adapter_zip, tiny_model_dir, t
     run = import_adapter_zip(nested, registry, name="From PEFT")
     assert run.id == "From-PEFT-imported" and run.config().model == str(tiny_model_dir)
     assert run.fingerprint()["hidden_size"] == 64  # computed from the base
-    assert not (run.adapter_dir / "helper.py").exists() and "helper.py" in run.status().message
+    assert not (run.weights_dir() / "helper.py").exists() and "helper.py" in run.status().message
     assert run.is_trained() and run.config().method == "lora"

@@ -22,9 +22,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("studio.evaluation",),
     ("studio.export",),
     ("studio.service",),
-    ("studio.ui", "studio.cli", "studio.launch", "studio.__main__"),
+    ("studio.ui", "studio.cli", "studio.cli_registry", "studio.launch", "studio.__main__"),
 ]
-ENTRY_POINTS = {"studio.ui", "studio.cli", "studio.launch", "studio.__main__"}
+ENTRY_POINTS = {"studio.ui", "studio.cli", "studio.cli_registry", "studio.launch", "studio.__main__"}
 
 
 def _layer(module: str) -> int:

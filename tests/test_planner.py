@@ -435,6 +435,7 @@ EVERY_FIELD = {
     "training.early_stopping": 2,
     "training.save_steps": 7,
     "training.keep_checkpoints": 3,
+    "training.keep_versions": 4,
     "training.seed": 7,
     "training.optimizer": "adamw",
     "training.packing": "on",

@@ -72,7 +72,7 @@ def test_base_and_adapted_match_plain_transformers_and_peft(two_runs, tiny_model
     *_, (base_text, adapted_text) = pg.stream_pair(PROMPT, PROMPT, settings)
 
     assert base_text == _hf_greedy(_plain(tiny_model_dir, a), pg.tokenizer, PROMPT, a)
-    assert adapted_text == _hf_greedy(_plain(tiny_model_dir, a, a.adapter_dir), pg.tokenizer, PROMPT, a)
+    assert adapted_text == _hf_greedy(_plain(tiny_model_dir, a, a.weights_dir()), pg.tokenizer, PROMPT, a)
     assert base_text != adapted_text  # otherwise the comparison proves nothing
 
 
@@ -108,7 +108,7 @@ def test_streams_token_by_token_with_the_same_seeded_sampling(two_runs):
 @pytest.mark.unit
 def test_unfinished_run_is_refused(tiny_model_dir, runs_dir):
     run = RunRegistry(runs_dir).create(RunConfig(model=str(tiny_model_dir)))
-    with pytest.raises(ValueError, match="no saved adapter"):
+    with pytest.raises(ValueError, match="no saved weights"):
         Playground().activate(run)
 
 
@@ -146,7 +146,7 @@ def test_checkpoints_are_selectable_and_match_plain_peft(run_with_checkpoints, t
     assert pg.base_loads == 1
     peft_model = _plain(tiny_model_dir, run, run.path / "checkpoints" / "step-4")
     assert outputs["step-4"] == _hf_greedy(peft_model, pg.tokenizer, PROMPT, run, n=16)
-    with pytest.raises(ValueError, match="no checkpoint 'step-99'"):
+    with pytest.raises(ValueError, match="no checkpoint or version 'step-99'"):
         pg.activate(run, "step-99")
 
 
@@ -177,8 +177,10 @@ def test_adapter_from_another_base_is_refused_naming_both(two_runs, tmp_path):
     fp = json.loads((clone / "fingerprint.json").read_text())
     assert fp["hidden_size"] and fp["tokenizer_sha256"]  # recorded at training time
     fp.update(model="some-org/bigger-model", hidden_size=fp["hidden_size"] * 2)
-    (clone / "fingerprint.json").write_text(json.dumps(fp))
     from studio.runs.registry import Run
+    from tests.helpers import write_fingerprint
+
+    write_fingerprint(Run(clone), fp)
 
     pg = Playground()
     with pytest.raises(ValueError, match="bigger-model.*but the base here is") as err:
@@ -187,7 +189,7 @@ def test_adapter_from_another_base_is_refused_naming_both(two_runs, tmp_path):
     assert pg.active is None and pg.loaded() == []
 
     fp.update(hidden_size=fp["hidden_size"] // 2, chat_template_sha256="0" * 16)  # same shapes, other template
-    (clone / "fingerprint.json").write_text(json.dumps(fp))
+    write_fingerprint(Run(clone), fp)
     warnings = pg.activate(Run(clone))
     assert len(warnings) == 1 and "chat template differs" in warnings[0]
 
@@ -203,6 +205,7 @@ def test_an_adapter_on_a_base_whose_weights_changed_is_refused_naming_both_diges
     from studio.inference.playground import BaseLoad
     from studio.runs import fingerprint
     from studio.runs.registry import Run
+    from tests.helpers import write_fingerprint
 
     a, _ = two_runs
     digest = fingerprint.weights_digest(tiny_model_dir)
@@ -235,7 +238,7 @@ def test_an_adapter_on_a_base_whose_weights_changed_is_refused_naming_both_diges
     assert "trained on another base" in run_label(clone) and "another base" not in run_label(a)
 
     old_style = {k: v for k, v in clone.fingerprint().items() if k != "weights"}  # written before the digest
-    fingerprint.write(clone.path, old_style)
+    write_fingerprint(clone, old_style)
     warnings = pg.activate(clone)
     assert len(warnings) == 1 and "could not be compared" in warnings[0]
 
@@ -255,13 +258,14 @@ def test_unloading_a_deleted_run_leaves_an_honest_base(two_runs, tiny_model_dir)
 
 
 def test_chat_and_serving_notice_a_resaved_adapter(two_runs, tiny_model_dir, tmp_path):
-    """Issue 24: a run that re-saves under the same id is chatted with as its new weights (as
-    plain PEFT loads them), never a cached copy; a batch already running keeps the weights it began with."""
+    """Issue 24: a run that saves a new version is chatted with, under its id, as the new weights
+    (as plain PEFT loads them), never a cached copy; a batch already running keeps the weights it
+    began with; ``RUN@v1`` stays the first version."""
     import shutil
 
     from studio.inference.playground import BaseLoad, _adapter_name
     from studio.runs.registry import Run
-    from tests.helpers import resave_adapter
+    from tests.helpers import add_version
 
     a, b = two_runs
     clone = Run(shutil.copytree(a.path, tmp_path / a.id))
@@ -269,10 +273,10 @@ def test_chat_and_serving_notice_a_resaved_adapter(two_runs, tiny_model_dir, tmp
     pg.activate(clone)
     settings = SamplingSettings(max_new_tokens=20)
     *_, (_, before) = pg.stream_pair(PROMPT, PROMPT, settings, clone.id)
-    resave_adapter(b.adapter_dir, clone.adapter_dir)
+    add_version(clone, b.weights_dir())
     *_, (_, after) = pg.stream_pair(PROMPT, PROMPT, settings, clone.id)  # no activate: the Chat tab's next message
-    assert before == _hf_greedy(_plain(tiny_model_dir, a, a.adapter_dir), pg.tokenizer, PROMPT, a)
-    assert after == _hf_greedy(_plain(tiny_model_dir, b, b.adapter_dir), pg.tokenizer, PROMPT, b) != before
+    assert before == _hf_greedy(_plain(tiny_model_dir, a, a.weights_dir()), pg.tokenizer, PROMPT, a)
+    assert after == _hf_greedy(_plain(tiny_model_dir, b, b.weights_dir()), pg.tokenizer, PROMPT, b) != before
     assert list(pg.model.peft_config) == [_adapter_name(clone.id) + "_r1"] and pg.base_loads == 1
     pg.activate(clone)  # unchanged files: nothing reloads
     assert list(pg.model.peft_config) == [_adapter_name(clone.id) + "_r1"]
@@ -280,11 +284,13 @@ def test_chat_and_serving_notice_a_resaved_adapter(two_runs, tiny_model_dir, tmp
     load = BaseLoad(str(tiny_model_dir), *pg.base_load)
     with pg.serving(load):
         name = pg.serve_adapter(clone)
-        resave_adapter(a.adapter_dir, clone.adapter_dir)  # mid-batch: its rows keep what they started with
+        add_version(clone, a.weights_dir())  # mid-batch: its rows keep what they started with
         assert pg.serve_adapter(clone) == name
     with pg.serving(load):
         assert pg.serve_adapter(clone) == _adapter_name(clone.id) + "_r2"  # the next batch has the new weights
-    assert pg.base_loads == 1
+        first = pg.serve_adapter(clone, "v1")
+    *_, (_, again) = pg.stream_pair(PROMPT, PROMPT, settings, f"{clone.id}@v1")
+    assert first == _adapter_name(f"{clone.id}@v1") and again == before and pg.base_loads == 1
 
 
 def test_bad_sampling_settings_are_refused(two_runs):

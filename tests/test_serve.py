@@ -13,7 +13,7 @@ import pytest
 
 from studio.runs.registry import RunRegistry
 from studio.training import run_training
-from tests.helpers import free_port, resave_adapter, tiny_run_config, wait_until, write_csv
+from tests.helpers import add_version, free_port, tiny_run_config, wait_until, write_csv
 
 KEY = "test-key-0123456789abcdef"
 PROMPTS = ["what is 2 plus 3", "what is 7 plus 1", "hello world", "the capital of france is"]
@@ -418,35 +418,38 @@ def test_tokenize_and_detokenize_answer_as_vllm_does(served):
 
 
 def test_a_resaved_adapter_is_served_at_once_and_logged(served, tiny_model_dir, caplog):
-    """Issue 24: after a run re-saves, the next request answers with the new weights (as plain
-    PEFT loading them does), the log names their hash, and the old copy is dropped."""
+    """Issue 24: after a run saves a new version, the next request for the run's id answers with
+    the new weights (as plain PEFT loading them does) and the log names the version and its hash;
+    ``RUN@v1`` still answers as the first version did."""
     import shutil
 
     from studio.inference.playground import _adapter_name
     from studio.runs import files
+    from studio.runs.registry import Run
 
     url, ctx, runs = served
     clone = runs[0].path.parent / f"{runs[0].id}-resaved"  # a run of its own: the others stay as they are
     shutil.copytree(runs[0].path, clone)
     try:
         ids = ctx.catalog.tokenizer(ctx.catalog.get(ctx.catalog.base))("what is 2 plus 3 answer 5")["input_ids"]
-        body = {"model": clone.name, "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0}
 
-        def scored():
+        def scored(model):
+            body = {"model": model, "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0}
             reply = _post(url, "/v1/completions", body)
             assert reply.status_code == 200, reply.text
             return reply.json()["choices"][0]["logprobs"]["token_logprobs"][1:]
 
-        old = scored()
+        old = scored(clone.name)
         assert old == pytest.approx(_reference_logprobs(tiny_model_dir, runs[0].weights_dir(), ids), abs=1e-4)
-        resave_adapter(runs[1].weights_dir(), clone / "adapter")
+        add_version(Run(clone), runs[1].weights_dir(), kind="continued")
         with caplog.at_level(logging.INFO, logger="studio.serving"):
-            new = scored()
+            new = scored(clone.name)
         assert new == pytest.approx(_reference_logprobs(tiny_model_dir, runs[1].weights_dir(), ids), abs=1e-4)
         assert new != pytest.approx(old, abs=1e-3)  # otherwise the swap proves nothing
         line = [r.getMessage() for r in caplog.records if f"model={clone.name} " in r.getMessage()][-1]
-        assert f"weights={files.weights_sha256(runs[1].weights_dir())} " in line
+        assert f"-> {clone.name}@v2 weights={files.weights_sha256(runs[1].weights_dir())} " in line
         loaded = [n for n in ctx.engine.playground.model.peft_config if n.startswith(_adapter_name(clone.name))]
-        assert loaded == [_adapter_name(clone.name) + "_r1"]  # the old weights are gone from memory
+        assert _adapter_name(f"{clone.name}@v2") in loaded
+        assert scored(f"{clone.name}@v1") == pytest.approx(old, abs=1e-5)  # a version never changes
     finally:
         shutil.rmtree(clone)

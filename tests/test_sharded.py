@@ -78,7 +78,7 @@ def _train(model_dir, data, runs: Path, method: str, processes: int, *extra):
 
 
 def _weights(run) -> dict[str, torch.Tensor]:
-    folder = run.model_dir if run.config().method == "full" else run.adapter_dir
+    folder = run.weights_dir()
     return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
@@ -149,11 +149,9 @@ def test_two_sharded_processes_train_like_one_with_accumulation(method, tiny_mod
     base = load_file(tiny_model_dir / "model.safetensors") if method == "full" else None
     _same_direction(_weights(fsdp), _weights(one), base)
     # Saved like a single run: the same files, gathered (not shards), loadable as usual.
-    folder = fsdp.model_dir if method == "full" else fsdp.adapter_dir
+    folder = fsdp.weights_dir()
     assert sorted(p.name for p in folder.iterdir() if p.suffix in (".json", ".safetensors")) == sorted(
-        p.name
-        for p in (one.model_dir if method == "full" else one.adapter_dir).iterdir()
-        if p.suffix in (".json", ".safetensors")
+        p.name for p in one.weights_dir().iterdir() if p.suffix in (".json", ".safetensors")
     )
     # Sharded checkpoints: one file per process, plus the gathered weights.
     last = fsdp.checkpoints()[-1]
@@ -207,11 +205,11 @@ def test_a_killed_sharded_run_resumes_to_its_final_step(tiny_model_dir, data, tm
 
     # The adapter a sharded run saved loads in plain PEFT and gives the unbroken run's logits.
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, str(run.adapter_dir)).eval()
+    model = PeftModel.from_pretrained(base, str(run.weights_dir())).eval()
     ids = torch.tensor([[5, 17, 42, 99, 7]])
     with torch.no_grad():
         logits = model(ids).logits
-        model.load_adapter(str(unbroken.adapter_dir), adapter_name="unbroken")
+        model.load_adapter(str(unbroken.weights_dir()), adapter_name="unbroken")
         model.set_adapter("unbroken")
         reference = model(ids).logits
     assert (logits - reference).abs().max() < 1e-3 * reference.abs().max()

@@ -34,7 +34,7 @@ def test_lora_training_learns_saves_and_reloads_in_plain_peft(tiny_model_dir, in
     assert last < 0.7 * first, (first, last)
     assert [m.step for m in evals] == [0, 10, 20, 30]  # step 0: the base model's held-out loss
     assert (run.path / "checkpoints" / "step-10" / "adapter_model.safetensors").exists()
-    assert (run.adapter_dir / "adapter_model.safetensors").exists()
+    assert (run.weights_dir() / "adapter_model.safetensors").exists()
     assert run.is_trained()
 
     # Plain PEFT reload gives the same logits as the model the studio's playground serves.
@@ -46,7 +46,7 @@ def test_lora_training_learns_saves_and_reloads_in_plain_peft(tiny_model_dir, in
     ids = torch.tensor([[1, 5, 9, 14, 3]])
     run_precision = of_status(run.status())
     plain_base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=weights_dtype("lora", run_precision))
-    peft_model = PeftModel.from_pretrained(plain_base, run.adapter_dir).eval()
+    peft_model = PeftModel.from_pretrained(plain_base, run.weights_dir()).eval()
     pg = Playground()
     pg.activate(run)
     with torch.no_grad(), autocast("cpu", run_precision):
@@ -75,7 +75,7 @@ def test_full_fine_tuning_saves_a_model(tiny_model_dir, instruction_csv, runs_di
     cfg = _cfg(tiny_model_dir, instruction_csv, method="full", max_steps=3, learning_rate=1e-4)
     run = RunRegistry(runs_dir).create(cfg)
     assert run_training(cfg, run).state == "finished"
-    assert (run.model_dir / "model.safetensors").exists() and run.weights_dir() == run.model_dir
+    assert (run.weights_dir() / "model.safetensors").exists() and run.weights_dir().name == "v1"
 
 
 def test_qlora_trains_and_keeps_gradients_after_an_inference_pass(tiny_model_dir, instruction_csv, runs_dir):

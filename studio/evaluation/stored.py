@@ -85,10 +85,28 @@ def label(result: dict[str, Any]) -> str:
     return f"{when} · {what} vs {against} · {result.get('rows', '?')} rows of {result.get('source', '?')}"
 
 
-def latest_of_weights(run: Run) -> dict[str, Any] | None:
-    """The newest evaluation of the run's final weights (not a checkpoint's, not against another
-    adapter): what the model card and the zip report."""
-    return next((r for r in evaluations(run) if not r.get("checkpoint") and not r.get("against")), None)
+def latest_of_weights(run: Run, number: int | None = None) -> dict[str, Any] | None:
+    """The newest evaluation of one version's weights (default: the latest version; not a
+    checkpoint's, not against another adapter): what the model card and the zip report."""
+    return next(iter(of_version(run, number)), None)
+
+
+def of_version(run: Run, number: int | None = None) -> list[dict[str, Any]]:
+    """A version's own evaluations against the base, newest first: matched by its weights' sha256
+    (by number for evaluations stored before they recorded one)."""
+    number = run.version if number is None else number
+    try:
+        sha = (run.get_version(number).record or {}).get("weights_sha256")
+    except ValueError:
+        return []
+    out = []
+    for r in evaluations(run):
+        if r.get("checkpoint") or r.get("against"):
+            continue
+        same = r.get("weights_sha256") == sha if sha and r.get("weights_sha256") else r.get("version") == number
+        if same:
+            out.append(r)
+    return out
 
 
 def portable(result: dict[str, Any]) -> dict[str, Any]:

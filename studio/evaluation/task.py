@@ -46,6 +46,7 @@ from studio.inference.playground import (
 )
 from studio.models import load_tokenizer
 from studio.planning import precision
+from studio.runs import files, versions
 from studio.runs.files import atomic_write_text
 from studio.runs.registry import Run
 from studio.serving.engine import Engine, Request
@@ -329,10 +330,12 @@ def score_sides(
     references = [r.reference for r in prep.rows]
     scores = {m.name: {side: m.score_rows(sides[side][0], references) for side in sides} for m in prep.metrics}
     compared = [(m, paired(scores[m.name]["base"], scores[m.name]["adapter"])) for m in prep.metrics]
+    number = versions.number_of(checkpoint) if checkpoint else run.version  # a checkpoint has none
     result = {
         "run": run.id,
-        "checkpoint": checkpoint,
-        "version": run.version,
+        "checkpoint": None if number is not None else checkpoint,  # step-N only: a version is "version"
+        "version": number,
+        "weights_sha256": files.weights_sha256(run.weights_at(checkpoint)),
         "rows": len(prep.rows),
         "eval_set_sha256": eval_set_sha256(prep.rows),
         "seconds": 0.0,
@@ -410,6 +413,27 @@ def store(run: Run, result: dict, rows: list[Row], sides: dict, scores: dict, ju
                 line["judge"] = judged[i]  # the judge's verdicts and reasons for this row
             handle.write(json.dumps(line, ensure_ascii=False) + "\n")
     atomic_write_text(Path(result["path"]), json.dumps(result, indent=2))
+    if result.get("version") and not result.get("against") and not result.get("checkpoint"):
+        try:
+            versions.add_scores(run.get_version(result["version"]), brief(result))
+        except ValueError:  # the version was deleted while it was scored: the run keeps the result
+            pass
+
+
+def brief(result: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation in a few numbers, kept with the version it scored (its lineage shows it)."""
+    return {
+        "at": result["at"],
+        "eval_set_sha256": result["eval_set_sha256"],
+        "source": Path(str(result.get("source"))).name if result.get("source") else None,
+        "rows": result["rows"],
+        "metrics": [
+            {k: m[k] for k in ("name", "base", "adapter", "diff", "diff_ci95", "p_value")} for m in result["metrics"]
+        ],
+        "verdicts": result.get("verdicts"),
+        "regression": (result.get("regression") or {}).get("sentence"),
+        "evaluation": Path(result["path"]).name,
+    }
 
 
 def worse_than_base(result: dict[str, Any], alpha: float = 0.05) -> str | None:

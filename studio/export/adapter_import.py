@@ -41,7 +41,7 @@ from studio.export.zip_safety import UnsafeZipError, check_entries, extract_memb
 from studio.formatting import format_bytes, slug
 from studio.planning import memory
 from studio.planning.precision import PRECISIONS
-from studio.runs import fingerprint
+from studio.runs import fingerprint, versions
 from studio.runs.files import atomic_write_text
 from studio.runs.records import EvalRecord, TrainRecord, parse_record
 from studio.runs.registry import NAME_MAX, Run, RunRegistry, clean_name
@@ -58,6 +58,9 @@ RUN_FILES = (
     "fingerprint.json",
     "run.json",
     "evaluation.json",
+    "lineage.json",  # the exported version's lineage: becomes the imported version's "source"
+    "version.json",  # a version folder zipped by hand: its record names the other machine's files
+    "scores.json",
     "task_evaluation.json",  # task scores and their rows: for the reader, not imported as the run's own
     "task_evaluation.examples.jsonl",
     "README.md",
@@ -132,11 +135,12 @@ def import_adapter_zip(
         work = registry.root / f".importing-{uuid.uuid4().hex[:12]}"
         try:
             run_dir = work / "run"
-            adapter_dir = run_dir / "adapter"
+            adapter_dir = versions.folder_for(run_dir, 1)
             adapter_dir.mkdir(parents=True)
             skipped = _extract(zf, root, members, adapter_dir, limit, label)
             _check_shapes(adapter_dir / "adapter_model.safetensors", base, label)
             run = _write_run(Run(run_dir), zip_path, display, base, adapter_cfg, meta, base_fp, warnings, skipped)
+            _commit_imported(run, meta, zip_path)
             final = _claim(registry.root, slug(run.name, 40, fallback="adapter"), run_dir)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -241,7 +245,12 @@ def _adapter_config(zf: zipfile.ZipFile, root: str, label: str) -> dict[str, Any
 def _metadata(zf: zipfile.ZipFile, root: str) -> dict[str, Any]:
     """The optional run files an exported zip carries; anything unreadable is ignored."""
     meta: dict[str, Any] = {}
-    for key, fname in (("fingerprint", "fingerprint.json"), ("run", "run.json"), ("evaluation", "evaluation.json")):
+    for key, fname in (
+        ("fingerprint", "fingerprint.json"),
+        ("run", "run.json"),
+        ("evaluation", "evaluation.json"),
+        ("lineage", "lineage.json"),
+    ):
         try:
             value = json.loads(read_member(zf, root + fname, META_MAX) or b"null")
         except ValueError:
@@ -473,6 +482,34 @@ def _write_run(
         **fields,
     )
     return run
+
+
+def _commit_imported(run: Run, meta: dict[str, Any], zip_path: Path) -> None:
+    """The imported adapter is the run's v1, with what the zip knows of where it came from: its
+    source run and version, and that version's lineage (base, data, settings, scores)."""
+    src, lineage = meta.get("run") or {}, meta.get("lineage") or {}
+    known: dict[str, Any] = {}
+    for key in ("data", "config"):  # read from an upload: plain JSON objects only, shown as text
+        if isinstance(lineage.get(key), dict):
+            known[key] = json.loads(json.dumps(lineage[key], default=str))
+    for key in ("device", "precision"):
+        if isinstance(lineage.get(key), str):
+            known[key] = _printable(lineage[key])[:40]
+    if isinstance(lineage.get("train_seconds"), (int, float)) and not isinstance(lineage["train_seconds"], bool):
+        known["train_seconds"] = float(lineage["train_seconds"])
+    if isinstance(lineage.get("scores"), list):  # the source's scores: not this version's own
+        known["source_scores"] = [s for s in lineage["scores"] if isinstance(s, dict)][: versions.SCORES_KEPT]
+    run.commit_version(
+        1,
+        "imported",
+        source={
+            "zip": zip_path.name,
+            "run": str(src.get("run_id", ""))[:120] or None,
+            "version": lineage.get("version") if isinstance(lineage.get("version"), int) else src.get("version"),
+            "parent": lineage.get("parent") if isinstance(lineage.get("parent"), int) else None,
+        },
+        **known,
+    )
 
 
 def _clean_evaluation(ev: Any) -> dict[str, Any] | None:

@@ -6,6 +6,7 @@ Adapter zip ``<run id>-v<version>-adapter.zip`` (``-model.zip`` for full fine-tu
     tokenizer files, chat template                   as used in training
     config.yaml, metrics.csv, loss_curve.svg         how it was trained and how the loss fell
     fingerprint.json, run.json, evaluation.json      the base it needs and its scores (read on import)
+    lineage.json                                     the version: its base, data, config, scores, parent
     README.md                                        the model card
 
 Merged zip ``<run id>-v<version>-merged.zip``: config.json, model.safetensors, generation config,
@@ -31,11 +32,14 @@ from typing import Callable
 from studio.evaluation import stored
 from studio.export.model_card import LOSS_CURVE, loss_curve_svg, model_card
 from studio.models import base_id
+from studio.runs import versions
 from studio.runs.records import EvalRecord, TrainRecord
 from studio.runs.registry import Run
 
 # Files of a run that travel in every zip and that the importer reads back.
 RUN_JSON = "run.json"
+LINEAGE = "lineage.json"  # versions.public: no local paths
+VERSION_FILES = (versions.RECORD, versions.SCORES, "fingerprint.json")
 # status.json fields worth carrying to another studio (the importer reads only these).
 CARRIED_STATUS = (
     "name",
@@ -124,15 +128,19 @@ def export_zip(run: Run, out: str | Path | None = None) -> Path:
 
     def fill(zf: zipfile.ZipFile) -> None:
         for f in sorted(weights.iterdir()):
-            # PEFT writes a stub README.md; ours (the model card) replaces it.
-            if not f.is_file() or f.name.startswith(".") or f.name == "README.md":
+            # PEFT writes a stub README.md; ours (the model card) replaces it. The version's own
+            # records are written below without this machine's paths.
+            if not f.is_file() or f.name.startswith(".") or f.name in ("README.md", *VERSION_FILES):
                 continue
             if f.name == "adapter_config.json":
                 zf.writestr(f.name, _portable_adapter_config(f, cfg.model))
             else:
                 _add_file(zf, f, f.name)
-        if (run.path / "fingerprint.json").is_file():
-            zf.write(run.path / "fingerprint.json", "fingerprint.json")
+        for fp in (weights / "fingerprint.json", run.path / "fingerprint.json"):  # the version's, else the run's
+            if fp.is_file():
+                zf.write(fp, "fingerprint.json")
+                break
+        zf.writestr(LINEAGE, json.dumps(versions.public(run.get_version(run.version)), indent=2))
         evaluation = run.evaluation()
         if evaluation is not None:
             zf.writestr("evaluation.json", json.dumps(evaluation, indent=2))

@@ -33,13 +33,13 @@ from studio.planning import hardware, precision
 from studio.runs import files, fingerprint
 from studio.runs.registry import Run
 
-CHECKPOINT_SEP = "@"  # "run-id@step-40" names a run's intermediate checkpoint
+CHECKPOINT_SEP = "@"  # "run-id@step-40" names a run's checkpoint, "run-id@v2" one of its versions
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch's adapter_names
 ADAPTER_FILES = ("*.safetensors", "adapter_config.json")  # what an adapter is on disk: a change reloads it
 
 
 def split_ref(ref: str) -> tuple[str, str | None]:
-    """ "run@step-40" -> ("run", "step-40"); "run" -> ("run", None)."""
+    """ "run@step-40" -> ("run", "step-40"); "run@v2" -> ("run", "v2"); "run" -> ("run", None)."""
     run_id, _, ckpt = ref.partition(CHECKPOINT_SEP)
     return run_id, ckpt or None
 
@@ -147,17 +147,9 @@ class Playground:
 
     @staticmethod
     def weights_for(run: Run, checkpoint: str | None = None) -> Path:
-        """The weights folder for a run (its final save) or one of its checkpoints."""
-        if checkpoint is None:
-            weights = run.weights_dir()
-            if weights is None:
-                raise ValueError(f"Run {run.id} has no saved adapter yet; train it first.")
-            return weights
-        match = [c for c in run.checkpoints() if c.name == checkpoint]
-        if not match:
-            have = ", ".join(c.name for c in run.checkpoints()) or "none"
-            raise ValueError(f"Run {run.id} has no checkpoint {checkpoint!r} (it has: {have}).")
-        return match[0]
+        """The weights folder for a run's latest version, one of its versions (``vN``) or one of
+        its checkpoints (``step-N``). Raises ValueError naming what the run has."""
+        return run.weights_at(checkpoint)
 
     def activate(self, run: Run, checkpoint: str | None = None) -> list[str]:
         """Make a trained run (or one of its checkpoints) the adapted side, loading its base only
@@ -190,7 +182,7 @@ class Playground:
 
     def _check(self, run: Run, weights: Path) -> list[str]:
         """The fingerprint check before a load: raises ValueError (another base), else warnings."""
-        trained_on = run.fingerprint() or fingerprint.read(weights)
+        trained_on = fingerprint.read(weights) or run.fingerprint()  # a version keeps the base it trained on
         errors, warnings = fingerprint.compare(trained_on, self.base_fingerprint, run.path) if trained_on else ([], [])
         if errors:
             raise ValueError(errors[0])

@@ -6,8 +6,10 @@ runs/<id>/
     metrics.jsonl    one JSON object per line: train, eval and event records (studio/runs/records.py)
     fingerprint.json the base model's fingerprint at training time (studio/runs/fingerprint.py)
     evaluation.json  base vs adapter on the held-out rows: loss, perplexity, sample answers
-    adapter/         the PEFT adapter (LoRA/QLoRA) once saved
-    model/           the full model (full fine-tuning) once saved
+    versions/vN/     every final save, kept and never written again (studio/runs/versions.py): the
+                     PEFT adapter (LoRA/QLoRA) or the whole model (full fine-tuning), its tokenizer,
+                     fingerprint.json and version.json (the lineage); runs from before versions
+                     keep their one adapter/ or model/, which reads as v1
     checkpoints/     resumable saves (step-N/: weights + trainer_state.pt), the latest few kept
     final_state/     a finished run's trainer_state.pt (no weights: those are adapter/ or model/),
                      what continuing it to a new total (`resume --max-steps N`) needs
@@ -16,9 +18,8 @@ runs/<id>/
 Status files are written atomically (temp file + rename) so a crash never leaves half a file.
 
 A run's id (its folder name) never changes; ``status.json`` carries what a person may change or
-what identifies a result: ``name`` (a display name, renamable), ``version`` (incremented each
-time the run saves a finished adapter, e.g. after a resume or a continuation; each overwrites
-adapter/), ``data_sha256``, the eval scores.
+what identifies a result: ``name`` (a display name, renamable), ``version`` (the latest kept
+version's number), ``data_sha256``, the eval scores.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from studio.runs import fingerprint
 from studio.config import RunConfig
+from studio.runs import files, fingerprint, versions
 from studio.runs.files import atomic_write_text, read_json
 from studio.formatting import slug
 from studio.runs.records import STATES, EvalRecord, Record, RunStatus, TrainRecord, parse_record
@@ -53,6 +54,13 @@ class Run:
 
     path: Path
     writable: bool = True
+    pinned: int | None = None  # a view of one kept version (at_version): its weights and number
+
+    def at_version(self, number: int) -> Run:
+        """This run seen as its version ``number`` (export, the model card): raises ValueError
+        naming the versions it has."""
+        self.get_version(number)
+        return Run(self.path, writable=False, pinned=number)
 
     @property
     def id(self) -> str:
@@ -61,14 +69,6 @@ class Run:
     @property
     def config_path(self) -> Path:
         return self.path / "config.yaml"
-
-    @property
-    def adapter_dir(self) -> Path:
-        return self.path / "adapter"
-
-    @property
-    def model_dir(self) -> Path:
-        return self.path / "model"
 
     @property
     def final_state_dir(self) -> Path:
@@ -92,8 +92,112 @@ class Run:
 
     @property
     def version(self) -> int:
-        """How many times this run has saved a finished adapter (0 before the first)."""
-        return int(self.status().version or 0)
+        """The latest kept version's number (0 before the first save); a pinned view's own."""
+        if self.pinned is not None:
+            return self.pinned
+        kept = self.versions()
+        return kept[-1].number if kept else 0
+
+    def versions(self) -> list[versions.Version]:
+        """Every kept version, oldest first (a run from before versions: its one save as v1)."""
+        kept = versions.listing(self.path)
+        if kept and kept[0].legacy:  # what the run's own files still say about it
+            kept[0] = versions.Version(1, kept[0].path, self._legacy_record(), legacy=True)
+        return kept
+
+    def get_version(self, number: int) -> versions.Version:
+        """Version ``number``; raises ValueError with the versions it has."""
+        match = [v for v in self.versions() if v.number == number]
+        if not match:
+            have = ", ".join(v.label for v in self.versions()) or "none yet"
+            raise ValueError(f"Run {self.id} has no version v{number} (it has: {have}).")
+        return match[0]
+
+    def weights_at(self, point: str | None = None) -> Path:
+        """The weights a ref names: the latest version (``point`` None), a version (``vN``) or a
+        checkpoint (``step-N``). Raises ValueError with what the run has."""
+        if point is None:
+            weights = self.weights_dir()
+            if weights is None:
+                raise ValueError(f"Run {self.id} has no saved weights yet; train it first.")
+            return weights
+        number = versions.number_of(point)
+        if number is not None:
+            return self.get_version(number).path
+        match = [c for c in self.checkpoints() if c.name == point]
+        if not match:
+            have = ", ".join(c.name for c in self.checkpoints()) or "none"
+            raise ValueError(
+                f"Run {self.id} has no checkpoint or version {point!r} (checkpoints: {have}; "
+                f"versions: {', '.join(v.label for v in self.versions()) or 'none'})."
+            )
+        return match[0]
+
+    def next_version_dir(self) -> tuple[int, Path]:
+        """The number and folder the next final save goes to."""
+        number = versions.next_number(self.path)
+        return number, versions.folder_for(self.path, number)
+
+    def commit_version(self, number: int, kind: str, **lineage: Any) -> versions.Version | None:
+        """Make the weights just saved as ``number`` a kept version, with its lineage: the base
+        (id and fingerprint), the data (file, sha256, rows), the config, device, precision, step,
+        scores and the version it grew from. ``kind``: trained, stopped, continued, imported."""
+        if not self.writable:
+            return None
+        kept, fp = self.versions(), self.fingerprint()
+        folder = versions.folder_for(self.path, number)
+        if fp is not None:
+            fingerprint.write(folder, fp)
+        record = versions.lineage(self.status(), self.config(), fp) | {
+            "kind": kind,
+            "parent": kept[-1].number if kept else None,
+            "weights_sha256": files.weights_sha256(folder),
+        }
+        record |= lineage
+        return versions.commit(self.path, number, record)
+
+    def _legacy_record(self) -> dict[str, Any]:
+        """The lineage a run from before versions can still tell from its own files."""
+        status = self.status()
+        try:
+            config = self.config()
+        except (ValueError, OSError):
+            config = None
+        record = versions.lineage(status, config, self.fingerprint(), at=status.finished_at)
+        return record | {"kind": "imported" if status.imported else "trained", "created_at": status.finished_at}
+
+    def delete_version(self, number: int, deployed_as: list[str] = ()) -> versions.Version:
+        """Delete one kept version. Raises ValueError (with the reason) for the latest (it is what
+        the run's id means; delete the run instead) or one a deployment points at (``deployed_as``:
+        the names that do, from studio/runs/deployments.py)."""
+        version = self.get_version(number)
+        kept = self.versions()
+        if version.number == kept[-1].number:
+            raise ValueError(
+                f"{self.id}@{version.label} is the run's latest version (what `{self.id}` serves); "
+                "delete an older one, or delete the run."
+            )
+        if deployed_as:
+            raise ValueError(
+                f"{self.id}@{version.label} is deployed as {', '.join(deployed_as)}; point "
+                f"{'it' if len(deployed_as) == 1 else 'them'} at another version first "
+                "(finetune-studio deploy set NAME RUN@vN)."
+            )
+        if self.status().active and _pid_alive(self.status().pid, self.status().pid_started):
+            raise ValueError(f"Run {self.id} is training; delete versions once it has stopped.")
+        versions.remove(self.path, version)
+        return version
+
+    def prune_versions(self, keep: int, held: set[int] = frozenset()) -> list[int]:
+        """Delete the oldest versions beyond the latest ``keep``, never one in ``held`` (a
+        deployment points at it: kept over the count). Returns the numbers deleted."""
+        kept = self.versions()
+        gone = []
+        for v in kept[: max(len(kept) - keep, 0)]:
+            if v.number not in held:
+                versions.remove(self.path, v)
+                gone.append(v.number)
+        return gone
 
     def rename(self, name: str) -> str:
         """Give the run a display name (its id and folder stay). Raises ValueError with the fix."""
@@ -160,11 +264,12 @@ class Run:
         return [m for m in self.metrics() if isinstance(m, EvalRecord)]
 
     def weights_dir(self) -> Path | None:
-        """The finished artifact: adapter/ for LoRA/QLoRA, model/ for full fine-tuning."""
-        for d in (self.adapter_dir, self.model_dir):
-            if (d / "adapter_config.json").exists() or (d / "config.json").exists():
-                return d
-        return None
+        """The latest version's folder: an adapter for LoRA/QLoRA, a whole model for full
+        fine-tuning; None before the first save. A pinned view: its version's folder."""
+        kept = versions.listing(self.path)
+        if self.pinned is not None:
+            kept = [v for v in kept if v.number == self.pinned]
+        return kept[-1].path if kept else None
 
     def is_training(self) -> bool:
         """Running or stopping, in a process that is alive (this one or another)."""
@@ -389,6 +494,21 @@ class RunRegistry:
                 return Run(c)
         known = ", ".join(r.id for r in self.list()[:5]) or "none yet"
         raise LookupError(f"No run called {ref!r} in {self.root}; recent runs: {known}.")
+
+    def version_view(self, ref: str | Path) -> Run:
+        """``RUN`` (its latest version) or ``RUN@vN`` (that version, pinned) for what exports a
+        version. Raises LookupError (no such run) or ValueError (a checkpoint, or no such version)."""
+        run_id, _, point = str(ref).partition("@")
+        run = self.get(run_id)
+        if not point:
+            return run
+        number = versions.number_of(point)
+        if number is None:
+            raise ValueError(
+                f"{ref!r} is a checkpoint; exports are made of kept versions ({run.id}@vN, "
+                f"`finetune-studio versions {run.id}` lists them), or of the run's latest."
+            )
+        return run.at_version(number)
 
     def mark_orphans_interrupted(self) -> None:
         """Runs left active by a process that is gone can never finish: say so on start-up."""

@@ -1,6 +1,10 @@
-"""What the endpoint can serve: the base model, and every finished LoRA/QLoRA run on that base
-(its final adapter and its checkpoints), each with how its base must be loaded and its identity
-(version, weights hash) for the request log."""
+"""What the endpoint can serve: the base model, every deployment (a name pointing at an adapter
+version, studio/runs/deployments.py), and every finished LoRA/QLoRA run on that base (its latest
+version, its kept versions ``RUN@vN`` and its checkpoints ``RUN@step-N``), each with how its base
+must be loaded and its identity (version, weights hash) for the request log.
+
+A run's id and a deployment name are resolved to an exact version when a request arrives, so a
+request decodes on the version it started with while the next one gets a promotion or a new save."""
 
 from __future__ import annotations
 
@@ -13,8 +17,9 @@ from studio import models
 from studio.inference.playground import BASE_ADAPTER, BaseLoad, Playground, base_load_for, split_ref
 from studio.planning import precision
 from studio.planning.hardware import Hardware
-from studio.runs import files
-from studio.runs.registry import Run, RunRegistry, checkpoint_step
+from studio.runs import files, versions
+from studio.runs.deployments import Deployments
+from studio.runs.registry import Run, RunRegistry
 
 ADAPTER_METHODS = ("lora", "qlora")
 
@@ -23,13 +28,20 @@ ADAPTER_METHODS = ("lora", "qlora")
 class Served:
     """One model id the endpoint answers to."""
 
-    id: str  # the base's model reference, a run id, or "<run id>@step-N"
+    id: str  # what the request named: the base, a deployment, a run id, "<run id>@vN" or "@step-N"
     load: BaseLoad  # the base it runs on; rows with the same load share a batch
     created: int  # unix seconds
     run: Run | None = None  # None for the base
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # the exact weights: "vN" (a version) or "step-N" (a checkpoint)
     version: int = 0
     weights: Path | None = None
+    deployment: str | None = None  # the deployment name the request used, if any
+    kept: versions.Version | None = None  # the version it is (its lineage, for GET /v1/models/{id})
+
+    @property
+    def exact(self) -> str:
+        """The run and the weights it is: ``RUN@v3`` or ``RUN@step-40``."""
+        return self.id if self.run is None else f"{self.run.id}@{self.checkpoint}"
 
     @property
     def is_base(self) -> bool:
@@ -42,6 +54,7 @@ class Catalog:
 
     def __init__(self, registry: RunRegistry, hw: Hardware, base: str = models.DEFAULT_MODEL):
         self.registry = registry
+        self.deployments = Deployments(registry)
         self.base = base
         self.device = hw.device
         # The base alone runs as a LoRA run trained here would have loaded it: same batch.
@@ -51,8 +64,14 @@ class Catalog:
         self._lock = threading.Lock()
 
     def models(self) -> list[Served]:
-        """The base, then each servable run (newest first) followed by its checkpoints."""
+        """The base, the deployments, then each servable run (newest first) followed by its
+        kept versions and checkpoints."""
         out = [Served(self.base, self.base_load, 0)]
+        for d in self.deployments.list():
+            try:
+                out.append(self.get(d.name))
+            except (LookupError, ValueError):  # pointing at what is gone or not servable here
+                continue
         for run in self.registry.trained():
             try:
                 out += self._run_entries(run)
@@ -60,22 +79,37 @@ class Catalog:
                 continue
         return out
 
-    def _run_entries(self, run: Run) -> list[Served]:
+    def _load_of(self, run: Run) -> BaseLoad | None:
         cfg = run.config()
         if cfg.model != self.base or cfg.method not in ADAPTER_METHODS:
+            return None
+        method, run_precision = base_load_for(cfg.method, precision.of_status(run.status()), self.device)
+        return BaseLoad(cfg.model, method, run_precision, cfg.trust_remote_code)
+
+    def _run_entries(self, run: Run) -> list[Served]:
+        load = self._load_of(run)
+        if load is None:
             return []
-        status = run.status()
-        method, run_precision = base_load_for(cfg.method, precision.of_status(status), self.device)
-        load = BaseLoad(cfg.model, method, run_precision, cfg.trust_remote_code)
-        created = int(status.finished_at or status.created_at)
-        out = [Served(run.id, load, created, run, None, status.version, run.weights_dir())]
+        kept = run.versions()
+        if not kept:
+            return []
+        latest = kept[-1]
+        out = [self._version_entry(run.id, run, load, latest)]
+        for v in reversed(kept):
+            out.append(self._version_entry(f"{run.id}@{v.label}", run, load, v))
+        created = int(run.status().finished_at or run.status().created_at)
         for ckpt in reversed(run.checkpoints()):
-            ref = f"{run.id}@{ckpt.name}"
-            out.append(Served(ref, load, created, run, ckpt.name, status.version, ckpt))
+            out.append(Served(f"{run.id}@{ckpt.name}", load, created, run, ckpt.name, latest.number, ckpt))
         return out
 
+    @staticmethod
+    def _version_entry(model_id: str, run: Run, load: BaseLoad, v: versions.Version) -> Served:
+        created = int(v.record.get("created_at") or run.status().finished_at or run.status().created_at)
+        return Served(model_id, load, created, run, v.label, v.number, v.path, kept=v)
+
     def get(self, model_id: str) -> Served:
-        """The served entry for a request's ``model``.
+        """The served entry for a request's ``model``: the base, a deployment, a run (its latest
+        version), ``RUN@vN`` or ``RUN@step-N``, resolved to exact weights now.
 
         Raises:
             LookupError: no such model here (the message lists what is).
@@ -83,31 +117,45 @@ class Catalog:
         """
         if model_id == self.base:
             return Served(self.base, self.base_load, 0)
-        run_id, checkpoint = split_ref(model_id)
+        deployment = self.deployments.get(model_id)
+        if deployment is not None:
+            served = self._get(deployment.ref, f"Deployment {model_id!r} points at {deployment.ref}, which")
+            served.id, served.deployment = model_id, model_id
+            return served
+        return self._get(model_id)
+
+    def _get(self, model_id: str, who: str | None = None) -> Served:
+        run_id, point = split_ref(model_id)
         try:
             run = self.registry.get(run_id)
         except LookupError:
+            if who:
+                raise LookupError(f"{who} does not exist here any more; point it at another version.") from None
             raise LookupError(
                 f"The model {model_id!r} does not exist here. GET /v1/models lists the base "
-                f"({self.base!r}) and every finished adapter."
+                f"({self.base!r}), the deployments and every finished adapter."
             ) from None
-        if not run.is_trained():
-            raise LookupError(f"Run {run.id} has no finished adapter yet (it is {run.status().state}).")
+        who = who or f"Run {run.id}"
+        if not run.versions():
+            raise LookupError(f"{who} has no finished adapter yet (it is {run.status().state}).")
         cfg = run.config()
         if cfg.method not in ADAPTER_METHODS:
             raise ValueError(
-                f"Run {run.id} is a full fine-tune: a whole model, not an adapter on {self.base!r}. "
+                f"{who} is a full fine-tune: a whole model, not an adapter on {self.base!r}. "
                 "Export it (merged) and serve it on its own."
             )
         if cfg.model != self.base:
             raise ValueError(
-                f"Run {run.id} was trained on {cfg.model!r}, and this endpoint serves adapters on "
+                f"{who} was trained on {cfg.model!r}, and this endpoint serves adapters on "
                 f"{self.base!r}; start `finetune-studio serve --model {cfg.model}` for it."
             )
-        match = [m for m in self._run_entries(run) if m.id == (model_id if checkpoint else run.id)]
+        match = [m for m in self._run_entries(run) if m.id == model_id]
         if not match:
-            have = ", ".join(f"step-{checkpoint_step(c)}" for c in run.checkpoints()) or "none"
-            raise LookupError(f"Run {run.id} has no checkpoint {checkpoint!r} (it has: {have}).")
+            try:
+                run.weights_at(point)  # its sentence names what the run has
+            except ValueError as exc:
+                raise LookupError(str(exc)) from None
+            raise LookupError(f"{model_id!r} cannot be served here.")
         return match[0]
 
     def resolve(self, model_id: str) -> tuple[BaseLoad, Callable[[Playground], str]]:
@@ -115,6 +163,7 @@ class Catalog:
         if model_id is None or model_id == self.base:
             return self.base_load, lambda pg: BASE_ADAPTER
         served = self.get(model_id)
+        # The exact version, not "the latest": a request decodes on what it resolved to.
         return served.load, lambda pg: pg.serve_adapter(served.run, served.checkpoint)
 
     def _config(self, served: Served):

@@ -27,6 +27,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from studio.models import ModelError
+from studio.runs import versions
 from studio.serving import checks
 from studio.serving.catalog import Catalog, Served
 from studio.serving.checks import ApiError, Scoring, authorize
@@ -66,7 +67,7 @@ def create_router(ctx: ServingContext) -> APIRouter:
     async def get_model(model_id: str, request: Request):
         try:
             authorize(ctx.api_key, request)
-            return _model_card(ctx, checks.served(ctx.catalog, model_id))
+            return _model_card(ctx, checks.served(ctx.catalog, model_id), lineage=True)
         except ApiError as exc:
             return exc.response()
 
@@ -90,8 +91,8 @@ def create_router(ctx: ServingContext) -> APIRouter:
     return router
 
 
-def _model_card(ctx: ServingContext, m: Served) -> dict:
-    return {
+def _model_card(ctx: ServingContext, m: Served, lineage: bool = False) -> dict:
+    card = {
         "id": m.id,
         "object": "model",
         "created": m.created,
@@ -99,6 +100,13 @@ def _model_card(ctx: ServingContext, m: Served) -> dict:
         "root": m.id if m.is_base else m.run.id,
         "parent": None if m.is_base else ctx.catalog.base,  # vLLM's convention for adapters
     }
+    if not m.is_base:  # which exact weights the id means now (a deployment, or a run's latest)
+        card["served"] = m.exact
+        if m.deployment:
+            card["deployment"] = m.deployment
+    if lineage and m.kept is not None:  # GET /v1/models/{id}: what the version is and where it came from
+        card["metadata"] = versions.public(m.kept)
+    return card
 
 
 def _tokenizer(ctx: ServingContext, served: Served):
@@ -263,7 +271,7 @@ def _record(ctx: ServingContext, served: Served, job: Job, error: str | None) ->
     # The weights the engine decoded with (a run that re-saves mid-request is logged as what
     # answered); the files on disk only for a request that failed before its adapter loaded.
     weights = job.weights_sha256 or ctx.catalog.weights_hash(served)
-    ctx.stats.record(served.id, served.version, weights, job, error)
+    ctx.stats.record(served.id, served.exact, weights, job, error)
 
 
 @dataclass

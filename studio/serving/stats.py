@@ -29,8 +29,10 @@ class Stats:
         self._by_model: dict[str, AdapterStats] = {}
         self._lock = threading.Lock()
 
-    def record(self, model: str, version: int, weights_hash: str | None, r: Request, error: str | None = None) -> None:
-        """Count a finished request and write its log line."""
+    def record(self, model: str, served: str, weights_hash: str | None, r: Request, error: str | None = None) -> None:
+        """Count a finished request and write its log line: the ``model`` it asked for (a
+        deployment, a run id...) -> the exact weights that answered (``served``: RUN@vN or
+        RUN@step-N) and their sha256."""
         with self._lock:
             s = self._by_model.setdefault(model, AdapterStats())
             s.requests += 1
@@ -45,11 +47,11 @@ class Stats:
                 s.seconds += r.finished_at - r.submitted_at
         ttft = f"{r.ttft_s * 1000:.0f}ms" if r.ttft_s is not None else "-"
         log.info(
-            "request=%s model=%s version=%s weights=%s batch=%s batch_models=%s queue=%.0fms ttft=%s "
+            "request=%s model=%s -> %s weights=%s batch=%s batch_models=%s queue=%.0fms ttft=%s "
             "tokens_in=%d tokens_out=%d finish=%s%s",
             r.id,
             model,
-            version,
+            served,
             weights_hash or "-",
             r.batch_id,
             ",".join(sorted(set(r.batch_refs))) or "-",

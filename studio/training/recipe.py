@@ -8,7 +8,8 @@
         _resume         a resumed run continues from its last checkpoint; a finished one continued
                         to a new total, from its final state on a schedule of its own (schedule.py)
         _train          the loop, until the final step, Stop or early stopping
-        _finish         the final eval, the save (with the trainer state), status "finished"
+        _finish         the final eval, the save as the next version vN (with the trainer state),
+                        the keep-last-N policy, status "finished"
         _fail           any failure: the traceback to train.log, a sentence and a retry to the status
                         (a second Ctrl-C: status "interrupted", resumable from the last checkpoint)
 
@@ -28,10 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from studio.config import RunConfig
-from studio.runs import fingerprint
+from studio.runs import fingerprint, versions
+from studio.runs.deployments import Deployments
 from studio.runs.files import atomic_write_text
 from studio.runs.records import Event, RunStatus
-from studio.runs.registry import Run, process_started_at
+from studio.runs.registry import Run, RunRegistry, process_started_at
 from studio.training.failures import failure_message, is_out_of_memory, retry_for
 from studio.training.memory_check import check_memory
 from studio.training.trainer import EarlyStopped, MetricsSink, Trainer, TrainingStopped
@@ -198,15 +200,23 @@ def _finish(trainer: Trainer, outcome: _Outcome) -> RunStatus:
         trainer.after_first_step, pending = None, trainer.after_first_step
         pending()
     eval_loss = trainer.evaluate()
-    trainer.save()
+    number, folder = run.next_version_dir()
+    trainer.save(folder)  # a new version's weights: the ones before it stay as they were
     if not outcome.stopped:  # what continuing it needs: the optimizer and schedule position, not the weights again
         trainer.save(run.final_state_dir, with_state=True, weights=False)
     train = run.train_metrics()
+    final_loss = train[-1].loss if train else None
+    if trainer.dist.main:
+        run.set_status(run.status().state, step=trainer.step)  # the version's lineage reads the final step
+        kind = "stopped" if outcome.stopped else "continued" if trainer.continued_from is not None else "trained"
+        run.commit_version(number, kind, final_loss=final_loss, eval_loss=eval_loss)
+        _prune_versions(run, trainer.config)
+    saved = f"saved as v{number}"
     done = (
-        f"Stopped at step {trainer.step} of {trainer.total_steps}; the adapter and a checkpoint "
-        "were saved (Resume continues from here)."
+        f"Stopped at step {trainer.step} of {trainer.total_steps}; {saved}, with a checkpoint "
+        "(Resume continues from here)."
         if outcome.stopped
-        else outcome.early or f"Finished {trainer.step} steps."
+        else f"{outcome.early or f'Finished {trainer.step} steps.'} {saved[0].upper()}{saved[1:]}."
     )
     return run.set_status(
         "finished",
@@ -215,13 +225,23 @@ def _finish(trainer: Trainer, outcome: _Outcome) -> RunStatus:
         step=trainer.step,
         stopped=outcome.stopped,
         early_stopped=outcome.early is not None,
-        version=run.version + 1,
-        final_loss=train[-1].loss if train else None,
+        version=number,
+        final_loss=final_loss,
         eval_loss=eval_loss,
         message=done,
         compiled_layers=trainer.compiled_layers,
         compile_note=trainer.compile_note,
     )
+
+
+def _prune_versions(run: Run, config: RunConfig) -> None:
+    """The keep-last-N policy (``training.keep_versions``); a deployed version is always kept."""
+    keep = config.training.keep_versions or versions.default_keep(config.method)
+    held = Deployments(RunRegistry(run.path.parent)).held_versions(run.id)
+    gone = run.prune_versions(keep, held)
+    if gone:
+        with run.log_path.open("a", encoding="utf-8") as f:
+            f.write(f"Deleted versions {', '.join(f'v{n}' for n in gone)} (keeping the latest {keep}).\n")
 
 
 def _fail(trainer: Trainer, exc: BaseException) -> RunStatus:

@@ -46,15 +46,30 @@ def run_label(run: Run) -> str:
 
 
 def run_choices(studio: Studio) -> list[tuple[str, str]]:
-    """(label, run id) for every finished run: what Export lists."""
-    return [(run_label(r), r.id) for r in studio.trained_runs()]
+    """(label, ref) for every finished run (its latest version), then its older kept versions:
+    what Export lists."""
+    out = []
+    for run in studio.trained_runs():
+        out.append((run_label(run), run.id))
+        out += older_versions(run)
+    return out
+
+
+def older_versions(run: Run) -> list[tuple[str, str]]:
+    """(label, ``RUN@vN``) for each kept version before the latest (the run's id means the latest)."""
+    out = []
+    for v in reversed(run.versions()[:-1]):
+        what = f"step {v.record.get('step', '?')}, {v.record.get('kind') or 'trained'}"
+        out.append((f"    {run.id} · {v.label} ({what})", f"{run.id}@{v.label}"))
+    return out
 
 
 def chat_choices(studio: Studio) -> list[tuple[str, str]]:
-    """(label, ref) for Chat: every trained run, then its intermediate checkpoints."""
+    """(label, ref) for Chat: every trained run, its older versions, then its checkpoints."""
     out = []
     for run, checkpoints in studio.chat_runs():
         out.append((run_label(run), run.id))
+        out += older_versions(run)
         out += [
             (f"    {run.id} · checkpoint at step {checkpoint_step(c)}", f"{run.id}{CHECKPOINT_SEP}{c.name}")
             for c in checkpoints
