@@ -8,7 +8,7 @@ import importlib.resources
 import gradio as gr
 
 from studio.service import Studio
-from studio.ui import chat_tab, eval_tab, export_tab
+from studio.ui import chat_tab, eval_tab, export_tab, registry_tab
 from studio.ui.data_tab import build_data_tab, wire_data_tab
 from studio.ui.train_tab import PLAN_EVENT, build_train_tab
 
@@ -32,6 +32,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                 evaluation = eval_tab.build_eval_tab(studio)
             with gr.Tab("Export", elem_id="tab-export") as export_page:
                 export = export_tab.build_export_tab(studio)
+            with gr.Tab("Registry", elem_id="tab-registry") as registry_page:
+                registry = registry_tab.build_registry_tab(studio)
         # Validation counts tokens with the Train tab's model and max length: wired once both exist.
         wire_data_tab(studio, data, train.model, train.max_length)
         # Runs finish while the page is open: refresh the run lists whenever their tab opens.
@@ -40,6 +42,18 @@ def build_app(studio: Studio) -> gr.Blocks:
             functools.partial(eval_tab.refreshed_choices, studio), outputs=[evaluation.run, evaluation.against]
         )
         export_page.select(functools.partial(export_tab.refreshed_choices, studio), outputs=export.run)
+        registry_page.select(
+            functools.partial(registry_tab.refreshed, studio, registry),
+            inputs={registry.name, registry.run},
+            outputs=[
+                registry.deployments,
+                registry.history,
+                registry.version,
+                registry.run,
+                registry.versions,
+                registry.status,
+            ],
+        )
         demo.load(train.show_plan, inputs=train.plan_inputs, outputs=train.plan_outputs, **PLAN_EVENT)
     return demo
 
