@@ -75,15 +75,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(studio):
+def serve(studio, **api):
     """Launch the app for ``studio`` on a free local port, after the server's own preload
-    (studio/ui/server.py); returns (url, demo)."""
+    (studio/ui/server.py); returns (url, demo). ``api``: serving_context's options (``model``:
+    the base /v1 serves)."""
     from studio.inference.warmup import preload
     from studio.serving.server import serving_context
     from studio.ui.app import build_app, launch_kwargs
 
     preload()
-    serving_context(studio)  # the page's server also serves the API, as `finetune-studio ui` does
+    serving_context(studio, **api)  # the page's server also serves the API, as `finetune-studio ui` does
     demo = build_app(studio)
     port = free_port()
     demo.queue().launch(

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import gradio as gr
 import pandas as pd
 
-from studio.formatting import format_bytes, markdown_cell
+from studio.formatting import format_bytes
 from studio.runs.deployments import DeploymentError, another_base
 from studio.service import Studio
 from studio.ui.views import ANOTHER_BASE
@@ -161,7 +161,7 @@ def versions_frame(studio: Studio, run_id: str | None) -> pd.DataFrame:
             round(r["eval_loss"], 4) if isinstance(r["eval_loss"], (int, float)) else None,
             (r["scores"] or [""])[0],
             ", ".join(r["deployed_as"]),
-            markdown_cell("; ".join(f"{k} {a} -> {b}" for k, a, b in r["changed"])),
+            "; ".join(f"{k} {a} → {b}" for k, a, b in r["changed"]),
             r["data_sha256"] or "",
             r["weights_sha256"] or "",
             ANOTHER_BASE if r["another_base"] else "",
