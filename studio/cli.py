@@ -175,7 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
         "win/tie/loss per row. The result is stored under the run folder (evaluations/). Exit code 0: done; "
         "1: --fail-if-worse and the adapter is worse beyond chance; 2: a problem (named in a sentence).",
     )
-    ev.add_argument("run", help="Run id (folder name under the runs folder), run folder path, or id@step-N.")
+    ev.add_argument(
+        "run", help="Run id (its latest version), RUN@vN (a kept version), RUN@step-N (a checkpoint) or a run folder."
+    )
+    ev.add_argument(
+        "--on-changed-base",
+        action="store_true",
+        help="Re-evaluate a version whose base model's weights changed since it trained, on the base there is "
+        "now, with the settings of its last evaluation (chat and serving refuse such a version).",
+    )
     ev.add_argument("--runs-dir")
     ev.add_argument(
         "--against",
@@ -570,17 +578,34 @@ def _eval(args) -> int:
         "schema": schema,
         "max_new_tokens": args.max_new_tokens,
     }
+    if args.on_changed_base:
+        given = [f"--{k.replace('_', '-')}" for k, v in options.items() if v not in (None, "", [])]
+        given += [
+            f
+            for f, v in (("--against", args.against), ("--checkpoints", args.checkpoints), ("--judge-url", judge))
+            if v
+        ]
+        if given:
+            print(
+                "--on-changed-base repeats the version's last evaluation with its own settings; it does not take "
+                f"{', '.join(given)}.",
+                file=sys.stderr,
+            )
+            return 2
     if args.checkpoints:
         return _eval_checkpoints(args, Studio(runs_dir), options, progress, judge)
     try:
-        result = Studio(runs_dir).evaluate_task(
-            args.run,
-            against=args.against,
-            progress=progress,
-            judge=judge,
-            regression_prompts=args.regression_prompts,
-            **options,
-        )
+        if args.on_changed_base:  # the version's last evaluation again, on the base there is now
+            result = Studio(runs_dir).reevaluate(args.run, progress=progress)
+        else:
+            result = Studio(runs_dir).evaluate_task(
+                args.run,
+                against=args.against,
+                progress=progress,
+                judge=judge,
+                regression_prompts=args.regression_prompts,
+                **options,
+            )
     except (LookupError, ValueError, ModelError) as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -384,6 +384,25 @@ class Studio:
         finally:
             self._evaluations_running.discard(stop)
 
+    def reevaluate(self, ref: str, *, progress=None, stop=None) -> dict:
+        """A version trained on a base whose weights have changed since, scored on the base there
+        is now with the settings of its last evaluation (the defaults if it had none). Chat and
+        serving keep refusing it; this says whether it still helps. Raises as evaluate_task does."""
+        from studio.evaluation import stored, task
+
+        run_id, point = split_ref(ref)
+        run = self.registry.get(run_id)
+        number = versions.number_of(point) if point else run.version
+        if point and number is None:
+            raise ValueError(f"Re-evaluate a version (RUN@vN), not a checkpoint ({ref}).")
+        last = next(iter(stored.of_version(run, number)), None)
+        options = task.stored_options(last)
+        return self.evaluate_task(f"{run.id}@v{number}", progress=progress, stop=stop, on_changed_base=True, **options)
+
+    def retrain(self, run_id: str) -> Job:
+        """A new run with the same settings as ``run_id`` (on the base there is now)."""
+        return self.start_training(self.registry.get(run_id).config())
+
     def evaluate_checkpoints(self, run_id: str, *, progress=None, stop=None, **options) -> dict:
         """Every checkpoint of the run and its final weights scored against the base on the same
         rows, and which is best at the task (studio/evaluation/checkpoints.py). ``options`` are

@@ -137,10 +137,17 @@ def test_adapter_zip_holds_weights_card_curve_and_fingerprint(trained, tiny_mode
     from tests.helpers import add_version
 
     clone = Run(shutil.copytree(run.path, tmp_path / "clone" / run.id))
+    v1_step, v1_loss = run.status().step, run.status().final_loss
+    clone.set_status("finished", step=v1_step + 6, final_loss=0.25)  # as a continuation would leave it
+    clone.config_path.write_text(clone.config().with_overrides({"training.max_steps": v1_step + 6}).to_yaml())
     add_version(clone, clone.weights_dir(), kind="continued")
     assert export_zip(clone).name == f"{run.id}-v2-adapter.zip"
-    with zipfile.ZipFile(export_zip(clone.at_version(1), tmp_path / "v1.zip")) as old:
+    with zipfile.ZipFile(export_zip(clone.at_version(1), tmp_path / "v1.zip")) as old:  # v1 describes v1
         assert json.loads(old.read("lineage.json"))["version"] == 1
+        carried = json.loads(old.read("run.json"))
+        assert (carried["version"], carried["step"], carried["final_loss"]) == (1, v1_step, v1_loss)
+        assert f"max_steps: {v1_step}\n" in old.read("config.yaml").decode()
+        assert len(old.read("metrics.csv").decode().splitlines()) == len(run.metrics()) + 1
     assert json.loads(zipfile.ZipFile(clone.path / f"{run.id}-v2-adapter.zip").read("lineage.json"))["parent"] == 1
 
 

@@ -70,7 +70,11 @@ def base_load(playground: Playground, run: Run) -> BaseLoad:
 
 
 def _sides(
-    playground: Playground, run: Run, checkpoint: str | None, against: tuple[Run, str | None] | None = None
+    playground: Playground,
+    run: Run,
+    checkpoint: str | None,
+    against: tuple[Run, str | None] | None = None,
+    on_changed_base: bool = False,
 ) -> list[tuple[Engine, str | None]]:
     """(engine, request ref) for the base side (or ``against``: another adapter, a run and its
     checkpoint or None) and the adapter side."""
@@ -97,7 +101,7 @@ def _sides(
     def resolve(ref: str | None):
         if ref is None:
             return load, lambda pg: BASE_ADAPTER
-        return load, lambda pg: pg.serve_adapter(run, checkpoint)
+        return load, lambda pg: pg.serve_adapter(run, checkpoint, on_changed_base)
 
     engine = Engine(playground, resolve, max_batch=2 * BATCH_ROWS)
     return [(engine, None), (engine, ref_of(run, checkpoint))]
@@ -263,6 +267,7 @@ def evaluate_task(
     stop: threading.Event | None = None,
     judge: JudgeSettings | None = None,
     regression_prompts: int | None = None,
+    on_changed_base: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     """Generate base and adapter answers for the rows, score them, store and return the result
@@ -275,6 +280,8 @@ def evaluate_task(
         regression_prompts: how many bundled general prompts measure how far the adapter moved
             from the base outside the task (studio/evaluation/regression.py; default 30 of 100,
             0 skips it; not measured with ``against``).
+        on_changed_base: score an adapter whose base's weights changed since it trained (chat
+            and serving refuse it): how it does on the base there is now. The result says so.
         options: which rows and metrics, as :func:`prepare` takes them (eval_path, mapping,
             rows, metrics, pattern, schema, max_new_tokens).
 
@@ -287,7 +294,9 @@ def evaluate_task(
     if regression_prompts is not None and regression_prompts < 0:
         raise ValueError(f"--regression-prompts must be 0 (skip) or more (got {regression_prompts}).")
     prep = prepare(playground, run, **options)  # before any model loads
-    engines = _sides(playground, run, checkpoint, against)
+    if on_changed_base and against is not None:
+        raise ValueError("A re-evaluation on a changed base compares the adapter with that base, not another adapter.")
+    engines = _sides(playground, run, checkpoint, against, on_changed_base)
     try:
         answers = generate(engines, prep.rows, prep.settings, progress, stop)
         regression = None  # on the same engines, before a full fine-tune's own model goes
@@ -297,8 +306,13 @@ def evaluate_task(
             )
     finally:
         close_sides(engines, playground)
+        if on_changed_base:  # loaded unchecked for this evaluation only: chat and serving check it again
+            playground.unload(run.id)
     sides = {"base": side_texts(answers, 0), "adapter": side_texts(answers, 1)}
     result, scores = score_sides(run, checkpoint, ref_of(*against) if against else None, prep, sides)
+    if on_changed_base:
+        result["base_weights"] = playground.base_fingerprint.get("weights")  # the base it was scored on
+        result["on_changed_base"] = True
     result["regression"] = regression  # how far the adapter moved from the base outside the task
     judged = None
     if judge is not None:  # after the scores, and never raising: a judge that fails leaves them whole
@@ -352,8 +366,10 @@ def score_sides(
         "max_new_tokens": prep.settings.max_new_tokens,
         "settings": {
             "metrics": [m.name for m in prep.metrics],
-            "pattern": prep.pattern,
-            "schema": prep.schema,
+            # The pattern and schema the metrics used (one inferred from the references included):
+            # what a re-evaluation passes back to rebuild the same metrics.
+            "pattern": next((m.pattern for m in prep.metrics if m.pattern), prep.pattern),
+            "schema": next((m.schema for m in prep.metrics if m.schema), prep.schema),
             "greedy": True,
         },
         "at": time.time(),
@@ -433,7 +449,33 @@ def brief(result: dict[str, Any]) -> dict[str, Any]:
         "verdicts": result.get("verdicts"),
         "regression": (result.get("regression") or {}).get("sentence"),
         "evaluation": Path(result["path"]).name,
+        "on_changed_base": bool(result.get("on_changed_base")),
     }
+
+
+def stored_options(result: dict[str, Any] | None) -> dict[str, Any]:
+    """The options of :func:`evaluate_task` that reproduce a stored evaluation's rows, metrics
+    and settings (a re-evaluation on a changed base); {} (the defaults) for None. Raises
+    ValueError when its eval file is gone."""
+    if not result:
+        return {}
+    settings = result.get("settings") or {}
+    options: dict[str, Any] = {
+        "rows": result.get("rows"),
+        "metrics": settings.get("metrics"),
+        "pattern": settings.get("pattern"),
+        "schema": settings.get("schema"),
+        "max_new_tokens": result.get("max_new_tokens"),
+        "regression_prompts": (result.get("regression") or {}).get("prompts", 0),
+    }
+    source = result.get("source")
+    if source and source != "held-out rows":
+        if not Path(source).is_file():
+            raise ValueError(
+                f"The last evaluation scored the file {source}, which is gone; evaluate it with --eval-path again."
+            )
+        options["eval_path"] = source
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def worse_than_base(result: dict[str, Any], alpha: float = 0.05) -> str | None:

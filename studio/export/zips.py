@@ -105,7 +105,7 @@ def _add_file(zf: zipfile.ZipFile, path: Path, arcname: str) -> None:
 
 def _add_run_files(zf: zipfile.ZipFile, run: Run, card: str) -> None:
     """What every zip carries besides the weights: config, metrics, curve, card."""
-    zf.writestr("config.yaml", run.config_path.read_text(encoding="utf-8"))
+    zf.writestr("config.yaml", run.config().to_yaml())  # a pinned view: the settings its version trained with
     zf.writestr("metrics.csv", _metrics_csv(run))
     svg = loss_curve_svg(run.train_metrics(), run.eval_metrics(), f"{run.name} (v{max(run.version, 1)})")
     if svg:

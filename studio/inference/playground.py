@@ -134,7 +134,7 @@ class Playground:
         dtype from studio/planning/precision.py), so base and adapter scores here are the training log's
         numbers. A run trained another way on the same base reloads it; with ``auto`` precision
         every LoRA run on a machine shares one."""
-        if self.base_ref == ref and self.base_load == load and self.model is not None:
+        if self.base_ref == ref and self.base_load == load and self.model is not None and not self._base_replaced():
             return
         self.model, self._adapter_layers = None, []  # let the old base go before the new one arrives
         self.full_models, self.adapters, self.active = {}, OrderedDict(), None
@@ -144,6 +144,14 @@ class Playground:
         self.base_fingerprint = fingerprint.fingerprint(self.model.config, self.tokenizer, ref)
         self.base_ref, self.base_load = ref, load
         self.base_loads += 1
+
+    def _base_replaced(self) -> bool:
+        """The loaded base's files on disk now hold other weights (updated or replaced under the
+        same name): it is loaded again, so nobody is answered by weights no longer there. A few
+        stat calls per batch (the digest is kept per version of the files)."""
+        loaded = (self.base_fingerprint or {}).get("weights")
+        now = fingerprint.current_digest(self.base_ref) if loaded else None
+        return now is not None and now != loaded
 
     @staticmethod
     def weights_for(run: Run, checkpoint: str | None = None) -> Path:
@@ -180,10 +188,15 @@ class Playground:
         self.last_load_s = time.perf_counter() - started
         return warnings
 
-    def _check(self, run: Run, weights: Path) -> list[str]:
-        """The fingerprint check before a load: raises ValueError (another base), else warnings."""
+    def _check(self, run: Run, weights: Path, accept_changed_base: bool = False) -> list[str]:
+        """The fingerprint check before a load: raises ValueError (another base), else warnings.
+        ``accept_changed_base``: the same base with other weights only warns (an evaluation on it)."""
         trained_on = fingerprint.read(weights) or run.fingerprint()  # a version keeps the base it trained on
-        errors, warnings = fingerprint.compare(trained_on, self.base_fingerprint, run.path) if trained_on else ([], [])
+        errors, warnings = (
+            fingerprint.compare(trained_on, self.base_fingerprint, run.path, accept_changed_base)
+            if trained_on
+            else ([], [])
+        )
         if errors:
             raise ValueError(errors[0])
         return warnings
@@ -279,13 +292,14 @@ class Playground:
             finally:
                 self._pinned = set()
 
-    def serve_adapter(self, run: Run, checkpoint: str | None = None) -> str:
+    def serve_adapter(self, run: Run, checkpoint: str | None = None, accept_changed_base: bool = False) -> str:
         """Inside ``serving``: load a run's adapter (fingerprint checked) without changing what
-        the Chat tab has active; returns its PEFT adapter name."""
+        the Chat tab has active; returns its PEFT adapter name. ``accept_changed_base``: see _check
+        (the caller unloads it afterwards, so nobody else gets it unchecked)."""
         ref = _ref(run.id, checkpoint)
         if not self._current(ref):  # not loaded, or the run re-saved since
             weights = self.weights_for(run, checkpoint)
-            self._check(run, weights)
+            self._check(run, weights, accept_changed_base)
             self._load_adapter(ref, weights, precision.of_status(run.status()), run, checkpoint)
             if self.active in self.adapters:  # the Chat tab's choice stays what it was
                 self.model.set_adapter(self.adapters[self.active].name)

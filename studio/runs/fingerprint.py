@@ -68,7 +68,7 @@ def fingerprint(model_config, tokenizer, model_ref: str) -> dict[str, Any]:
     vocab = tokenizer.get_vocab()
     fp["tokenizer_sha256"] = _sha(json.dumps(sorted(vocab.items())))
     fp["chat_template_sha256"] = _sha(getattr(tokenizer, "chat_template", None))
-    fp["weights"] = _digest_of(model_ref)
+    fp["weights"] = current_digest(model_ref)
     return fp
 
 
@@ -119,11 +119,11 @@ def base_changed(trained_on: dict[str, Any] | None, model_ref: str | None) -> bo
     Cheap enough for every row of a runs list (the digest is cached per version of the files)."""
     if not trained_on or not trained_on.get("weights") or not model_ref:
         return False
-    now = _digest_of(model_ref)
+    now = current_digest(model_ref)
     return now is not None and now != trained_on["weights"]
 
 
-def _digest_of(model_ref: str) -> str | None:
+def current_digest(model_ref: str) -> str | None:
     """The weights digest of the base named ``model_ref`` when its files are on this machine
     (never downloads, never asks the network), else None."""
     from studio import models
@@ -171,13 +171,36 @@ def _describe(fp: dict[str, Any]) -> str:
     )
 
 
+def changed_sentence(model: str, was: str, now: str, run_dir: str | Path | None = None) -> str:
+    """What to say when the base under ``model`` has other weights than the adapter trained on."""
+    config = Path(run_dir) / "config.yaml" if run_dir is not None else "RUN_FOLDER/config.yaml"
+    return (
+        f"The base at `{model}` changed since this adapter was trained (its weights' digest was "
+        f"{_short(was)}, it is {_short(now)} now): the adapter was trained on another base. Put the "
+        "original base back, re-evaluate it on this base (finetune-studio eval RUN@vN --on-changed-base), "
+        f"or retrain it on this one with the same settings (finetune-studio train --config {config})."
+    )
+
+
+def changed_weights(trained_on: dict[str, Any] | None, model_ref: str | None, run_dir=None) -> str | None:
+    """The sentence naming both digests when the base ``model_ref`` on this machine has other
+    weights than ``trained_on`` recorded, else None (unchanged, or either is unknown)."""
+    if not base_changed(trained_on, model_ref):
+        return None
+    return changed_sentence(model_ref, trained_on["weights"], current_digest(model_ref), run_dir)
+
+
 def compare(
-    trained_on: dict[str, Any], base: dict[str, Any], run_dir: str | Path | None = None
+    trained_on: dict[str, Any],
+    base: dict[str, Any],
+    run_dir: str | Path | None = None,
+    accept_changed_weights: bool = False,
 ) -> tuple[list[str], list[str]]:
     """(errors, warnings) for using an adapter trained on ``trained_on`` with ``base``.
 
     Errors mean the adapter must not be loaded; warnings mean it loads but may behave
-    differently than in training. Each is a sentence naming both bases. ``run_dir`` (the run's
+    differently than in training. ``accept_changed_weights``: a base whose weights changed is a
+    warning (an evaluation on the new base, asked for by name), not an error. Each is a sentence naming both bases. ``run_dir`` (the run's
     folder, when there is one) goes into the retrain command an error suggests.
     """
     errors, warnings = [], []
@@ -193,13 +216,8 @@ def compare(
     if not errors and trained_on.get("weights") and base.get("weights"):
         if trained_on["weights"] != base["weights"]:
             model = base.get("model") or trained_on.get("model") or "?"
-            config = Path(run_dir) / "config.yaml" if run_dir is not None else "RUN_FOLDER/config.yaml"
-            errors.append(
-                f"The base at `{model}` changed since this adapter was trained (its weights' digest was "
-                f"{_short(trained_on['weights'])}, it is {_short(base['weights'])} now): the adapter was "
-                "trained on another base. Put the original base back, or retrain the adapter on this one "
-                f"with the same settings (finetune-studio train --config {config})."
-            )
+            sentence = changed_sentence(model, trained_on["weights"], base["weights"], run_dir)
+            (warnings if accept_changed_weights else errors).append(sentence)
     elif not errors and (trained_on.get("weights") or base.get("weights")):
         warnings.append(
             "The base's weights could not be compared with the ones this adapter was trained on (one "

@@ -83,7 +83,22 @@ class Run:
         return self.path / "train.log"
 
     def config(self) -> RunConfig:
+        """The run's settings; a pinned view's are those its version was trained with."""
+        record = self._pinned_record()
+        if record and isinstance(record.get("config"), dict):
+            try:
+                return RunConfig.from_dict(record["config"])
+            except ValueError:  # a key this studio no longer knows: the run's file still reads
+                pass
         return RunConfig.from_yaml(self.config_path)
+
+    def _pinned_record(self) -> dict[str, Any] | None:
+        """A pinned view's version record (None for the run itself, or a legacy v1, whose record
+        is the run's own files). Read from the folder, not through status(), which calls this."""
+        if self.pinned is None:
+            return None
+        match = [v for v in versions.listing(self.path) if v.number == self.pinned and not v.legacy]
+        return match[0].record if match else None
 
     @property
     def name(self) -> str:
@@ -218,10 +233,29 @@ class Run:
             atomic_write_text(self.path / "evaluation.json", json.dumps(data, indent=2))
 
     def status(self) -> RunStatus:
+        """Where the run stands; a pinned view's numbers (step, losses, data, precision) are its
+        version's, so an export of v1 after a v2 describes v1."""
         data = read_json(self.path / "status.json")
         if not isinstance(data, dict):
             return RunStatus(state="failed", message="status.json is missing or unreadable.")
-        return RunStatus.from_dict(data)
+        status = RunStatus.from_dict(data)
+        record = self._pinned_record()
+        if record:
+            status.version = self.pinned
+            data_record = record.get("data") or {}
+            for key, value in (
+                ("step", record.get("step")),
+                ("final_loss", record.get("final_loss")),
+                ("eval_loss", record.get("eval_loss")),
+                ("precision", record.get("precision")),
+                ("device", record.get("device")),
+                ("data_sha256", data_record.get("sha256")),
+                ("train_rows", data_record.get("train_rows")),
+                ("eval_rows", data_record.get("eval_rows")),
+            ):
+                if value is not None:
+                    setattr(status, key, value)
+        return status
 
     def set_status(self, state: str, **fields: Any) -> RunStatus:
         """Change the state and any other RunStatus fields, written atomically. Returns the status."""
@@ -244,16 +278,19 @@ class Run:
             f.write(json.dumps(record.to_dict()) + "\n")
 
     def metrics(self) -> list[Record]:
-        """Every record, in the order written; a line cut by a crash mid-write is skipped."""
+        """Every record, in the order written; a line cut by a crash mid-write is skipped. A
+        pinned view's stop at its version's step (what a continuation added came after it)."""
         if not self.metrics_path.exists():
             return []
+        pinned = self._pinned_record()
+        last = pinned.get("step") if pinned else None
         out = []
         for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
             try:
                 record = parse_record(json.loads(line))
             except ValueError:
                 continue
-            if record is not None:
+            if record is not None and (last is None or record.step <= last):
                 out.append(record)
         return out
 

@@ -17,7 +17,7 @@ from studio import models
 from studio.inference.playground import BASE_ADAPTER, BaseLoad, Playground, base_load_for, split_ref
 from studio.planning import precision
 from studio.planning.hardware import Hardware
-from studio.runs import files, versions
+from studio.runs import files, fingerprint, versions
 from studio.runs.deployments import Deployments
 from studio.runs.registry import Run, RunRegistry
 
@@ -157,6 +157,18 @@ class Catalog:
                 raise LookupError(str(exc)) from None
             raise LookupError(f"{model_id!r} cannot be served here.")
         return match[0]
+
+    def check_base(self, served: Served) -> None:
+        """Raise ValueError naming both weights digests when the version was trained on a base
+        whose weights on this machine have changed since (updated or replaced under the same id):
+        it is not served until it is retrained, or re-evaluated and redeployed knowingly."""
+        if served.kept is None:
+            return
+        trained_on = served.kept.record.get("base_fingerprint") or fingerprint.read(served.kept.path)
+        problem = fingerprint.changed_weights(trained_on, served.load.model, served.run.path)
+        if problem:
+            who = f"Deployment {served.deployment!r} ({served.exact})" if served.deployment else served.exact
+            raise ValueError(f"{who} is not served: {problem}")
 
     def resolve(self, model_id: str) -> tuple[BaseLoad, Callable[[Playground], str]]:
         """What the engine needs for a ref: its base load, and the call that loads its adapter."""

@@ -62,11 +62,16 @@ def authorize(api_key: str | None, request: Request) -> None:
         )
 
 
-def served(catalog: Catalog, model_id: Any) -> Served:
+def served(catalog: Catalog, model_id: Any, answering: bool = True) -> Served:
+    """The catalog's entry for a request's ``model``; ``answering``: it is to answer, so a version
+    trained on a base that changed since is refused (its model card is still shown)."""
     if not isinstance(model_id, str) or not model_id.strip():
         raise ApiError(400, "`model` is required: the base's name or an adapter's id from GET /v1/models.", "model")
     try:
-        return catalog.get(model_id)
+        found = catalog.get(model_id)
+        if answering:
+            catalog.check_base(found)
+        return found
     except LookupError as exc:
         raise ApiError(404, str(exc), "model", "model_not_found") from None
     except ValueError as exc:

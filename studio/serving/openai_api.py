@@ -67,7 +67,7 @@ def create_router(ctx: ServingContext) -> APIRouter:
     async def get_model(model_id: str, request: Request):
         try:
             authorize(ctx.api_key, request)
-            return _model_card(ctx, checks.served(ctx.catalog, model_id), lineage=True)
+            return _model_card(ctx, checks.served(ctx.catalog, model_id, answering=False), lineage=True)
         except ApiError as exc:
             return exc.response()
 
@@ -187,7 +187,9 @@ async def _complete(ctx: ServingContext, request: Request, chat: bool):
     jobs = [
         Job(
             rid if len(asked.prompts) == 1 else f"{rid}.{n}",
-            None if served.is_base else served.id,
+            # The exact weights resolved now (RUN@vN): a promotion before the batch starts cannot
+            # change what this request decodes with, nor make its log line name another version.
+            None if served.is_base else served.exact,
             ids,
             asked.settings,
             asked.stops,

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import gradio as gr
 import pandas as pd
 
+from studio.evaluation.stored import headline
 from studio.formatting import format_bytes
+from studio.models import ModelError
 from studio.runs.deployments import DeploymentError, another_base
 from studio.service import Studio
 from studio.ui.views import ANOTHER_BASE
@@ -58,6 +60,8 @@ class RegistryTab:
     versions: gr.Dataframe
     delete: gr.Button
     refresh: gr.Button
+    reevaluate: gr.Button
+    retrain: gr.Button
 
 
 def build_registry_tab(studio: Studio) -> RegistryTab:
@@ -93,9 +97,31 @@ def build_registry_tab(studio: Studio) -> RegistryTab:
         interactive=False,
         wrap=True,
     )
-    delete = gr.Button("Delete the version picked above", variant="stop", elem_id="registry-delete")
+    with gr.Row():
+        delete = gr.Button("Delete the version picked above", variant="stop", elem_id="registry-delete")
+        reevaluate = gr.Button("Re-evaluate it on the current base", elem_id="registry-reevaluate")
+        retrain = gr.Button("Retrain its run with the same settings", elem_id="registry-retrain")
+    gr.Markdown(
+        f"A version marked *{ANOTHER_BASE}* was trained on a base whose weights have changed since (updated or "
+        "replaced under the same name): chat and the API refuse it. *Re-evaluate* scores it on the base there "
+        "is now with the settings of its last evaluation (the Evaluate tab shows the result); *Retrain* starts "
+        "a new run with the same settings on the Train tab's queue."
+    )
     tab = RegistryTab(
-        deployments, name, version, why, deploy, rollback, status, history, run, versions, delete, refresh
+        deployments,
+        name,
+        version,
+        why,
+        deploy,
+        rollback,
+        status,
+        history,
+        run,
+        versions,
+        delete,
+        refresh,
+        reevaluate,
+        retrain,
     )
 
     bind = functools.partial
@@ -104,6 +130,8 @@ def build_registry_tab(studio: Studio) -> RegistryTab:
     rollback.click(bind(roll_back, studio, tab), inputs={name, why, run}, outputs=everything)
     delete.click(bind(delete_version, studio, tab), inputs={version, name, run}, outputs=everything)
     refresh.click(bind(refreshed, studio, tab), inputs={name, run}, outputs=everything)
+    reevaluate.click(bind(reevaluate_version, studio, tab), inputs={version, name, run}, outputs=everything)
+    retrain.click(bind(retrain_version, studio, tab), inputs={version, name, run}, outputs=everything)
     name.change(bind(show_history, studio, tab), inputs=name, outputs=history)
     run.change(bind(show_versions, studio, tab), inputs=run, outputs=versions)
     gr.Timer(REFRESH_S).tick(bind(deployments_frame, studio), outputs=deployments, show_progress="hidden")
@@ -236,6 +264,33 @@ def delete_version(studio: Studio, tab: RegistryTab, data: dict) -> dict:
     freed = format_bytes(gone.record.get("disk_bytes") or 0)
     out = _redraw(studio, tab, data[tab.name], data[tab.run], f"Deleted `{ref}` ({freed} freed).")
     return out | {tab.version: gr.Dropdown(choices=version_choices(studio), value=None)}
+
+
+def reevaluate_version(studio: Studio, tab: RegistryTab, data: dict) -> dict:
+    """Score the picked version on the base there is now, with its last evaluation's settings."""
+    ref = data[tab.version]
+    if not ref:
+        return _redraw(studio, tab, data[tab.name], data[tab.run], "Pick the version to re-evaluate first.")
+    try:
+        result = studio.reevaluate(ref)
+    except (LookupError, ValueError, ModelError) as exc:
+        return _redraw(studio, tab, data[tab.name], data[tab.run], f"**Can't re-evaluate.** {exc}")
+    verdicts = " ".join(result.get("verdicts") or [])
+    note = f"Re-evaluated `{ref}` on the current base: {headline(result)}. {verdicts}"
+    return _redraw(studio, tab, data[tab.name], data[tab.run], note)
+
+
+def retrain_version(studio: Studio, tab: RegistryTab, data: dict) -> dict:
+    """A new run with the picked version's run settings, on the base there is now."""
+    ref = data[tab.version]
+    if not ref:
+        return _redraw(studio, tab, data[tab.name], data[tab.run], "Pick the version whose run to retrain first.")
+    try:
+        job = studio.retrain(ref.partition("@")[0])
+    except (LookupError, ValueError, RuntimeError) as exc:
+        return _redraw(studio, tab, data[tab.name], data[tab.run], f"**Can't retrain.** {exc}")
+    note = f"Started run `{job.run.id}` with the settings of `{ref.partition('@')[0]}`; the Train tab shows it."
+    return _redraw(studio, tab, data[tab.name], data[tab.run], note)
 
 
 def refreshed(studio: Studio, tab: RegistryTab, data: dict) -> dict:
