@@ -52,6 +52,9 @@ def test_continue_deploy_promote_and_roll_back(app, browser, caplog):
     # v2: continue the finished run to 8 steps on the Train tab.
     page.get_by_role("tab", name="Train").click()
     _pick(page, "resume-run", run.id)
+    # Before continuing: the version it will save and the disk that takes.
+    expect(page.locator("#continue-note")).to_contain_text("Continuing saves v2", timeout=30_000)
+    expect(page.locator("#continue-note")).to_contain_text("keeps its latest 10 versions")
     page.locator("#continue-steps input").fill("8")
     page.locator("#resume-button").click()
     expect(page.locator("#train-status")).to_contain_text(re.compile("Continuing|Saved as v2"), timeout=30_000)

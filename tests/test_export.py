@@ -148,7 +148,11 @@ def test_adapter_zip_holds_weights_card_curve_and_fingerprint(trained, tiny_mode
         assert (carried["version"], carried["step"], carried["final_loss"]) == (1, v1_step, v1_loss)
         assert f"max_steps: {v1_step}\n" in old.read("config.yaml").decode()
         assert len(old.read("metrics.csv").decode().splitlines()) == len(run.metrics()) + 1
-    assert json.loads(zipfile.ZipFile(clone.path / f"{run.id}-v2-adapter.zip").read("lineage.json"))["parent"] == 1
+    with zipfile.ZipFile(clone.path / f"{run.id}-v2-adapter.zip") as new:
+        assert json.loads(new.read("lineage.json"))["parent"] == 1
+        card = new.read("README.md").decode()
+    assert "| Version | v2: continued from v1 |" in card
+    assert f"| Settings changed since v1 | `training.max_steps` {v1_step} → {v1_step + 6} |" in card
 
 
 # ---- merged --------------------------------------------------------------------------------------

@@ -57,3 +57,20 @@ def test_deploy_promote_roll_back_and_refusals_on_the_page(tmp_path):
     assert out[tab.status] == "Type a deployment name and pick a version first."
     with pytest.raises(ValueError, match="deployed as demo"):
         studio.delete_run(run.id)
+
+
+def test_continuing_a_full_fine_tune_says_the_disk_it_will_take_first(tmp_path):
+    from studio.ui.train_tab import continue_disk_note
+
+    studio = Studio(tmp_path / "runs")
+    run = _run(studio.registry, method="full", versions_=0)
+    folder = run.next_version_dir()[1]
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"\0" * 3 * 2**20)  # a "whole model" of 3 MiB
+    run.commit_version(1, "trained")
+    assert continue_disk_note(studio, run.id) == ""  # no trainer state kept: it cannot be continued
+    run.final_state_dir.mkdir()
+    (run.final_state_dir / "trainer_state.pt").write_bytes(b"")
+    note = continue_disk_note(studio, run.id)
+    assert note.startswith("Continuing saves **v2**, a whole model of about **3 MiB**") and "latest 2 versions" in note

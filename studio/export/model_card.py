@@ -15,8 +15,9 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 from studio.evaluation import stored
-from studio.formatting import markdown_cell, slug
+from studio.formatting import format_duration, markdown_cell, slug
 from studio.models import DEFAULT_HUB_ID, DEFAULT_MODEL, DEFAULT_MODEL_LABEL, base_id
+from studio.runs import versions
 from studio.runs.records import EvalRecord, TrainRecord
 from studio.runs.registry import Run
 
@@ -116,6 +117,47 @@ def _data_summary(run: Run) -> str:
     )
 
 
+def _lineage_section(run: Run) -> str:
+    """Where this version came from: what it grew from, the base it needs (its weights' digest),
+    where and how long it trained, and the settings that changed since the version before."""
+    try:
+        version = run.get_version(run.version)
+    except ValueError:
+        return "Not recorded."
+    r = version.record
+    fp = r.get("base_fingerprint") or {}
+    source = r.get("source") or {}
+    grew = {
+        "trained": "trained from the base",
+        "stopped": "saved when training was stopped",
+        "continued": f"continued from v{version.parent}" if version.parent else "continued",
+        "imported": "imported from "
+        + _cell(source.get("zip") or "a zip")
+        + (
+            f" (run `{_cell(source['run'])}` v{source['version']})"
+            if source.get("run") and source.get("version")
+            else ""
+        ),
+    }.get(r.get("kind"), _cell(r.get("kind") or "not recorded"))
+    rows = [
+        "| | |",
+        "|---|---|",
+        f"| Version | v{version.number}: {grew} |",
+        f"| Base weights (digest) | `{fp['weights'][:16]}` |"
+        if fp.get("weights")
+        else "| Base weights (digest) | not recorded |",
+        f"| Trained on | {_cell(r.get('device') or '?')}, {_cell(r.get('precision') or '?')} |",
+        f"| Training time | {format_duration(r['train_seconds'])} |" if r.get("train_seconds") else "",
+        f"| Weights sha256 (first 16 hex) | `{r['weights_sha256']}` |" if r.get("weights_sha256") else "",
+    ]
+    previous = next((v for v in run.versions() if v.number == version.parent), None)
+    if previous is not None:
+        changed = versions.config_diff(previous.record.get("config"), r.get("config"))
+        shown = "; ".join(f"`{k}` {_cell(a)} → {_cell(b)}" for k, a, b in changed) or "none"
+        rows.append(f"| Settings changed since v{previous.number} | {shown} |")
+    return "\n".join(row for row in rows if row)
+
+
 def _vllm_rank(r: int) -> int:
     return next((x for x in _VLLM_RANKS if x >= r), r)
 
@@ -197,6 +239,7 @@ def model_card(run: Run, kind: str = "adapter", caveat: str = "") -> str:
         loss_curve=f"![Training loss]({LOSS_CURVE})\n" if has_curve else "",
         caveat=f"\n{caveat}\n" if caveat else "",
         load_section=_load_section(kind, bid, cfg.lora.r, _slug(run.name)),
+        lineage=_lineage_section(run),
         hyperparameters=hyper,
     )
 

@@ -32,6 +32,7 @@ from studio.config import (
 from studio.formatting import format_bytes
 from studio.models import ModelError
 from studio.planning.planner import METHOD_NAMES
+from studio.runs import versions
 from studio.runs.records import Retry
 from studio.service import JobView, Studio
 from studio.ui.form import Form
@@ -194,6 +195,7 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
             info="For a finished run only: more than its final step.",
         )
         resume_btn = gr.Button("Resume", elem_id="resume-button", scale=1)
+    continue_note = gr.Markdown("", elem_id="continue-note")
     status = gr.Markdown("No training yet.", elem_id="train-status")
     retry_btn = gr.Button("Retry with the suggested change", elem_id="retry-button", variant="primary", visible=False)
     retry_state = gr.State(None)  # the failed run's suggested change
@@ -243,6 +245,7 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
     cancel_btn.click(bind(cancel_queued, studio))
     save_btn.click(bind(save_now, studio))
     resume_btn.click(bind(resume, studio), inputs=[resume_run, continue_steps], outputs=status)
+    resume_run.change(bind(continue_disk_note, studio), inputs=resume_run, outputs=continue_note)
     timer.tick(
         bind(poll, studio, tab),
         inputs=[shown, log_scale],
@@ -433,6 +436,29 @@ def resume(studio: Studio, run_id, total=None):
         gr.Warning(str(exc))
         return f"**{exc}**"
     return f"Continuing {run_id} to {int(total)} steps..." if run_id in finished else f"Resuming {run_id}..."
+
+
+def continue_disk_note(studio: Studio, run_id: str | None) -> str:
+    """Before a finished run is continued: the version it will save and the disk that takes (a
+    full fine-tune's version is a whole model), and how many versions the run keeps."""
+    if not run_id:
+        return ""
+    try:
+        run = studio.run(run_id)
+        kept = run.versions()
+        if not run.is_continuable() or not kept:
+            return ""
+        cfg = run.config()
+    except (LookupError, ValueError, OSError):
+        return ""
+    keep = cfg.training.keep_versions or versions.default_keep(cfg.method)
+    latest = kept[-1]
+    what = "a whole model" if cfg.method == "full" else "an adapter"
+    return (
+        f"Continuing saves **v{latest.number + 1}**, {what} of about **{format_bytes(latest.disk_bytes())}** "
+        f"(the size of v{latest.number}); this run keeps its latest {keep} versions "
+        f"(`training.keep_versions`), {len(kept)} kept now using {format_bytes(sum(v.disk_bytes() for v in kept))}."
+    )
 
 
 def save_now(studio: Studio):
