@@ -299,7 +299,7 @@ class Studio:
 
     def playground_stats(self) -> tuple[int, float | None]:
         """(adapters loaded on the chat base, seconds the last adapter load took)."""
-        return len(self.playground.loaded()), self.playground.last_load_s
+        return self.playground.copies(), self.playground.last_load_s
 
     def activate_run(self, ref: str) -> tuple[Run, list[str]]:
         """Load a run (``id``) or a checkpoint (``id@step-N``) onto the adapted pane.

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from studio.cli import main
+from studio.runs import files
 from studio.runs.records import Event
 from studio.runs.registry import RunRegistry
 from studio.service import Studio
@@ -44,13 +45,18 @@ def test_a_finished_run_continues_to_a_new_total(tiny_model_dir, instruction_csv
     assert main(["resume", run.id, "--runs-dir", str(runs_dir), "--max-steps", "4"]) == 2
     assert "the new total must be more than 8 (got --max-steps 4)" in capsys.readouterr().err
 
+    v1_sha = files.weights_sha256(run.weights_dir())
     assert main(["resume", run.id, "--runs-dir", str(runs_dir), "--max-steps", "16"]) == 0
     out = capsys.readouterr().out
     said = "Continuing from step 8 to 16: warm-up 1 step to learning rate 0.01, then cosine decay over 7 steps."
     assert said in out
     status = run.status()
     assert status.state == "finished" and status.step == 16 and status.total_steps == 16
-    assert status.version == 2  # the continuation's adapter replaces adapter/ as version 2
+    assert status.version == 2  # the continuation saved a new version; v1 is kept as it was
+    v1, v2 = run.versions()
+    assert files.weights_sha256(v1.path) == v1_sha == v1.record["weights_sha256"] != v2.record["weights_sha256"]
+    assert (v2.parent, v2.record["kind"], v2.record["step"], v1.record["step"]) == (1, "continued", 16, 8)
+    assert "Saved as v2." in status.message
     assert run.config().training.max_steps == 16
     assert "optimizer state loaded from final_state/" in run.log_path.read_text()
     assert any(isinstance(m, Event) and m.kind == "continue" and m.step == 8 for m in run.metrics())
@@ -84,6 +90,32 @@ def test_a_finished_run_continues_to_a_new_total(tiny_model_dir, instruction_csv
     assert train_tab.resume(studio, run.id, 20) == f"Continuing {run.id} to 20 steps..."
     studio.jobs.current.thread.join(60)
     assert run.status().step == 20 and run.status().version == 3
+
+
+def test_a_run_from_before_versions_loads_as_v1_and_continues_to_v2(tiny_model_dir, instruction_csv, runs_dir):
+    """A runs folder from before versions (its one save in adapter/, no versions/) still lists,
+    chats, serves and exports as v1, and continuing it makes v2 beside it."""
+    import shutil
+
+    from studio.export.zips import export_zip
+
+    assert _train(tiny_model_dir, instruction_csv, runs_dir, 8) == 0
+    run = RunRegistry(runs_dir).list()[0]
+    shutil.move(run.weights_dir(), run.path / "adapter")  # the layout every earlier studio wrote
+    for name in ("version.json", "fingerprint.json"):
+        (run.path / "adapter" / name).unlink()
+    shutil.rmtree(run.path / "versions")
+    [v1] = run.versions()
+    assert v1.legacy and run.weights_dir() == run.path / "adapter" and run.is_trained()
+    assert v1.record["step"] == 8 and v1.record["data"]["sha256"] == run.status().data_sha256
+    studio = Studio(runs_dir)
+    studio.activate_run(f"{run.id}@v1")  # the Chat tab loads it by its version ref
+    assert export_zip(run).name == f"{run.id}-v1-adapter.zip"
+
+    assert main(["resume", run.id, "--runs-dir", str(runs_dir), "--max-steps", "12"]) == 0
+    old, new = run.versions()
+    assert old.path == run.path / "adapter" and new.path == run.path / "versions" / "v2" and new.parent == 1
+    assert run.weights_dir() == new.path and run.status().version == 2
 
 
 @pytest.mark.unit

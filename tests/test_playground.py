@@ -386,3 +386,22 @@ def test_base_is_loaded_as_each_method_trained_it(monkeypatch):
     assert base_load_for("qlora", "bf16", "cpu") == ("qlora", "bf16")
     monkeypatch.setattr(hardware, "bnb_4bit_support", lambda cuda, mps: {"cpu": "bitsandbytes is not installed"})
     assert base_load_for("qlora", "bf16", "cpu") == ("lora", "bf16")
+
+
+def test_a_run_id_and_its_latest_version_share_one_loaded_copy(two_runs, tiny_model_dir):
+    """The Chat tab names the latest as the run's id, the API as RUN@vN: one copy in memory."""
+    from studio.inference.playground import BaseLoad
+
+    a, b = two_runs
+    pg = Playground()
+    pg.activate(a)
+    with pg.serving(BaseLoad(str(tiny_model_dir), *pg.base_load)):
+        shared = pg.serve_adapter(a, "v1")
+        other = pg.serve_adapter(b, "v1")
+    assert shared == pg.adapters[a.id].name != other and pg.copies() == 2 and len(pg.loaded()) == 3
+    pg.unload(b.id)
+    assert pg.copies() == 1 and list(pg.model.peft_config) == [shared]
+    *_, (_, text) = pg.stream_pair(PROMPT, PROMPT, SamplingSettings(max_new_tokens=12), f"{a.id}@v1")
+    assert text == _hf_greedy(_plain(tiny_model_dir, a, a.weights_dir()), pg.tokenizer, PROMPT, a, n=12)
+    pg.unload(a.id)
+    assert pg.loaded() == [] and not hasattr(pg.model, "peft_config")

@@ -219,29 +219,49 @@ class Playground:
 
     def _load_adapter(self, ref: str, weights: Path, run_precision: str, run: Run, checkpoint: str | None) -> None:
         """Load ``weights`` as ``ref`` (again, when its files changed) and make it the model's set
-        adapter. A reload loads the new weights under a new PEFT name first and then deletes the
-        old (PEFT cannot delete a model's last adapter), so memory holds one copy per ref."""
+        adapter. Refs that name the same files (a run's id and ``RUN@vN`` of its latest version,
+        asked by the Chat tab and the API) share one loaded copy. A reload loads the new weights
+        under a new PEFT name first and then drops the old (PEFT cannot delete a model's last
+        adapter), so memory holds one copy per set of files."""
         from peft import PeftModel
 
         old = self.adapters.get(ref)
         stamp = files.stamp(weights, ADAPTER_FILES)
+        twin = next(
+            (a for r, a in self.adapters.items() if r != ref and (a.weights, a.stamp) == (weights, stamp)), None
+        )
         reloads = old.reloads + 1 if old is not None else 0
-        name = _adapter_name(ref) + (f"_r{reloads}" if reloads else "")
-        if not self.adapters and not isinstance(self.model, PeftModel):
-            self.model = PeftModel.from_pretrained(self.model, str(weights), adapter_name=name)
+        if twin is not None:  # the same files are loaded under another ref: share them
+            name = twin.name
         else:
-            self.model.load_adapter(str(weights), adapter_name=name)
-        self.model.eval()
+            name = _adapter_name(ref) + (f"_r{reloads}" if reloads else "")
+            if not self.adapters and not isinstance(self.model, PeftModel):
+                self.model = PeftModel.from_pretrained(self.model, str(weights), adapter_name=name)
+            else:
+                self.model.load_adapter(str(weights), adapter_name=name)
+            self.model.eval()
         self.model.set_adapter(name)  # PEFT warns when the set adapter is deleted
-        if old is not None:
-            self.model.delete_adapter(old.name)
+        if old is not None:  # the new copy is in the model already, so the old one may go
+            self.adapters.pop(ref)
+            if old.name != name and all(a.name != old.name for a in self.adapters.values()):
+                self.model.delete_adapter(old.name)
         sha = files.weights_sha256(weights)
-        self.adapters.pop(ref, None)
         self.adapters[ref] = LoadedAdapter(
             name, _weights_bytes(weights), run_precision, run, checkpoint, weights, stamp, sha, reloads
         )
         self._evict(keep=ref)
         self._adapter_layers = _peft_layers(self.model)
+
+    def _drop(self, ref: str) -> None:
+        """Forget ``ref``; its PEFT adapter goes too unless another ref shares it (the last
+        adapter of the model stays: PEFT cannot delete it; unload() takes the layers out)."""
+        name = self.adapters.pop(ref).name
+        if self.adapters and all(a.name != name for a in self.adapters.values()):
+            self.model.delete_adapter(name)
+
+    def copies(self) -> int:
+        """Adapter copies in memory (refs that share files count once)."""
+        return len({a.name for a in self.adapters.values()})
 
     def weights_sha256(self, name: str) -> str | None:
         """The weights hash of the loaded adapter whose PEFT name is ``name`` (what the request log
@@ -252,23 +272,23 @@ class Playground:
         """Drop least recently used adapters beyond the count or byte budget (never ``keep``)."""
 
         def over() -> bool:
-            total = sum(a.bytes for a in self.adapters.values())
-            return len(self.adapters) > self.max_adapters or total > self.max_adapter_bytes
+            total = sum({a.name: a.bytes for a in self.adapters.values()}.values())  # shared copies once
+            return self.copies() > self.max_adapters or total > self.max_adapter_bytes
 
         while over():
             spare = [r for r in self.adapters if r != keep and r not in self._pinned]
             if not spare:  # everything left is in use by this batch: over budget until it ends
                 return
-            self.model.delete_adapter(self.adapters.pop(spare[0]).name)
+            self._drop(spare[0])
 
     def unload(self, run_id: str) -> None:
         """Forget a run's adapters and checkpoints (the run was deleted)."""
         with self._lock:
             for ref in [r for r in self.adapters if split_ref(r)[0] == run_id]:
-                name = self.adapters.pop(ref).name
-                if self.adapters:
-                    self.model.delete_adapter(name)
+                if len(self.adapters) > 1:
+                    self._drop(ref)
                 else:  # PEFT cannot delete its last adapter: take the LoRA layers out instead
+                    self.adapters.pop(ref)
                     self.model = self.model.unload()
             self._adapter_layers = _peft_layers(self.model)
             self.full_models = {r: m for r, m in self.full_models.items() if split_ref(r)[0] != run_id}
