@@ -225,3 +225,38 @@ def test_a_kill_9_mid_promotion_leaves_the_old_or_the_new_pointer(registry):
         assert now.history[-1]["to"] == now.ref
         d.set("demo", refs[0], why="after the kill")  # the lock died with the process: the next change goes through
         assert d.get("demo").history[-1]["why"] == "after the kill"
+
+
+@pytest.mark.unit
+def test_the_versions_and_deploy_commands(registry, capsys):
+    from studio.cli import main
+
+    run = _run(registry, versions_=3)
+    runs = ["--runs-dir", str(registry.root)]
+    assert main(["deploy", "list", *runs]) == 0
+    assert "No deployments yet" in capsys.readouterr().out
+    assert main(["deploy", "set", "demo", f"{run.id}@v2", "--why", "ok", *runs]) == 0
+    assert capsys.readouterr().out.strip() == f"demo -> {run.id}@v2"
+    assert main(["deploy", "set", "demo", run.id, *runs]) == 0
+    assert capsys.readouterr().out.strip() == f"demo -> {run.id}@v3 (was {run.id}@v2)"
+    assert main(["deploy", "set", "default", run.id, *runs]) == 1
+    assert "already means the base model" in capsys.readouterr().err
+    assert main(["deploy", "list", "--json", *runs]) == 0
+    assert [(d["name"], d["ref"]) for d in json.loads(capsys.readouterr().out)] == [("demo", f"{run.id}@v3")]
+    assert main(["deploy", "rollback", "demo", *runs]) == 0
+    assert capsys.readouterr().out.strip() == f"demo -> {run.id}@v2 (rolled back from {run.id}@v3)"
+    assert main(["deploy", "history", "nope", *runs]) == 1
+    assert "no deployment called 'nope'" in capsys.readouterr().err
+
+    assert main(["versions", run.id, *runs]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.splitlines()[1:] if line.startswith("v")] == ["v1", "v2", "v3"]
+    assert "demo" in next(line for line in out.splitlines() if line.startswith("v2"))
+    assert main(["versions", run.id, "--delete", "v2", *runs]) == 1
+    assert "deployed as demo" in capsys.readouterr().err
+    assert main(["versions", run.id, "--delete", "1", *runs]) == 0
+    assert capsys.readouterr().out.startswith(f"Deleted {run.id}@v1 (")
+    assert main(["versions", run.id, "--json", *runs]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["version"] for r in rows] == ["v2", "v3"] and rows[0]["deployed_as"] == ["demo"]
+    assert rows[1]["parent"] == "v2" and rows[0]["disk_bytes"] > 0

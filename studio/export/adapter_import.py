@@ -536,7 +536,7 @@ def _claim(root: Path, slug: str, built: Path) -> Path:
     """Rename the finished folder to ``<slug>-imported[-n]``: one rename, so a run appears whole."""
     for n in range(1, 10_000):
         final = root / (f"{slug}-imported" + (f"-{n}" if n > 1 else ""))
-        if final.exists():
+        if final.exists() or (root / "deployments" / f"{final.name}.json").exists():  # a request's name is one thing
             continue
         try:
             os.rename(built, final)
