@@ -203,7 +203,9 @@ class RunConfig:
         if not p.is_file():
             raise ConfigError([f"Config file {p} does not exist; pass the path of a YAML file."])
         try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+            # libyaml's safe loader where PyYAML was built with it: ~10x faster than the pure-Python
+            # one, and every API request reads its run's config.
+            raw = yaml.load(p.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         except yaml.YAMLError as exc:
             raise ConfigError([f"{p} is not valid YAML: {exc}"]) from None
         if raw is not None and not isinstance(raw, dict):
