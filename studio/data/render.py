@@ -34,11 +34,57 @@ class Example:
     def trained_tokens(self) -> int:
         return sum(1 for t in self.labels if t != IGNORE_INDEX)
 
+    @property
+    def tokens(self) -> int:
+        return len(self.input_ids)
+
+    def rows(self) -> list["Example"]:
+        """The batch rows this example fills: itself (a PairExample fills two)."""
+        return [self]
+
     @functools.cached_property
     def targets(self) -> int:
         """Positions scored in training: labeled tokens after the first (each predicts the next).
         Cached: every training step adds up its examples' counts."""
         return sum(1 for t in self.labels[1:] if t != IGNORE_INDEX)
+
+
+@dataclass
+class PairExample:
+    """A preference pair: one prompt answered two ways, each side an Example whose labels cover
+    only its answer. A batch holds both sides as consecutive rows (chosen, then rejected), so one
+    forward scores both (studio/training/preference.py)."""
+
+    chosen: Example
+    rejected: Example
+
+    @property
+    def input_ids(self) -> list[int]:
+        """The longer side: a padded row pair is as wide as it (what batching sorts by)."""
+        return max(self.chosen.input_ids, self.rejected.input_ids, key=len)
+
+    @property
+    def labels(self) -> list[int]:
+        return self.chosen.labels if self.input_ids is self.chosen.input_ids else self.rejected.labels
+
+    @property
+    def truncated(self) -> bool:
+        return self.chosen.truncated or self.rejected.truncated
+
+    @property
+    def tokens(self) -> int:
+        return len(self.chosen.input_ids) + len(self.rejected.input_ids)
+
+    @property
+    def trained_tokens(self) -> int:
+        return self.chosen.trained_tokens + self.rejected.trained_tokens
+
+    @property
+    def targets(self) -> int:
+        return self.chosen.targets + self.rejected.targets
+
+    def rows(self) -> list[Example]:
+        return [self.chosen, self.rejected]
 
 
 def labeled_tokens(batch: dict) -> int:

@@ -145,7 +145,7 @@ def counts(examples: Sequence[Example], batch: MicroBatch) -> tuple[int, int]:
     tokens = scored = 0
     for row in batch:
         for j in row:
-            tokens += len(examples[j].input_ids)
+            tokens += examples[j].tokens
             scored += examples[j].targets
     return tokens, scored
 
@@ -157,8 +157,8 @@ def tensors(examples: Sequence[Example], batch: MicroBatch, batching: Batching, 
     position_ids and ``document`` (which example each position belongs to), all ``rows x width``;
     :func:`sdpa_mask` turns ``document`` into the attention mask where the batch lands.
     """
-    if not batching.packed:
-        return collate([examples[row[0]] for row in batch], pad_id)
+    if not batching.packed:  # a preference pair fills two rows, chosen then rejected
+        return collate([r for row in batch for r in examples[row[0]].rows()], pad_id)
     rows, width = batching.rows, batching.width
     ids = np.full((rows, width), pad_id, dtype=np.int64)
     labels = np.full((rows, width), IGNORE_INDEX, dtype=np.int64)
