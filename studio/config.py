@@ -25,6 +25,7 @@ import yaml
 
 METHODS = ("full", "lora", "qlora")
 PRECISIONS = ("auto", "bf16", "fp32")
+OBJECTIVES = ("sft", "dpo", "orpo")
 DISTRIBUTED = ("ddp", "fsdp")
 OPTIMIZERS = ("auto", "adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 PACKING = ("auto", "on", "off")
@@ -156,6 +157,15 @@ class TrainingConfig:
     """Under torchrun / accelerate launch with several processes: ddp (a full copy of the model on
     every device) or fsdp (parameters, gradients and optimizer state sharded across the devices, so a
     model too big for one device can train on several). One process ignores it."""
+    objective: str = "sft"
+    """What the model learns: sft (to give the answers in the data), or from preference pairs (a prompt,
+    a chosen and a rejected answer) which answer is better: dpo (the base with the adapter off, or a
+    frozen copy for full fine-tuning, is the reference) or orpo (no reference model: a supervised term on
+    the chosen answers plus an odds-ratio penalty on the rejected ones)."""
+    beta: float = 0.1
+    """dpo: how far the model may move from the reference (higher keeps it closer)."""
+    orpo_lambda: float = 0.1
+    """orpo: the weight of the odds-ratio term against the supervised term on the chosen answers."""
 
 
 @dataclass
@@ -300,6 +310,16 @@ class RunConfig:
             p.append(f"`training.optimizer` must be one of {', '.join(OPTIMIZERS)} (got {t.optimizer!r}).")
         if t.packing not in PACKING:
             p.append(f"`training.packing` must be one of {', '.join(PACKING)} (got {t.packing!r}).")
+        if t.objective not in OBJECTIVES:
+            p.append(f"`training.objective` must be one of {', '.join(OBJECTIVES)} (got {t.objective!r}).")
+        for name in ("beta", "orpo_lambda"):
+            if not 0 < getattr(t, name) <= 100:
+                p.append(f"`training.{name}` must be above 0 and at most 100 (got {getattr(t, name)}).")
+        if t.objective != "sft" and t.packing == "on":
+            p.append(
+                f"`training.packing` on trains one answer per row position; {t.objective} compares two answers "
+                "in padded rows. Set training.packing to auto or off."
+            )
         if t.distributed not in DISTRIBUTED:
             p.append(f"`training.distributed` must be one of {', '.join(DISTRIBUTED)} (got {t.distributed!r}).")
         elif t.distributed == "fsdp" and self.method == "qlora":

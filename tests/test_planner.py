@@ -438,8 +438,11 @@ EVERY_FIELD = {
     "training.keep_versions": 4,
     "training.seed": 7,
     "training.optimizer": "adamw",
-    "training.packing": "on",
+    "training.packing": "off",
     "training.distributed": "fsdp",
+    "training.objective": "orpo",
+    "training.beta": 0.2,
+    "training.orpo_lambda": 0.3,
 }
 
 

@@ -105,6 +105,7 @@ class Settings:
     labeled_share: float = 1.0  # of seq_len x batch_size positions; 1 until a batch is known
     devices: int = 1  # GPUs the run is launched on (torchrun / accelerate launch), each with batch_size rows
     sharded: bool = False  # with devices > 1: FSDP shards weights, gradients and optimizer state (else DDP)
+    objective: str = "sft"  # dpo/orpo: each row of batch_size is a pair, two sequences in one forward
 
 
 @dataclass
@@ -277,7 +278,8 @@ def estimate(shape: ModelShape, method: str, settings: Settings, device: str = "
     lora_r, lora_dropout, devices = s.lora_r, s.lora_dropout, s.devices
     gradient_checkpointing = s.gradient_checkpointing
     a = 2 if s.bf16 else 4  # bytes of an activation under autocast (bf16) or in fp32
-    tokens = s.seq_len * s.batch_size
+    # A preference pair is two rows (chosen, rejected) through one forward.
+    tokens = s.seq_len * s.batch_size * (1 if s.objective == "sft" else 2)
     labeled = tokens * min(max(s.labeled_share, 0.0), 1.0)
     P = shape.total_params
     targets = shape.lora_targets(s.lora_targets) if method != "full" else []
@@ -335,6 +337,10 @@ def estimate(shape: ModelShape, method: str, settings: Settings, device: str = "
         extra["allocator_retention"] = int(retained)
     if gathered:
         extra["gathered_weights"] = int(gathered)
+    if s.objective == "dpo" and method == "full":
+        # Full fine-tuning's DPO reference is a frozen fp32 copy of the starting model
+        # (studio/training/objectives.py); an adapter's reference is the base with it switched off.
+        extra["reference_weights"] = int(4 * P / (devices if gathered else 1))
     breakdown = {
         "base_weights": int(weights),
         "adapter_weights": int(adapter),

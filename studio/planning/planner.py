@@ -314,6 +314,7 @@ def settings_for(
         labeled_share=labeled_share,
         devices=max(devices, 1),
         sharded=sharded,
+        objective=t.objective,
     )
 
 

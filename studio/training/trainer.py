@@ -25,14 +25,15 @@ import torch
 
 from studio import models
 from studio.config import RunConfig, optimizer_for
-from studio.data import Example, prepare
+from studio.data import DataError, Example, prepare
 from studio.data.render import collate
 from studio.planning import hardware, precision
 from studio.runs.records import EvalRecord, Event, Record, TrainRecord
 from studio.runs.registry import Run
 from studio.training import adapters, batching, checkpoint, distributed, optimizers, schedule
 from studio.training.compiling import CompileWatch, compile_layers, inductor_problem
-from studio.training.loss import LabeledTokenLoss, causal_lm
+from studio.training.loss import causal_lm
+from studio.training.objectives import PREFERENCE_STATS, data_problem, loss_for
 
 MetricsSink = Callable[[Record], None]
 # How often a GPU run reads its losses back (each read waits for the device to catch up). On CPU
@@ -52,6 +53,7 @@ class _Unread:
     lr: float
     micro: int
     started: float
+    stats: torch.Tensor | None = None  # a preference objective's statistics, summed over micro-batches
 
 
 class TrainingStopped(Exception):
@@ -117,6 +119,9 @@ class Trainer:
         started = time.time()
         self.tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
         data = prepare(cfg.data, self.tokenizer, t.seed)
+        problem = data_problem(t.objective, getattr(data, "kind", "sft"))
+        if problem:
+            raise DataError(problem)
         self.train_examples, self.eval_examples = data.train, data.eval
         self.data_findings = data.report.findings + data.notes
         self.timings["tokenizer and data"] = time.time() - started
@@ -129,7 +134,7 @@ class Trainer:
         # several processes, training steps go through the DDP wrapper around it (gradients
         # all-reduced), or it is sharded in place with FSDP (then every forward, evaluation and
         # the memory check included, goes through it, since it is the root that gathers weights).
-        self.loss_fn = LabeledTokenLoss(self.model)
+        self.loss_fn = loss_for(self.model, cfg)  # sft: LabeledTokenLoss; dpo/orpo: PreferenceLoss
         self.forward_loss = distributed.wrap(self.loss_fn, self.dist, self.device, t.distributed)
         self.sharded = distributed.is_sharded(self.loss_fn)
         self.checkpoints = checkpoint.Checkpoints(
@@ -156,7 +161,9 @@ class Trainer:
                 f"training.packing is on, but this model cannot train packed: {problem}. "
                 "Set training.packing to auto or off."
             )
-        return batching.layout(t.packing, self.device, t.batch_size, cfg.data.max_length, model_type)
+        # A preference pair is two padded rows compared with each other: never packed.
+        packing = t.packing if t.objective == "sft" else "off"
+        return batching.layout(packing, self.device, t.batch_size, cfg.data.max_length, model_type)
 
     def _compile(self) -> None:
         """``training.compile``: compile the decoder layers where inductor works; ``compile_note``
@@ -284,7 +291,7 @@ class Trainer:
             if self.save_event.is_set():
                 self.save_event.clear()
                 self.save_checkpoint()
-            step_start, loss_sum, tokens, scored = time.time(), None, 0, 0
+            step_start, loss_sum, tokens, scored, stats = time.time(), None, 0, 0, None
             for micro_step in range(t.gradient_accumulation):
                 micro_batch = next(stream)
                 batch = self.tensors(micro_batch)
@@ -302,6 +309,9 @@ class Trainer:
                         loss = self.forward_loss(**batch)
                     (loss / t.gradient_accumulation).backward()
                 loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+                pairs = getattr(self.loss_fn, "last", None)  # reward accuracy and margins (objectives.py)
+                if pairs is not None:
+                    stats = pairs if stats is None else stats + pairs
                 n_tokens, n_scored = batching.counts(self.train_examples, micro_batch)
                 tokens, scored = tokens + n_tokens, scored + n_scored
             grad_norm = self.clip_gradients(params)
@@ -310,7 +320,9 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            self._unread.append(_Unread(self.step, loss_sum, grad_norm, tokens, scored, lr, self.micro, step_start))
+            self._unread.append(
+                _Unread(self.step, loss_sum, grad_norm, tokens, scored, lr, self.micro, step_start, stats)
+            )
             if self.step == self._first_step + 1:
                 self._check_compiled()
                 if self.after_first_step is not None:
@@ -356,7 +368,13 @@ class Trainer:
         self.timings.setdefault("first loss point", now - self.created)
         rate = sum(tokens for tokens, _ in counts) / max(now - unread[0].started, 1e-9)  # the steps read together
         memory = hardware.memory_snapshot(self.device)
-        for u, loss, norm, (tokens, scored) in zip(unread, losses, norms, counts):
+        # A preference objective's statistics, the mean over the step's micro-batches (this
+        # process's: under several processes, rank 0 speaks for the run).
+        stats = [
+            {} if u.stats is None else dict(zip(PREFERENCE_STATS, (u.stats / t.gradient_accumulation).tolist()))
+            for u in unread
+        ]
+        for u, loss, norm, (tokens, scored), more in zip(unread, losses, norms, counts, stats):
             self._emit(
                 TrainRecord(
                     step=u.step,
@@ -371,7 +389,7 @@ class Trainer:
                     time=now,
                     elapsed_s=now - self._started,
                     steps_this_session=u.step - self._first_step,
-                    extra=memory,
+                    extra=memory | more,
                 )
             )
 
@@ -417,7 +435,7 @@ class Trainer:
         if not self.eval_examples:
             return None
         self.model.eval()
-        total, count = None, 0
+        total, count, stats, pairs = None, 0, None, 0
         lengths = [len(e.input_ids) for e in self.eval_examples]
         for micro_batch in batching.epoch(lengths, self.batching, None):
             n = batching.counts(self.eval_examples, micro_batch)[1]
@@ -427,11 +445,16 @@ class Trainer:
                 loss = self.loss_fn(**self.tensors(micro_batch, self.eval_examples))
             total = loss.detach() * n if total is None else total + loss.detach() * n
             count += n
+            last = getattr(self.loss_fn, "last", None)  # a preference objective: held-out reward accuracy
+            if last is not None:
+                stats = last * len(micro_batch) if stats is None else stats + last * len(micro_batch)
+                pairs += len(micro_batch)
         self.model.train()
         if not count:
             return None
         eval_loss = total.item() / count
-        self._emit(EvalRecord(self.step if at_step is None else at_step, eval_loss, time.time()))
+        extra = {} if stats is None else dict(zip(PREFERENCE_STATS, (stats / pairs).tolist()))
+        self._emit(EvalRecord(self.step if at_step is None else at_step, eval_loss, time.time(), extra=extra))
         return eval_loss
 
     def _emit(self, record: Record) -> None:

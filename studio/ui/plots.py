@@ -55,7 +55,43 @@ def loss_figure(train: list[TrainRecord], evals: list[EvalRecord], log_scale: bo
     fig.update_layout(title="Loss", xaxis_title="step", yaxis_title="loss", **_LAYOUT)
     if log_scale:
         fig.update_yaxes(type="log")
+    _reward_accuracy(fig, train, evals)
     return fig
+
+
+def _reward_accuracy(fig: go.Figure, train: list[TrainRecord], evals: list[EvalRecord]) -> None:
+    """A preference run (dpo, orpo): how often the chosen answer out-scores the rejected one, on
+    the training pairs and the held-out pairs, on a 0-1 axis of its own at the right."""
+    points = [(m.step, m.extra["reward_accuracy"]) for m in train if "reward_accuracy" in m.extra]
+    held = [(m.step, m.extra["reward_accuracy"]) for m in evals if "reward_accuracy" in m.extra]
+    if not points and not held:
+        return
+    if len(points) > 2:
+        fig.add_trace(
+            go.Scatter(
+                x=[s for s, _ in points],
+                y=smooth([a for _, a in points]),
+                mode="lines",
+                name="reward accuracy (train, smoothed)",
+                line=dict(color="rgb(0,160,120)", width=2, dash="dot"),
+                yaxis="y2",
+            )
+        )
+    if held:
+        fig.add_trace(
+            go.Scatter(
+                x=[s for s, _ in held],
+                y=[a for _, a in held],
+                mode="lines+markers",
+                name="reward accuracy (held-out)",
+                line=dict(color="rgb(0,160,120)"),
+                marker=dict(size=8, symbol="diamond"),
+                yaxis="y2",
+            )
+        )
+    fig.update_layout(
+        yaxis2=dict(title="reward accuracy", overlaying="y", side="right", range=[0, 1.02], showgrid=False)
+    )
 
 
 def memory_figure(
@@ -126,6 +162,8 @@ PART_LABELS = {
     "activations": "activations",
     "logits": "logits",
     "allocator_retention": "freed but still resident (glibc)",
+    "reference_weights": "DPO reference (frozen copy)",
+    "gathered_weights": "gathered weights (FSDP)",
     "runtime_overhead": "runtime overhead",
 }
 PART_COLORS = {
@@ -137,6 +175,8 @@ PART_COLORS = {
     "activations": "#06b6d4",
     "logits": "#a855f7",
     "allocator_retention": "#67e8f9",
+    "reference_weights": "#a5b4fc",
+    "gathered_weights": "#c4b5fd",
     "runtime_overhead": "#9ca3af",
 }
 

@@ -21,6 +21,7 @@ import gradio as gr
 from studio.config import (
     LR_SCHEDULERS,
     METHODS,
+    OBJECTIVES,
     OPTIMIZERS,
     PACKING,
     ConfigError,
@@ -133,6 +134,11 @@ def build_train_tab(studio: Studio, dataset_path: gr.State, mapping: gr.State) -
             info="default = SmolLM2-135M-Instruct (bundled, works offline); or a hub id or local folder.",
         )
         form.add("method", "Method", functools.partial(gr.Radio, list(METHODS)), elem_id="method-picker", scale=2)
+    with gr.Row():
+        objectives = functools.partial(gr.Radio, list(OBJECTIVES))
+        form.add("training.objective", "Objective", objectives, elem_id="train-objective", scale=2)
+        form.add("training.beta", "DPO beta", elem_id="train-beta")
+        form.add("training.orpo_lambda", "ORPO lambda", elem_id="train-orpo-lambda")
     with gr.Row():
         form.add("training.epochs", "Epochs", minimum=0)
         form.add("training.max_steps", "Max steps", elem_id="train-max-steps", minimum=0)

@@ -114,11 +114,34 @@ def progress_markdown(view: JobView) -> str:
     if view.eta_s is not None and view.active:
         parts.append(f"ETA {format_duration(view.eta_s)}")
     text = " · ".join(parts) + f"  \n{view.message}"
+    rewards = _rewards_line(view)
+    if rewards:
+        text += f"  \n{rewards}"
     if view.memory_check:
         text += f"  \n{view.memory_check}"
     if view.queued:
         text += "  \nWaiting to start: " + ", ".join(f"{i}. `{r}`" for i, r in enumerate(view.queued, 1))
     return text
+
+
+def _rewards_line(view: JobView) -> str:
+    """A preference run's latest statistics: how often the chosen answer wins, by how much, and the
+    implicit rewards' means (the last 10 steps, and the latest held-out evaluation)."""
+    recent = [m.extra for m in view.train[-10:] if "reward_accuracy" in m.extra]
+    if not recent:
+        return ""
+
+    def mean(key: str) -> float:
+        return sum(r[key] for r in recent) / len(recent)
+
+    line = (
+        f"Reward accuracy {mean('reward_accuracy'):.0%} (last {len(recent)} steps) · margin "
+        f"{mean('reward_margin'):+.3f} · chosen {mean('chosen_reward'):+.3f}, rejected {mean('rejected_reward'):+.3f}"
+    )
+    held = [m.extra for m in view.evals if "reward_accuracy" in m.extra]
+    if held:
+        line += f" · held-out accuracy {held[-1]['reward_accuracy']:.0%}"
+    return line
 
 
 def report_markdown(report: DataReport) -> str:
