@@ -201,6 +201,12 @@ def render_with_spans(conv: Conversation, tokenizer) -> tuple[str, list[tuple[in
 def tokenize_messages(conv: Conversation, tokenizer, max_length: int | None) -> Example:
     """Token ids and labels for one conversation (or plain text), cut to max_length."""
     text, spans = render_with_spans(conv, tokenizer)
+    return tokenize_text(text, spans, tokenizer, max_length)
+
+
+def tokenize_text(text: str, spans: list[tuple[int, int]], tokenizer, max_length: int | None) -> Example:
+    """Rendered text as token ids, labeled where a token starts inside a trained character span;
+    cut to max_length (the end goes)."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     labels = [

@@ -1,159 +1,26 @@
-"""The validation report: findings with row numbers and fixes, and the token statistics.
+"""Checks for supervised rows, and the one entry point for every kind of data: ``validate``.
 
-Each finding has a severity (an ``error`` blocks training, a ``warning`` does not), a stable
-``code``, how many rows it concerns, the first few row numbers as they appear in the file
-(1-based, header excluded) and a sentence saying how to fix it. Checks run column-wise with
-pandas where they can, so a 100k-row file validates in seconds.
+What a report holds (findings with row numbers and fixes, token statistics) is in
+studio/data/report.py; preference data (pairs, feedback) is checked in
+studio/data/preference_checks.py. Checks run column-wise with pandas where they can, so a
+100k-row file validates in seconds.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-
 import numpy as np
 import pandas as pd
 
-from studio.data.detect import ColumnMapping
+from studio.data.detect import DataMapping, PreferenceMapping
 from studio.data.load import Table
+from studio.data.preference_checks import validate_preference
 from studio.data.render import Conversation, conversations, parse_messages
+from studio.data.report import DataReport, Finding, LengthStats, add_finding, check_text
 from studio.data.tokens import TokenCounter
 
+__all__ = ["DataReport", "Finding", "LengthStats", "first_reply", "prompt_key", "token_lengths", "validate"]
+
 FEW_ROWS = 200
-LONG_CELL_CHARS = 20_000
-SHOW_ROWS = 5
-# Mis-decoded UTF-8: "Ã©" for "é", "â€™" for "’", a stray "Â" before a symbol, the replacement char.
-# Not a raw string on purpose: Python turns the escapes into the characters themselves, because
-# pandas 3.0 hands pyarrow string columns to RE2, which refuses `\u` escapes (Python's re takes both).
-MOJIBAKE = "Ã[\u0080-\u00bf]|â€|Â[\u0080-\u00bf]|\ufffd"
-
-
-@dataclass
-class Finding:
-    severity: str  # "error" blocks training; "warning" does not
-    code: str
-    message: str
-    fix: str
-    rows: list[int] = field(default_factory=list)  # first few, 1-based, header excluded
-    count: int = 0
-
-
-@dataclass
-class LengthStats:
-    lengths: np.ndarray  # tokens per usable row, before truncation
-    max_length: int
-
-    @property
-    def truncated_rows(self) -> int:
-        return int((self.lengths > self.max_length).sum())
-
-    @property
-    def tokens_per_epoch(self) -> int:
-        return int(np.minimum(self.lengths, self.max_length).sum())
-
-    @property
-    def cut_share(self) -> float:
-        total = int(self.lengths.sum())
-        return float(np.maximum(self.lengths - self.max_length, 0).sum() / total) if total else 0.0
-
-    def to_dict(self) -> dict:
-        q = np.percentile(self.lengths, [50, 95]) if len(self.lengths) else [0, 0]
-        return {
-            "max_length": self.max_length,
-            "tokens_per_epoch": self.tokens_per_epoch,
-            "truncated_rows": self.truncated_rows,
-            "cut_token_share": round(self.cut_share, 4),
-            "length_min": int(self.lengths.min()) if len(self.lengths) else 0,
-            "length_median": float(q[0]),
-            "length_p95": float(q[1]),
-            "length_max": int(self.lengths.max()) if len(self.lengths) else 0,
-        }
-
-
-@dataclass
-class DataReport:
-    table: Table
-    mapping: ColumnMapping
-    findings: list[Finding]
-    convs: list[Conversation | None]  # aligned with the file's rows; None = skipped
-    stats: LengthStats | None = None
-
-    @property
-    def rows(self) -> int:
-        return len(self.convs)
-
-    @property
-    def usable_rows(self) -> int:
-        return sum(c is not None for c in self.convs)
-
-    @property
-    def ok(self) -> bool:
-        return not any(f.severity == "error" for f in self.findings)
-
-    def errors(self) -> list[Finding]:
-        return [f for f in self.findings if f.severity == "error"]
-
-    def to_dict(self) -> dict:
-        """The documented JSON shape of ``finetune-studio validate --json``."""
-        return {
-            "ok": self.ok,
-            "format": self.mapping.format,
-            "encoding": self.table.encoding,
-            "delimiter": self.table.delimiter,
-            "rows": self.rows,
-            "usable_rows": self.usable_rows,
-            "mapping": self.mapping.roles(),
-            "confidence": round(self.mapping.confidence, 2),
-            "findings": [{k: v for k, v in asdict(f).items()} for f in self.findings],
-            "stats": {
-                "rows": self.rows,
-                "usable_rows": self.usable_rows,
-                **(self.stats.to_dict() if self.stats else {}),
-            },
-        }
-
-    def to_text(self) -> str:
-        """The report for a terminal."""
-        s = self.stats.to_dict() if self.stats else None
-        lines = [
-            f"Format:  {self.mapping.describe().replace('`', '')}",
-            f"File:    {self.table.describe()}; {self.rows} rows, {self.usable_rows} usable",
-        ]
-        if s:
-            lines.append(
-                f"Tokens:  {s['tokens_per_epoch']:,} per epoch; median row {s['length_median']:.0f}, "
-                f"p95 {s['length_p95']:.0f}, longest {s['length_max']} (max length {s['max_length']})"
-            )
-        lines.append("")
-        for f in self.findings:
-            rows = f" (rows {', '.join(map(str, f.rows))}{', ...' if f.count > len(f.rows) else ''})" if f.rows else ""
-            lines.append(f"{f.severity.upper():<8}{f.code}: {f.message}{rows}\n        Fix: {f.fix}")
-        lines.append("OK: training can proceed." if self.ok else "Training cannot start until the errors are fixed.")
-        return "\n".join(lines)
-
-
-def _rows(mask: pd.Series | np.ndarray) -> tuple[list[int], int]:
-    idx = np.flatnonzero(np.asarray(mask))
-    return [int(i) + 1 for i in idx[:SHOW_ROWS]], len(idx)
-
-
-_SINGULAR = {
-    "{n} rows have": "1 row has",
-    "{n} rows repeat": "1 row repeats",
-    "{n} rows share": "1 row shares",
-    "{n} rows contain": "1 row contains",
-    "{n} rows are": "1 row is",
-    "another row but give": "another row but gives",
-}
-
-
-def _add(findings, severity, code, mask, message, fix) -> None:
-    rows, count = _rows(mask)
-    if not count:
-        return
-    if count == 1:
-        for plural, singular in _SINGULAR.items():
-            message = message.replace(plural, singular)
-    findings.append(Finding(severity, code, message.replace("{n}", str(count)), fix, rows, count))
 
 
 def prompt_key(conv: Conversation) -> str:
@@ -174,8 +41,11 @@ def first_reply(conv: Conversation) -> str:
     return next((m["content"].strip() for m in conv if m["role"] == "assistant"), "")
 
 
-def validate(table: Table, mapping: ColumnMapping, tokenizer=None, max_length: int = 512) -> DataReport:
-    """Check every row; with a tokenizer also count token lengths against max_length."""
+def validate(table: Table, mapping: DataMapping, tokenizer=None, max_length: int = 512) -> DataReport:
+    """Check every row; with a tokenizer also count token lengths against max_length. Preference
+    data (``mapping.kind`` pairs or feedback) gets its own checks (:func:`validate_preference`)."""
+    if isinstance(mapping, PreferenceMapping):
+        return validate_preference(table, mapping, tokenizer, max_length)
     df = table.df
     findings: list[Finding] = []
     convs = conversations(df, mapping)
@@ -194,7 +64,7 @@ def validate(table: Table, mapping: ColumnMapping, tokenizer=None, max_length: i
             raw_empty |= cells[role].eq("").to_numpy()
             ws_only |= (cells[role].ne("") & cells[role].str.strip().eq("")).to_numpy()
         names = " or ".join(f"`{mapping.roles()[r]}`" for r in required)
-        _add(
+        add_finding(
             findings,
             "warning",
             "empty_cells",
@@ -202,7 +72,7 @@ def validate(table: Table, mapping: ColumnMapping, tokenizer=None, max_length: i
             "{n} rows have an empty " + names + " cell and will be skipped.",
             "Fill in those cells or delete the rows.",
         )
-        _add(
+        add_finding(
             findings,
             "warning",
             "whitespace_cells",
@@ -212,7 +82,7 @@ def validate(table: Table, mapping: ColumnMapping, tokenizer=None, max_length: i
         )
     if mapping.format == "messages":
         problems = [parse_messages(v)[1] for v in df[mapping.messages].tolist()]
-        _add(
+        add_finding(
             findings,
             "warning",
             "invalid_json",
@@ -221,7 +91,7 @@ def validate(table: Table, mapping: ColumnMapping, tokenizer=None, max_length: i
             "{{role, content}} (or {{from, value}}) turns; they will be skipped.",
             'Write each cell as [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}].',
         )
-        _add(
+        add_finding(
             findings,
             "warning",
             "bad_roles",
@@ -234,7 +104,7 @@ def validate(table: Table, mapping: ColumnMapping, tokenizer=None, max_length: i
     # Duplicates and contradictions, among rows we would train on.
     mapped = df[mapping.columns()].astype(str)
     dup = mapped.duplicated(keep="first").to_numpy() & usable
-    _add(
+    add_finding(
         findings,
         "warning",
         "duplicate_rows",
@@ -249,7 +119,7 @@ def validate(table: Table, mapping: ColumnMapping, tokenizer=None, max_length: i
         n_replies = frame.groupby("key")["reply"].transform("nunique")
         conflict = np.zeros(len(df), bool)
         conflict[frame.index[n_replies > 1].to_numpy()] = True
-        _add(
+        add_finding(
             findings,
             "warning",
             "conflicting_answers",
@@ -259,29 +129,7 @@ def validate(table: Table, mapping: ColumnMapping, tokenizer=None, max_length: i
             "Keep one answer per prompt, or make the prompts say what differs.",
         )
 
-    # Encoding damage and giant cells.
-    moji = np.zeros(len(df), bool)
-    longc = np.zeros(len(df), bool)
-    for s in cells.values():
-        moji |= s.str.contains(MOJIBAKE, regex=True).to_numpy()
-        longc |= (s.str.len() > LONG_CELL_CHARS).to_numpy()
-    _add(
-        findings,
-        "warning",
-        "mojibake",
-        moji,
-        '{n} rows contain garbled characters such as "Ã©" or "â€™", a sign the text was decoded '
-        "with the wrong encoding before it was saved.",
-        "Re-export the file as UTF-8 from the program that made it.",
-    )
-    _add(
-        findings,
-        "warning",
-        "long_cells",
-        longc,
-        f"{{n}} rows have a cell longer than {LONG_CELL_CHARS:,} characters.",
-        "Check that a whole document did not end up in one cell; split long texts into several rows.",
-    )
+    check_text(findings, cells, len(df))
 
     stats = None
     if tokenizer is not None and usable.any():
@@ -291,7 +139,7 @@ def validate(table: Table, mapping: ColumnMapping, tokenizer=None, max_length: i
         long_rows[np.flatnonzero(usable)[lengths > max_length]] = True
         no_room = np.zeros(len(df), bool)
         no_room[np.flatnonzero(usable)[prompt_lengths >= max_length]] = True
-        _add(
+        add_finding(
             findings,
             "warning",
             "too_long",
@@ -300,7 +148,7 @@ def validate(table: Table, mapping: ColumnMapping, tokenizer=None, max_length: i
             f"({stats.cut_share:.1%} of all tokens), so the model never sees how those answers finish.",
             f"Raise max length (the longest row has {int(lengths.max())} tokens) or shorten those rows.",
         )
-        _add(
+        add_finding(
             findings,
             "warning",
             "prompt_too_long",
