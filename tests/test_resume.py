@@ -57,6 +57,43 @@ def _losses(run):
     return {m.step: m.loss for m in run.train_metrics()}
 
 
+def _kill_at_first_checkpoint(args: list[str], runs: Path) -> None:
+    """`finetune-studio ARGS` in a process of its own, killed with SIGKILL once its first
+    checkpoint is complete."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "studio.cli", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(runs.glob("*/checkpoints/step-*/trainer_state.pt")):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+@pytest.mark.process
+def test_a_killed_dpo_run_resumes_to_the_same_losses_and_rewards(tiny_model_dir, tmp_path):
+    """Issue 25: a DPO run killed with SIGKILL resumes from its checkpoint to the losses and
+    reward statistics of a run never killed."""
+    from tests.test_preference_training import _pairs
+
+    data = _pairs(tmp_path / "pairs.csv")
+    reference_runs, killed_runs = tmp_path / "reference", tmp_path / "killed"
+    dpo = ["--objective", "dpo", "--beta", "0.2"]
+    assert main([*_args(tiny_model_dir, data, reference_runs), *dpo]) == 0
+    _kill_at_first_checkpoint([*_args(tiny_model_dir, data, killed_runs), *dpo], killed_runs)
+    run = RunRegistry(killed_runs).list()[0]
+    killed_at = max(_losses(run))
+    assert killed_at < STEPS and main(["resume", run.id, "--runs-dir", str(killed_runs)]) == 0
+    reference = RunRegistry(reference_runs).list()[0]
+    ours, theirs = run.train_metrics(), reference.train_metrics()
+    assert [m.step for m in ours] == list(range(1, STEPS + 1))
+    for a, b in zip(ours, theirs):
+        assert a.loss == pytest.approx(b.loss, rel=1e-4), a.step
+        assert a.extra["reward_margin"] == pytest.approx(b.extra["reward_margin"], rel=1e-3, abs=1e-5), a.step
+    assert run.versions()[-1].record["config"]["training"]["objective"] == "dpo"
+
+
 @pytest.mark.process
 def test_sigkill_then_resume_ends_at_the_final_step_with_the_same_losses(
     tiny_model_dir, instruction_csv, tmp_path, monkeypatch, capsys
@@ -66,18 +103,7 @@ def test_sigkill_then_resume_ends_at_the_final_step_with_the_same_losses(
     assert main(_args(tiny_model_dir, instruction_csv, reference_runs)) == 0
     reference = RunRegistry(reference_runs).list()[0]
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "studio.cli", *_args(tiny_model_dir, instruction_csv, killed_runs)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(killed_runs.glob("*/checkpoints/step-*/trainer_state.pt")):
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    _kill_at_first_checkpoint(_args(tiny_model_dir, instruction_csv, killed_runs), killed_runs)
 
     registry = RunRegistry(killed_runs)
     run = registry.list()[0]

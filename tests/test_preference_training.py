@@ -1,0 +1,83 @@
+"""Issue 25: preference tuning through the studio's own trainer, on the tiny model. DPO and ORPO
+learn to prefer the chosen answers (held-out reward accuracy rises), stream their statistics with
+the loss, save an adapter version that plain PEFT loads; the wrong objective for a file is a
+sentence before any model loads."""
+
+from __future__ import annotations
+
+import pytest
+
+from studio.config import RunConfig
+from studio.data import DataError
+from studio.runs.registry import RunRegistry
+from studio.training import run_training
+from tests.helpers import write_csv
+
+pytestmark = pytest.mark.numeric
+
+
+def _pairs(path):
+    # The chosen answer ends in one word, the rejected in another, after the same words: a
+    # preference a tiny random model can learn in a few steps and carry to held-out prompts.
+    rows = [
+        [f"what is {a} plus {b}", f"the sum of {a} and {b} is right", f"the sum of {a} and {b} is wrong"]
+        for a in range(1, 13)
+        for b in range(1, 6)
+    ]
+    return write_csv(path, ["prompt", "chosen", "rejected"], rows)
+
+
+def _config(model, data, objective, **training):
+    return RunConfig.from_dict(
+        {
+            "model": str(model),
+            "method": "lora",
+            "data": {"path": str(data), "max_length": 64, "eval_rows": 12},
+            "lora": {"dropout": 0.0},
+            "training": {
+                "objective": objective,
+                "max_steps": 24,
+                "batch_size": 4,
+                "learning_rate": 5e-3,
+                "precision": "fp32",
+                "memory_check": False,
+                "eval_steps": 12,
+                "seed": 0,
+                **training,
+            },
+        }
+    )
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_preference_objectives_learn_the_chosen_answers(tiny_model_dir, tmp_path, objective):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    data = _pairs(tmp_path / "pairs.csv")
+    cfg = _config(tiny_model_dir, data, objective)
+    run = RunRegistry(tmp_path / "runs").create(cfg)
+    status = run_training(cfg, run)
+    assert status.state == "finished", status.message
+    train, evals = run.train_metrics(), run.eval_metrics()
+    assert len(train) == 24 and all("reward_accuracy" in m.extra and "reward_margin" in m.extra for m in train)
+    held_out = [m.extra["reward_accuracy"] for m in evals if m.step > 0]
+    assert len(held_out) == 2 and held_out[-1] >= 0.75, held_out  # 12 held-out pairs, after 24 steps
+    margins = [m.extra["reward_margin"] for m in train]
+    assert sum(margins[-6:]) / 6 > sum(margins[:6]) / 6  # the margin grows as it learns
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run.weights_dir())
+    assert run.versions()[0].record["config"]["training"]["objective"] == objective
+
+
+def test_the_wrong_objective_for_a_file_is_a_sentence(tiny_model_dir, tmp_path, instruction_csv):
+    from studio.training.trainer import Trainer
+
+    pairs = _pairs(tmp_path / "pairs.csv")
+    registry = RunRegistry(tmp_path / "runs")
+    for data, objective, said in (
+        (pairs, "sft", "holds preference pairs"),
+        (instruction_csv, "dpo", "learns from preference pairs"),
+    ):
+        cfg = _config(tiny_model_dir, data, objective)
+        with pytest.raises(DataError, match=said):
+            Trainer(cfg, registry.create(cfg)).setup()
