@@ -684,7 +684,14 @@ def _eval_table(result: dict) -> str:
             f"{m['name']:<18}{m['base']:.2f} {ci(m['base_ci95']):<15}{m['adapter']:.2f} {ci(m['adapter_ci95']):<15}"
             f"{m['diff']:+.2f} {ci(m['diff_ci95']):<16}{m['wins']}/{m['ties']}/{m['losses']}"
         )
-    lines += ["", *result["verdicts"]]
+    pref = result.get("preference")
+    if pref:  # a preference run: chosen over rejected on its held-out pairs, no generation involved
+        lines.append(
+            f"{'preference acc.':<18}{pref['base']:.2f} {ci(pref['base_ci95']):<15}{pref['adapter']:.2f} "
+            f"{ci(pref['adapter_ci95']):<15}{pref['diff']:+.2f} {ci(pref['diff_ci95']):<16}"
+            f"{pref['wins']}/{pref['ties']}/{pref['losses']}  ({pref['pairs']} held-out pairs)"
+        )
+    lines += ["", *([pref["verdict"]] if pref else []), *result["verdicts"]]
     cut = result["cut_share"]
     if cut["base"] or cut["adapter"]:
         lines.append(

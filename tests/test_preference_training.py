@@ -18,9 +18,10 @@ pytestmark = pytest.mark.numeric
 
 def _pairs(path):
     # The chosen answer ends in one word, the rejected in another, after the same words: a
-    # preference a tiny random model can learn in a few steps and carry to held-out prompts.
+    # preference a tiny random model can learn in a few steps and carry to held-out prompts (the
+    # words are the way round the untrained tiny model does not already prefer).
     rows = [
-        [f"what is {a} plus {b}", f"the sum of {a} and {b} is right", f"the sum of {a} and {b} is wrong"]
+        [f"what is {a} plus {b}", f"the sum of {a} and {b} is odd", f"the sum of {a} and {b} is right"]
         for a in range(1, 13)
         for b in range(1, 6)
     ]
@@ -67,6 +68,19 @@ def test_preference_objectives_learn_the_chosen_answers(tiny_model_dir, tmp_path
     assert sum(margins[-6:]) / 6 > sum(margins[:6]) / 6  # the margin grows as it learns
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run.weights_dir())
     assert run.versions()[0].record["config"]["training"]["objective"] == objective
+
+    # Evaluate: the held-out preference accuracy, base vs adapter, next to the generation metrics.
+    from studio.evaluation.task import evaluate_task
+    from studio.inference.playground import Playground
+
+    result = evaluate_task(Playground(), run, rows=4, regression_prompts=0, max_new_tokens=4)
+    pref = result["preference"]
+    assert pref["pairs"] == 12 and pref["adapter"] >= 0.75 and pref["adapter"] > pref["base"], pref
+    assert (
+        pref["adapter_ci95"][0] <= pref["adapter"] <= pref["adapter_ci95"][1]
+        and "preference accuracy" in pref["verdict"]
+    )
+    assert run.versions()[0].scores()[0]["preference"]["adapter"] == pref["adapter"]
 
 
 def test_the_wrong_objective_for_a_file_is_a_sentence(tiny_model_dir, tmp_path, instruction_csv):

@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 from studio.evaluation.judge import JudgeSettings, judge_evaluation
 from studio.evaluation.metrics import Metric
+from studio.evaluation.preference_eval import preference_accuracy
 from studio.evaluation.regression import measure_regression
 from studio.evaluation.rows import Row, build_rows, eval_set_sha256, file_conversations, held_out_conversations, spread
 from studio.evaluation.shapes import choose_metrics, label_report
@@ -304,12 +305,26 @@ def evaluate_task(
             regression = measure_regression(
                 engines, prep.tokenizer, generate, prompts=regression_prompts, progress=progress, stop=stop
             )
+        preference = None
+        cfg = run.config()
+        if (
+            cfg.training.objective != "sft"
+            and cfg.method != "full"
+            and against is None
+            and not options.get("eval_path")
+        ):
+            # What a preference run was trained to change: does it prefer the chosen answers it held out?
+            load = base_load(playground, run)
+            preference = preference_accuracy(playground, run, load, checkpoint, stop=stop, accept=on_changed_base)
+            if preference is None:
+                raise EvaluationStopped("The evaluation was stopped; nothing was stored.")
     finally:
         close_sides(engines, playground)
         if on_changed_base:  # loaded unchecked for this evaluation only: chat and serving check it again
             playground.unload(run.id)
     sides = {"base": side_texts(answers, 0), "adapter": side_texts(answers, 1)}
     result, scores = score_sides(run, checkpoint, ref_of(*against) if against else None, prep, sides)
+    result["preference"] = preference
     if on_changed_base:
         result["base_weights"] = playground.base_fingerprint.get("weights")  # the base it was scored on
         result["on_changed_base"] = True
@@ -448,6 +463,9 @@ def brief(result: dict[str, Any]) -> dict[str, Any]:
         ],
         "verdicts": result.get("verdicts"),
         "regression": (result.get("regression") or {}).get("sentence"),
+        "preference": {k: (result.get("preference") or {}).get(k) for k in ("base", "adapter", "diff_ci95", "pairs")}
+        if result.get("preference")
+        else None,
         "evaluation": Path(result["path"]).name,
         "on_changed_base": bool(result.get("on_changed_base")),
     }
