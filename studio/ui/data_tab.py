@@ -17,14 +17,19 @@ import gradio as gr
 import pandas as pd
 
 from studio.data import DataError
-from studio.data.detect import ROLES
+from studio.data.detect import PREFERENCE_ROLES, ROLES
 from studio.models import ModelError
 from studio.service import DatasetView, Studio
 from studio.ui.plots import length_histogram
 from studio.ui.views import report_markdown
 
 SAMPLES = importlib.resources.files("studio") / "templates" / "samples"  # package data
-SAMPLE_FILES = {"instructions": "instructions.csv", "chat": "chat.jsonl", "text": "text.csv"}
+SAMPLE_FILES = {
+    "instructions": "instructions.csv",
+    "chat": "chat.jsonl",
+    "text": "text.csv",
+    "preferences": "preferences.csv",
+}
 NONE = "(none)"
 ROLE_LABELS = {
     "prompt": "Prompt / instruction",
@@ -33,6 +38,9 @@ ROLE_LABELS = {
     "system": "System (optional)",
     "messages": "Chat messages",
     "text": "Plain text",
+    "chosen": "Chosen answer (preference)",
+    "rejected": "Rejected answer (preference)",
+    "label": "Good / bad label (feedback)",
 }
 EMPTY_REPORT = "No dataset yet. Upload a file or start from a sample."
 
@@ -103,6 +111,9 @@ def build_data_tab(dataset_path: gr.State, mapping: gr.State) -> DataTab:
                 "instructions": gr.Button("Instructions (Q&A format)", elem_id="data-sample-instructions", size="sm"),
                 "chat": gr.Button("Chat (answers in French)", elem_id="data-sample-chat", size="sm"),
                 "text": gr.Button("Plain text (log notes)", elem_id="data-sample-text", size="sm"),
+                "preferences": gr.Button(
+                    "Preference pairs (chosen vs rejected)", elem_id="data-sample-preferences", size="sm"
+                ),
             }
     with gr.Accordion("Column mapping (detected; change it if it is wrong)", open=True, elem_id="data-mapping"):
         with gr.Row():
@@ -110,7 +121,7 @@ def build_data_tab(dataset_path: gr.State, mapping: gr.State) -> DataTab:
                 r: gr.Dropdown(
                     [NONE], value=NONE, label=ROLE_LABELS[r], elem_id=f"data-map-{r}", interactive=True, min_width=140
                 )
-                for r in ROLES
+                for r in ROLES + PREFERENCE_ROLES
             }
     report = gr.Markdown(EMPTY_REPORT, elem_id="data-report")
     with gr.Row():

@@ -47,6 +47,9 @@ def summary_markdown(result: dict) -> str:
         f"**Metrics:** {result.get('reason', '')}",
         "",
     ]
+    preference = result.get("preference")
+    if isinstance(preference, dict):  # a preference run: what it was trained to change comes first
+        lines.append(f"- {preference['verdict']} ({preference['pairs']} held-out pairs, no generation)")
     lines += [f"- {v}" for v in result.get("verdicts", [])]
     notes = [m["errors"] for m in result.get("metrics", []) if m.get("errors")]
     cut = result.get("cut_share") or {}
@@ -91,9 +94,15 @@ def scores_frame(result: dict) -> pd.DataFrame:
             f"{m['wins']} / {m['ties']} / {m['losses']}",
             round(m.get("p_value", float("nan")), 3),
         ]
-        for m in result.get("metrics", [])
+        for m in [*_preference_line(result), *result.get("metrics", [])]
     ]
     return pd.DataFrame(lines, columns=METRIC_COLUMNS)
+
+
+def _preference_line(result: dict) -> list[dict]:
+    """A preference run's held-out preference accuracy as a line of the scores table."""
+    p = result.get("preference")
+    return [{**p, "name": "preference accuracy (held-out pairs)"}] if isinstance(p, dict) else []
 
 
 def labels_markdown(result: dict) -> str:
