@@ -52,6 +52,9 @@ def test_an_uploaded_sample_fills_the_report_preview_and_mapping_by_name(tab):
         "system": NONE,
         "messages": NONE,
         "text": NONE,
+        "chosen": NONE,
+        "rejected": NONE,
+        "label": NONE,
     }
     assert (NONE, NONE) in out[tab.roles["prompt"]].choices and ("output", "output") in out[tab.roles["prompt"]].choices
     assert len(out[tab.histogram].data[0].x) == 300
@@ -122,3 +125,15 @@ def test_samples_load_from_the_package_and_clear_empties_the_tab(tab):
     assert cleared[tab.histogram] is None and cleared[tab.seen] == ""
     no_file = data_tab.uploaded(studio, tab, _data(tab, upload=None))
     assert no_file[tab.report] == data_tab.EMPTY_REPORT
+
+
+def test_the_preference_sample_is_detected_with_its_roles(tab):
+    """Issue 25: the bundled preference pairs fill the chosen and rejected boxes; a person's
+    remapping keeps them."""
+    studio, tab = tab
+    out = data_tab.load_sample(studio, tab, "preferences", _data(tab))
+    assert "preference pairs: prompt, chosen, rejected" in out[tab.report] and "300 usable" in out[tab.report]
+    roles = _role_values(tab, out)
+    assert (roles["prompt"], roles["chosen"], roles["rejected"]) == ("prompt", "chosen", "rejected")
+    again = data_tab.remapped(studio, tab, _data(tab, dataset_path=out[tab.dataset_path], roles=roles))
+    assert "preference pairs" in again[tab.report] and _role_values(tab, again) == roles
