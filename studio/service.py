@@ -48,14 +48,34 @@ class DatasetView:
     tokenizer: object = None
 
     def usable(self) -> list:
-        return [c for c in self.report.convs if c is not None] if self.report else []
+        if self.report is None:
+            return []
+        rows = self.report.convs if self.report.preference is None else self.report.preference
+        return [c for c in rows if c is not None]
 
     def segments(self, index: int):
         """What the model sees for the index-th usable row (wrapping around)."""
+        return self.sides(index)[0][1] if self.sides(index) else []
+
+    def sides(self, index: int) -> list[tuple[str, list]]:
+        """(label, segments) for each sequence the index-th usable row trains: one for supervised
+        data ("" label); the chosen and the rejected answer after the same prompt for a
+        preference pair; the answer marked good or bad for feedback."""
         usable = self.usable()
         if not usable or self.report.stats is None:
             return []
-        return token_segments(usable[index % len(usable)], self.tokenizer, self.report.stats.max_length)
+        length = self.report.stats.max_length
+        if self.report.preference is None:
+            return [("", token_segments(usable[index % len(usable)], self.tokenizer, length))]
+        rows = [r for r in self.report.preference if r is not None]
+        row = rows[index % len(rows)]
+        if hasattr(row, "rejected"):  # a pair
+            return [
+                (side, token_segments(row.conversation(side), self.tokenizer, length))
+                for side in ("chosen", "rejected")
+            ]
+        label = "marked good" if row.desirable else "marked bad"
+        return [(label, token_segments(row.conversation(), self.tokenizer, length))]
 
 
 @dataclass

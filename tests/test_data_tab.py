@@ -135,5 +135,7 @@ def test_the_preference_sample_is_detected_with_its_roles(tab):
     assert "preference pairs: prompt, chosen, rejected" in out[tab.report] and "300 usable" in out[tab.report]
     roles = _role_values(tab, out)
     assert (roles["prompt"], roles["chosen"], roles["rejected"]) == ("prompt", "chosen", "rejected")
+    seen = out[tab.seen]  # both sides after the same prompt, each answer marked trained
+    assert seen.index("fs-side'>chosen") < seen.index("fs-side'>rejected") and seen.count("fs-trained") == 2
     again = data_tab.remapped(studio, tab, _data(tab, dataset_path=out[tab.dataset_path], roles=roles))
     assert "preference pairs" in again[tab.report] and _role_values(tab, again) == roles

@@ -290,13 +290,19 @@ def seen_html(view: DatasetView | None, index: int) -> str:
     escaped: a cell holding HTML must show as text, never run."""
     if view is None or not view.usable():
         return "<div class='fs-seen fs-empty'>No usable rows to show.</div>"
-    parts, marked_cut = [], False
-    for seg in view.segments(index):
-        if seg.cut and not marked_cut:
-            parts.append("<span class='fs-cut-mark'>✂ max length</span>")
-            marked_cut = True
-        cls = "fs-cut" if seg.cut else ("fs-trained" if seg.trained else "fs-masked")
-        parts.append(f"<span class='{cls}'>{html.escape(seg.text)}</span>")
+    parts = []
+    for label, segments in view.sides(index):
+        if label:  # a preference pair's side, or a feedback row's verdict
+            parts.append(f"<span class='fs-side'>{html.escape(label)}</span>\n")
+        marked_cut = False
+        for seg in segments:
+            if seg.cut and not marked_cut:
+                parts.append("<span class='fs-cut-mark'>✂ max length</span>")
+                marked_cut = True
+            cls = "fs-cut" if seg.cut else ("fs-trained" if seg.trained else "fs-masked")
+            parts.append(f"<span class='{cls}'>{html.escape(seg.text)}</span>")
+        if label:
+            parts.append("\n\n")
     n = len(view.usable())
     return (
         f"<div class='fs-seen-head'>Usable row {index % n + 1} of {n}</div><pre class='fs-seen'>{''.join(parts)}</pre>"
