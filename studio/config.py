@@ -166,6 +166,10 @@ class TrainingConfig:
     """dpo: how far the model may move from the reference (higher keeps it closer)."""
     orpo_lambda: float = 0.1
     """orpo: the weight of the odds-ratio term against the supervised term on the chosen answers."""
+    start_from: str = ""
+    """RUN@vN (or RUN, its latest version) of another LoRA/QLoRA run on the same base: this run's adapter
+    starts as that one and trains on; with dpo that version is also the reference (the usual recipe:
+    sft first, then dpo on preference pairs). Empty: a new adapter."""
 
 
 @dataclass

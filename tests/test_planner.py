@@ -443,6 +443,7 @@ EVERY_FIELD = {
     "training.objective": "orpo",
     "training.beta": 0.2,
     "training.orpo_lambda": 0.3,
+    "training.start_from": "some-run@v2",
 }
 
 

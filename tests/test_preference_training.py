@@ -95,3 +95,31 @@ def test_the_wrong_objective_for_a_file_is_a_sentence(tiny_model_dir, tmp_path, 
         cfg = _config(tiny_model_dir, data, objective)
         with pytest.raises(DataError, match=said):
             Trainer(cfg, registry.create(cfg)).setup()
+
+
+def test_dpo_starts_from_an_sft_version_which_is_also_its_reference(tiny_model_dir, tmp_path, instruction_csv):
+    """The usual recipe: sft first, then dpo from that version. The DPO run's adapter starts as the
+    sft version's and that version, frozen, is the reference: so the first step's rewards are
+    exactly 0; only the trained adapter is saved."""
+    from studio.models import ModelError
+    from studio.training.trainer import Trainer
+
+    registry = RunRegistry(tmp_path / "runs")
+    sft_cfg = _config(tiny_model_dir, instruction_csv, "sft", max_steps=6, eval_steps=0)
+    sft = registry.create(sft_cfg)
+    assert run_training(sft_cfg, sft).state == "finished"
+
+    cfg = _config(tiny_model_dir, _pairs(tmp_path / "pairs.csv"), "dpo", start_from=f"{sft.id}@v1")
+    run = registry.create(cfg)
+    status = run_training(cfg, run)
+    assert status.state == "finished", status.message
+    first = run.train_metrics()[0].extra
+    assert first["chosen_reward"] == first["rejected_reward"] == first["reward_margin"] == 0.0
+    assert run.eval_metrics()[-1].extra["reward_accuracy"] >= 0.75
+    saved = run.weights_dir()
+    assert not (saved / "reference").exists() and (saved / "adapter_model.safetensors").exists()
+
+    for bad, said in ((f"{sft.id}@v9", "no version v9"), ("nope", "No run called 'nope'")):
+        wrong = _config(tiny_model_dir, _pairs(tmp_path / "pairs.csv"), "dpo", start_from=bad)
+        with pytest.raises(ModelError, match=said):
+            Trainer(wrong, registry.create(wrong)).setup()

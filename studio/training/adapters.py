@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from studio.config import LoraConfig as LoraSettings  # the run's `lora` section (PEFT has a LoraConfig too)
@@ -42,3 +44,42 @@ def attach_lora(model: torch.nn.Module, lora: LoraSettings, precision: str) -> t
             if isinstance(module, BaseTunerLayer):
                 module.cast_input_dtype_enabled = False
     return model
+
+
+REFERENCE = "reference"  # the PEFT name of a DPO run's frozen reference adapter (start_from)
+
+
+def attach_saved(model: torch.nn.Module, folder, precision: str, with_reference: bool) -> torch.nn.Module:
+    """``model`` wrapped by PEFT with the adapter saved in ``folder`` as its trainable adapter
+    (training goes on from it); with ``with_reference`` the same weights loaded a second time,
+    frozen, as the DPO reference (``REFERENCE``)."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    if with_reference:
+        model.load_adapter(str(folder), adapter_name=REFERENCE, is_trainable=False)
+        model.base_model.set_adapter("default")  # the trainable one stays active (and the only one with grads)
+    if precision == "bf16":  # as attach_lora: no fp32 round trip for every adapted layer's input
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = False
+    return model
+
+
+@contextmanager
+def reference_adapter(model: torch.nn.Module):
+    """For one forward, every LoRA layer computes with the frozen ``REFERENCE`` adapter instead of
+    the trained one. Only which adapter is active changes: PEFT's set_adapter would also flip
+    requires_grad on both adapters every step (and make compiled layers recompile)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    before = [layer._active_adapter for layer in layers]
+    for layer in layers:
+        layer._active_adapter = [REFERENCE]
+    try:
+        yield
+    finally:
+        for layer, active in zip(layers, before):
+            layer._active_adapter = active

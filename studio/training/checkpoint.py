@@ -89,6 +89,8 @@ class Checkpoints:
                 save_sharded(self.loss_fn, optimizer, tmp / SHARDED_DIR)
         if dist.main:
             if weights:
+                if len(getattr(self.model, "peft_config", {})) > 1:  # a DPO reference (start_from) is not this run's
+                    gathered["selected_adapters"] = ["default"]
                 self.model.save_pretrained(tmp, safe_serialization=True, **gathered)
                 self.tokenizer.save_pretrained(tmp)
             if position is not None:

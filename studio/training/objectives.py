@@ -7,8 +7,9 @@ through one forward; the per-row log-probabilities of the answer tokens come fro
 positions only (studio/training/preference.py), as the sft loss does.
 
 The DPO reference is the model itself with its adapter switched off (LoRA and QLoRA: no second
-copy in memory), or a frozen copy of the starting model for full fine-tuning. Its log-probs are
-computed under no_grad in the same step.
+copy in memory), the frozen version it started from (``training.start_from``: a second, frozen
+adapter on the same base), or a frozen copy of the starting model for full fine-tuning. Its
+log-probs are computed under no_grad in the same step.
 
 ``last`` holds the step's preference statistics (reward accuracy, margin, the implicit rewards'
 chosen and rejected means) as one detached tensor, read with the loss (studio/training/trainer.py).
@@ -22,6 +23,7 @@ from contextlib import nullcontext
 import torch
 
 from studio.config import RunConfig
+from studio.training.adapters import REFERENCE, reference_adapter
 from studio.training.loss import LabeledTokenLoss
 from studio.training.preference import dpo_loss, orpo_loss, sequence_logps
 
@@ -72,6 +74,8 @@ class PreferenceLoss(torch.nn.Module):
     def _reference_context(self):
         if self.reference is not None:
             return nullcontext()
+        if REFERENCE in getattr(self.model, "peft_config", {}):  # training.start_from: that version, frozen
+            return reference_adapter(self.model)
         return self.model.disable_adapter()  # PEFT: the base alone, for this forward
 
 

@@ -224,11 +224,40 @@ class Trainer:
             # same for full fine-tuning and for adapters on a frozen base.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.method == "full":
+            if cfg.training.start_from:  # the config reads alone; which runs exist is known only here
+                raise models.ModelError(
+                    "training.start_from names an adapter version to start from; a full fine-tune trains the "
+                    "whole model: leave it empty, or choose lora or qlora."
+                )
             return model
         started = time.time()
-        model = adapters.attach_lora(model, cfg.lora, self.precision)
+        if cfg.training.start_from:
+            folder = self._start_from_weights()
+            model = adapters.attach_saved(model, folder, self.precision, with_reference=cfg.training.objective == "dpo")
+        else:
+            model = adapters.attach_lora(model, cfg.lora, self.precision)
         self.timings["adapter"] = time.time() - started
         return model
+
+    def _start_from_weights(self):
+        """The adapter folder ``training.start_from`` names, checked: another LoRA/QLoRA run's
+        version on this run's base. Raises ModelError with the reason."""
+        from studio.runs.registry import RunRegistry
+
+        ref = self.config.training.start_from
+        run_id, _, point = ref.partition("@")
+        try:
+            source = RunRegistry(self.run.path.parent).get(run_id)
+            folder = source.weights_at(point or None)
+            source_cfg = source.at_version(int(point[1:])).config() if point.startswith("v") else source.config()
+        except (LookupError, ValueError) as exc:
+            raise models.ModelError(f"training.start_from {ref!r}: {exc}") from None
+        if source_cfg.method not in ("lora", "qlora") or source_cfg.model != self.config.model:
+            raise models.ModelError(
+                f"training.start_from {ref!r} is a {source_cfg.method} run on {source_cfg.model!r}; this run "
+                f"trains an adapter on {self.config.model!r}: start from an adapter trained on the same base."
+            )
+        return folder
 
     # ---- train -------------------------------------------------------------------------------
     def batches(self):
