@@ -90,7 +90,9 @@ def _task_section(run: Run) -> str:
         "| metric | base | adapter | difference | wins / ties / losses |",
         "|---|---|---|---|---|",
     ]
-    for m in result["metrics"]:
+    pref = result.get("preference")  # a preference run: chosen over rejected on its held-out pairs, first
+    pref_line = [{**pref, "name": f"preference accuracy ({pref['pairs']} held-out pairs)"}] if pref else []
+    for m in [*pref_line, *result["metrics"]]:
         lines.append(
             f"| {_cell(m['name'])} | {m['base']:.3f} ({m['base_ci95'][0]:.3f} to {m['base_ci95'][1]:.3f}) | "
             f"{m['adapter']:.3f} ({m['adapter_ci95'][0]:.3f} to {m['adapter_ci95'][1]:.3f}) | "
