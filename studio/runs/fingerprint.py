@@ -200,8 +200,9 @@ def compare(
 
     Errors mean the adapter must not be loaded; warnings mean it loads but may behave
     differently than in training. ``accept_changed_weights``: a base whose weights changed is a
-    warning (an evaluation on the new base, asked for by name), not an error. Each is a sentence naming both bases. ``run_dir`` (the run's
-    folder, when there is one) goes into the retrain command an error suggests.
+    warning (an evaluation on the new base, asked for by name), not an error. Each is a sentence
+    naming both bases. ``run_dir`` (the run's folder, when there is one) goes into the retrain
+    command an error suggests.
     """
     errors, warnings = [], []
     differing = [

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from studio.config import RunConfig
+from studio.formatting import slug
 from studio.runs import files, fingerprint, versions
 from studio.runs.files import atomic_write_text, read_json
-from studio.formatting import slug
 from studio.runs.records import STATES, EvalRecord, Record, RunStatus, TrainRecord, parse_record
 
 NAME_MAX = 80
