@@ -25,7 +25,7 @@ import yaml
 
 METHODS = ("full", "lora", "qlora")
 PRECISIONS = ("auto", "bf16", "fp32")
-OBJECTIVES = ("sft", "dpo", "orpo")
+OBJECTIVES = ("sft", "dpo", "orpo", "kto")
 DISTRIBUTED = ("ddp", "fsdp")
 OPTIMIZERS = ("auto", "adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 PACKING = ("auto", "on", "off")
@@ -161,11 +161,16 @@ class TrainingConfig:
     """What the model learns: sft (to give the answers in the data), or from preference pairs (a prompt,
     a chosen and a rejected answer) which answer is better: dpo (the base with the adapter off, or a
     frozen copy for full fine-tuning, is the reference) or orpo (no reference model: a supervised term on
-    the chosen answers plus an odds-ratio penalty on the rejected ones)."""
+    the chosen answers plus an odds-ratio penalty on the rejected ones); or kto, from answers marked good
+    or bad one by one (prompt, completion, label: thumbs up/down), or from pairs read that way."""
     beta: float = 0.1
-    """dpo: how far the model may move from the reference (higher keeps it closer)."""
+    """dpo and kto: how far the model may move from the reference (higher keeps it closer)."""
     orpo_lambda: float = 0.1
     """orpo: the weight of the odds-ratio term against the supervised term on the chosen answers."""
+    kto_desirable_weight: float = 1.0
+    """kto: the weight of the answers marked good (raise it when good answers are much rarer than bad)."""
+    kto_undesirable_weight: float = 1.0
+    """kto: the weight of the answers marked bad."""
     start_from: str = ""
     """RUN@vN (or RUN, its latest version) of another LoRA/QLoRA run on the same base: this run's adapter
     starts as that one and trains on; with dpo that version is also the reference (the usual recipe:
@@ -316,7 +321,7 @@ class RunConfig:
             p.append(f"`training.packing` must be one of {', '.join(PACKING)} (got {t.packing!r}).")
         if t.objective not in OBJECTIVES:
             p.append(f"`training.objective` must be one of {', '.join(OBJECTIVES)} (got {t.objective!r}).")
-        for name in ("beta", "orpo_lambda"):
+        for name in ("beta", "orpo_lambda", "kto_desirable_weight", "kto_undesirable_weight"):
             if not 0 < getattr(t, name) <= 100:
                 p.append(f"`training.{name}` must be above 0 and at most 100 (got {getattr(t, name)}).")
         if t.objective != "sft" and t.packing == "on":

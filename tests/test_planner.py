@@ -443,6 +443,8 @@ EVERY_FIELD = {
     "training.objective": "orpo",
     "training.beta": 0.2,
     "training.orpo_lambda": 0.3,
+    "training.kto_desirable_weight": 1.5,
+    "training.kto_undesirable_weight": 0.5,
     "training.start_from": "some-run@v2",
 }
 

@@ -90,7 +90,7 @@ def test_the_wrong_objective_for_a_file_is_a_sentence(tiny_model_dir, tmp_path, 
     registry = RunRegistry(tmp_path / "runs")
     for data, objective, said in (
         (pairs, "sft", "holds preference pairs"),
-        (instruction_csv, "dpo", "learns from preference pairs"),
+        (instruction_csv, "dpo", "learns from preference data"),
     ):
         cfg = _config(tiny_model_dir, data, objective)
         with pytest.raises(DataError, match=said):
@@ -123,3 +123,42 @@ def test_dpo_starts_from_an_sft_version_which_is_also_its_reference(tiny_model_d
         wrong = _config(tiny_model_dir, _pairs(tmp_path / "pairs.csv"), "dpo", start_from=bad)
         with pytest.raises(ModelError, match=said):
             Trainer(wrong, registry.create(wrong)).setup()
+
+
+def test_kto_learns_from_answers_marked_good_or_bad(tiny_model_dir, tmp_path):
+    """Unpaired feedback (prompt, completion, label): each answer judged on its own against the
+    KL reference point; the held-out answers' rewards take the side their labels say."""
+    rows = []
+    for a in range(1, 13):
+        for b in range(1, 6):
+            good = (a + b) % 2 == 0  # half the prompts have a good answer, half a bad one
+            word = "odd" if good else "right"
+            rows.append([f"what is {a} plus {b}", f"the sum of {a} and {b} is {word}", "👍" if good else "👎"])
+    data = write_csv(tmp_path / "feedback.csv", ["prompt", "completion", "label"], rows)
+    cfg = _config(tiny_model_dir, data, "kto")
+    run = RunRegistry(tmp_path / "runs").create(cfg)
+    status = run_training(cfg, run)
+    assert status.state == "finished", status.message
+    held_out = run.eval_metrics()[-1].extra
+    assert held_out["reward_accuracy"] >= 0.75 and held_out["chosen_reward"] > held_out["rejected_reward"], held_out
+
+    sft = _config(tiny_model_dir, data, "sft")  # never taught as supervised data: the bad answers would be too
+    with pytest.raises(DataError, match="train it with objective kto"):
+        from studio.training.trainer import Trainer
+
+        Trainer(sft, RunRegistry(tmp_path / "runs").create(sft)).setup()
+
+
+@pytest.mark.unit
+def test_kto_reference_rows_pair_each_prompt_with_the_next_answer():
+    import torch
+
+    from studio.training.objectives import mismatched
+
+    ids = torch.tensor([[1, 2, 10, 11, 0], [3, 20, 21, 22, 0], [4, 5, 6, 30, 0]])
+    mask = (ids != 0).long()
+    labels = torch.tensor([[-100, -100, 10, 11, -100], [-100, 20, 21, 22, -100], [-100, -100, -100, 30, -100]])
+    kl_ids, kl_mask, kl_labels = mismatched(ids, mask, labels)
+    assert kl_ids.tolist() == [[1, 2, 20, 21, 22], [3, 30, 0, 0, 0], [4, 5, 6, 10, 11]]
+    assert kl_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert kl_labels.tolist() == [[-100, -100, 20, 21, 22], [-100, 30, -100, -100, -100], [-100, -100, -100, 10, 11]]

@@ -29,6 +29,13 @@ from studio.runs.registry import Run
 from studio.training.preference import sequence_logps
 
 METRIC = "preference_accuracy"
+
+
+class NoPairs(ValueError):
+    """The run has no held-out preference pairs to score (it trained on feedback or supervised
+    rows, or held none out): the sentence says which."""
+
+
 BATCH_PAIRS = 8
 
 
@@ -47,7 +54,8 @@ def preference_accuracy(
     base whose weights changed since the run trained (a re-evaluation on it; the caller unloads).
 
     Raises:
-        ValueError: the run did not train on preference pairs, or holds out none.
+        NoPairs: the run did not train on preference pairs, or holds out none.
+        ValueError: a full fine-tune (no adapter to switch off).
     """
     cfg = run.config()
     if cfg.method == "full":
@@ -57,10 +65,10 @@ def preference_accuracy(
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     data = prepare(cfg.data, tokenizer, cfg.training.seed)
     if data.kind != "pairs":
-        raise ValueError(f"Run {run.id} did not train on preference pairs, so it has no held-out pairs to score.")
+        raise NoPairs(f"Run {run.id} did not train on preference pairs, so it has no held-out pairs to score.")
     pairs = data.eval[:max_pairs] if max_pairs else data.eval
     if not pairs:
-        raise ValueError(
+        raise NoPairs(
             f"Run {run.id} held out no pairs (data.eval_fraction, data.eval_rows): train with some held out to "
             "score it."
         )

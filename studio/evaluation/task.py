@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from studio.evaluation.judge import JudgeSettings, judge_evaluation
 from studio.evaluation.metrics import Metric
-from studio.evaluation.preference_eval import preference_accuracy
+from studio.evaluation.preference_eval import NoPairs, preference_accuracy
 from studio.evaluation.regression import measure_regression
 from studio.evaluation.rows import Row, build_rows, eval_set_sha256, file_conversations, held_out_conversations, spread
 from studio.evaluation.shapes import choose_metrics, label_report
@@ -315,9 +315,13 @@ def evaluate_task(
         ):
             # What a preference run was trained to change: does it prefer the chosen answers it held out?
             load = base_load(playground, run)
-            preference = preference_accuracy(playground, run, load, checkpoint, stop=stop, accept=on_changed_base)
+            try:
+                preference = preference_accuracy(playground, run, load, checkpoint, stop=stop, accept=on_changed_base)
+            except NoPairs:  # kto on feedback rows, or no pairs held out: the generation metrics stand alone
+                preference = False
             if preference is None:
                 raise EvaluationStopped("The evaluation was stopped; nothing was stored.")
+            preference = preference or None
     finally:
         close_sides(engines, playground)
         if on_changed_base:  # loaded unchecked for this evaluation only: chat and serving check it again

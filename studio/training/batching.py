@@ -158,7 +158,11 @@ def tensors(examples: Sequence[Example], batch: MicroBatch, batching: Batching, 
     :func:`sdpa_mask` turns ``document`` into the attention mask where the batch lands.
     """
     if not batching.packed:  # a preference pair fills two rows, chosen then rejected
-        return collate([r for row in batch for r in examples[row[0]].rows()], pad_id)
+        chosen = [examples[row[0]] for row in batch]
+        out = collate([r for e in chosen for r in e.rows()], pad_id)
+        if hasattr(chosen[0], "desirable"):  # answers marked good or bad one by one (kto)
+            out["desirable"] = torch.tensor([e.desirable for e in chosen])
+        return out
     rows, width = batching.rows, batching.width
     ids = np.full((rows, width), pad_id, dtype=np.int64)
     labels = np.full((rows, width), IGNORE_INDEX, dtype=np.int64)
