@@ -8,7 +8,7 @@ resident set size"). Prints estimate vs measured and the worst relative error, a
 what the run's own pre-training memory check measured in-process (VmHWM), which should agree with
 the kernel's number.
 
-    .venv/bin/python benchmarks/estimator_accuracy.py [--measure-only] [--json OUT]
+    .venv/bin/python benchmarks/estimator_accuracy.py [--measure-only] [--json OUT] [--objective dpo]
 """
 
 from __future__ import annotations
@@ -41,7 +41,19 @@ def long_rows_csv(path: Path, rows: int = 32) -> Path:
     return path
 
 
-def measure(method: str, seq: int, batch: int, data: Path, runs: Path) -> dict:
+def long_pairs_csv(path: Path, rows: int = 32) -> Path:
+    """Preference pairs whose both sides are over 512 tokens: cut to seq, so each pair is two full rows."""
+    rng = random.Random(0)
+    words = "the of and to a in is that for it as with on be at model data train memory token".split()
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "chosen", "rejected"])
+        for _ in range(rows):
+            w.writerow(["Say something.", *(" ".join(rng.choice(words) for _ in range(900)) for _ in range(2))])
+    return path
+
+
+def measure(method: str, seq: int, batch: int, data: Path, runs: Path, objective: str = "sft") -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -65,6 +77,8 @@ def measure(method: str, seq: int, batch: int, data: Path, runs: Path) -> dict:
         str(runs),
         "--learning-rate",
         "1e-5",
+        "--objective",
+        objective,
     ]
     t = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -81,6 +95,7 @@ def measure(method: str, seq: int, batch: int, data: Path, runs: Path) -> dict:
         "seq": seq,
         "batch": batch,
         "lora_dropout": RunConfig().lora.dropout,
+        "objective": objective,
         "peak_rss_bytes": usage.ru_maxrss * 1024,
         "check_bytes": check.get("peak_bytes"),
         "seconds": round(time.time() - t, 1),
@@ -92,6 +107,7 @@ def main() -> None:
     ap.add_argument("--measure-only", action="store_true")
     ap.add_argument("--methods", default="full,lora,qlora", help="comma list, e.g. lora,qlora")
     ap.add_argument("--json", help="append measurements to this JSONL file")
+    ap.add_argument("--objective", default="sft", help="sft, or dpo/orpo on pairs of long answers")
     ap.add_argument(
         "--from",
         dest="recorded",
@@ -100,14 +116,14 @@ def main() -> None:
     )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp())
-    data = long_rows_csv(work / "long.csv")
+    data = long_rows_csv(work / "long.csv") if args.objective == "sft" else long_pairs_csv(work / "pairs.csv")
     rows = []
     recorded = [json.loads(line) for line in open(args.recorded)] if args.recorded else None
     grid = [g for g in GRID if g[0] in args.methods.split(",")]
     for n, (method, seq, batch) in enumerate(
         recorded and [(r["method"], r["seq"], r["batch"]) for r in recorded] or grid
     ):
-        rec = recorded[n] if recorded else measure(method, seq, batch, data, work / "runs")
+        rec = recorded[n] if recorded else measure(method, seq, batch, data, work / "runs", args.objective)
         if not args.measure_only:
             from studio.config import RunConfig
             from studio.planning import hardware
@@ -120,6 +136,7 @@ def main() -> None:
                     "data.max_length": seq,
                     "training.batch_size": batch,
                     "lora.dropout": rec.get("lora_dropout", 0.05),
+                    "training.objective": rec.get("objective", "sft"),
                 }
             )
             settings = settings_for(cfg, hardware.detect(), "cpu")
