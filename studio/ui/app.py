@@ -22,9 +22,9 @@ def build_app(studio: Studio) -> gr.Blocks:
         # Per browser tab: the dataset this person picked and its column mapping (column=role pairs).
         dataset_path, mapping = gr.State(None), gr.State("")
         with gr.Tabs():
-            with gr.Tab("Data", elem_id="tab-data"):
+            with gr.Tab("Data", elem_id="tab-data") as data_page:
                 data = build_data_tab(dataset_path, mapping)
-            with gr.Tab("Train", elem_id="tab-train"):
+            with gr.Tab("Train", elem_id="tab-train") as train_page:
                 train = build_train_tab(studio, dataset_path, mapping)
             with gr.Tab("Chat", elem_id="tab-chat") as chat_page:
                 chat = chat_tab.build_chat_tab(studio)
@@ -54,6 +54,10 @@ def build_app(studio: Studio) -> gr.Blocks:
                 registry.status,
             ],
         )
+        # The deployments table follows changes made elsewhere only while it is on screen.
+        registry_page.select(lambda: gr.Timer(active=True), outputs=registry.timer)
+        for page in (data_page, train_page, chat_page, eval_page, export_page):
+            page.select(lambda: gr.Timer(active=False), outputs=registry.timer)
         demo.load(train.show_plan, inputs=train.plan_inputs, outputs=train.plan_outputs, **PLAN_EVENT)
     return demo
 

@@ -62,6 +62,7 @@ class RegistryTab:
     refresh: gr.Button
     reevaluate: gr.Button
     retrain: gr.Button
+    timer: gr.Timer  # re-reads the deployments while the tab is shown (app.py turns it on and off)
 
 
 def build_registry_tab(studio: Studio) -> RegistryTab:
@@ -122,6 +123,7 @@ def build_registry_tab(studio: Studio) -> RegistryTab:
         refresh,
         reevaluate,
         retrain,
+        gr.Timer(REFRESH_S, active=False),
     )
 
     bind = functools.partial
@@ -134,7 +136,7 @@ def build_registry_tab(studio: Studio) -> RegistryTab:
     retrain.click(bind(retrain_version, studio, tab), inputs={version, name, run}, outputs=everything)
     name.change(bind(show_history, studio, tab), inputs=name, outputs=history)
     run.change(bind(show_versions, studio, tab), inputs=run, outputs=versions)
-    gr.Timer(REFRESH_S).tick(bind(deployments_frame, studio), outputs=deployments, show_progress="hidden")
+    tab.timer.tick(bind(deployments_frame, studio), outputs=deployments, show_progress="hidden")
     return tab
 
 
