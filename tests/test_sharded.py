@@ -271,3 +271,19 @@ def test_a_checkpoint_resumes_only_with_the_process_count_and_sharding_it_was_sa
     (checkpoint / "sharded").mkdir()
     with pytest.raises(ModelError, match="was sharded .*--distributed fsdp.*; resume it the way it was launched"):
         trainer.restore(checkpoint)
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_dpo_under_two_processes_trains_like_one_with_accumulation(distributed, tiny_model_dir, tmp_path):
+    """Issue 25: a preference objective under torchrun: the reference is each process's base with
+    its adapter off, and the step's loss is the mean over both processes' pairs."""
+    from tests.test_preference_training import _pairs
+
+    pairs = _pairs(tmp_path / "pairs.csv")
+    dpo = ("--objective", "dpo", "--eval-fraction", "0", "--eval-rows", "0")
+    one = _train(tiny_model_dir, pairs, tmp_path / "one", "lora", 1, *dpo)
+    two = _train(tiny_model_dir, pairs, tmp_path / "two", "lora", 2, "--distributed", distributed, *dpo)
+    assert max(abs(a - b) for a, b in zip(_losses(one), _losses(two))) < 1e-3, (_losses(one), _losses(two))
+    assert all("reward_accuracy" in m.extra for m in two.train_metrics())
+    _same_direction(_weights(two), _weights(one))
