@@ -150,17 +150,17 @@ class Paired:
     def to_dict(self) -> dict:
         """The numbers as JSON types, in the CLI's ``--json`` field names."""
         return {
-            "base": self.base,
-            "adapter": self.adapter,
-            "base_ci95": list(self.base_ci95),
-            "adapter_ci95": list(self.adapter_ci95),
-            "diff": self.diff,
-            "diff_ci95": list(self.diff_ci95),
-            "wins": self.wins,
-            "ties": self.ties,
-            "losses": self.losses,
-            "p_value": self.p_value,
-            "n": self.n,
+            "base": float(self.base),
+            "adapter": float(self.adapter),
+            "base_ci95": [float(x) for x in self.base_ci95],
+            "adapter_ci95": [float(x) for x in self.adapter_ci95],
+            "diff": float(self.diff),
+            "diff_ci95": [float(x) for x in self.diff_ci95],
+            "wins": int(self.wins),
+            "ties": int(self.ties),
+            "losses": int(self.losses),
+            "p_value": float(self.p_value),
+            "n": int(self.n),
         }
 
 

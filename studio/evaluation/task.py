@@ -403,17 +403,7 @@ def _metric_entry(metric: Metric, p: Paired) -> dict[str, Any]:
     return {
         "name": metric.name,
         "description": metric.description,
-        "base": float(p.base),
-        "adapter": float(p.adapter),
-        "base_ci95": [float(x) for x in p.base_ci95],
-        "adapter_ci95": [float(x) for x in p.adapter_ci95],
-        "diff": float(p.diff),
-        "diff_ci95": [float(x) for x in p.diff_ci95],
-        "wins": int(p.wins),
-        "ties": int(p.ties),
-        "losses": int(p.losses),
-        "p_value": float(p.p_value),
-        "n": int(p.n),
+        **p.to_dict(),
         "errors": metric.error_note(),  # rows where the metric failed (scored 0), in a sentence
     }
 
