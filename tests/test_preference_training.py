@@ -56,10 +56,12 @@ def test_preference_objectives_learn_the_chosen_answers(tiny_model_dir, tmp_path
     from transformers import AutoModelForCausalLM
 
     data = _pairs(tmp_path / "pairs.csv")
-    cfg = _config(tiny_model_dir, data, objective)
+    cfg = _config(tiny_model_dir, data, objective, memory_check=True)  # the pre-run check drives a pair batch too
     run = RunRegistry(tmp_path / "runs").create(cfg)
     status = run_training(cfg, run)
     assert status.state == "finished", status.message
+    check = status.memory_check
+    assert check["measured_bytes"] > 0 and check["estimate_bytes"] > 0, check
     train, evals = run.train_metrics(), run.eval_metrics()
     assert len(train) == 24 and all("reward_accuracy" in m.extra and "reward_margin" in m.extra for m in train)
     held_out = [m.extra["reward_accuracy"] for m in evals if m.step > 0]

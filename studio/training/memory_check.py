@@ -129,7 +129,7 @@ def check_memory(trainer) -> MemoryCheck:
         trainer.hw,
         device,
         seq_len=width,
-        batch_size=rows,
+        batch_size=rows if cfg.training.objective == "sft" else rows // 2,  # a preference pair is two rows
         labeled_share=labeled / (rows * width),
         devices=trainer.dist.world,
         sharded=trainer.sharded,
@@ -172,7 +172,8 @@ def check_memory(trainer) -> MemoryCheck:
         # CUDA, where the weights are already in place and a compiled model would compile for it.)
         if device != "cuda":
             with torch.no_grad(), trainer.autocast():
-                trainer.loss_fn(input_ids=batch["input_ids"][:1, :8], labels=batch["labels"][:1, :8])
+                first = 1 if cfg.training.objective == "sft" else 2  # a preference loss compares a pair
+                trainer.loss_fn(input_ids=batch["input_ids"][:first, :8], labels=batch["labels"][:first, :8])
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

@@ -26,7 +26,7 @@ import torch
 from studio.config import RunConfig
 from studio.data.render import IGNORE_INDEX
 from studio.training.adapters import REFERENCE, reference_adapter
-from studio.training.loss import LabeledTokenLoss
+from studio.training.loss import LabeledTokenLoss, plain_loss_reason
 from studio.training.preference import dpo_loss, kto_loss, orpo_loss, sequence_logps
 
 PREFERENCE_STATS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
@@ -45,6 +45,11 @@ class PreferenceLoss(torch.nn.Module):
         if objective == "dpo" and full:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         self.last: torch.Tensor | None = None
+
+    @property
+    def labeled_only(self) -> bool:
+        """Logits at the answer tokens only (studio/training/preference.py), as the sft loss."""
+        return plain_loss_reason(self.model) is None
 
     def forward(
         self,
