@@ -164,3 +164,23 @@ def test_kto_reference_rows_pair_each_prompt_with_the_next_answer():
     assert kl_ids.tolist() == [[1, 2, 20, 21, 22], [3, 30, 0, 0, 0], [4, 5, 6, 10, 11]]
     assert kl_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
     assert kl_labels.tolist() == [[-100, -100, 20, 21, 22], [-100, 30, -100, -100, -100], [-100, -100, -100, 10, 11]]
+
+
+def test_full_fine_tuning_dpo_keeps_a_frozen_reference_and_the_plan_counts_it(tiny_model_dir, tmp_path):
+    from studio.planning import hardware
+    from studio.planning.memory import estimate, shape_for_model
+    from studio.planning.planner import settings_for
+
+    cfg = _config(tiny_model_dir, _pairs(tmp_path / "pairs.csv"), "dpo", learning_rate=1e-3, max_steps=12)
+    cfg = cfg.with_overrides({"method": "full"})
+    run = RunRegistry(tmp_path / "runs").create(cfg)
+    status = run_training(cfg, run)
+    assert status.state == "finished", status.message
+    first, last = run.train_metrics()[0].extra, run.train_metrics()[-1].extra
+    assert first["reward_margin"] == 0.0 and last["reward_margin"] > 0  # the reference stayed where it started
+    assert (run.weights_dir() / "model.safetensors").exists()
+
+    shape, hw = shape_for_model(str(tiny_model_dir)), hardware.detect()
+    dpo = estimate(shape, "full", settings_for(cfg, hw, "cpu"), "cpu").breakdown
+    sft = estimate(shape, "full", settings_for(cfg.with_overrides({"training.objective": "sft"}), hw, "cpu"), "cpu")
+    assert dpo["reference_weights"] == 4 * shape.total_params and "reference_weights" not in sft.breakdown
