@@ -96,6 +96,7 @@ def measure(method: str, seq: int, batch: int, data: Path, runs: Path, objective
         "batch": batch,
         "lora_dropout": RunConfig().lora.dropout,
         "objective": objective,
+        "precision": json.loads((Path(run_dir) / "status.json").read_text()).get("precision"),
         "peak_rss_bytes": usage.ru_maxrss * 1024,
         "check_bytes": check.get("peak_bytes"),
         "seconds": round(time.time() - t, 1),

@@ -5,6 +5,7 @@ server as the judge: the scores stored whatever the judge does, the key never st
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 import shutil
@@ -239,7 +240,10 @@ def test_every_failure_is_a_sentence_with_the_fix(fake_judge):
 
     failing = fake_judge(lambda body: (500, "boom"))
     text = _error(JudgeSettings(failing.url, "m", key=KEY, workers=1))
-    assert "HTTP 500: boom (tried twice)" in text and len(failing.requests) == 2  # one retry, no more
+    # One retry, no more, per request (the other order's request may have started before the
+    # first one's error stopped the rest: on a busy machine it does).
+    asked = collections.Counter(json.dumps(r["body"], sort_keys=True) for r in failing.requests)
+    assert "HTTP 500: boom (tried twice)" in text and max(asked.values()) == 2 and len(failing.requests) <= 4
 
     text = _error(JudgeSettings(fake_judge(lambda body: (200, "<html>hello</html>")).url, "m", key=KEY))
     assert "not JSON ('<html>hello</html>')" in text and "/v1" in text

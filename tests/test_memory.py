@@ -191,6 +191,24 @@ def test_cpu_estimates_match_recorded_peak_rss_within_10_percent():
         assert abs(est.total_bytes / r["peak_rss_bytes"] - 1) < 0.10, r
 
 
+def test_dpo_estimates_match_recorded_peak_rss_within_10_percent():
+    """benchmarks/results/cpu_memory_dpo.jsonl: fresh `finetune-studio train --objective dpo`
+    processes (default model, `auto` = bf16 autocast on the AVX512-BF16 machine that measured them,
+    pairs of long answers: each pair two full rows). Re-measure with
+    benchmarks/estimator_accuracy.py --objective dpo --methods lora,full."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cpu_memory_dpo.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    assert {r["method"] for r in rows} == {"full", "lora"} and len(rows) == 8
+    for r in rows:
+        bf16 = r["precision"] == "bf16"
+        settings = Settings(r["seq"], r["batch"], bf16=bf16, lora_dropout=r["lora_dropout"], objective="dpo")
+        est = _default(r["method"], settings, "cpu")
+        assert abs(est.total_bytes / r["peak_rss_bytes"] - 1) < 0.10, r
+        assert ("reference_weights" in est.breakdown) == (r["method"] == "full")  # the frozen copy
+
+
 def test_allocator_retention_is_a_cpu_only_part():
     cpu = _default("lora", Settings(512, 4), "cpu")
     cuda = _default("lora", Settings(512, 4, bf16=True), "cuda")

@@ -163,6 +163,7 @@ PART_LABELS = {
     "logits": "logits",
     "allocator_retention": "freed but still resident (glibc)",
     "reference_weights": "DPO reference (frozen copy)",
+    "reference_pass": "reference log-probs (dpo, kto)",
     "gathered_weights": "gathered weights (FSDP)",
     "runtime_overhead": "runtime overhead",
 }
@@ -176,6 +177,7 @@ PART_COLORS = {
     "logits": "#a855f7",
     "allocator_retention": "#67e8f9",
     "reference_weights": "#a5b4fc",
+    "reference_pass": "#d8b4fe",
     "gathered_weights": "#c4b5fd",
     "runtime_overhead": "#9ca3af",
 }
