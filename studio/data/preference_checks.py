@@ -13,7 +13,7 @@ import numpy as np
 from studio.data.detect import PreferenceMapping
 from studio.data.load import Table
 from studio.data.preference import feedback_rows, pair_rows
-from studio.data.report import DataReport, Finding, LengthStats, add_finding, check_text
+from studio.data.report import DataReport, Finding, LengthStats, add_duplicates, add_finding, check_text
 from studio.data.tokens import TokenCounter
 
 # Below MIN_PAIRS training only memorises those few answers and split.py holds none out (it needs
@@ -86,15 +86,7 @@ def validate_preference(table: Table, mapping: PreferenceMapping, tokenizer=None
         add_finding(findings, "warning", code, mask, message, fix.replace("{remap}", remap))
 
     usable = np.array([it is not None for it in items], dtype=bool)
-    dup = df[mapping.columns()].astype(str).duplicated(keep="first").to_numpy() & usable
-    add_finding(
-        findings,
-        "warning",
-        "duplicate_rows",
-        dup,
-        "{n} rows repeat an earlier row exactly; they would be trained on more than once.",
-        "Remove the duplicates, unless you mean to give those examples more weight.",
-    )
+    add_duplicates(findings, df, mapping.columns(), usable)
     # The same prompt and answers with the verdict reversed: the two rows cancel out.
     if pairs:
         seen = {(_turns_key(p.prompt), p.chosen.strip(), p.rejected.strip()) for p in items if p is not None}

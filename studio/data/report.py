@@ -205,3 +205,18 @@ def check_text(findings: list[Finding], cells: dict[str, pd.Series], n_rows: int
         f"{{n}} rows have a cell longer than {LONG_CELL_CHARS:,} characters.",
         "Check that a whole document did not end up in one cell; split long texts into several rows.",
     )
+
+
+def add_duplicates(findings, df: pd.DataFrame, columns: list[str], usable: np.ndarray) -> np.ndarray:
+    """A warning for usable rows that repeat an earlier row exactly in the mapped ``columns``
+    (supervised and preference data alike); returns which rows those are."""
+    dup = df[columns].astype(str).duplicated(keep="first").to_numpy() & usable
+    add_finding(
+        findings,
+        "warning",
+        "duplicate_rows",
+        dup,
+        "{n} rows repeat an earlier row exactly; they would be trained on more than once.",
+        "Remove the duplicates, unless you mean to give those examples more weight.",
+    )
+    return dup

@@ -15,7 +15,7 @@ from studio.data.detect import DataMapping, PreferenceMapping
 from studio.data.load import Table
 from studio.data.preference_checks import validate_preference
 from studio.data.render import Conversation, conversations, parse_messages
-from studio.data.report import DataReport, Finding, LengthStats, add_finding, check_text
+from studio.data.report import DataReport, Finding, LengthStats, add_duplicates, add_finding, check_text
 from studio.data.tokens import TokenCounter
 
 __all__ = ["DataReport", "Finding", "LengthStats", "first_reply", "prompt_key", "token_lengths", "validate"]
@@ -102,16 +102,7 @@ def validate(table: Table, mapping: DataMapping, tokenizer=None, max_length: int
         )
 
     # Duplicates and contradictions, among rows we would train on.
-    mapped = df[mapping.columns()].astype(str)
-    dup = mapped.duplicated(keep="first").to_numpy() & usable
-    add_finding(
-        findings,
-        "warning",
-        "duplicate_rows",
-        dup,
-        "{n} rows repeat an earlier row exactly; they would be trained on more than once.",
-        "Remove the duplicates, unless you mean to give those examples more weight.",
-    )
+    dup = add_duplicates(findings, df, mapping.columns(), usable)
     if mapping.format != "text":
         keys = pd.Series([prompt_key(c) if c is not None else None for c in convs])
         replies = pd.Series([first_reply(c) if c is not None else None for c in convs])
