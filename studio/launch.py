@@ -171,6 +171,20 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--runs-dir", default=None, help="Folder that holds runs (default ./runs or $FINETUNE_STUDIO_RUNS_DIR)."
     )
     p.add_argument("--max-tokens", type=int, default=2048, help="Largest max_tokens a request may ask for.")
+    p.add_argument("--max-batch", type=int, default=8, help="Rows decoded together (default 8).")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="Requests that may wait for a place in the batch; beyond it the API answers 503 (default 64). "
+        "One client (address) may hold half of them before it gets 429.",
+    )
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        default=256,
+        help="Memory kept for the K/V of recent prompts, reused by prompts that start alike (default 256; 0: off).",
+    )
     add_api_key_arg(p)
 
 
@@ -179,6 +193,11 @@ def serve_api(args: argparse.Namespace) -> int:
     api_key = resolve_api_key(args.host, args.api_key)
     if not 1 <= args.max_tokens <= 4096:
         raise SystemExit(f"--max-tokens must be between 1 and 4096 (got {args.max_tokens}).")
+    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1)):
+        if value < low:
+            raise SystemExit(f"{flag} must be at least {low} (got {value}).")
+    if args.prefix_cache_mb < 0:
+        raise SystemExit(f"--prefix-cache-mb must be 0 (off) or more (got {args.prefix_cache_mb}).")
     refuse_unservable(args.host, args.port, args.runs_dir)
 
     import uvicorn
@@ -190,7 +209,15 @@ def serve_api(args: argparse.Namespace) -> int:
     print("Loading libraries...", flush=True)
     preload()
     studio = Studio(args.runs_dir)
-    ctx = serving_context(studio, args.model, api_key, args.max_tokens)
+    ctx = serving_context(
+        studio,
+        args.model,
+        api_key,
+        args.max_tokens,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        prefix_cache_mb=args.prefix_cache_mb,
+    )
     models = ctx.catalog.models()
     print(
         f"OpenAI-compatible API on http://{args.host}:{args.port}/v1  ({len(models) - 1} adapters on "

@@ -113,12 +113,12 @@ def test_the_adapter_changes_the_answer(served):
 
 
 def test_concurrent_requests_batch_across_adapters_and_equal_each_alone(served, caplog, monkeypatch):
-    from studio.serving import engine
+    from studio.serving.routing import Route
 
     url, ctx, runs = served
     routed_batches = []
-    real = engine.routed
-    monkeypatch.setattr(engine, "routed", lambda model, names: routed_batches.append(names) or real(model, names))
+    real = Route.set_rows
+    monkeypatch.setattr(Route, "set_rows", lambda self, names: routed_batches.append(list(names)) or real(self, names))
     client = _client(url)
     models = [ctx.catalog.base, runs[0].id, runs[1].id]
     jobs = [(models[i % 3], PROMPTS[i % len(PROMPTS)]) for i in range(8)]

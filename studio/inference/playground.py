@@ -125,7 +125,7 @@ class Playground:
         self.last_load_s = 0.0  # how long the last activate() took (the Chat tab shows it)
         self._adapter_layers: list = []  # PEFT layers the base pane switches off (see _base_context)
         self._pinned: set[str] = set()  # adapters a serving batch uses: never evicted during it
-        self._lock = threading.Lock()
+        self._lock = _CountingLock()
 
     # ---- loading ---------------------------------------------------------------------------
     def _ensure_base(self, ref: str, load: tuple[str, str], trust_remote_code: bool = False) -> None:
@@ -312,6 +312,23 @@ class Playground:
             finally:
                 self._pinned = set()
 
+    def others_waiting(self) -> bool:
+        """Inside ``serving``: another thread (the Chat tab, an evaluation) waits for the playground."""
+        return self._lock.waiting > 0
+
+    def lend(self, load: BaseLoad, patience_s: float = 0.5) -> None:
+        """Inside ``serving``: let the threads waiting for the playground have it, then take it back
+        (and ``load`` loaded again if they changed the base). The adapters pinned for the batch may
+        be evicted meanwhile: the caller prepares them again."""
+        self._pinned = set()
+        self._lock.release()
+        deadline = time.monotonic() + patience_s
+        while self._lock.waiting and time.monotonic() < deadline:  # until one of them has it
+            time.sleep(0.001)
+        self._lock.acquire()
+        self._pinned = set()
+        self._ensure_base(load.model, (load.method, load.precision), load.trust_remote_code)
+
     def serve_adapter(self, run: Run, checkpoint: str | None = None, accept_changed_base: bool = False) -> str:
         """Inside ``serving``: load a run's adapter (fingerprint checked) without changing what
         the Chat tab has active; returns its PEFT adapter name. ``accept_changed_base``: see _check
@@ -434,6 +451,35 @@ class Playground:
                     total += float(loss_fn(**batch)) * n
                 count += n
             return total, count
+
+
+class _CountingLock:
+    """A lock that knows whether anyone waits for it: the serving engine holds the playground
+    while its batch runs and lends it between two steps when someone does."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._guard = threading.Lock()
+        self.waiting = 0
+
+    def acquire(self) -> None:
+        with self._guard:
+            self.waiting += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._guard:
+                self.waiting -= 1
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def base_load_for(method: str, run_precision: str, device: str) -> tuple[str, str]:

@@ -32,9 +32,8 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def response(self, headers: dict | None = None) -> JSONResponse:
-        kind = {401: "authentication_error", 404: "invalid_request_error", 503: "server_busy"}.get(
-            self.status, "invalid_request_error" if self.status < 500 else "server_error"
-        )
+        kinds = {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error", 503: "server_busy"}
+        kind = kinds.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
         body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status, headers=headers)
 

@@ -1,40 +1,43 @@
-"""Batched generation for many requests on one base model, each request with its own adapter.
+"""Generation for many requests on one base model, each request with its own adapter, batched
+continuously.
 
-Requests wait in a queue; the engine thread takes the first one, waits ``max_wait_s`` for more
-(up to ``max_batch``), and decodes them together: one forward per token serves every row, each
-row through its own LoRA adapter or none (PEFT's mixed-batch ``adapter_names``: the base layer
-runs once for the whole batch, each adapter's low-rank update only on its own rows). Rows are
-left-padded with explicit position ids, so a row's logits are those it gets alone (tests
-compare each row with the same request run by itself).
+Requests wait in a bounded queue; the engine thread keeps one running batch (studio/serving/batch.py)
+and, before every decode step, lets waiting requests join it (prefilling only the newcomers) up to
+``max_batch`` rows; a row leaves the step it ends. So nobody waits for another request's batch to
+finish, and a finished row costs nothing. One forward per step serves every row, each row through
+its own LoRA adapter or none (studio/serving/routing.py).
 
-Rows that need a different base load (a QLoRA run's 4-bit base, another precision) form their
-own sub-batch: a mixed batch shares one base. The playground's lock is held for a whole batch,
-so the Chat tab and the endpoint never see each other's half-loaded state.
+- **One base at a time.** Rows that need another base load (a QLoRA run's 4-bit base, another
+  precision, a full fine-tune) wait until the running batch drains, then form the next one; the
+  head of the queue is never passed over for newer requests of the running base.
+- **Fair.** Waiting requests are taken round robin across clients (the API names each by its
+  address), so a client with many requests in the queue delays another's one by at most a turn.
+- **Bounded.** Past ``max_queue`` waiting requests ``submit`` refuses with ``Overloaded`` (the API
+  answers 503 with Retry-After), and past ``max_queue_per_client`` for one client (429).
+- **Shares the playground.** The playground's lock is held while a batch runs, so the Chat tab and
+  the engine never see each other's half-loaded state; between two steps the engine lends it to
+  anyone waiting for it (the Chat tab, an evaluation on another engine) and takes it back after.
+- **Shared prompt starts** are prefilled once (studio/serving/prefix_cache.py).
 
-Per row: its own sampling settings and seeded generator, its own stop strings (text is held back
-while it could still be the start of one), its own max tokens; a cancelled row (the client went
-away) stops at the next step. A row that asks for log-probabilities gets each generated token
-scored, and with ``echo`` every prompt token too, from the prefill that every row runs anyway
-(studio/serving/logprobs.py); only then does the prefill keep logits for all positions.
+A cancelled row (the client went away) leaves at the next step.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
-from contextlib import nullcontext
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from studio.inference.playground import BASE_ADAPTER, BaseLoad, Playground, SamplingSettings, sampling_processors
-from studio.planning import precision
-from studio.serving.logprobs import Scored, score
-from studio.serving.routing import can_route, routed
+from studio.inference.playground import BASE_ADAPTER, BaseLoad, Playground, SamplingSettings
+from studio.serving.batch import Batch
+from studio.serving.logprobs import Scored
+from studio.serving.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,7 @@ class Request:
     ignore_eos: bool = False  # decode to max tokens even past an end of turn (vLLM's extension; benchmarks)
     logprobs: int | None = None  # alternatives per token to report (0-20); None: no log-probabilities
     echo: bool = False  # with logprobs: score the prompt's tokens too; max_new_tokens may then be 0
+    client: str = ""  # who sent it (fair turns and per-client limits); "" for the studio's own jobs
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     # filled in by the engine
@@ -64,8 +68,8 @@ class Request:
     finish_reason: str | None = None  # "stop" (end of turn or a stop string) or "length"
     text: str = ""
     output_ids: list[int] = field(default_factory=list)  # every token chosen, an end of turn included
-    batch_id: str | None = None  # "7", or "7.2" for the second base load of gathered batch 7
-    batch_refs: list[str] = field(default_factory=list)  # every row decoded in that batch
+    batch_id: str | None = None  # the running batch it joined ("7": the engine's 7th)
+    batch_refs: list[str] = field(default_factory=list)  # every row that shared a step with it
     weights_sha256: str | None = None  # the hash of the adapter weights that decoded it (None: the base)
     prompt_scores: list[Scored] = field(default_factory=list)  # prompt tokens 2..n (echo with logprobs)
     scores: list[Scored] = field(default_factory=list)  # each generated token, an ending end-of-turn too
@@ -83,32 +87,129 @@ class Request:
         return None if self.first_token_at is None else self.first_token_at - self.submitted_at
 
 
-_CLOSE = object()  # queued by Engine.close: the decoding thread ends when it reaches it
+class Overloaded(Exception):
+    """``submit`` refused a request: the queue is full (``status`` 503) or its client already has
+    its share of it waiting (429). ``retry_after_s``: about when a place frees up."""
+
+    def __init__(self, status: int, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.status, self.retry_after_s = status, retry_after_s
+
+
+class _Waiting:
+    """The queue: one line per client, taken round robin (the client served last goes to the back)."""
+
+    def __init__(self):
+        self._lines: OrderedDict[str, deque[Request]] = OrderedDict()
+        self._count = 0
+        self.closing = False
+        self.changed = threading.Condition()
+
+    def __len__(self) -> int:
+        return self._count
+
+    def of(self, client: str) -> int:
+        return len(self._lines.get(client, ()))
+
+    def put(self, r: Request) -> None:  # under ``changed``
+        self._lines.setdefault(r.client, deque()).append(r)
+        self._count += 1
+        self.changed.notify_all()
+
+    def head(self) -> Request | None:  # under ``changed``
+        return next(iter(self._lines.values()))[0] if self._lines else None
+
+    def pop(self) -> Request:  # under ``changed``: the head, and its client's turn passes
+        client, line = next(iter(self._lines.items()))
+        r = line.popleft()
+        del self._lines[client]
+        if line:
+            self._lines[client] = line  # to the back
+        self._count -= 1
+        return r
+
+
+@dataclass
+class _Counters:
+    rejected_full: int = 0
+    rejected_client: int = 0
+    steps: int = 0
+    rows_stepped: int = 0  # summed over steps: divided by steps, the mean batch size
+    joins: int = 0
+    lends: int = 0  # times the playground was lent to a waiting thread between two steps
 
 
 class Engine:
     """The background decoder. ``submit`` never blocks; the caller reads ``request.events``."""
 
-    def __init__(self, playground: Playground, resolve, max_batch: int = 8, max_wait_s: float = 0.01):
+    def __init__(
+        self,
+        playground: Playground,
+        resolve,
+        max_batch: int = 8,
+        max_wait_s: float = 0.01,
+        max_queue: int | None = None,
+        max_queue_per_client: int | None = None,
+        prefix_cache: PrefixCache | None = None,
+    ):
         """``resolve(ref) -> (BaseLoad, prepare)``: the base a ref needs, and ``prepare(playground)``
         that loads its adapter inside ``Playground.serving`` and returns the adapter's name
-        (raises LookupError or ValueError with a sentence for a ref that cannot be served)."""
+        (raises LookupError or ValueError with a sentence for a ref that cannot be served).
+        ``max_wait_s``: how long a new batch waits for requests sent at the same moment, so they
+        prefill together. ``max_queue`` / ``max_queue_per_client``: waiting requests beyond which
+        ``submit`` raises Overloaded (None: unbounded, for the studio's own jobs)."""
         self.playground = playground
         self.resolve = resolve
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        self._queue: queue.Queue[Request] = queue.Queue()
+        self.max_queue = max_queue
+        self.max_queue_per_client = max_queue_per_client
+        self.prefix_cache = prefix_cache
+        self.counters = _Counters()
+        self.running = 0  # rows in the running batch
+        self._waiting = _Waiting()
         self._batch_ids = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._request_s = 5.0  # a running mean of request durations, for Retry-After
 
     def submit(self, request: Request) -> Request:
-        with self._start_lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="serving-engine", daemon=True)
-                self._thread.start()
-        self._queue.put(request)
+        """Queue ``request``; raises Overloaded (nothing queued) when the queue or the client's
+        share of it is full."""
+        with self._waiting.changed:
+            self._refuse_if_full(request.client)
+            with self._start_lock:
+                if self._thread is None or not self._thread.is_alive():
+                    self._waiting.closing = False
+                    self._thread = threading.Thread(target=self._loop, name="serving-engine", daemon=True)
+                    self._thread.start()
+            self._waiting.put(request)
         return request
+
+    def _refuse_if_full(self, client: str) -> None:
+        waiting = len(self._waiting)
+        retry = max(1, min(120, math.ceil(self._request_s * (waiting + 1) / self.max_batch)))
+        if self.max_queue is not None and waiting >= self.max_queue:
+            self.counters.rejected_full += 1
+            raise Overloaded(
+                503,
+                f"The server is at capacity: {waiting} requests are waiting. Retry after {retry} s, or raise "
+                "`serve --max-queue`.",
+                retry,
+            )
+        mine = self._waiting.of(client)
+        if self.max_queue_per_client is not None and mine >= self.max_queue_per_client:
+            self.counters.rejected_client += 1
+            raise Overloaded(
+                429,
+                f"You already have {mine} requests waiting, this client's share of the queue. Wait for an "
+                f"answer before sending more (retry after {retry} s).",
+                retry,
+            )
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
 
     def close(self, timeout: float = 30.0) -> None:
         """End the decoding thread once the requests already queued are done, and wait for it (an
@@ -119,240 +220,183 @@ class Engine:
             thread = self._thread
             if thread is None or not thread.is_alive():
                 return
-            self._queue.put(_CLOSE)
+            with self._waiting.changed:
+                self._waiting.closing = True
+                self._waiting.changed.notify_all()
         thread.join(timeout)
 
+    # ---- the decoding thread -------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
+            with self._waiting.changed:
+                while not len(self._waiting):
+                    if self._waiting.closing:
+                        return
+                    self._waiting.changed.wait()
             try:
-                if self._next_batch() is _CLOSE:
-                    return
+                self._session()
             except Exception:  # noqa: BLE001 - the engine outlives any one batch
                 log.exception("the serving engine's batch loop failed; it goes on")
 
-    def _next_batch(self):
-        """Wait for a request, gather what arrives within ``max_wait_s`` (up to ``max_batch``), decode;
-        ``_CLOSE`` once the close marker is reached."""
-        first = self._queue.get()
-        if first is _CLOSE:
-            return _CLOSE
-        batch = [first]
-        deadline = time.monotonic() + self.max_wait_s
-        closing = False
-        while len(batch) < self.max_batch:
+    def _session(self) -> None:
+        """Serve one base load: take the queue's head's, and step a batch on it while requests for
+        it keep coming; return once the batch is empty."""
+        load = self._head_load()
+        if load is None:
+            return
+        if len(self._waiting) < self.max_batch and self.max_wait_s:
+            time.sleep(self.max_wait_s)  # requests sent at the same moment prefill together
+        batch_id = str(next(self._batch_ids))
+        with self.playground.serving(load) as pg:
+            batch = Batch(pg, load.precision, self.prefix_cache)
             try:
-                nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if nxt is _CLOSE:
-                closing = True
-                break
-            batch.append(nxt)
-        batch = [r for r in batch if not r.cancelled.is_set()]
-        if batch:
-            self._run(batch)
-        return _CLOSE if closing else None
+                while True:
+                    self._admit(batch, load, pg, batch_id)
+                    if not batch.rows:
+                        return
+                    self.counters.steps += 1
+                    self.counters.rows_stepped += len(batch.rows)
+                    for row in batch.step():
+                        self._timed(row.r)
+                    self.running = len(batch.rows)
+                    if batch.rows and pg.others_waiting():
+                        self._lend(batch, load, pg)
+            except Exception as exc:  # noqa: BLE001 - every row of a failed batch gets an answer
+                log.exception("batch %s failed", batch_id)
+                for row in batch.rows:
+                    self._fail(row.r, f"Generation failed: {type(exc).__name__}: {exc}")
+                batch.rows = []
+            finally:
+                self.running = 0
+                batch.close_route()
 
-    def _run(self, batch: list[Request]) -> None:
-        batch_id = next(self._batch_ids)
-        groups: dict[BaseLoad, list[tuple[Request, Any]]] = {}
-        for r in batch:
+    def _head_load(self) -> BaseLoad | None:
+        """The base load the queue's head needs (a head that cannot be resolved is answered and
+        dropped); None once the queue is empty."""
+        while True:
+            with self._waiting.changed:
+                r = self._waiting.head()
+                if r is None:
+                    return None
             try:
-                load, prepare = self.resolve(r.ref)
-            except Exception as exc:  # noqa: BLE001 - a sentence for this row, the others go on
+                return self._resolved(r)[0]
+            except Exception as exc:  # noqa: BLE001 - a sentence for this request, the others go on
+                with self._waiting.changed:
+                    self._waiting.pop()
+                self._fail(r, str(exc))
+
+    def _resolved(self, r: Request):
+        if not hasattr(r, "_resolved"):
+            r._resolved = self.resolve(r.ref)
+        return r._resolved
+
+    def _admit(self, batch: Batch, load: BaseLoad, pg: Playground, batch_id: str) -> None:
+        """Let waiting requests for ``load`` join ``batch`` while it has room, in queue order."""
+        joiners, names, keys = [], [], []
+        while len(batch.rows) + len(joiners) < self.max_batch and batch.open_to_newcomers():
+            with self._waiting.changed:
+                r = self._waiting.head()
+                if r is None:
+                    break
+                if r.cancelled.is_set():  # the client went away while it waited
+                    self._waiting.pop()
+                    continue
+                try:
+                    r_load, prepare = self._resolved(r)
+                except Exception as exc:  # noqa: BLE001
+                    self._waiting.pop()
+                    self._fail(r, str(exc))
+                    continue
+                if r_load != load:  # its base's turn comes when this batch drains
+                    break
+                self._waiting.pop()
+            try:
+                name = prepare(pg)
+            except Exception as exc:  # noqa: BLE001 - a sentence for this request, the others go on
                 self._fail(r, str(exc))
                 continue
-            groups.setdefault(load, []).append((r, prepare))
-        for n, (load, rows) in enumerate(groups.items(), 1):
-            refs = [r.ref or BASE_ADAPTER for r, _ in rows]
-            name = str(batch_id) if len(groups) == 1 else f"{batch_id}.{n}"  # one decode per base load
-            for r, _ in rows:
-                r.batch_id, r.batch_refs, r.started_at = name, refs, time.monotonic()
+            # the log names the bytes that answer, not the disk's
+            r.weights_sha256 = pg.weights_sha256(name)
+            r.batch_id, r.started_at = batch_id, time.monotonic()
+            joiners.append(r)
+            names.append(name)
+            keys.append((pg.base_ref, pg.base_load, pg.base_loads, r.weights_sha256 or name))
+        if not joiners:
+            return
+        self.counters.joins += len(joiners)
+        try:
+            batch.join(joiners, names, keys)
+        except Exception as exc:  # noqa: BLE001 - the newcomers' prefill failed; the batch goes on
+            log.exception("a prefill in batch %s failed", batch_id)
+            for r in joiners:
+                if r.finished_at is None:
+                    self._fail(r, f"Generation failed: {type(exc).__name__}: {exc}")
+            return
+        refs = {row.r.ref or BASE_ADAPTER for row in batch.rows} | {r.ref or BASE_ADAPTER for r in joiners}
+        for row in batch.rows:
+            row.r.batch_refs = sorted(set(row.r.batch_refs) | refs)
+        for r in joiners:  # those that ended at their prefill (one token, an end of turn, echo only)
+            if not r.batch_refs:
+                r.batch_refs = sorted(refs)
+        for r in joiners:
+            self._timed(r)
+
+    def _lend(self, batch: Batch, load: BaseLoad, pg: Playground) -> None:
+        """Let whoever waits for the playground have it between two steps, then go on with the
+        rows' adapters loaded again (they may have been evicted meanwhile)."""
+        batch.close_route()
+        pg.lend(load)
+        self.counters.lends += 1
+        names = []
+        for row in batch.rows:
             try:
-                with self.playground.serving(load) as pg:
-                    names = [prepare(pg) for _, prepare in rows]
-                    for (r, _), name in zip(rows, names):  # the log names the bytes that answer, not the disk's
-                        r.weights_sha256 = pg.weights_sha256(name)
-                    _decode(pg, [r for r, _ in rows], names, load.precision)
-            except Exception as exc:  # noqa: BLE001 - a failed batch answers every row, the engine goes on
-                log.exception("batch %s failed", batch_id)
-                for r, _ in rows:
-                    if r.finished_at is None:
-                        self._fail(r, f"Generation failed: {type(exc).__name__}: {exc}")
+                names.append(self._resolved(row.r)[1](pg))
+            except Exception as exc:  # noqa: BLE001 - e.g. the run was deleted meanwhile
+                self._fail(row.r, str(exc))
+                row.done = True
+                names.append(BASE_ADAPTER)
+        batch.reprepare(names)
+        batch.drop_finished()
+
+    def _timed(self, r: Request) -> None:
+        """Keep a running mean of how long a request takes (Retry-After is estimated from it)."""
+        if r.finished_at is not None:
+            self._request_s = 0.8 * self._request_s + 0.2 * (r.finished_at - r.submitted_at)
 
     @staticmethod
     def _fail(r: Request, message: str) -> None:
         r.finished_at = time.monotonic()
         r.events.put(("error", message))
 
-
-@torch.no_grad()
-def _decode(pg: Playground, rows: list[Request], names: list[str], run_precision: str) -> None:
-    """Decode ``rows`` together, one token per row per step, until every row is done."""
-    device = pg.device
-    pad = pg.tokenizer.pad_token_id if pg.tokenizer.pad_token_id is not None else 0
-    width = max(len(r.prompt_ids) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):  # left padding: every row's next token lands in the last column
-        ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-        mask[i, width - len(r.prompt_ids) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    states = [_Row(r, pg, device) for r in rows]
-    peft = hasattr(pg.model, "peft_config")
-    # Rows with adapters are routed to their own in every LoRA layer (routing.py: two matmuls a
-    # layer, faster than PEFT's own forward even for one adapter); where routing cannot, one
-    # adapter runs PEFT's plain forward and several its mixed batch. Only the base: adapters off.
-    mixed, context = {}, nullcontext()
-    if peft and set(names) == {BASE_ADAPTER}:
-        context = pg.one_adapter(BASE_ADAPTER)
-    elif peft and can_route(pg.model, names):
-        context = routed(pg.model, names)
-    elif peft and len(set(names)) == 1:
-        context = pg.one_adapter(names[0])
-    elif peft:
-        mixed = {"adapter_names": names}
-    try:
-        with context:
-            _steps(pg, states, ids, mask, positions, mixed, run_precision)
-    finally:
-        # PEFT's mixed-batch hooks are removed by a context manager without try/finally: a
-        # forward that raised would leave them on every LoRA layer, steering later requests.
-        if mixed:
-            _drop_adapter_name_hooks(pg.model)
-    for s in states:
-        s.finish("length")
-
-
-def _steps(pg, states: list[_Row], ids, mask, positions, mixed: dict, run_precision: str) -> None:
-    device, rows = pg.device, len(states)
-    eos = pg.eos_ids()
-    cache, step_input = None, ids
-    # The prefill keeps the logits of every position only for rows that score their prompt: on
-    # the default model that is 49k floats per prompt token, which generation never reads.
-    keep = 0 if any(s.r.wants_prompt_scores for s in states) else 1
-    for step in range(max(1, max(s.r.settings.max_new_tokens for s in states))):
-        if all(s.done for s in states):
-            break
-        with precision.autocast(device, run_precision):
-            out = pg.model(
-                input_ids=step_input,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=keep if step == 0 else 1,
-                **mixed,
-            )
-        cache = out.past_key_values
-        if step == 0 and keep == 0:
-            _score_prompts(states, out.logits)
-        logits = out.logits[:, -1, :].float()
-        tokens = [s.advance(logits[i : i + 1], eos) for i, s in enumerate(states)]
-        step_input = torch.tensor(tokens, device=device).unsqueeze(-1)
-        mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=device)], dim=-1)
-        positions = positions[:, -1:] + 1
-
-
-def _score_prompts(states: list[_Row], logits: torch.Tensor) -> None:
-    """Each echo row's prompt tokens 2..n, scored from the prefill: rows are left-padded, so a
-    prompt of n tokens fills the last n columns, and column j predicts column j + 1."""
-    width = logits.shape[1]
-    for i, s in enumerate(states):
-        ids = s.r.prompt_ids
-        if s.r.wants_prompt_scores and len(ids) > 1:
-            s.r.prompt_scores = score(logits[i, width - len(ids) : width - 1], ids[1:], s.r.logprobs)
-
-
-def _drop_adapter_name_hooks(model) -> None:
-    for module in model.modules():
-        for key, hook in list(module._forward_pre_hooks.items()):
-            if getattr(getattr(hook, "func", None), "__name__", "") == "_adapter_names_pre_forward_hook":
-                del module._forward_pre_hooks[key]
-                module._forward_pre_hooks_with_kwargs.pop(key, None)
-
-
-class _Row:
-    """One row's sampling state and its streamed text."""
-
-    def __init__(self, request: Request, pg: Playground, device: str):
-        self.r = request
-        self.tokenizer = request.tokenizer or pg.tokenizer
-        self.ids = torch.tensor([request.prompt_ids], device=device)
-        self.generated: list[int] = []
-        self.sent = 0  # characters of text already sent
-        self.done = False
-        self.processors = sampling_processors(request.settings)
-        self.generator = torch.Generator(device=device).manual_seed(request.settings.seed)
-
-    def advance(self, logits: torch.Tensor, eos: set[int]) -> int:
-        """Pick this row's next token; returns the token to feed (a finished row feeds its last)."""
-        if self.done:
-            return self.generated[-1] if self.generated else self.r.prompt_ids[-1]
-        if self.r.cancelled.is_set():
-            self.finish("stop")
-            return self.r.prompt_ids[-1]
-        if self.r.settings.max_new_tokens == 0:  # echo only: the prompt was scored, nothing to add
-            self.finish("length")
-            return self.r.prompt_ids[-1]
-        scores = self.processors(self.ids, logits)
-        if self.r.settings.temperature > 0:
-            token = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self.generator)
-        else:
-            token = scores.argmax(dim=-1, keepdim=True)
-        tid = int(token)
-        self.r.output_ids.append(tid)  # evaluation teacher-forces these exact tokens (regression.py)
-        if self.r.logprobs is not None:  # from the raw logits, before any sampling setting
-            self.r.scores += score(logits, [tid], self.r.logprobs)
-        if self.r.first_token_at is None:
-            self.r.first_token_at = time.monotonic()
-        if tid in eos and not self.r.ignore_eos:
-            self.finish("stop")
-            return tid
-        self.generated.append(tid)
-        self.ids = torch.cat([self.ids, token.view(1, 1)], dim=-1)
-        self._emit()
-        if not self.done and len(self.generated) >= self.r.settings.max_new_tokens:
-            self.finish("length")
-        return tid
-
-    def _emit(self) -> None:
-        text = self.tokenizer.decode(self.generated, skip_special_tokens=True)
-        for stop in self.r.stop:
-            at = text.find(stop)
-            if at != -1:
-                self._send(text[:at])
-                self.finish("stop")
-                return
-        # Hold back what could still become a stop string, and a half-decoded character.
-        safe = len(text) - max((_overlap(text, s) for s in self.r.stop), default=0)
-        if text.endswith("\ufffd"):
-            safe = min(safe, len(text) - 1)
-        self._send(text[:safe])
-
-    def _send(self, text: str) -> None:
-        if len(text) > self.sent:
-            self.r.events.put(("text", text[self.sent :]))
-            self.sent, self.r.text = len(text), text
-
-    def finish(self, reason: str) -> None:
-        if self.done:
-            return
-        if not self.r.cancelled.is_set():  # the text held back for stop strings goes out now
-            text = self.tokenizer.decode(self.generated, skip_special_tokens=True)
-            cut = min((text.find(s) for s in self.r.stop if s in text), default=len(text))
-            self._send(text[:cut])
-        self.done = True
-        self.r.completion_tokens = len(self.generated)
-        self.r.finish_reason = reason
-        self.r.finished_at = time.monotonic()
-        self.r.events.put(("done", None))
-
-
-def _overlap(text: str, stop: str) -> int:
-    """Length of the longest end of ``text`` that is a start of ``stop``."""
-    for n in range(min(len(stop) - 1, len(text)), 0, -1):
-        if text.endswith(stop[:n]):
-            return n
-    return 0
+    def prometheus(self) -> str:
+        """The engine's gauges and counters in Prometheus' text format."""
+        c = self.counters
+        series = [
+            ("queue_waiting", "gauge", "Requests waiting to join the batch.", {"": len(self._waiting)}),
+            ("batch_rows", "gauge", "Rows in the running batch.", {"": self.running}),
+            (
+                "rejected_total",
+                "counter",
+                "Requests refused (503: the queue was full; 429: the client had its share waiting).",
+                {'{reason="queue_full"}': c.rejected_full, '{reason="client_share"}': c.rejected_client},
+            ),
+            ("decode_steps_total", "counter", "Decode steps run.", {"": c.steps}),
+            ("decode_rows_total", "counter", "Rows decoded, summed over steps.", {"": c.rows_stepped}),
+            ("playground_lends_total", "counter", "Times the batch paused for the Chat tab.", {"": c.lends}),
+        ]
+        if self.prefix_cache is not None:
+            p = self.prefix_cache.snapshot()
+            series += [
+                ("prefix_cache_lookups_total", "counter", "Prompts looked up.", {"": p.lookups}),
+                ("prefix_cache_hits_total", "counter", "Prompts that reused a cached start.", {"": p.hits}),
+                ("prefix_cache_hit_rate", "gauge", "Hits per lookup.", {"": round(p.hits / max(1, p.lookups), 4)}),
+                ("prefix_cache_reused_tokens_total", "counter", "Prompt tokens reused.", {"": p.tokens_reused}),
+                ("prefix_cache_computed_tokens_total", "counter", "Prompt tokens prefilled.", {"": p.tokens_computed}),
+                ("prefix_cache_bytes", "gauge", "Bytes the prefix cache holds.", {"": self.prefix_cache.bytes}),
+            ]
+        lines = []
+        for name, kind, help_text, values in series:
+            name = f"finetune_studio_{name}"
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+            lines += [f"{name}{labels} {value}" for labels, value in values.items()]
+        return "\n".join(lines) + "\n"

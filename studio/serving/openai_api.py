@@ -31,7 +31,7 @@ from studio.runs import versions
 from studio.serving import checks
 from studio.serving.catalog import Catalog, Served
 from studio.serving.checks import ApiError, Scoring, authorize
-from studio.serving.engine import Engine
+from studio.serving.engine import Engine, Overloaded
 from studio.serving.engine import Request as Job
 from studio.serving.logprobs import chat_logprobs, completion_logprobs
 from studio.serving.stats import Stats
@@ -85,7 +85,8 @@ def create_router(ctx: ServingContext) -> APIRouter:
             authorize(ctx.api_key, request)
         except ApiError as exc:
             return exc.response()
-        return PlainTextResponse(ctx.stats.prometheus(), media_type="text/plain; version=0.0.4")
+        text = ctx.stats.prometheus() + ctx.engine.prometheus()
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     add_tokenizer_routes(router, ctx)
     return router
@@ -197,11 +198,18 @@ async def _complete(ctx: ServingContext, request: Request, chat: bool):
             asked.ignore_eos,
             logprobs=asked.scoring.logprobs,
             echo=asked.scoring.echo,
+            client=_client(request),
         )
         for n, ids in enumerate(asked.prompts)
     ]
-    for job in jobs:  # submitted together, so the engine can batch them
-        ctx.engine.submit(job)
+    try:
+        for job in jobs:  # submitted together, so the engine can batch them
+            ctx.engine.submit(job)
+    except Overloaded as exc:
+        for job in jobs:  # a batch of prompts is answered whole or not at all
+            job.cancelled.set()
+        code = "queue_full" if exc.status == 503 else "rate_limit_exceeded"
+        return ApiError(exc.status, str(exc), code=code).response({"Retry-After": str(exc.retry_after_s)})
     shape = _Shape(rid, served.id, int(time.time()), chat)
     headers = {"X-Request-Id": rid}
     if asked.stream:
@@ -217,6 +225,11 @@ async def _complete(ctx: ServingContext, request: Request, chat: bool):
             job.cancelled.set()
         return ApiError(500, error).response(headers)
     return JSONResponse(shape.full(jobs, asked), headers=headers)
+
+
+def _client(request: Request) -> str:
+    """Who sent a request, for fair turns and per-client limits: its address."""
+    return request.client.host if request.client else ""
 
 
 def _wait(job: Job) -> str | None:
