@@ -2,16 +2,19 @@
 the default model, through the official `openai` client against a real server in this process.
 
 Trains K short LoRA runs on the bundled sample (a few steps each: the weights matter, not their
-quality), serves them, then measures:
+quality), serves them, then measures, ``--runs`` times (the table shows medians):
 
-- one request at a time: decoding tokens/s for the base and for an unmerged adapter (LoRA's
-  extra matmuls per layer), and their ratio;
-- N clients at once, each sending R requests round robin over base + adapters: requests/s,
-  generated tokens/s, p50/p95 latency, and how many models the batches mixed;
-- the engine alone (no HTTP): tokens/s of one batch of 8 rows, base only, one adapter, mixed
-  through our per-row routing, and mixed through PEFT's own ``adapter_names``.
+- the engine alone (no HTTP), one batch decoded start to end: tokens/s of 1 row and of 8 rows,
+  base, one adapter, mixed through our per-row routing, and mixed through PEFT's own ``adapter_names``;
+- one request at a time over HTTP: base and adapter;
+- N clients at once, each sending R requests round robin over base + adapters: generated tokens/s,
+  p50/p95 latency, requests that shared a batch with another model, the prefix cache's hit rate.
 
-    .venv/bin/python benchmarks/serve.py [--adapters 2] [--clients 8] [--requests 3] [--max-tokens 48]
+It ends with the ratios issue 26 sets targets for: adapter / base (1 row, 8 rows, >= 0.95), mixed /
+base (8 rows, >= 0.9), the server under N clients / the engine's 8-row batch (>= 0.9), and p95
+latency / the time an 8-row batch takes for the same answer (<= 1.2).
+
+    .venv/bin/python benchmarks/serve.py [--adapters 2] [--clients 8] [--requests 3] [--max-tokens 48] [--runs 3]
 """
 
 from __future__ import annotations
@@ -95,10 +98,11 @@ def ask(client, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
     return time.perf_counter() - start, reply.usage.completion_tokens
 
 
-def engine_table(ctx, adapters: list[str], max_tokens: int) -> None:
-    """One batch of rows decoded by the engine directly: what batching and routing buy."""
+def engine_table(ctx, adapters: list[str], max_tokens: int) -> dict[str, tuple[float, float]]:
+    """One batch of rows decoded by the engine directly, start to end: what batching and routing
+    buy. Returns {case: (tokens/s, seconds)}."""
     from studio.inference.playground import SamplingSettings
-    from studio.serving import engine
+    from studio.serving import batch as batching
     from studio.serving.engine import Request
 
     catalog = ctx.catalog
@@ -116,22 +120,56 @@ def engine_table(ctx, adapters: list[str], max_tokens: int) -> None:
         ("8 rows, mixed (our routing)", mixed, True),
         ("8 rows, mixed (PEFT adapter_names)", mixed, False),
     ]
-    print(f"\n{'engine alone, one batch':<38}{'tokens/s':>10}")
+    out = {}
     for label, refs, route in cases:
         settings = SamplingSettings(max_new_tokens=max_tokens, temperature=0)
         rows = [Request(f"b{i}", ref, prompt, settings, ignore_eos=True) for i, ref in enumerate(refs)]
         load, _ = catalog.resolve(refs[0])
-        saved = engine.can_route
-        engine.can_route = saved if route else (lambda model, names: False)
+        saved = batching.can_route
+        batching.can_route = saved if route else (lambda model, names: False)
         try:
             with ctx.engine.playground.serving(load) as pg:
                 names = [catalog.resolve(ref)[1](pg) for ref in refs]
                 start = time.perf_counter()
-                engine._decode(pg, rows, names, load.precision)
+                batch = batching.Batch(pg, load.precision)
+                try:
+                    batch.join(rows, names, [None] * len(rows))
+                    while batch.rows:
+                        batch.step()
+                finally:
+                    batch.close_route()
                 seconds = time.perf_counter() - start
         finally:
-            engine.can_route = saved
-        print(f"{label:<38}{sum(r.completion_tokens for r in rows) / seconds:>10.1f}")
+            batching.can_route = saved
+        out[label] = (sum(r.completion_tokens for r in rows) / seconds, seconds)
+    return out
+
+
+def http_load(client, models: list[str], args, batch_models: list[int]) -> dict:
+    jobs = [
+        (models[(c + i) % len(models)], PROMPTS[(c + i) % len(PROMPTS)])
+        for c in range(args.clients)
+        for i in range(args.requests)
+    ]
+    per_client = [jobs[c * args.requests : (c + 1) * args.requests] for c in range(args.clients)]
+    del batch_models[:]
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:  # each client waits for its answer
+        done = pool.map(lambda mine: [ask(client, m, p, args.max_tokens) for m, p in mine], per_client)
+        results = [r for mine in done for r in mine]
+    wall = time.perf_counter() - start
+    latencies = sorted(r[0] for r in results)
+    return {
+        "tokens/s": sum(r[1] for r in results) / wall,
+        "p50": statistics.median(latencies),
+        "p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+        "mixed": sum(n > 1 for n in batch_models),
+        "of": len(batch_models),
+    }
+
+
+def median(values):
+    return statistics.median(values)
 
 
 def main() -> None:
@@ -140,6 +178,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=3, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--runs", type=int, default=1, help="repeat every measurement; the table shows medians")
     args = ap.parse_args()
 
     import openai
@@ -151,22 +190,10 @@ def main() -> None:
     url, ctx = start_server(root)
     client = openai.OpenAI(base_url=url, api_key="local", max_retries=0, timeout=600)
     base = ctx.catalog.base
-    ask(client, base, "warm up", 4)
-
-    print(f"\n{'one request at a time':<28}{'tokens/s':>10}{'latency s':>11}")
-    single = {}
-    for name, model in (("base", base), ("adapter (unmerged LoRA)", adapters[0])):
-        times, tokens = zip(*(ask(client, model, p, args.max_tokens) for p in PROMPTS[:3]))
-        single[name] = sum(tokens) / sum(times)
-        print(f"{name:<28}{single[name]:>10.1f}{statistics.median(times):>11.2f}")
-    print(f"adapter / base decoding speed: {single['adapter (unmerged LoRA)'] / single['base']:.2f}")
-
     models = [base, *adapters]
-    jobs = [
-        (models[(c + i) % len(models)], PROMPTS[(c + i) % len(PROMPTS)])
-        for c in range(args.clients)
-        for i in range(args.requests)
-    ]
+    for m in models:  # loads every adapter once
+        ask(client, m, "warm up", 4)
+
     batch_models: list[int] = []
 
     class Count(logging.Handler):
@@ -177,19 +204,66 @@ def main() -> None:
 
     logging.getLogger("studio.serving").addHandler(Count())
     logging.getLogger("studio.serving").setLevel(logging.INFO)
-    start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
-        results = list(pool.map(lambda j: ask(client, j[0], j[1], args.max_tokens), jobs))
-    wall = time.perf_counter() - start
-    latencies = sorted(r[0] for r in results)
-    tokens = sum(r[1] for r in results)
-    p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
-    print(f"\n{args.clients} clients x {args.requests} requests over base + {len(adapters)} adapters")
-    print(f"{'requests/s':<28}{len(jobs) / wall:>10.2f}")
-    print(f"{'generated tokens/s':<28}{tokens / wall:>10.1f}   (one at a time: {single['base']:.1f})")
-    print(f"{'latency p50 / p95 s':<28}{statistics.median(latencies):>10.2f} / {p95:.2f}")
-    print(f"{'requests in a mixed batch':<28}{sum(n > 1 for n in batch_models):>10} of {len(batch_models)}")
-    engine_table(ctx, adapters, args.max_tokens)
+    logging.getLogger("studio.serving").propagate = False  # the table, not a line per request
+
+    engine_runs, single_runs, load_runs = [], [], []
+    for _ in range(args.runs):
+        engine_runs.append(engine_table(ctx, adapters, args.max_tokens))
+        single = {}
+        for name, model in (("base", base), ("adapter", adapters[0])):
+            times, tokens = zip(*(ask(client, model, p, args.max_tokens) for p in PROMPTS[:3]))
+            single[name] = sum(tokens) / sum(times)
+        single_runs.append(single)
+        load_runs.append(http_load(client, models, args, batch_models))
+
+    print(f"\n{'engine alone, one batch':<38}{'tokens/s':>10}")
+    engine = {label: median([run[label][0] for run in engine_runs]) for label in engine_runs[0]}
+    for label, tps in engine.items():
+        print(f"{label:<38}{tps:>10.1f}")
+    batch_s = median([run["8 rows, mixed (our routing)"][1] for run in engine_runs])
+
+    print(f"\n{'HTTP, one request at a time':<38}{'tokens/s':>10}")
+    for name in ("base", "adapter"):
+        print(f"{name:<38}{median([s[name] for s in single_runs]):>10.1f}")
+
+    load = {key: median([run[key] for run in load_runs]) for key in load_runs[0]}
+    print(f"\nHTTP, {args.clients} clients x {args.requests} requests over base + {len(adapters)} adapters")
+    print(f"{'generated tokens/s':<38}{load['tokens/s']:>10.1f}")
+    print(f"{'latency p50 / p95 s':<38}{load['p50']:>10.2f} / {load['p95']:.2f}")
+    print(f"{'requests sharing a batch with another model':<38}{load['mixed']:>6.0f} of {load['of']:.0f}")
+    prefix = {
+        line.split()[0]: float(line.split()[1])
+        for line in ctx.engine.prometheus().splitlines()
+        if line.startswith("finetune_studio_prefix_cache_")
+    }
+    if prefix:
+        print(
+            f"{'prefix cache hit rate':<38}{prefix['finetune_studio_prefix_cache_hit_rate']:>10.2f}   "
+            f"({prefix['finetune_studio_prefix_cache_reused_tokens_total']:.0f} prompt tokens reused, "
+            f"{prefix['finetune_studio_prefix_cache_computed_tokens_total']:.0f} computed)"
+        )
+
+    ratios = [
+        ("adapter / base, 1 row (engine)", engine["1 row, adapter"] / engine["1 row, base"], ">= 0.95"),
+        ("adapter / base, 8 rows (engine)", engine["8 rows, one adapter"] / engine["8 rows, base"], ">= 0.95"),
+        ("mixed / base, 8 rows (engine)", engine["8 rows, mixed (our routing)"] / engine["8 rows, base"], ">= 0.90"),
+        (
+            f"HTTP {args.clients} clients / engine 8-row mixed",
+            load["tokens/s"] / engine["8 rows, mixed (our routing)"],
+            ">= 0.90",
+        ),
+        (f"HTTP {args.clients} clients / engine 8-row base", load["tokens/s"] / engine["8 rows, base"], ""),
+        ("p95 latency / 8-row mixed batch time", load["p95"] / batch_s, "<= 1.20"),
+        (
+            "HTTP adapter / base, one at a time",
+            median([s["adapter"] / s["base"] for s in single_runs]),
+            "",
+        ),
+    ]
+    print(f"\n{'ratio (median of ' + str(args.runs) + ' runs)':<48}{'value':>7}  target")
+    for label, value, target in ratios:
+        print(f"{label:<48}{value:>7.2f}  {target}")
+    ctx.engine.close()  # a thread that ran torch still alive at exit aborts the process
 
 
 if __name__ == "__main__":
