@@ -151,13 +151,15 @@ class Engine:
         max_queue: int | None = None,
         max_queue_per_client: int | None = None,
         prefix_cache: PrefixCache | None = None,
+        idle_exit_s: float = 5.0,
     ):
         """``resolve(ref) -> (BaseLoad, prepare)``: the base a ref needs, and ``prepare(playground)``
         that loads its adapter inside ``Playground.serving`` and returns the adapter's name
         (raises LookupError or ValueError with a sentence for a ref that cannot be served).
         ``max_wait_s``: how long a new batch waits for requests sent at the same moment, so they
         prefill together. ``max_queue`` / ``max_queue_per_client``: waiting requests beyond which
-        ``submit`` raises Overloaded (None: unbounded, for the studio's own jobs)."""
+        ``submit`` raises Overloaded (None: unbounded, for the studio's own jobs). ``idle_exit_s``:
+        the decoding thread ends after this long without requests (the next submit starts one)."""
         self.playground = playground
         self.resolve = resolve
         self.max_batch = max_batch
@@ -165,24 +167,23 @@ class Engine:
         self.max_queue = max_queue
         self.max_queue_per_client = max_queue_per_client
         self.prefix_cache = prefix_cache
+        self.idle_exit_s = idle_exit_s
         self.counters = _Counters()
         self.running = 0  # rows in the running batch
         self._waiting = _Waiting()
         self._batch_ids = itertools.count(1)
-        self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
+        self._thread: threading.Thread | None = None  # set and cleared under self._waiting.changed
         self._request_s = 5.0  # a running mean of request durations, for Retry-After
 
     def submit(self, request: Request) -> Request:
         """Queue ``request``; raises Overloaded (nothing queued) when the queue or the client's
         share of it is full."""
-        with self._waiting.changed:
+        with self._waiting.changed:  # the thread decides to end under this lock too
             self._refuse_if_full(request.client)
-            with self._start_lock:
-                if self._thread is None or not self._thread.is_alive():
-                    self._waiting.closing = False
-                    self._thread = threading.Thread(target=self._loop, name="serving-engine", daemon=True)
-                    self._thread.start()
+            if self._thread is None or not self._thread.is_alive():
+                self._waiting.closing = False
+                self._thread = threading.Thread(target=self._loop, name="serving-engine", daemon=True)
+                self._thread.start()
             self._waiting.put(request)
         return request
 
@@ -216,13 +217,12 @@ class Engine:
         engine made for one job, such as an evaluation, leaves no thread behind: a process that
         exits while a thread that ran torch is still alive aborts, "terminate called without an
         active exception", exit code 134). A later submit starts a new thread."""
-        with self._start_lock:
+        with self._waiting.changed:
             thread = self._thread
             if thread is None or not thread.is_alive():
                 return
-            with self._waiting.changed:
-                self._waiting.closing = True
-                self._waiting.changed.notify_all()
+            self._waiting.closing = True
+            self._waiting.changed.notify_all()
         thread.join(timeout)
 
     # ---- the decoding thread -------------------------------------------------------------------
@@ -232,7 +232,13 @@ class Engine:
                 while not len(self._waiting):
                     if self._waiting.closing:
                         return
-                    self._waiting.changed.wait()
+                    if not self._waiting.changed.wait(self.idle_exit_s) and not len(self._waiting):
+                        # Idle: end the thread (submit starts another). With GNU OpenMP every
+                        # thread that ran torch keeps its own team of workers, and while two
+                        # such threads live, every parallel region in the process runs ~1.5x
+                        # slower on CPU: an idle engine would slow the next training run.
+                        self._thread = None
+                        return
             try:
                 self._session()
             except Exception:  # noqa: BLE001 - the engine outlives any one batch
