@@ -118,6 +118,33 @@ def test_a_request_joining_mid_batch_answers_as_alone_and_a_finished_row_leaves(
     assert engine.counters.steps == 39
 
 
+def test_the_first_adapter_loading_mid_batch_leaves_a_decoding_base_row_the_base(setup, tiny_model_dir, slow_steps):
+    """Loading a playground's first adapter turns its base into a PeftModel in place: a base row
+    already decoding must not start answering through that adapter."""
+    from studio.service import Studio
+    from studio.serving.server import serving_context
+
+    studio, ctx, runs = setup
+    base_alone = _alone(ctx, None, "what is 2 plus 3", 30)
+    tuned_alone = _alone(ctx, runs[0], "what is 2 plus 3", 5)
+    assert base_alone[:5] != tuned_alone  # the adapter answers differently, so a leak would show
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FINETUNE_STUDIO_AUTO_PRECISION", "fp32")
+        fresh = serving_context(Studio(studio.runs_root), model=str(tiny_model_dir))
+    engine = _engine(fresh)
+    try:
+        base = engine.submit(_request(fresh, "base", None, "what is 2 plus 3", 30))
+        wait_until(lambda: len(base.output_ids) >= 3, 30, "the base row to be decoding")
+        assert not fresh.engine.playground.adapters  # nothing loaded yet: a plain model
+        tuned = engine.submit(_request(fresh, "tuned", runs[0], "what is 2 plus 3", 5))
+        _finish(base)
+        _finish(tuned)
+    finally:
+        engine.close()
+    assert base.batch_id == tuned.batch_id
+    assert base.output_ids == base_alone and tuned.output_ids == tuned_alone
+
+
 def test_prompts_that_start_alike_share_a_prefill_and_answer_the_same(setup):
     studio, ctx, runs = setup
     questions = ["what is 1 plus 2", "what is 4 plus 4", "what is 5 plus 1"]

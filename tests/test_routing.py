@@ -78,6 +78,7 @@ def test_the_batch_decodes_what_peft_generate_decodes(two_adapters):
     pg = Pg()
     pg.model, pg.tokenizer, pg.device = model, tokenizer, "cpu"
     pg.eos_ids = lambda: set()
+    pg.adapters = {}
     prompts = [[5, 9, 31, 7], [40, 41, 42, 43, 44, 45, 46, 47, 48], [100, 7]]
     names = ["a1", BASE_ADAPTER, "a2"]
     requests = [

@@ -58,6 +58,7 @@ class Batch:
         self.peft = hasattr(self.model, "peft_config")
         self.route: Route | None = None
         self._routable: dict[frozenset, bool] = {}
+        self._state = (id(pg.model), tuple(id(a) for a in pg.adapters.values()))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -69,6 +70,8 @@ class Batch:
     def _adapter_kwargs(self, names: list[str]) -> dict:
         """Point the model's LoRA layers at ``names`` (one per row) for the next forward; the
         extra keyword arguments that forward needs (PEFT's ``adapter_names`` where routing cannot)."""
+        if self._adapters_changed():
+            self.reprepare([row.adapter for row in self.rows])
         if not self.peft:
             return {}
         adapters = frozenset(n for n in names if n != BASE_ADAPTER)
@@ -81,6 +84,15 @@ class Batch:
             return {}
         self.close_route()  # DoRA, LoRA on embeddings...: PEFT's own mixed batch
         return {"adapter_names": list(names)}
+
+    def _adapters_changed(self) -> bool:
+        """A newcomer's adapter was loaded (or one evicted) since the route was built: loading the
+        first adapter turns the base into a PeftModel in place, and a new adapter may wrap layers
+        the route does not know, whose own forward would then apply it to every row."""
+        state = (id(self.pg.model), tuple(id(a) for a in self.pg.adapters.values()))
+        changed = state != self._state
+        self._state = state
+        return changed
 
     def close_route(self) -> None:
         if self.route is not None:
