@@ -79,7 +79,7 @@ class Batch:
             self._routable[adapters] = can_route(self.model, list(adapters))
         if self._routable[adapters]:
             if self.route is None:
-                self.route = Route(self.model, precision.compute_dtype(self.run_precision))
+                self.route = Route(self.model)
             self.route.set_rows(names)
             return {}
         self.close_route()  # DoRA, LoRA on embeddings...: PEFT's own mixed batch
