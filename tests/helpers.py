@@ -39,6 +39,27 @@ def tiny_run_config(model_dir, data, method: str = "lora", dropout: float = 0.0,
     ).check()
 
 
+def two_sum_adapters(model_dir, root: Path) -> list:
+    """Two fp32 LoRA runs (different seeds and learning rates) on a tiny sums dataset under
+    ``root/runs``: served tests compare a row in a batch with the same request alone, an exact
+    promise in fp32."""
+    from studio.runs.registry import RunRegistry
+    from studio.training import run_training
+
+    rows = [[f"what is {a} plus {b}", f"answer {a + b} why {a} plus {b}"] for a in range(1, 7) for b in range(1, 7)]
+    data = write_csv(root / "sums.csv", ["instruction", "output"], rows)
+    registry = RunRegistry(root / "runs")
+    runs = []
+    for seed, lr in ((1, 1e-2), (2, 3e-2)):
+        cfg = tiny_run_config(
+            model_dir, data, max_steps=12, memory_check=False, seed=seed, learning_rate=lr, precision="fp32"
+        )
+        run = registry.create(cfg)
+        assert run_training(cfg, run).state == "finished"
+        runs.append(run)
+    return runs
+
+
 def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)

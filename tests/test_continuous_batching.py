@@ -12,11 +12,9 @@ import httpx
 import pytest
 
 from studio.inference.playground import SamplingSettings
-from studio.runs.registry import RunRegistry
 from studio.serving.engine import Engine, Request, _Waiting
 from studio.serving.prefix_cache import PrefixCache
-from studio.training import run_training
-from tests.helpers import free_port, tiny_run_config, wait_until, write_csv
+from tests.helpers import free_port, two_sum_adapters, wait_until
 
 SYSTEM = "You answer sums. " * 12  # a long shared start: the prefix cache's case
 
@@ -27,17 +25,7 @@ def setup(tiny_model_dir, tmp_path_factory):
     from studio.serving.server import serving_context
 
     root = tmp_path_factory.mktemp("cb")
-    rows = [[f"what is {a} plus {b}", f"answer {a + b} why {a} plus {b}"] for a in range(1, 7) for b in range(1, 7)]
-    data = write_csv(root / "sums.csv", ["instruction", "output"], rows)
-    registry = RunRegistry(root / "runs")
-    runs = []
-    for seed, lr in ((1, 1e-2), (2, 3e-2)):  # fp32: a row's answer alone and in a batch are equal exactly
-        cfg = tiny_run_config(
-            tiny_model_dir, data, max_steps=12, memory_check=False, seed=seed, learning_rate=lr, precision="fp32"
-        )
-        run = registry.create(cfg)
-        assert run_training(cfg, run).state == "finished"
-        runs.append(run)
+    runs = two_sum_adapters(tiny_model_dir, root)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FINETUNE_STUDIO_AUTO_PRECISION", "fp32")
         studio = Studio(root / "runs")

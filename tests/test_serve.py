@@ -11,9 +11,7 @@ import threading
 
 import pytest
 
-from studio.runs.registry import RunRegistry
-from studio.training import run_training
-from tests.helpers import add_version, free_port, tiny_run_config, wait_until, write_csv
+from tests.helpers import add_version, free_port, two_sum_adapters, wait_until
 
 KEY = "test-key-0123456789abcdef"
 PROMPTS = ["what is 2 plus 3", "what is 7 plus 1", "hello world", "the capital of france is"]
@@ -28,18 +26,7 @@ def served(tiny_model_dir, tmp_path_factory):
     from studio.serving.server import create_app, serving_context
 
     root = tmp_path_factory.mktemp("serve")
-    rows = [[f"what is {a} plus {b}", f"answer {a + b} why {a} plus {b}"] for a in range(1, 7) for b in range(1, 7)]
-    data = write_csv(root / "sums.csv", ["instruction", "output"], rows)
-    registry = RunRegistry(root / "runs")
-    runs = []
-    # fp32 runs: exact equality of a batched row with the same request alone is an fp32 promise.
-    for seed, lr in ((1, 1e-2), (2, 3e-2)):
-        cfg = tiny_run_config(
-            tiny_model_dir, data, max_steps=12, memory_check=False, seed=seed, learning_rate=lr, precision="fp32"
-        )
-        run = registry.create(cfg)
-        assert run_training(cfg, run).state == "finished"
-        runs.append(run)
+    runs = two_sum_adapters(tiny_model_dir, root)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FINETUNE_STUDIO_AUTO_PRECISION", "fp32")  # the base alone runs as the runs do
         studio = Studio(root / "runs")
