@@ -320,7 +320,6 @@ class Playground:
         """Inside ``serving``: let the threads waiting for the playground have it, then take it back
         (and ``load`` loaded again if they changed the base). The adapters pinned for the batch may
         be evicted meanwhile: the caller prepares them again."""
-        self._pinned = set()
         self._lock.release()
         deadline = time.monotonic() + patience_s
         while self._lock.waiting and time.monotonic() < deadline:  # until one of them has it

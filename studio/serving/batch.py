@@ -60,9 +60,6 @@ class Batch:
         self._routable: dict[frozenset, bool] = {}
         self._state = (id(pg.model), tuple(id(a) for a in pg.adapters.values()))
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
     def open_to_newcomers(self) -> bool:
         return self.joinable or not self.rows
 

@@ -135,7 +135,6 @@ class _Counters:
     rejected_client: int = 0
     steps: int = 0
     rows_stepped: int = 0  # summed over steps: divided by steps, the mean batch size
-    joins: int = 0
     lends: int = 0  # times the playground was lent to a waiting thread between two steps
 
 
@@ -329,7 +328,6 @@ class Engine:
             keys.append((pg.base_ref, pg.base_load, pg.base_loads, r.weights_sha256 or name))
         if not joiners:
             return
-        self.counters.joins += len(joiners)
         try:
             batch.join(joiners, names, keys)
         except Exception as exc:  # noqa: BLE001 - the newcomers' prefill failed; the batch goes on

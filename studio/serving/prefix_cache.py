@@ -85,11 +85,6 @@ class PrefixCache:
                 _, old = self._entries.popitem(last=False)
                 self._bytes -= old.bytes
 
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
-
     @property
     def bytes(self) -> int:
         return self._bytes
