@@ -14,7 +14,8 @@ of the base's bytes the adapters add bounds the ratio from above: the table prin
 ``default`` is the default model's real weights; ``135m`` and ``1b`` are random-initialised shapes
 from benchmarks/configs (the 1.07B Llama shape is what issue 26 asks a GPU to measure). Adapters
 have random non-zero weights (as trained ones do; their values do not change the cost). On CUDA the
-dtype defaults to bf16, elsewhere to fp32. ``--smoke`` runs the same code on a tiny model in
+dtype defaults to bf16, elsewhere to fp32; bf16 runs under the autocast the engine uses for a bf16
+run (base weights bf16, adapters fp32 as PEFT keeps them). ``--smoke`` runs the same code on a tiny model in
 seconds (tests/test_routing_benchmark.py).
 """
 
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from studio.inference.playground import BASE_ADAPTER  # noqa: E402
+from studio.planning import precision  # noqa: E402
 from studio.serving.routing import Route  # noqa: E402
 
 CONFIGS = ROOT / "benchmarks" / "configs"
@@ -83,17 +85,19 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def step_ms(peft_model, rows: int, steps: int, device: str) -> float:
-    """Median milliseconds of one decode step for ``rows`` rows after a 32-token prefill."""
+def step_ms(peft_model, rows: int, args) -> float:
+    """Median milliseconds of one decode step for ``rows`` rows after a 32-token prefill, under the
+    autocast the serving engine uses for a run of that precision (bf16: autocast; fp32: none)."""
     from transformers import DynamicCache
 
+    device = args.device
     torch.manual_seed(2)
     ids = torch.randint(3, 1000, (rows, PROMPT_TOKENS), device=device)
-    with torch.inference_mode():
+    with torch.inference_mode(), precision.autocast(device, args.dtype_name):
         cache = DynamicCache()
         token = peft_model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
         times = []
-        for _ in range(steps + 3):
+        for _ in range(args.steps + 3):
             sync(device)
             start = time.perf_counter()
             token = peft_model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
@@ -116,11 +120,11 @@ def measure(peft_model, rows: int, adapters: int, args) -> dict[str, float]:
         try:
             for label, row_names in route_cases.items():
                 route.set_rows(row_names)
-                results.setdefault(label, []).append(step_ms(peft_model, rows, args.steps, args.device))
+                results.setdefault(label, []).append(step_ms(peft_model, rows, args))
         finally:
             route.close()
         peft_model.set_adapter(names[0])  # PEFT's own forward, one adapter: the reference
-        results.setdefault("PEFT, one adapter", []).append(step_ms(peft_model, rows, args.steps, args.device))
+        results.setdefault("PEFT, one adapter", []).append(step_ms(peft_model, rows, args))
     return {label: statistics.median(values) for label, values in results.items()}
 
 
@@ -138,8 +142,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         args.steps, args.runs = 3, 1
-    dtype_name = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    args.dtype_name = dtype_name = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    dtype = precision.compute_dtype(dtype_name)
 
     started = time.time()
     model = with_adapters(load_model(args.shape, dtype, args.device, args.smoke), args.rank, args.adapters)

@@ -133,5 +133,8 @@ def test_fp32_adapters_on_a_bf16_base_are_at_least_as_exact_as_peft_under_autoca
         peft = half(input_ids=ids).logits.float()
         with routed(half, ["a1", "a1"]):
             ours = half(input_ids=ids).logits.float()
+        # The routed layers switch autocast off for their fp32 update and back on after it.
+        assert torch.is_autocast_enabled("cpu")
+    assert not torch.is_autocast_enabled("cpu")
     assert (ours - exact).abs().max() <= (peft - exact).abs().max() * 1.05
     assert (ours - exact).abs().max() < 0.1

@@ -174,8 +174,15 @@ def _routed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             # fp32 adapters on a bf16 base: the update in fp32, added once, as PEFT computes it
             # without autocast. Autocast would run these tiny matmuls in bf16, which on CPU cost
             # ~22 us each against ~3 us in fp32 (oneDNN's bf16 path is slow for a few rows).
-            with torch.autocast(_autocast_device(x), enabled=False):
+            # Autocast is switched off and back directly: `torch.autocast(enabled=False)` costs
+            # ~2.7 us a call, 210 calls a step on the default model, against ~0.4 us for this.
+            device = _autocast_device(x)
+            was = torch.is_autocast_enabled(device)
+            torch.set_autocast_enabled(device, False)
+            try:
                 y = y.add_(_masked(F.linear(x2d.to(a.dtype), a), mask) @ b_t)
+            finally:
+                torch.set_autocast_enabled(device, was)
     return y.view(*shape[:-1], y.shape[-1])
 
 
