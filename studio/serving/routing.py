@@ -19,7 +19,10 @@ the batch, by one function that does:
 
 Tried and dropped: one A matmul shared by sibling layers that read the same input (q, k, v; gate
 and up). It saves matmuls but slices ``h`` into strided views, and measured slower (8 rows: 0.875x
-the base against 0.94x for one matmul per layer; benchmarks in the issue 26 note).
+the base against 0.94x for one matmul per layer; benchmarks in the issue 26 note). What an adapter
+still costs is mostly its own weights, read every step, and the latency of two small matmuls per
+layer: `benchmarks/routing.py` prints both per model shape (docs/serving.md, "What an adapter
+costs, by model size").
 
 Numbers equal PEFT's forward within float rounding (tests compare logits within 1e-5 in fp32
 and greedy answers exactly). Only plain LoRA on Linear layers is routed; anything else (DoRA,
