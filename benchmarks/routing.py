@@ -85,7 +85,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def step_ms(peft_model, rows: int, args) -> float:
+def step_ms(peft_model, rows: int, args, **forward_kwargs) -> float:
     """Median milliseconds of one decode step for ``rows`` rows after a 32-token prefill, under the
     autocast the serving engine uses for a run of that precision (bf16: autocast; fp32: none)."""
     from transformers import DynamicCache
@@ -95,12 +95,14 @@ def step_ms(peft_model, rows: int, args) -> float:
     ids = torch.randint(3, 1000, (rows, PROMPT_TOKENS), device=device)
     with torch.inference_mode(), precision.autocast(device, args.dtype_name):
         cache = DynamicCache()
-        token = peft_model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        token = peft_model(input_ids=ids, past_key_values=cache, use_cache=True, **forward_kwargs)
+        token = token.logits[:, -1:].argmax(-1)
         times = []
         for _ in range(args.steps + 3):
             sync(device)
             start = time.perf_counter()
-            token = peft_model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            out = peft_model(input_ids=token, past_key_values=cache, use_cache=True, **forward_kwargs)
+            token = out.logits[:, -1:].argmax(-1)
             sync(device)
             times.append(time.perf_counter() - start)
     return statistics.median(times[3:]) * 1000  # the first steps warm caches and allocators
@@ -125,6 +127,9 @@ def measure(peft_model, rows: int, adapters: int, args) -> dict[str, float]:
             route.close()
         peft_model.set_adapter(names[0])  # PEFT's own forward, one adapter: the reference
         results.setdefault("PEFT, one adapter", []).append(step_ms(peft_model, rows, args))
+        if rows > adapters:  # and PEFT's own mixed batch: each adapter's rows apart in every layer
+            mixed_ms = step_ms(peft_model, rows, args, adapter_names=mixed)
+            results.setdefault("PEFT, mixed", []).append(mixed_ms)
     return {label: statistics.median(values) for label, values in results.items()}
 
 
@@ -157,7 +162,7 @@ def main() -> None:
     for rows in (int(r) for r in args.rows.split(",")):
         step = measure(model, rows, args.adapters, args)
         for label, ms in step.items():
-            adapters_read = 0 if label == "base" else args.adapters if label.startswith("mixed") else 1
+            adapters_read = 0 if label == "base" else args.adapters if "mixed" in label else 1
             bound = 1 / (1 + adapters_read * share)
             print(f"{rows:>4}  {label:<22}{ms:>10.2f}{step['base'] / ms:>9.3f}{bound:>13.3f}")
     print(

@@ -120,10 +120,13 @@ def engine_table(ctx, adapters: list[str], max_tokens: int) -> dict[str, tuple[f
         ("8 rows, mixed (our routing)", mixed, True),
         ("8 rows, mixed (PEFT adapter_names)", mixed, False),
     ]
-    out = {}
+    out, previous_batch = {}, None
     for label, refs, route in cases:
         settings = SamplingSettings(max_new_tokens=max_tokens, temperature=0)
         rows = [Request(f"b{i}", ref, prompt, settings, ignore_eos=True) for i, ref in enumerate(refs)]
+        # Let the last case's batch end first: rows sent while it is still open would join it, and
+        # a batch decides once per set of adapters whether to route (the PEFT case would be routed).
+        time.sleep(0.2)
         saved = batching.can_route
         batching.can_route = saved if route else (lambda model, names: False)
         try:
@@ -138,6 +141,8 @@ def engine_table(ctx, adapters: list[str], max_tokens: int) -> dict[str, tuple[f
         finally:
             batching.can_route = saved
         assert len({r.batch_id for r in rows}) == 1, "the rows did not share one batch"
+        assert rows[0].batch_id != previous_batch, f"{label}: the rows joined the previous case's batch"
+        previous_batch = rows[0].batch_id
         out[label] = (sum(r.completion_tokens for r in rows) / seconds, seconds)
     return out
 

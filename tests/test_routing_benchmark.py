@@ -36,6 +36,7 @@ def test_the_routing_benchmark_times_every_case_on_cpu():
         (8, "one adapter"),
         (8, "mixed (base + 2)"),
         (8, "PEFT, one adapter"),
+        (8, "PEFT, mixed"),
     }
     for n, label, ms, ratio, bound in rows:
         assert float(ms) > 0 and float(ratio) > 0, (n, label)
